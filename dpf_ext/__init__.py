@@ -1,0 +1,30 @@
+"""dpf_ext: train sparse networks in one pass with Dynamic Pruning with Feedback.
+
+    model = dpf_ext.sparsify(model)
+    pruner = dpf_ext.DPF(model, sparsity=0.9, total_steps=steps)
+    for x, y in data:
+        loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
+        pruner.step()
+    sparse_model = pruner.finalize()
+"""
+
+from . import ops, schedules
+from .nn import DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, sparsify, unsparsify
+from .pruner import DPF
+from .report import LayerReport, SparsityReport
+
+__all__ = [
+    "DPF",
+    "DPFConv1d",
+    "DPFConv2d",
+    "DPFConv3d",
+    "DPFLayer",
+    "DPFLinear",
+    "LayerReport",
+    "SparsityReport",
+    "ops",
+    "schedules",
+    "sparsify",
+    "unsparsify",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""``python -m dpf_ext``: the ``dpf-train`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""Data sets for the command-line trainer, held as in-memory tensors.
+
+- ``digits``: scikit-learn's bundled handwritten digits (1797 images of 8x8, 10 classes);
+  no download. A fixed, stratified 80/20 split.
+- ``cifar10``: CIFAR-10 from its python-format batches on disk (``data_batch_1..5`` and
+  ``test_batch``, in ``data_dir`` or ``data_dir/cifar-10-batches-py``); never downloaded.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class Dataset:
+    """Train and test tensors; ``augment`` turns on random crops and flips for training."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    augment: bool = False
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y_train.max()) + 1
+
+
+def load_digits(seed: int = 0) -> Dataset:
+    """scikit-learn's digits as ``1x8x8`` images scaled to ``[0, 1]``, split 80/20 per class."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    raw = sklearn_digits()
+    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(raw.target, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        n_test = idx.numel() // 5
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    train, test = torch.cat(train_idx), torch.cat(test_idx)
+    return Dataset("digits", x[train], y[train], x[test], y[test])
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return data, np.asarray(batch[b"labels"], dtype=np.int64)
+
+
+def load_cifar10(data_dir: str | Path) -> Dataset:
+    """CIFAR-10 from the python-format batches in ``data_dir``, normalised per channel."""
+    root = Path(data_dir)
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 python batches not found in {root} (missing {', '.join(missing)}); "
+            "dpf_ext never downloads data: unpack cifar-10-python.tar.gz there"
+        )
+    parts = [_read_cifar_batch(root / n) for n in names]
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+
+    def to_tensor(arrays):
+        x = torch.from_numpy(np.concatenate([a for a, _ in arrays])).float() / 255.0
+        y = torch.from_numpy(np.concatenate([b for _, b in arrays]))
+        return (x - mean) / std, y
+
+    x_train, y_train = to_tensor(parts[:5])
+    x_test, y_test = to_tensor(parts[5:])
+    return Dataset("cifar10", x_train, y_train, x_test, y_test, augment=True)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load ``digits`` or ``cifar10`` (the latter needs ``data_dir``)."""
+    if name == "digits":
+        return load_digits()
+    if name == "cifar10":
+        if data_dir is None:
+            raise ValueError("--data cifar10 needs --data-dir DIR holding the python batches")
+        return load_cifar10(data_dir)
+    raise ValueError(f"unknown data set {name!r}; choose digits or cifar10")
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random 4-pixel-padded crops and horizontal flips, per image."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=generator)
+    dx = torch.randint(0, 9, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    out[flip] = out[flip].flip(-1)
+    return out

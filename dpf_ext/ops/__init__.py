@@ -1,0 +1,199 @@
+"""The op contract: every numeric kernel of dpf_ext goes through these functions.
+
+Each op validates its input, picks a backend for the tensors' device (see
+:mod:`dpf_ext.ops.dispatch`) and calls it. All backends implement the same semantics;
+:mod:`dpf_ext.ops.reference` defines them.
+
+- :func:`global_threshold`: the k-th largest ``|w|`` over many tensors, exact or within one
+  histogram bin, as a 0-dim tensor on the weights' device (no host synchronisation).
+- :func:`update_masks`: ``mask = |w| >= tau`` with kept and reactivation counts.
+- :func:`masked_weight`: ``w ⊙ mask`` whose backward is the feedback (straight-through)
+  estimator, or the masked gradient when ``feedback=False``.
+- :func:`feedback_sgd_step`: the SGD update of the dense weights in one multi-tensor pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .bits import HIGH_BINS, NONFINITE_BIN, SUPPORTED_DTYPES, bits_to_float
+from .dispatch import available_backends, backend_for
+
+__all__ = [
+    "available_backends",
+    "backend_for",
+    "feedback_sgd_step",
+    "global_threshold",
+    "magnitude_histogram",
+    "masked_weight",
+    "update_masks",
+]
+
+
+def _check_weights(weights: list[torch.Tensor], what: str = "weights") -> None:
+    if not weights:
+        raise ValueError(f"{what}: expected a non-empty list of tensors")
+    device = weights[0].device
+    for i, w in enumerate(weights):
+        if w.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{what}[{i}] has dtype {w.dtype}; dpf_ext supports "
+                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
+            )
+        if w.device != device:
+            raise ValueError(f"{what}[{i}] is on {w.device}, {what}[0] on {device}")
+
+
+def magnitude_histogram(
+    weights: list[torch.Tensor], prefix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Histogram (int64) of the float32 bit pattern of ``|w|`` summed over ``weights``.
+
+    Without ``prefix``: 32768 bins of the top 16 bits. With ``prefix`` (a 0-dim int64 tensor
+    holding a top-16-bit value): 65536 bins of the low 16 bits of the elements in that bin.
+    Histograms of disjoint sets of weights add up, which is what lets processes agree on a
+    global threshold by summing them.
+    """
+    _check_weights(weights)
+    return backend_for(weights[0].device).magnitude_histogram(weights, prefix)
+
+
+def select_bin(hist: torch.Tensor, k: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Find the bin holding the k-th largest element counted from the top bin.
+
+    Returns ``(bin, rank)`` as 0-dim int64 tensors on ``hist``'s device: the bin index and
+    the rank (1-based, from the top) of the k-th largest element inside that bin.
+    """
+    from_top = hist.flip(0).cumsum(0)
+    if not isinstance(k, torch.Tensor):
+        k = torch.full((), k, dtype=torch.int64, device=hist.device)
+    pos = torch.searchsorted(from_top, k.reshape(1)).clamp_(max=hist.numel() - 1)
+    b = hist.numel() - 1 - pos
+    rank = k - (from_top[pos] - hist[b])
+    return b.reshape(()), rank.reshape(())
+
+
+def threshold_from_histograms(hist_high: torch.Tensor, b: torch.Tensor, low: torch.Tensor | None):
+    """The float32 threshold whose bit pattern is ``b << 16 | low`` (``low=None``: the bin
+    edge), or NaN when ``hist_high`` counts any Inf or NaN."""
+    bits = b << 16 if low is None else (b << 16) | low
+    tau = bits_to_float(bits)
+    nonfinite = hist_high[NONFINITE_BIN:].sum() > 0
+    return torch.where(nonfinite, torch.full_like(tau, float("nan")), tau)
+
+
+def global_threshold(weights: list[torch.Tensor], k: int, exact: bool = True) -> torch.Tensor:
+    """The k-th largest magnitude over all ``weights`` as a 0-dim float32 tensor.
+
+    ``exact=True`` returns the exact value (equal to ``torch.kthvalue`` of the negated
+    concatenated magnitudes); keeping ``|w| >= tau`` then keeps ``k`` weights plus any ties
+    at ``tau``. ``exact=False`` returns the lower edge of the histogram bin holding it (one
+    pass over the weights; relative error below 2^-7 for normal floats, the edge may be 0
+under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
+    at least ``k``, the exact count being what :func:`update_masks` reports.
+
+    If any weight is Inf or NaN the result is NaN. Nothing syncs with the host.
+    """
+    _check_weights(weights)
+    n = sum(w.numel() for w in weights)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] (the number of weights), got {k}")
+    backend = backend_for(weights[0].device)
+    hist_high = backend.magnitude_histogram(weights, None)
+    b, rank = select_bin(hist_high, k)
+    low = None
+    if exact:
+        hist_low = backend.magnitude_histogram(weights, b)
+        low, _ = select_bin(hist_low, rank)
+    return threshold_from_histograms(hist_high, b, low)
+
+
+def update_masks(
+    weights: list[torch.Tensor],
+    tau: torch.Tensor,
+    masks: list[torch.Tensor],
+    shrink_only: bool = False,
+) -> torch.Tensor:
+    """Write ``mask = |w| >= tau`` in place for every pair; return counts.
+
+    ``tau`` is a 0-dim tensor (one threshold for all) or one threshold per tensor.
+    ``shrink_only=True`` keeps pruned weights pruned (``mask &= |w| >= tau``).
+    Returns an int64 tensor of shape ``(len(weights), 2)``: kept weights and reactivations
+    (mask was 0 and is now 1) per tensor, on the weights' device.
+    """
+    _check_weights(weights)
+    if len(masks) != len(weights):
+        raise ValueError(f"got {len(weights)} weights but {len(masks)} masks")
+    for i, (w, m) in enumerate(zip(weights, masks)):
+        if m.dtype != torch.bool or m.shape != w.shape or m.device != w.device:
+            raise ValueError(
+                f"masks[{i}] must be a bool tensor of shape {tuple(w.shape)} on {w.device}, "
+                f"got {m.dtype} {tuple(m.shape)} on {m.device}"
+            )
+    taus = tau.to(device=weights[0].device, dtype=torch.float32).expand(len(weights))
+    return backend_for(weights[0].device).update_masks(weights, taus, masks, shrink_only)
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """Forward ``w ⊙ mask``; backward passes the gradient to ``w`` unchanged (feedback) or
+    masked."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, feedback):
+        ctx.feedback = feedback
+        if not feedback:
+            ctx.save_for_backward(mask)
+        return backend_for(weight.device).masked_weight(weight, mask)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.feedback:
+            return grad, None, None
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
+
+
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor, feedback: bool = True) -> torch.Tensor:
+    """``weight ⊙ mask`` with the DPF gradient: ``d(w ⊙ m)/dw := I`` when ``feedback`` (the
+    dense weight receives the full gradient), ``m`` otherwise (pruned weights get none)."""
+    return _MaskedWeight.apply(weight, mask, feedback)
+
+
+def feedback_sgd_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    masks: list[torch.Tensor] | None = None,
+    masked_out: list[torch.Tensor] | None = None,
+    histogram: torch.Tensor | None = None,
+) -> None:
+    """One SGD step (torch.optim.SGD semantics, float32 math) on the dense ``params``.
+
+    Missing entries of ``momentum_buffers`` are created in place. With ``masks`` and
+    ``masked_out``, writes ``param ⊙ mask`` for the next forward; with ``histogram`` (int64,
+    32768 bins), adds the high-bits histogram of the updated ``|param|`` to it, so the next
+    approximate threshold needs no extra pass over the weights.
+    """
+    if not params:
+        return
+    _check_weights(params, "params")
+    if not (len(grads) == len(momentum_buffers) == len(params)):
+        raise ValueError("params, grads and momentum_buffers must have the same length")
+    if (masked_out is None) != (masks is None):
+        raise ValueError("masks and masked_out go together")
+    if histogram is not None and (histogram.dtype != torch.int64 or histogram.numel() != HIGH_BINS):
+        raise ValueError(f"histogram must be an int64 tensor of {HIGH_BINS} bins")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    backend_for(params[0].device).feedback_sgd_step(
+        params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+        nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, masks=masks,
+        masked_out=masked_out, histogram=histogram,
+    )

@@ -1,0 +1,105 @@
+"""Pure-PyTorch reference backend: the oracle every compiled backend is tested against.
+
+It runs on any device torch supports and is the CPU fallback when no extension is built.
+Each function takes lists of tensors and loops over them with stock torch ops; it allocates
+per-tensor temporaries but never concatenates or sorts the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .bits import HIGH_BINS, LOW_BINS, magnitude_bits
+
+
+def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None) -> torch.Tensor:
+    """Histogram of the float32 bit pattern of ``|w|`` over all ``weights``.
+
+    ``prefix is None``: counts of the top 16 bits (``HIGH_BINS`` bins).
+    ``prefix`` (0-dim int64): counts of the low 16 bits of the elements whose top 16 bits
+    equal ``prefix`` (``LOW_BINS`` bins).
+    """
+    device = weights[0].device
+    if prefix is None:
+        hist = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
+        for w in weights:
+            if w.numel():
+                hist += torch.bincount((magnitude_bits(w) >> 16).flatten(), minlength=HIGH_BINS)
+        return hist
+    # Elements outside the prefix bin go to an overflow bin that is dropped at the end.
+    hist = torch.zeros(LOW_BINS + 1, dtype=torch.int64, device=device)
+    for w in weights:
+        if w.numel():
+            bits = magnitude_bits(w)
+            idx = torch.where((bits >> 16) == prefix, bits & 0xFFFF, LOW_BINS)
+            hist += torch.bincount(idx.flatten(), minlength=LOW_BINS + 1)
+    return hist[:LOW_BINS]
+
+
+def update_masks(
+    weights: list[torch.Tensor],
+    taus: torch.Tensor,
+    masks: list[torch.Tensor],
+    shrink_only: bool,
+) -> torch.Tensor:
+    """Write ``mask = |w| >= tau`` (and ``& mask`` if ``shrink_only``); return per-tensor
+    ``[kept, reactivated]`` counts as an int64 tensor of shape ``(len(weights), 2)``."""
+    stats = torch.zeros(len(weights), 2, dtype=torch.int64, device=taus.device)
+    for i, (w, mask) in enumerate(zip(weights, masks)):
+        keep = w.detach().abs().float() >= taus[i]
+        if shrink_only:
+            keep &= mask
+        stats[i, 0] = keep.sum()
+        stats[i, 1] = (keep & ~mask).sum()
+        mask.copy_(keep)
+    return stats
+
+
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight ⊙ mask`` as a new tensor of ``weight``'s dtype."""
+    return weight * mask
+
+
+def feedback_sgd_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    masks: list[torch.Tensor] | None,
+    masked_out: list[torch.Tensor] | None,
+    histogram: torch.Tensor | None,
+) -> None:
+    """SGD on the dense weights, with torch.optim.SGD's semantics and float32 math.
+
+    Creates missing momentum buffers in ``momentum_buffers`` (in place, like torch.optim.SGD
+    does on its first step). Writes ``param ⊙ mask`` into ``masked_out`` and adds the
+    high-bits histogram of the updated ``|param|`` to ``histogram`` when they are given.
+    """
+    for i, param in enumerate(params):
+        p = param.detach()
+        g = grads[i].float()
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g.add(p.float(), alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = g.to(p.dtype, copy=True)
+                momentum_buffers[i] = buf
+                buf32 = g
+            else:
+                buf32 = buf.float().mul_(momentum).add_(g, alpha=1 - dampening)
+                buf.copy_(buf32)
+            g = g.add(buf32, alpha=momentum) if nesterov else buf32
+        p.copy_(p.float().add_(g, alpha=-lr))
+        if masked_out is not None:
+            masked_out[i].copy_(p * masks[i])
+    if histogram is not None:
+        histogram += magnitude_histogram([p.detach() for p in params], None)

@@ -1,0 +1,262 @@
+"""The DPF controller: when masks change, to what sparsity, over which weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .nn import dpf_layers, unsparsify
+from .ops.bits import SUPPORTED_DTYPES
+from .report import LayerReport, SparsityReport
+from .schedules import Cubic, Schedule, check_sparsity
+
+SCOPES = ("global", "layer", "filter")
+THRESHOLDS = ("exact", "approx")
+RAMP_FRACTION = 0.75
+"""The default cubic schedule reaches its final sparsity at this fraction of training (the
+paper's second learning-rate milestone)."""
+
+
+def kept_count(sparsity: float, n: int) -> int:
+    """How many of ``n`` weights a target ``sparsity`` keeps: ``n - round(sparsity * n)``,
+    and at least one."""
+    return max(n - round(sparsity * n), 1)
+
+
+def filter_scores(weight: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each output filter (row of a linear layer) in float32."""
+    return weight.detach().float().flatten(1).norm(dim=1)
+
+
+class DPF:
+    """Dynamic Pruning with Feedback on the DPF layers of ``model``.
+
+    Call :meth:`step` after every ``optimizer.step()``. Every ``update_every`` steps the
+    masks are recomputed from the dense weights for the schedule's target at that step;
+    between updates the forward uses the last masks, and (``feedback=True``) the gradient
+    of ``mask ⊙ w`` reaches the dense ``w`` in full, so pruned weights keep training and
+    come back when their magnitude climbs over the threshold.
+
+    Args:
+        model: a model with DPF layers (see :func:`dpf_ext.sparsify`).
+        sparsity: final fraction of pruned weights in ``[0, 1)``. With ``total_steps`` and no
+            ``schedule`` it gives the default schedule: cubic from 0 at step 0 to
+            ``sparsity`` at ``0.75 * total_steps``.
+        schedule: a :class:`~dpf_ext.schedules.Schedule`; overrides the default one.
+        update_every: steps between mask updates (the paper uses 16).
+        scope: ``"global"`` (one magnitude threshold over all prunable weights), ``"layer"``
+            (the same sparsity in every layer) or ``"filter"`` (whole output filters by L2
+            norm, one threshold over all filters; sparsity counts filters).
+        feedback: ``False`` gives gradual magnitude pruning without feedback: pruned weights
+            get no gradient, are zeroed at every update and never come back.
+        threshold: ``"exact"`` (two histogram passes) or ``"approx"`` (one pass; keeps the
+            whole histogram bin at the threshold, a relative error below 2^-7 in magnitude).
+        total_steps: length of training in optimizer steps, for the default schedule.
+        freeze_at: step at which the mask is updated one last time and then frozen
+            (:meth:`freeze`), for retraining or one-shot pruning; ``None`` never freezes.
+
+    Construction applies the schedule's step-0 target. To resume, build the model, the
+    optimizer and the pruner, then load the state dicts of all three (the masks live in the
+    model's).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float | None = None,
+        schedule: Schedule | None = None,
+        update_every: int = 16,
+        scope: str = "global",
+        feedback: bool = True,
+        threshold: str = "exact",
+        total_steps: int | None = None,
+        freeze_at: int | None = None,
+    ):
+        self.layers = dpf_layers(model)
+        if not self.layers:
+            raise ValueError(
+                "the model has no prunable layer: DPF prunes the DPF layers that "
+                "dpf_ext.sparsify(model) puts in place of nn.Linear and nn.Conv1d/2d/3d"
+            )
+        for name, layer in self.layers:
+            if layer.weight.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"layer {name!r} has {layer.weight.dtype} weights; DPF supports "
+                    f"{', '.join(map(str, SUPPORTED_DTYPES))}"
+                )
+        self.model = model
+        self.schedule = self._resolve_schedule(sparsity, schedule, total_steps)
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be a positive int, got {update_every!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if threshold not in THRESHOLDS:
+            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+        if freeze_at is not None and freeze_at < 0:
+            raise ValueError(f"freeze_at must be >= 0 or None, got {freeze_at}")
+        self.update_every = update_every
+        self.scope = scope
+        self.feedback = feedback
+        self.threshold = threshold
+        self.freeze_at = freeze_at
+
+        device = self.layers[0][1].weight.device
+        self.step_count = 0
+        self.frozen = False
+        self.finalized = False
+        self.target_sparsity = 0.0
+        self.target_kept = sum(layer.weight.numel() for _, layer in self.layers)
+        self.reactivated_last = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
+        self.reactivated_total = torch.zeros_like(self.reactivated_last)
+        for _, layer in self.layers:
+            layer.feedback = feedback
+        self.update_masks()
+        if freeze_at == 0:
+            self.freeze()
+
+    @staticmethod
+    def _resolve_schedule(sparsity, schedule, total_steps) -> Schedule:
+        if schedule is not None:
+            if sparsity is not None and check_sparsity(sparsity) != schedule.final:
+                raise ValueError(
+                    f"sparsity={sparsity} disagrees with the schedule's final sparsity "
+                    f"{schedule.final}; pass one of them"
+                )
+            return schedule
+        if sparsity is None:
+            raise ValueError("pass a target sparsity or a schedule")
+        if total_steps is None:
+            raise ValueError(
+                "the default cubic schedule needs the length of training: pass total_steps= "
+                "(optimizer steps) or a schedule= from dpf_ext.schedules"
+            )
+        return Cubic(check_sparsity(sparsity), 0, max(1, round(RAMP_FRACTION * total_steps)))
+
+    def step(self) -> None:
+        """Advance one optimizer step; update the masks when one is due."""
+        if self.finalized:
+            raise RuntimeError("this pruner was finalized; build a new one to keep pruning")
+        self.step_count += 1
+        if self.frozen:
+            return
+        freezing = self.step_count == self.freeze_at
+        if freezing or self.step_count % self.update_every == 0:
+            self.update_masks()
+        if freezing:
+            self.freeze()
+
+    @torch.no_grad()
+    def update_masks(self) -> None:
+        """Recompute every mask now for the schedule's target at the current step.
+
+        Raises ``ValueError`` (masks unchanged) if any prunable weight is NaN or Inf.
+        """
+        sparsity = self.schedule.sparsity_at(self.step_count)
+        check_sparsity(sparsity, f"scheduled sparsity at step {self.step_count}")
+        weights = [layer.weight for _, layer in self.layers]
+        masks = [layer.mask for _, layer in self.layers]
+        exact = self.threshold == "exact"
+        if not self.feedback:
+            for w, m in zip(weights, masks):
+                w.mul_(m)  # gradual pruning without feedback: pruned weights are zero
+        if self.scope == "global":
+            target_kept = kept_count(sparsity, sum(w.numel() for w in weights))
+            taus = ops.global_threshold(weights, target_kept, exact)
+        elif self.scope == "layer":
+            ks = [kept_count(sparsity, w.numel()) for w in weights]
+            target_kept = sum(ks)
+            taus = torch.stack([ops.global_threshold([w], k, exact) for w, k in zip(weights, ks)])
+        else:
+            scores = [filter_scores(w) for w in weights]
+            target_kept = kept_count(sparsity, sum(s.numel() for s in scores))
+            taus = ops.global_threshold(scores, target_kept, exact)
+            weights = [s.view(-1, *[1] * (w.dim() - 1)).expand_as(w) for s, w in zip(scores, weights)]
+        if not bool(torch.isfinite(taus).all()):
+            bad = [name for name, layer in self.layers if not torch.isfinite(layer.weight).all()]
+            raise ValueError(
+                f"non-finite (NaN or Inf) weights in {bad} at step {self.step_count}; "
+                "masks left unchanged"
+            )
+        stats = ops.update_masks(weights, taus, masks, shrink_only=not self.feedback)
+        self.reactivated_last = stats[:, 1]
+        self.reactivated_total += stats[:, 1]
+        self.target_sparsity = sparsity
+        self.target_kept = target_kept
+
+    def freeze(self) -> None:
+        """Keep the masks fixed from now on and mask the gradient (retraining)."""
+        self.frozen = True
+        for _, layer in self.layers:
+            layer.feedback = False
+
+    def finalize(self, unwrap: bool = False) -> nn.Module:
+        """Fold the masks into the weights (``w ← mask ⊙ w``) and return the model.
+
+        ``unwrap=True`` also turns the DPF layers back into plain torch layers (see
+        :func:`dpf_ext.unsparsify`), whose ``state_dict`` loads into the original
+        architecture. The pruner cannot step afterwards.
+        """
+        if unwrap:
+            unsparsify(self.model)
+        else:
+            with torch.no_grad():
+                for _, layer in self.layers:
+                    layer.weight.mul_(layer.mask)
+        self.finalized = True
+        return self.model
+
+    def sparsity(self) -> float:
+        """Actual fraction of prunable weights that the masks prune."""
+        kept = sum(int(layer.mask.sum()) for _, layer in self.layers)
+        return 1.0 - kept / sum(layer.mask.numel() for _, layer in self.layers)
+
+    def report(self) -> SparsityReport:
+        """Per-layer table of shapes, kept weights, sparsity and reactivations."""
+        kept = torch.stack([layer.mask.sum() for _, layer in self.layers]).tolist()
+        last = self.reactivated_last.tolist()
+        total = self.reactivated_total.tolist()
+        rows = [
+            LayerReport(name, tuple(layer.weight.shape), layer.weight.numel(), kept[i],
+                        last[i], total[i])
+            for i, (name, layer) in enumerate(self.layers)
+        ]
+        return SparsityReport(self.step_count, self.target_sparsity, self.target_kept,
+                              self.frozen, rows)
+
+    def _config(self) -> dict:
+        return {
+            "schedule": repr(self.schedule), "update_every": self.update_every,
+            "scope": self.scope, "feedback": self.feedback, "threshold": self.threshold,
+            "freeze_at": self.freeze_at, "layers": [name for name, _ in self.layers],
+        }
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue pruning exactly (the masks are in the model's)."""
+        return {
+            "config": self._config(),
+            "step_count": self.step_count,
+            "frozen": self.frozen,
+            "target_sparsity": self.target_sparsity,
+            "target_kept": self.target_kept,
+            "reactivated_last": self.reactivated_last.clone(),
+            "reactivated_total": self.reactivated_total.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the pruner's settings must match the saved ones."""
+        mine = self._config()
+        diff = {k: (v, mine.get(k)) for k, v in state["config"].items() if mine.get(k) != v}
+        if diff:
+            details = "; ".join(f"{k}: saved {s!r}, this pruner {m!r}" for k, (s, m) in diff.items())
+            raise ValueError(f"pruner settings differ from the checkpoint's: {details}")
+        self.step_count = state["step_count"]
+        self.target_sparsity = state["target_sparsity"]
+        self.target_kept = state["target_kept"]
+        self.reactivated_last.copy_(state["reactivated_last"])
+        self.reactivated_total.copy_(state["reactivated_total"])
+        self.frozen = False
+        for _, layer in self.layers:
+            layer.feedback = self.feedback
+        if state["frozen"]:
+            self.freeze()

@@ -1,0 +1,95 @@
+"""Target-sparsity schedules: pure values with ``sparsity_at(step)``.
+
+A schedule holds no state; the same schedule gives the same target at the same step, which
+is what makes a resumed run continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def check_sparsity(value: float, name: str = "sparsity") -> float:
+    """Return ``value`` as a float if it lies in ``[0, 1)``, else raise ``ValueError``."""
+    value = float(value)
+    if not 0.0 <= value < 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+class Schedule:
+    """Base class: override :meth:`sparsity_at`; ``final`` is the sparsity reached."""
+
+    final: float
+
+    def sparsity_at(self, step: int) -> float:
+        """Target sparsity (fraction of pruned weights) at optimizer step ``step``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Ramp(Schedule):
+    """A ramp from ``initial`` at ``begin_step`` to ``final`` at ``end_step``."""
+
+    final: float
+    begin_step: int
+    end_step: int
+    initial: float = 0.0
+
+    def __post_init__(self):
+        check_sparsity(self.final, "final sparsity")
+        check_sparsity(self.initial, "initial sparsity")
+        if self.begin_step < 0 or self.end_step <= self.begin_step:
+            raise ValueError(
+                f"need 0 <= begin_step < end_step, got {self.begin_step} and {self.end_step}"
+            )
+
+    def _progress(self, step: int) -> float:
+        """Fraction of the ramp done at ``step``, clamped to ``[0, 1]``."""
+        return min(max((step - self.begin_step) / (self.end_step - self.begin_step), 0.0), 1.0)
+
+
+@dataclass(frozen=True)
+class Cubic(_Ramp):
+    """Zhu & Gupta's gradual schedule: ``s_f + (s_i - s_f)(1 - (t - t0)/(t1 - t0))^3`` on
+    ``[t0, t1]``, ``s_i`` before, ``s_f`` after. Prunes fast early, gently near the end."""
+
+    def sparsity_at(self, step: int) -> float:
+        return self.final + (self.initial - self.final) * (1.0 - self._progress(step)) ** 3
+
+
+@dataclass(frozen=True)
+class Linear(_Ramp):
+    """Linear ramp from ``initial`` at ``begin_step`` to ``final`` at ``end_step``."""
+
+    def sparsity_at(self, step: int) -> float:
+        return self.initial + (self.final - self.initial) * self._progress(step)
+
+
+@dataclass(frozen=True)
+class Constant(Schedule):
+    """The same target at every step."""
+
+    final: float
+
+    def __post_init__(self):
+        check_sparsity(self.final)
+
+    def sparsity_at(self, step: int) -> float:
+        return self.final
+
+
+@dataclass(frozen=True)
+class OneShot(Schedule):
+    """Dense before ``at_step``, ``final`` from ``at_step`` on."""
+
+    final: float
+    at_step: int = 0
+
+    def __post_init__(self):
+        check_sparsity(self.final)
+        if self.at_step < 0:
+            raise ValueError(f"at_step must be >= 0, got {self.at_step}")
+
+    def sparsity_at(self, step: int) -> float:
+        return self.final if step >= self.at_step else 0.0

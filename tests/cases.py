@@ -1,0 +1,54 @@
+"""Weight sets shared by the op tests of every backend: random and adversarial."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def weight_cases(dtype: torch.dtype = torch.float32) -> dict[str, list[torch.Tensor]]:
+    """Named lists of weight tensors: random shapes and scales, ties, zeros, -0.0,
+    denormals, huge ranges, empty and non-contiguous tensors."""
+    g = _gen(0)
+    randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    cases = {
+        "random_mixed_shapes": [randn(64, 3, 3, 3), randn(10, 64), randn(7), randn(1, 1)],
+        "ties": [torch.randint(-3, 4, (300,), generator=g).float(),
+                 torch.randint(-3, 4, (17, 5), generator=g).float()],
+        "all_zeros": [torch.zeros(50), torch.zeros(3, 4)],
+        "mostly_zeros": [torch.where(torch.rand(400, generator=g) < 0.9, 0.0, randn(400))],
+        "signed_zeros": [torch.tensor([0.0, -0.0, 1.0, -1.0, -0.0, 2.0, 0.0, -2.0])],
+        "denormals": [randn(200) * 1e-40, randn(50) * 1e-45, randn(20)],
+        "huge_range": [randn(100) * 1e-30, randn(100), randn(100) * 1e30],
+        "with_empty": [torch.empty(0), randn(33), torch.empty(0, 5), randn(2, 2)],
+        "single": [torch.tensor([-3.5])],
+        "non_contiguous": [randn(20, 30).t(), randn(8, 6, 4)[:, ::2, :]],
+        "one_hot_scale": [torch.full((100,), 1.0), torch.full((10,), 1.0 + 2**-20)],
+    }
+    if dtype != torch.float32:
+        cases = {
+            name: [w.to(dtype) for w in ws]
+            for name, ws in cases.items()
+            if name not in ("denormals", "huge_range")  # outside float16's range
+        }
+        cases["low_precision_range"] = [randn(100).to(dtype) * 1e-3, randn(100).to(dtype) * 100]
+    return cases
+
+
+def concat_magnitudes(weights: list[torch.Tensor]) -> torch.Tensor:
+    """|w| of every tensor, widened to float32 and concatenated (what the ops avoid)."""
+    return torch.cat([w.detach().abs().float().flatten() for w in weights])
+
+
+def kth_largest(weights: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The k-th largest |w| by torch.kthvalue on the concatenated magnitudes."""
+    mags = concat_magnitudes(weights)
+    return mags.kthvalue(mags.numel() - k + 1).values
+
+
+def ks_for(n: int) -> list[int]:
+    """Thresholds ranks worth testing for n weights: the ends, the middle, odd spots."""
+    return sorted({1, min(2, n), n // 3 or 1, n // 2 or 1, max(n - 1, 1), n})

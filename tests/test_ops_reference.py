@@ -1,0 +1,187 @@
+"""The op contract on the reference backend: thresholds against torch.kthvalue, the mask
+update, the feedback estimator and the SGD step against torch.optim.SGD."""
+
+import math
+
+import pytest
+import torch
+
+from dpf_ext import ops
+from dpf_ext.ops.bits import HIGH_BINS
+
+from cases import concat_magnitudes, kth_largest, ks_for, weight_cases
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _bits(x: torch.Tensor) -> int:
+    return int(x.float().view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exact_threshold_equals_kthvalue(dtype):
+    for name, weights in weight_cases(dtype).items():
+        n = sum(w.numel() for w in weights)
+        for k in ks_for(n):
+            tau = ops.global_threshold(weights, k, exact=True)
+            assert tau.shape == () and tau.dtype == torch.float32
+            assert _bits(tau) == _bits(kth_largest(weights, k)), (name, k)
+
+
+def test_exact_threshold_on_fresh_random_inputs():
+    for seed in range(20):
+        g = torch.Generator().manual_seed(1000 + seed)
+        n_tensors = int(torch.randint(1, 8, (1,), generator=g))
+        weights = [torch.randn(int(torch.randint(0, 500, (1,), generator=g)), generator=g)
+                   * float(10 ** torch.randint(-6, 6, (1,), generator=g)) for _ in range(n_tensors)]
+        n = sum(w.numel() for w in weights)
+        if n == 0:
+            continue
+        k = int(torch.randint(1, n + 1, (1,), generator=g))
+        assert _bits(ops.global_threshold(weights, k)) == _bits(kth_largest(weights, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_approx_threshold_is_the_bin_edge(dtype):
+    for name, weights in weight_cases(dtype).items():
+        n = sum(w.numel() for w in weights)
+        for k in ks_for(n):
+            exact = ops.global_threshold(weights, k, exact=True)
+            approx = ops.global_threshold(weights, k, exact=False)
+            assert _bits(approx) == (_bits(exact) >> 16) << 16, (name, k)
+            assert approx <= exact
+            if exact >= torch.finfo(torch.float32).tiny:  # relative bound holds for normals
+                assert (exact - approx) / exact < 2**-7
+            # keeping |w| >= approx keeps at least k weights
+            assert int((concat_magnitudes(weights) >= approx).sum()) >= k
+
+
+def test_threshold_flags_non_finite_weights_with_nan():
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        weights = [torch.randn(100), torch.tensor([1.0, bad])]
+        for exact in (True, False):
+            assert math.isnan(float(ops.global_threshold(weights, 10, exact)))
+
+
+def test_threshold_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="k must be"):
+        ops.global_threshold([torch.randn(10)], 0)
+    with pytest.raises(ValueError, match="k must be"):
+        ops.global_threshold([torch.randn(10)], 11)
+    with pytest.raises(ValueError, match="non-empty"):
+        ops.global_threshold([], 1)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.global_threshold([torch.arange(10)], 1)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.global_threshold([torch.randn(10, dtype=torch.float64)], 1)
+
+
+def test_histograms_add_up_over_disjoint_sets():
+    weights = weight_cases()["random_mixed_shapes"]
+    whole = ops.magnitude_histogram(weights)
+    parts = sum(ops.magnitude_histogram([w]) for w in weights)
+    assert whole.shape == (HIGH_BINS,) and torch.equal(whole, parts)
+    assert int(whole.sum()) == sum(w.numel() for w in weights)
+
+
+def test_update_masks_counts_and_reactivations():
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(40, 5, generator=g), torch.randn(17, generator=g)]
+    old = [torch.rand(w.shape, generator=g) < 0.5 for w in weights]
+    masks = [m.clone() for m in old]
+    tau = torch.tensor(0.8)
+    stats = ops.update_masks(weights, tau, masks)
+    for i, (w, m, o) in enumerate(zip(weights, masks, old)):
+        expected = w.abs() >= 0.8
+        assert torch.equal(m, expected)
+        assert stats[i].tolist() == [int(expected.sum()), int((expected & ~o).sum())]
+
+
+def test_update_masks_shrink_only_and_per_tensor_thresholds():
+    weights = [torch.tensor([3.0, -2.0, 0.5, 1.0]), torch.tensor([0.1, -0.2])]
+    masks = [torch.tensor([False, True, True, True]), torch.tensor([True, False])]
+    stats = ops.update_masks(weights, torch.tensor([0.9, 0.15]), masks, shrink_only=True)
+    assert masks[0].tolist() == [False, True, False, True]  # 3.0 stays pruned
+    assert masks[1].tolist() == [False, False]  # -0.2 stays pruned
+    assert stats.tolist() == [[2, 0], [0, 0]]
+
+
+def test_update_masks_signed_zero_and_zero_threshold():
+    weights = [torch.tensor([0.0, -0.0, 1e-45])]
+    masks = [torch.zeros(3, dtype=torch.bool)]
+    stats = ops.update_masks(weights, torch.tensor(0.0), masks)
+    assert masks[0].all() and stats.tolist() == [[3, 3]]
+
+
+def test_update_masks_rejects_bad_masks():
+    with pytest.raises(ValueError, match="bool tensor"):
+        ops.update_masks([torch.randn(4)], torch.tensor(0.1), [torch.ones(4)])
+    with pytest.raises(ValueError, match="masks"):
+        ops.update_masks([torch.randn(4)], torch.tensor(0.1), [])
+
+
+@pytest.mark.parametrize("feedback", [True, False])
+def test_masked_weight_gradient(feedback):
+    w = torch.randn(6, 4, requires_grad=True)
+    mask = torch.rand(6, 4) < 0.5
+    out = ops.masked_weight(w, mask, feedback)
+    assert torch.equal(out, w.detach() * mask)
+    upstream = torch.randn(6, 4)
+    out.backward(upstream)
+    assert torch.equal(w.grad, upstream if feedback else upstream * mask)
+
+
+SGD_SETTINGS = [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    dict(lr=0.01, momentum=0.8, dampening=0.3, weight_decay=5e-4),
+    dict(lr=0.01, momentum=0.5, maximize=True),
+]
+
+
+@pytest.mark.parametrize("settings", SGD_SETTINGS, ids=lambda s: ",".join(s))
+def test_feedback_sgd_step_matches_torch_sgd(settings):
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(30, 7, generator=g), torch.randn(11, generator=g), torch.empty(0)]
+    ours = [p.clone() for p in params]
+    theirs = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.SGD(theirs, **settings)
+    bufs = [None] * len(ours)
+    hp = {k: settings.get(k, d) for k, d in dict(momentum=0.0, dampening=0.0, nesterov=False,
+                                                   weight_decay=0.0, maximize=False).items()}
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for t, gr in zip(theirs, grads):
+            t.grad = gr.clone()
+        opt.step()
+        ops.feedback_sgd_step(ours, grads, bufs, lr=settings["lr"], **hp)
+        for o, t in zip(ours, theirs):
+            torch.testing.assert_close(o, t.detach(), rtol=1e-6, atol=1e-7)
+    if hp["momentum"]:
+        for b, t in zip(bufs, theirs):
+            torch.testing.assert_close(b, opt.state[t]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+
+
+def test_feedback_sgd_step_masked_copy_and_histogram():
+    g = torch.Generator().manual_seed(6)
+    params = [torch.randn(20, 3, generator=g), torch.randn(9, generator=g)]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    masks = [torch.rand(p.shape, generator=g) < 0.5 for p in params]
+    out = [torch.empty_like(p) for p in params]
+    hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
+    ops.feedback_sgd_step(params, grads, [None, None], lr=0.1, momentum=0.9, masks=masks,
+                          masked_out=out, histogram=hist)
+    for p, m, o in zip(params, masks, out):
+        assert torch.equal(o, p * m)
+    assert torch.equal(hist, ops.magnitude_histogram(params))
+
+
+def test_feedback_sgd_step_rejects_bad_arguments():
+    p = [torch.randn(3)]
+    with pytest.raises(ValueError, match="Nesterov"):
+        ops.feedback_sgd_step(p, [torch.randn(3)], [None], lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="together"):
+        ops.feedback_sgd_step(p, [torch.randn(3)], [None], lr=0.1, masks=[torch.ones(3, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="histogram"):
+        ops.feedback_sgd_step(p, [torch.randn(3)], [None], lr=0.1, histogram=torch.zeros(10))
