@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -109,6 +111,7 @@ class DPF:
         self.target_kept = sum(layer.weight.numel() for _, layer in self.layers)
         self.reactivated_last = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
         self.reactivated_total = torch.zeros_like(self.reactivated_last)
+        self._empty: set[str] = set()
         for _, layer in self.layers:
             layer.feedback = feedback
         self.update_masks()
@@ -146,20 +149,22 @@ class DPF:
         if freezing:
             self.freeze()
 
-    @torch.no_grad()
     def update_masks(self) -> None:
         """Recompute every mask now for the schedule's target at the current step.
 
         Raises ``ValueError`` (masks unchanged) if any prunable weight is NaN or Inf.
         """
+        with torch.no_grad():
+            self._update_masks()
+
+    def _update_masks(self) -> None:
         sparsity = self.schedule.sparsity_at(self.step_count)
         check_sparsity(sparsity, f"scheduled sparsity at step {self.step_count}")
         weights = [layer.weight for _, layer in self.layers]
         masks = [layer.mask for _, layer in self.layers]
         exact = self.threshold == "exact"
         if not self.feedback:
-            for w, m in zip(weights, masks):
-                w.mul_(m)  # gradual pruning without feedback: pruned weights are zero
+            self._zero_pruned()  # momentum may have moved them since the last update
         if self.scope == "global":
             target_kept = kept_count(sparsity, sum(w.numel() for w in weights))
             taus = ops.global_threshold(weights, target_kept, exact)
@@ -179,10 +184,32 @@ class DPF:
                 "masks left unchanged"
             )
         stats = ops.update_masks(weights, taus, masks, shrink_only=not self.feedback)
+        if not self.feedback:
+            self._zero_pruned()
         self.reactivated_last = stats[:, 1]
         self.reactivated_total += stats[:, 1]
         self.target_sparsity = sparsity
         self.target_kept = target_kept
+        self._warn_empty_layers(stats[:, 0])
+
+    def _warn_empty_layers(self, kept: torch.Tensor) -> None:
+        emptied = [name for (name, _), k in zip(self.layers, kept.tolist())
+                   if k == 0 and name not in self._empty]
+        self._empty = {name for (name, _), k in zip(self.layers, kept.tolist()) if k == 0}
+        if emptied:
+            warnings.warn(
+                f"step {self.step_count}: layers {emptied} are entirely pruned; the model's "
+                "output no longer depends on them. With BatchNorm behind such a layer the "
+                "feedback gradient can blow up; consider scope='layer', a lower sparsity, or "
+                "excluding these layers in dpf_ext.sparsify",
+                RuntimeWarning, stacklevel=5,
+            )
+
+    @torch.no_grad()
+    def _zero_pruned(self) -> None:
+        """``w ← mask ⊙ w`` for every layer."""
+        for _, layer in self.layers:
+            layer.weight.mul_(layer.mask)
 
     def freeze(self) -> None:
         """Keep the masks fixed from now on and mask the gradient (retraining)."""
@@ -200,9 +227,7 @@ class DPF:
         if unwrap:
             unsparsify(self.model)
         else:
-            with torch.no_grad():
-                for _, layer in self.layers:
-                    layer.weight.mul_(layer.mask)
+            self._zero_pruned()
         self.finalized = True
         return self.model
 

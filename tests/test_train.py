@@ -1,0 +1,104 @@
+"""End to end: training on the bundled digits, the command line, data and models."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from dpf_ext.cli import main
+from dpf_ext.data import load_cifar10, load_dataset, load_digits
+from dpf_ext.models import MODELS, build_model
+from dpf_ext.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_digits_split(digits):
+    assert digits.input_shape == (1, 8, 8) and digits.num_classes == 10
+    assert len(digits.x_train) + len(digits.x_test) == 1797
+    assert set(digits.y_test.tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_dpf_at_90_percent_matches_dense_on_digits(digits, model):
+    epochs = 30 if model == "mlp" else 12
+    dense = train(TrainConfig(method="dense", model=model, epochs=epochs), digits, progress=False)
+    dpf = train(TrainConfig(method="dpf", model=model, epochs=epochs, sparsity=0.9), digits,
+                progress=False)
+    assert dense.accuracy > 0.95
+    assert dpf.accuracy >= dense.accuracy - 0.015
+    assert dpf.sparsity == pytest.approx(0.9, abs=1e-4)
+    assert dpf.reactivations > 0
+
+
+def test_baselines_run_and_never_reactivate(digits):
+    for method in ("oneshot", "gradual"):
+        result = train(TrainConfig(method=method, epochs=6), digits, progress=False)
+        assert result.reactivations == 0
+        assert result.sparsity == pytest.approx(0.9, abs=1e-4)
+        assert result.accuracy > 0.8
+
+
+@pytest.mark.filterwarnings("ignore:.*entirely pruned")  # one-shot pruning soon after init
+def test_cli_compare_writes_metrics_and_plots(tmp_path, capsys):
+    assert main(["--compare", "--model", "mlp", "--epochs", "3", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for method in ("dense", "oneshot", "gradual", "dpf"):
+        assert method in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["config"]["method"] for r in metrics["runs"]] == ["dense", "oneshot", "gradual", "dpf"]
+    assert len(metrics["runs"][3]["history"]) == 3
+    for png in ("training.png", "layer_sparsity.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_single_run_prints_the_layer_report(capsys):
+    assert main(["--model", "mlp", "--epochs", "2", "--no-progress", "--scope", "layer",
+                 "--threshold", "approx", "--exclude", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "react. total" in out and "total" in out
+
+
+def test_cli_rejects_bad_sparsity():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        main(["--model", "mlp", "--epochs", "1", "--no-progress", "--sparsity", "1.0"])
+
+
+def _write_fake_cifar(root, n=20):
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, n))}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar10_reader(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    _write_fake_cifar(folder)
+    data = load_cifar10(tmp_path)
+    assert data.x_train.shape == (100, 3, 32, 32) and data.x_test.shape == (20, 3, 32, 32)
+    assert data.augment and data.y_train.dtype == torch.int64
+    result = train(TrainConfig(method="dpf", model="cnn", epochs=1, batch_size=50), data,
+                   progress=False)
+    assert 0.0 <= result.accuracy <= 1.0
+
+
+def test_cifar10_missing_files_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_cifar10(tmp_path)
+    with pytest.raises(ValueError, match="data-dir"):
+        load_dataset("cifar10")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_forward(name):
+    model = build_model(name, (3, 32, 32), 10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
