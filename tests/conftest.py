@@ -1,5 +1,44 @@
+import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 # tests import their shared helpers (cases.py) by module name
 sys.path.insert(0, str(Path(__file__).parent))
+
+from dpf_ext import ops  # noqa: E402
+
+STRICT = os.environ.get("DPF_EXT_STRICT_BUILD") == "1"
+
+# (backend, device) pairs every op test runs on
+BACKENDS = [("reference", "cpu"), ("cpp", "cpu"), ("cuda", "cuda")]
+
+
+def _skip_reason(name: str, device: str) -> str | None:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA device"
+    if name not in ops.available_backends(device):
+        if STRICT:
+            pytest.fail(f"backend {name!r} was not built (DPF_EXT_STRICT_BUILD=1)")
+        return f"backend {name!r} was not built"
+    return None
+
+
+@pytest.fixture(params=BACKENDS, ids=[b for b, _ in BACKENDS])
+def device(request, monkeypatch):
+    """Runs the test once per backend; yields the device its tensors must live on."""
+    name, dev = request.param
+    reason = _skip_reason(name, dev)
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("DPF_EXT_BACKEND", name)
+    return torch.device(dev)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("device") == ("cuda", "cuda"):
+            item.add_marker(pytest.mark.gpu)

@@ -18,6 +18,7 @@ import torch
 
 from .bits import HIGH_BINS, NONFINITE_BIN, SUPPORTED_DTYPES, bits_to_float
 from .dispatch import available_backends, backend_for
+from . import compiled  # noqa: F401  (registers the compiled backends that were built)
 
 __all__ = [
     "available_backends",
@@ -134,29 +135,10 @@ def update_masks(
     return backend_for(weights[0].device).update_masks(weights, taus, masks, shrink_only)
 
 
-class _MaskedWeight(torch.autograd.Function):
-    """Forward ``w ⊙ mask``; backward passes the gradient to ``w`` unchanged (feedback) or
-    masked."""
-
-    @staticmethod
-    def forward(ctx, weight, mask, feedback):
-        ctx.feedback = feedback
-        if not feedback:
-            ctx.save_for_backward(mask)
-        return backend_for(weight.device).masked_weight(weight, mask)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.feedback:
-            return grad, None, None
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None
-
-
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor, feedback: bool = True) -> torch.Tensor:
     """``weight ⊙ mask`` with the DPF gradient: ``d(w ⊙ m)/dw := I`` when ``feedback`` (the
     dense weight receives the full gradient), ``m`` otherwise (pruned weights get none)."""
-    return _MaskedWeight.apply(weight, mask, feedback)
+    return backend_for(weight.device).masked_weight(weight, mask, feedback)
 
 
 def feedback_sgd_step(

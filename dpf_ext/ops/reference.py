@@ -55,9 +55,28 @@ def update_masks(
     return stats
 
 
-def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``weight ⊙ mask`` as a new tensor of ``weight``'s dtype."""
-    return weight * mask
+class _MaskedWeight(torch.autograd.Function):
+    """Forward ``w ⊙ mask``; backward passes the gradient to ``w`` unchanged (feedback) or
+    masked."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, feedback):
+        ctx.feedback = feedback
+        if not feedback:
+            ctx.save_for_backward(mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.feedback:
+            return grad, None, None
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
+
+
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor, feedback: bool) -> torch.Tensor:
+    """``weight ⊙ mask`` whose gradient reaches ``weight`` in full (``feedback``) or masked."""
+    return _MaskedWeight.apply(weight, mask, feedback)
 
 
 def feedback_sgd_step(

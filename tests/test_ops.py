@@ -1,5 +1,6 @@
-"""The op contract on the reference backend: thresholds against torch.kthvalue, the mask
-update, the feedback estimator and the SGD step against torch.optim.SGD."""
+"""The op contract, on every backend (the ``device`` fixture): thresholds against
+torch.kthvalue, the mask update, the feedback estimator and the SGD step against
+torch.optim.SGD."""
 
 import math
 
@@ -15,20 +16,25 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _bits(x: torch.Tensor) -> int:
-    return int(x.float().view(torch.int32))
+    return int(x.float().cpu().view(torch.int32))
+
+
+def _on(device, tensors):
+    return [t.to(device, copy=True) for t in tensors]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_exact_threshold_equals_kthvalue(dtype):
+def test_exact_threshold_equals_kthvalue(device, dtype):
     for name, weights in weight_cases(dtype).items():
         n = sum(w.numel() for w in weights)
+        on_device = _on(device, weights)
         for k in ks_for(n):
-            tau = ops.global_threshold(weights, k, exact=True)
-            assert tau.shape == () and tau.dtype == torch.float32
+            tau = ops.global_threshold(on_device, k, exact=True)
+            assert tau.shape == () and tau.dtype == torch.float32 and tau.device.type == device.type
             assert _bits(tau) == _bits(kth_largest(weights, k)), (name, k)
 
 
-def test_exact_threshold_on_fresh_random_inputs():
+def test_exact_threshold_on_fresh_random_inputs(device):
     for seed in range(20):
         g = torch.Generator().manual_seed(1000 + seed)
         n_tensors = int(torch.randint(1, 8, (1,), generator=g))
@@ -38,16 +44,17 @@ def test_exact_threshold_on_fresh_random_inputs():
         if n == 0:
             continue
         k = int(torch.randint(1, n + 1, (1,), generator=g))
-        assert _bits(ops.global_threshold(weights, k)) == _bits(kth_largest(weights, k))
+        assert _bits(ops.global_threshold(_on(device, weights), k)) == _bits(kth_largest(weights, k))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_approx_threshold_is_the_bin_edge(dtype):
+def test_approx_threshold_is_the_bin_edge(device, dtype):
     for name, weights in weight_cases(dtype).items():
         n = sum(w.numel() for w in weights)
+        on_device = _on(device, weights)
         for k in ks_for(n):
-            exact = ops.global_threshold(weights, k, exact=True)
-            approx = ops.global_threshold(weights, k, exact=False)
+            exact = ops.global_threshold(on_device, k, exact=True).cpu()
+            approx = ops.global_threshold(on_device, k, exact=False).cpu()
             assert _bits(approx) == (_bits(exact) >> 16) << 16, (name, k)
             assert approx <= exact
             if exact >= torch.finfo(torch.float32).tiny:  # relative bound holds for normals
@@ -56,9 +63,9 @@ def test_approx_threshold_is_the_bin_edge(dtype):
             assert int((concat_magnitudes(weights) >= approx).sum()) >= k
 
 
-def test_threshold_flags_non_finite_weights_with_nan():
+def test_threshold_flags_non_finite_weights_with_nan(device):
     for bad in (float("nan"), float("inf"), -float("inf")):
-        weights = [torch.randn(100), torch.tensor([1.0, bad])]
+        weights = _on(device, [torch.randn(100), torch.tensor([1.0, bad])])
         for exact in (True, False):
             assert math.isnan(float(ops.global_threshold(weights, 10, exact)))
 
@@ -76,40 +83,41 @@ def test_threshold_rejects_bad_arguments():
         ops.global_threshold([torch.randn(10, dtype=torch.float64)], 1)
 
 
-def test_histograms_add_up_over_disjoint_sets():
-    weights = weight_cases()["random_mixed_shapes"]
+def test_histograms_add_up_over_disjoint_sets(device):
+    weights = _on(device, weight_cases()["random_mixed_shapes"])
     whole = ops.magnitude_histogram(weights)
     parts = sum(ops.magnitude_histogram([w]) for w in weights)
     assert whole.shape == (HIGH_BINS,) and torch.equal(whole, parts)
     assert int(whole.sum()) == sum(w.numel() for w in weights)
 
 
-def test_update_masks_counts_and_reactivations():
+def test_update_masks_counts_and_reactivations(device):
     g = torch.Generator().manual_seed(3)
     weights = [torch.randn(40, 5, generator=g), torch.randn(17, generator=g)]
     old = [torch.rand(w.shape, generator=g) < 0.5 for w in weights]
-    masks = [m.clone() for m in old]
-    tau = torch.tensor(0.8)
-    stats = ops.update_masks(weights, tau, masks)
-    for i, (w, m, o) in enumerate(zip(weights, masks, old)):
+    masks = _on(device, old)
+    tau = torch.tensor(0.8, device=device)
+    stats = ops.update_masks(_on(device, weights), tau, masks).cpu()
+    for i, (w, m, o) in enumerate(zip(weights, [m.cpu() for m in masks], old)):
         expected = w.abs() >= 0.8
         assert torch.equal(m, expected)
         assert stats[i].tolist() == [int(expected.sum()), int((expected & ~o).sum())]
 
 
-def test_update_masks_shrink_only_and_per_tensor_thresholds():
-    weights = [torch.tensor([3.0, -2.0, 0.5, 1.0]), torch.tensor([0.1, -0.2])]
-    masks = [torch.tensor([False, True, True, True]), torch.tensor([True, False])]
-    stats = ops.update_masks(weights, torch.tensor([0.9, 0.15]), masks, shrink_only=True)
+def test_update_masks_shrink_only_and_per_tensor_thresholds(device):
+    weights = _on(device, [torch.tensor([3.0, -2.0, 0.5, 1.0]), torch.tensor([0.1, -0.2])])
+    masks = _on(device, [torch.tensor([False, True, True, True]), torch.tensor([True, False])])
+    taus = torch.tensor([0.9, 0.15], device=device)
+    stats = ops.update_masks(weights, taus, masks, shrink_only=True)
     assert masks[0].tolist() == [False, True, False, True]  # 3.0 stays pruned
     assert masks[1].tolist() == [False, False]  # -0.2 stays pruned
     assert stats.tolist() == [[2, 0], [0, 0]]
 
 
-def test_update_masks_signed_zero_and_zero_threshold():
-    weights = [torch.tensor([0.0, -0.0, 1e-45])]
-    masks = [torch.zeros(3, dtype=torch.bool)]
-    stats = ops.update_masks(weights, torch.tensor(0.0), masks)
+def test_update_masks_signed_zero_and_zero_threshold(device):
+    weights = _on(device, [torch.tensor([0.0, -0.0, 1e-45])])
+    masks = _on(device, [torch.zeros(3, dtype=torch.bool)])
+    stats = ops.update_masks(weights, torch.tensor(0.0, device=device), masks)
     assert masks[0].all() and stats.tolist() == [[3, 3]]
 
 
@@ -121,12 +129,12 @@ def test_update_masks_rejects_bad_masks():
 
 
 @pytest.mark.parametrize("feedback", [True, False])
-def test_masked_weight_gradient(feedback):
-    w = torch.randn(6, 4, requires_grad=True)
-    mask = torch.rand(6, 4) < 0.5
+def test_masked_weight_gradient(device, feedback):
+    w = torch.randn(6, 4, device=device, requires_grad=True)
+    mask = torch.rand(6, 4, device=device) < 0.5
     out = ops.masked_weight(w, mask, feedback)
     assert torch.equal(out, w.detach() * mask)
-    upstream = torch.randn(6, 4)
+    upstream = torch.randn(6, 4, device=device)
     out.backward(upstream)
     assert torch.equal(w.grad, upstream if feedback else upstream * mask)
 
@@ -141,9 +149,9 @@ SGD_SETTINGS = [
 
 
 @pytest.mark.parametrize("settings", SGD_SETTINGS, ids=lambda s: ",".join(s))
-def test_feedback_sgd_step_matches_torch_sgd(settings):
+def test_feedback_sgd_step_matches_torch_sgd(device, settings):
     g = torch.Generator().manual_seed(5)
-    params = [torch.randn(30, 7, generator=g), torch.randn(11, generator=g), torch.empty(0)]
+    params = _on(device, [torch.randn(30, 7, generator=g), torch.randn(11, generator=g), torch.empty(0)])
     ours = [p.clone() for p in params]
     theirs = [p.clone().requires_grad_() for p in params]
     opt = torch.optim.SGD(theirs, **settings)
@@ -151,7 +159,7 @@ def test_feedback_sgd_step_matches_torch_sgd(settings):
     hp = {k: settings.get(k, d) for k, d in dict(momentum=0.0, dampening=0.0, nesterov=False,
                                                    weight_decay=0.0, maximize=False).items()}
     for _ in range(4):
-        grads = [torch.randn(p.shape, generator=g) for p in params]
+        grads = _on(device, [torch.randn(p.shape, generator=g) for p in params])
         for t, gr in zip(theirs, grads):
             t.grad = gr.clone()
         opt.step()
@@ -163,13 +171,13 @@ def test_feedback_sgd_step_matches_torch_sgd(settings):
             torch.testing.assert_close(b, opt.state[t]["momentum_buffer"], rtol=1e-6, atol=1e-7)
 
 
-def test_feedback_sgd_step_masked_copy_and_histogram():
+def test_feedback_sgd_step_masked_copy_and_histogram(device):
     g = torch.Generator().manual_seed(6)
-    params = [torch.randn(20, 3, generator=g), torch.randn(9, generator=g)]
-    grads = [torch.randn(p.shape, generator=g) for p in params]
-    masks = [torch.rand(p.shape, generator=g) < 0.5 for p in params]
+    params = _on(device, [torch.randn(20, 3, generator=g), torch.randn(9, generator=g)])
+    grads = _on(device, [torch.randn(p.shape, generator=g) for p in params])
+    masks = _on(device, [torch.rand(p.shape, generator=g) < 0.5 for p in params])
     out = [torch.empty_like(p) for p in params]
-    hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
+    hist = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
     ops.feedback_sgd_step(params, grads, [None, None], lr=0.1, momentum=0.9, masks=masks,
                           masked_out=out, histogram=hist)
     for p, m, o in zip(params, masks, out):

@@ -1,0 +1,224 @@
+// CPU implementations of the dpf ops: ATen glue around the torch-free kernels in kernels.h.
+//
+// Many tensors are processed in one parallel region: they are cut into chunks of at most
+// kChunk elements, the chunks are split into as many contiguous groups ("tasks") as there
+// are threads, and each task accumulates into its own histogram or counters, which are
+// summed at the end (deterministic, no atomics).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "kernels.h"
+
+namespace dpf {
+namespace {
+
+constexpr int64_t kChunk = int64_t(1) << 16;
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& tensors) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < int64_t(tensors.size()); ++t) {
+    const int64_t n = tensors[t].numel();
+    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
+  }
+  return chunks;
+}
+
+// Tasks for `chunks`: one per thread, and enough that no task counts 2^31 elements (the
+// per-task histograms are int32).
+int64_t num_tasks(const std::vector<Chunk>& chunks) {
+  const int64_t by_size = int64_t(chunks.size()) * kChunk / (int64_t(1) << 31) + 1;
+  return std::max<int64_t>(1, std::min<int64_t>(int64_t(chunks.size()),
+                                                std::max<int64_t>(at::get_num_threads(), by_size)));
+}
+
+// fn(task, chunk) for every chunk; task t handles a contiguous group of chunks.
+template <typename F>
+void for_each_chunk(const std::vector<Chunk>& chunks, int64_t tasks, const F& fn) {
+  const int64_t n = int64_t(chunks.size());
+  at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t)
+      for (int64_t c = n * t / tasks; c < n * (t + 1) / tasks; ++c) fn(t, chunks[c]);
+  });
+}
+
+// fn(T{}) with T the kernel storage type of `dtype`.
+template <typename F>
+void with_dtype(at::ScalarType dtype, const F& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      return fn(float{});
+    case at::kHalf:
+      return fn(Half{});
+    case at::kBFloat16:
+      return fn(BFloat16{});
+    default:
+      TORCH_CHECK(false, "dpf: unsupported dtype ", dtype, "; expected float32, float16 or bfloat16");
+  }
+}
+
+std::vector<at::Tensor> contiguous(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) out.push_back(t.contiguous());
+  return out;
+}
+
+// Sum per-task int32 histograms into an int64 tensor of `bins`.
+at::Tensor sum_histograms(const std::vector<int32_t>& local, int64_t tasks, int64_t bins) {
+  at::Tensor out = at::zeros({bins}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, bins, 4096, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t b = b0; b < b1; ++b) o[b] += local[t * bins + b];
+  });
+  return out;
+}
+
+at::Tensor magnitude_histogram_cpu(at::TensorList weights, const std::optional<at::Tensor>& prefix) {
+  const auto ws = contiguous(weights);
+  const bool low = prefix.has_value();
+  const int64_t bins = low ? kLowBins : kHighBins;
+  const uint32_t pre = low ? uint32_t(prefix->item<int64_t>()) : 0u;
+  const auto chunks = make_chunks(ws);
+  const int64_t tasks = num_tasks(chunks);
+  std::vector<int32_t> local(tasks * bins, 0);
+  for_each_chunk(chunks, tasks, [&](int64_t task, const Chunk& c) {
+    int32_t* hist = local.data() + task * bins;
+    with_dtype(ws[c.tensor].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* w = static_cast<const T*>(ws[c.tensor].const_data_ptr()) + c.begin;
+      if (low)
+        cpu::histogram_low(w, c.end - c.begin, pre, hist);
+      else
+        cpu::histogram_high(w, c.end - c.begin, hist);
+    });
+  });
+  return sum_histograms(local, tasks, bins);
+}
+
+at::Tensor update_masks_cpu(at::TensorList weights, const at::Tensor& taus, at::TensorList masks,
+                            bool shrink_only) {
+  const int64_t n = int64_t(weights.size());
+  TORCH_CHECK(int64_t(masks.size()) == n && taus.numel() == n,
+              "dpf::update_masks: need one mask and one threshold per weight");
+  const auto ws = contiguous(weights);
+  std::vector<at::Tensor> ms;
+  for (const auto& m : masks) {
+    TORCH_CHECK(m.scalar_type() == at::kBool, "dpf::update_masks: masks must be bool");
+    ms.push_back(m.contiguous());
+  }
+  const at::Tensor tau_cpu = taus.to(at::kFloat).contiguous();
+  std::vector<uint32_t> tau_bits(n);
+  for (int64_t i = 0; i < n; ++i) tau_bits[i] = threshold_bits(tau_cpu.const_data_ptr<float>()[i]);
+
+  const auto chunks = make_chunks(ws);
+  const int64_t tasks = num_tasks(chunks);
+  std::vector<int64_t> local(tasks * n * 2, 0);
+  for_each_chunk(chunks, tasks, [&](int64_t task, const Chunk& c) {
+    int64_t* counts = local.data() + (task * n + c.tensor) * 2;
+    with_dtype(ws[c.tensor].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* w = static_cast<const T*>(ws[c.tensor].const_data_ptr()) + c.begin;
+      bool* m = ms[c.tensor].data_ptr<bool>() + c.begin;
+      cpu::update_mask(w, c.end - c.begin, tau_bits[c.tensor], shrink_only, m, counts, counts + 1);
+    });
+  });
+  for (int64_t i = 0; i < n; ++i)
+    if (!ms[i].is_same(masks[i])) masks[i].copy_(ms[i]);
+  at::Tensor stats = at::zeros({n, 2}, at::kLong);
+  int64_t* s = stats.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t i = 0; i < 2 * n; ++i) s[i] += local[t * n * 2 + i];
+  return stats;
+}
+
+at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& mask, bool /*feedback*/) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == weight.sizes(),
+              "dpf::masked_weight: mask must be a bool tensor of the weight's shape");
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor m = mask.contiguous();
+  at::Tensor out = at::empty_like(w);
+  with_dtype(w.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* wp = static_cast<const T*>(w.const_data_ptr());
+    const bool* mp = m.const_data_ptr<bool>();
+    T* op = static_cast<T*>(out.data_ptr());
+    at::parallel_for(0, w.numel(), kChunk, [&](int64_t b, int64_t e) {
+      cpu::masked_weight(wp + b, mp + b, e - b, op + b);
+    });
+  });
+  return out;
+}
+
+void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                           const c10::List<bool>& fresh_list, double lr, double momentum, double dampening,
+                           bool nesterov, double weight_decay, bool maximize, at::TensorList masks,
+                           at::TensorList masked_out, const std::optional<at::Tensor>& histogram) {
+  const int64_t n = int64_t(params.size());
+  const bool use_buf = momentum != 0.0;
+  const bool write_masked = !masked_out.empty();
+  TORCH_CHECK(int64_t(grads.size()) == n, "dpf::feedback_sgd_step: one grad per param");
+  TORCH_CHECK(!use_buf || (int64_t(momentum_buffers.size()) == n && int64_t(fresh_list.size()) == n),
+              "dpf::feedback_sgd_step: one momentum buffer and fresh flag per param");
+  TORCH_CHECK(!write_masked || (int64_t(masks.size()) == n && int64_t(masked_out.size()) == n),
+              "dpf::feedback_sgd_step: one mask and one output per param");
+  std::vector<char> fresh(fresh_list.begin(), fresh_list.end());
+  std::vector<at::Tensor> ps, gs, bs, ms, outs;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type() && grads[i].sizes() == params[i].sizes(),
+                "dpf::feedback_sgd_step: grad ", i, " must match its param's dtype and shape");
+    ps.push_back(params[i].contiguous());
+    gs.push_back(grads[i].contiguous());
+    if (use_buf) bs.push_back(momentum_buffers[i].contiguous());
+    if (write_masked) {
+      ms.push_back(masks[i].contiguous());
+      outs.push_back(masked_out[i].contiguous());
+    }
+  }
+  const SgdParams s{float(lr), float(momentum), float(dampening), float(weight_decay), nesterov, maximize};
+  const auto chunks = make_chunks(ps);
+  const int64_t tasks = num_tasks(chunks);
+  const bool with_hist = histogram.has_value();
+  std::vector<int32_t> local(with_hist ? tasks * kHighBins : 0, 0);
+  for_each_chunk(chunks, tasks, [&](int64_t task, const Chunk& c) {
+    with_dtype(ps[c.tensor].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t t = c.tensor;
+      T* p = static_cast<T*>(ps[t].data_ptr()) + c.begin;
+      const T* g = static_cast<const T*>(gs[t].const_data_ptr()) + c.begin;
+      T* b = use_buf ? static_cast<T*>(bs[t].data_ptr()) + c.begin : nullptr;
+      const bool* m = write_masked ? ms[t].const_data_ptr<bool>() + c.begin : nullptr;
+      T* o = write_masked ? static_cast<T*>(outs[t].data_ptr()) + c.begin : nullptr;
+      int32_t* h = with_hist ? local.data() + task * kHighBins : nullptr;
+      cpu::sgd_step(p, g, b, use_buf && fresh[t], c.end - c.begin, s, m, o, h);
+    });
+  });
+  for (int64_t i = 0; i < n; ++i) {
+    if (!ps[i].is_same(params[i])) params[i].copy_(ps[i]);
+    if (use_buf && !bs[i].is_same(momentum_buffers[i])) momentum_buffers[i].copy_(bs[i]);
+    if (write_masked && !outs[i].is_same(masked_out[i])) masked_out[i].copy_(outs[i]);
+  }
+  if (with_hist) histogram->add_(sum_histograms(local, tasks, kHighBins));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpf, CPU, m) {
+  m.impl("magnitude_histogram", &magnitude_histogram_cpu);
+  m.impl("update_masks", &update_masks_cpu);
+  m.impl("masked_weight", &masked_weight_cpu);
+  m.impl("feedback_sgd_step", &feedback_sgd_step_cpu);
+}
+
+}  // namespace dpf

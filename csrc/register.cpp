@@ -1,0 +1,23 @@
+// The dpf op library: schemas defined once here; each backend registers its kernels with
+// TORCH_LIBRARY_IMPL (cpu/ops.cpp, cuda/ops.cpp). Fake kernels and autograd formulas are
+// registered from Python (dpf_ext/ops/compiled.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import dpf_ext._C` loads this library, which registers the ops as a side effect.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
+
+TORCH_LIBRARY(dpf, m) {
+  m.def("magnitude_histogram(Tensor[] weights, Tensor? prefix) -> Tensor");
+  m.def("update_masks(Tensor[] weights, Tensor taus, Tensor(a!)[] masks, bool shrink_only) -> Tensor");
+  m.def("masked_weight(Tensor weight, Tensor mask, bool feedback) -> Tensor");
+  m.def(
+      "feedback_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "bool[] fresh, float lr, float momentum, float dampening, bool nesterov, float weight_decay, "
+      "bool maximize, Tensor[] masks, Tensor(c!)[] masked_out, Tensor(d!)? histogram) -> ()");
+}
