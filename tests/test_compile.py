@@ -1,0 +1,63 @@
+"""torch.compile and the torch.library contract of the compiled ops."""
+
+import pytest
+import torch
+from torch import nn
+
+import dpf_ext
+from dpf_ext import ops
+from dpf_ext.ops.bits import HIGH_BINS
+from dpf_ext.schedules import Constant
+
+needs_compiled = pytest.mark.skipif(
+    "cpp" not in ops.available_backends("cpu"), reason="the C++ extension was not built"
+)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 5))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("feedback", [True, False])
+def test_compiled_forward_backward_matches_eager(device, compiler, feedback):
+    model = dpf_ext.sparsify(_model()).to(device)
+    dpf_ext.DPF(model, schedule=Constant(0.6), feedback=feedback)
+    x = torch.randn(4, 3, 8, 8, device=device)
+    model(x).square().sum().backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=compiler, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x))
+    out.square().sum().backward()
+    for p, g in zip(model.parameters(), eager):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@needs_compiled
+def test_opcheck_all_ops():
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(50, 3, generator=g), torch.randn(7, generator=g)]
+    masks = [torch.rand(w.shape, generator=g) < 0.5 for w in weights]
+    torch.library.opcheck(torch.ops.dpf.magnitude_histogram.default, (weights, None))
+    prefix = torch.tensor(int(weights[0][0, 0].abs().view(torch.int32)) >> 16)
+    torch.library.opcheck(torch.ops.dpf.magnitude_histogram.default, (weights, prefix))
+    torch.library.opcheck(torch.ops.dpf.update_masks.default,
+                          (weights, torch.tensor([0.5, 0.7]), masks, False))
+    for feedback in (True, False):
+        w = torch.randn(6, 5, generator=g, requires_grad=True)
+        torch.library.opcheck(torch.ops.dpf.masked_weight.default, (w, masks[0][:6, :1].expand(6, 5).contiguous(), feedback))
+    params = [w.clone() for w in weights]
+    grads = [torch.randn(w.shape, generator=g) for w in weights]
+    bufs = [torch.zeros_like(w) for w in weights]
+    out = [torch.empty_like(w) for w in weights]
+    hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
+    torch.library.opcheck(
+        torch.ops.dpf.feedback_sgd_step.default,
+        (params, grads, bufs, [True, False], 0.1, 0.9, 0.0, True, 1e-4, False, masks, out, hist),
+    )
