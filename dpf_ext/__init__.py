@@ -10,11 +10,13 @@
 
 from . import ops, schedules
 from .nn import DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, sparsify, unsparsify
+from .optim import DPFSGD
 from .pruner import DPF
 from .report import LayerReport, SparsityReport
 
 __all__ = [
     "DPF",
+    "DPFSGD",
     "DPFConv1d",
     "DPFConv2d",
     "DPFConv3d",

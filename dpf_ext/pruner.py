@@ -9,7 +9,7 @@ from torch import nn
 
 from . import ops
 from .nn import dpf_layers, unsparsify
-from .ops.bits import SUPPORTED_DTYPES
+from .ops.bits import HIGH_BINS, SUPPORTED_DTYPES
 from .report import LayerReport, SparsityReport
 from .schedules import Cubic, Schedule, check_sparsity
 
@@ -29,6 +29,30 @@ def kept_count(sparsity: float, n: int) -> int:
 def filter_scores(weight: torch.Tensor) -> torch.Tensor:
     """L2 norm of each output filter (row of a linear layer) in float32."""
     return weight.detach().float().flatten(1).norm(dim=1)
+
+
+class HistogramRequest:
+    """A pruner's request for the histogram of the prunable weights after the next optimizer
+    step: the optimizer adds into ``histogram`` and reports the weights it covered."""
+
+    def __init__(self, weights: list[torch.Tensor], step: int):
+        self.histogram = torch.zeros(HIGH_BINS, dtype=torch.int64, device=weights[0].device)
+        self.step = step
+        self._pending = {id(w) for w in weights}
+        self._wanted = frozenset(self._pending)
+
+    def wants(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is one of the prunable weights."""
+        return id(param) in self._wanted
+
+    def covered(self, params: list[torch.Tensor]) -> None:
+        """Record that ``histogram`` now includes the updated ``params``."""
+        self._pending.difference_update(id(p) for p in params)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every prunable weight was counted."""
+        return not self._pending
 
 
 class DPF:
@@ -112,6 +136,7 @@ class DPF:
         self.reactivated_last = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
         self.reactivated_total = torch.zeros_like(self.reactivated_last)
         self._empty: set[str] = set()
+        self._request: HistogramRequest | None = None
         for _, layer in self.layers:
             layer.feedback = feedback
         self.update_masks()
@@ -149,6 +174,19 @@ class DPF:
         if freezing:
             self.freeze()
 
+    def histogram_request(self) -> HistogramRequest | None:
+        """Called by a fused optimizer before its step: a request for the histogram of the
+        updated prunable weights if the following :meth:`step` updates the masks with a
+        global threshold, else ``None``."""
+        next_step = self.step_count + 1
+        due = next_step % self.update_every == 0 or next_step == self.freeze_at
+        if (self.finalized or self.frozen or not due or self.scope != "global"
+                or not self.feedback):
+            self._request = None
+        else:
+            self._request = HistogramRequest([layer.weight for _, layer in self.layers], next_step)
+        return self._request
+
     def update_masks(self) -> None:
         """Recompute every mask now for the schedule's target at the current step.
 
@@ -167,7 +205,10 @@ class DPF:
             self._zero_pruned()  # momentum may have moved them since the last update
         if self.scope == "global":
             target_kept = kept_count(sparsity, sum(w.numel() for w in weights))
-            taus = ops.global_threshold(weights, target_kept, exact)
+            request, self._request = self._request, None
+            ready = request is not None and request.step == self.step_count and request.complete
+            taus = ops.global_threshold(weights, target_kept, exact,
+                                        histogram=request.histogram if ready else None)
         elif self.scope == "layer":
             ks = [kept_count(sparsity, w.numel()) for w in weights]
             target_kept = sum(ks)

@@ -83,7 +83,9 @@ def threshold_from_histograms(hist_high: torch.Tensor, b: torch.Tensor, low: tor
     return torch.where(nonfinite, torch.full_like(tau, float("nan")), tau)
 
 
-def global_threshold(weights: list[torch.Tensor], k: int, exact: bool = True) -> torch.Tensor:
+def global_threshold(
+    weights: list[torch.Tensor], k: int, exact: bool = True, histogram: torch.Tensor | None = None
+) -> torch.Tensor:
     """The k-th largest magnitude over all ``weights`` as a 0-dim float32 tensor.
 
     ``exact=True`` returns the exact value (equal to ``torch.kthvalue`` of the negated
@@ -93,6 +95,9 @@ def global_threshold(weights: list[torch.Tensor], k: int, exact: bool = True) ->
 under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
     at least ``k``, the exact count being what :func:`update_masks` reports.
 
+    ``histogram``: the first-pass histogram of exactly these weights if it is at hand (as
+    :func:`feedback_sgd_step` accumulates it), which saves that pass.
+
     If any weight is Inf or NaN the result is NaN. Nothing syncs with the host.
     """
     _check_weights(weights)
@@ -100,7 +105,7 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] (the number of weights), got {k}")
     backend = backend_for(weights[0].device)
-    hist_high = backend.magnitude_histogram(weights, None)
+    hist_high = backend.magnitude_histogram(weights, None) if histogram is None else histogram
     b, rank = select_bin(hist_high, k)
     low = None
     if exact:
