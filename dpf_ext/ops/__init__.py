@@ -59,28 +59,22 @@ def magnitude_histogram(
     return backend_for(weights[0].device).magnitude_histogram(weights, prefix)
 
 
-def select_bin(hist: torch.Tensor, k: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+def _select_bin(hist: torch.Tensor, k: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
     """Find the bin holding the k-th largest element counted from the top bin.
 
     Returns ``(bin, rank)`` as 0-dim int64 tensors on ``hist``'s device: the bin index and
     the rank (1-based, from the top) of the k-th largest element inside that bin.
+    Overwrites ``hist`` with its running sum (the threshold keeps no second copy).
     """
-    from_top = hist.flip(0).cumsum(0)
+    below = hist.cumsum_(0)  # below[b]: elements in bins <= b
+    total = below[-1:]
     if not isinstance(k, torch.Tensor):
         k = torch.full((), k, dtype=torch.int64, device=hist.device)
-    pos = torch.searchsorted(from_top, k.reshape(1)).clamp_(max=hist.numel() - 1)
-    b = hist.numel() - 1 - pos
-    rank = k - (from_top[pos] - hist[b])
+    # the bin is the lowest b with total - below[b - 1] >= k: one past the bins whose
+    # running count stays <= total - k
+    b = torch.searchsorted(below, total - k, right=True).clamp_(max=hist.numel() - 1)
+    rank = k - (total - below[b])
     return b.reshape(()), rank.reshape(())
-
-
-def threshold_from_histograms(hist_high: torch.Tensor, b: torch.Tensor, low: torch.Tensor | None):
-    """The float32 threshold whose bit pattern is ``b << 16 | low`` (``low=None``: the bin
-    edge), or NaN when ``hist_high`` counts any Inf or NaN."""
-    bits = b << 16 if low is None else (b << 16) | low
-    tau = bits_to_float(bits)
-    nonfinite = hist_high[NONFINITE_BIN:].sum() > 0
-    return torch.where(nonfinite, torch.full_like(tau, float("nan")), tau)
 
 
 def global_threshold(
@@ -96,7 +90,7 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
     at least ``k``, the exact count being what :func:`update_masks` reports.
 
     ``histogram``: the first-pass histogram of exactly these weights if it is at hand (as
-    :func:`feedback_sgd_step` accumulates it), which saves that pass.
+    :func:`feedback_sgd_step` accumulates it), which saves that pass; it is not modified.
 
     If any weight is Inf or NaN the result is NaN. Nothing syncs with the host.
     """
@@ -105,13 +99,16 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] (the number of weights), got {k}")
     backend = backend_for(weights[0].device)
-    hist_high = backend.magnitude_histogram(weights, None) if histogram is None else histogram
-    b, rank = select_bin(hist_high, k)
-    low = None
+    hist = backend.magnitude_histogram(weights, None) if histogram is None else histogram.clone()
+    nonfinite = hist[NONFINITE_BIN:].sum() > 0
+    b, rank = _select_bin(hist, k)
+    bits = b << 16
     if exact:
-        hist_low = backend.magnitude_histogram(weights, b)
-        low, _ = select_bin(hist_low, rank)
-    return threshold_from_histograms(hist_high, b, low)
+        del hist
+        low, _ = _select_bin(backend.magnitude_histogram(weights, b), rank)
+        bits = bits | low
+    tau = bits_to_float(bits)
+    return torch.where(nonfinite, torch.full_like(tau, float("nan")), tau)
 
 
 def update_masks(

@@ -1,0 +1,95 @@
+"""Run the benchmark suite and print one comparison table.
+
+    python bench/run.py [pytest args, e.g. -k threshold]
+
+Every ratio compares cases timed in the same run, on the same machine. The raw
+pytest-benchmark JSON plus the table go to ``bench/results/<machine>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+BASELINE = re.compile(r"torch|dense")
+
+
+def machine_name() -> str:
+    """A file-name-safe name for this machine: the GPU's, else CPU model and cores."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+    else:
+        model = platform.processor() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"cpu-{os.cpu_count()}core-{model}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def case_name(bench: dict) -> str:
+    params = bench.get("params") or {}
+    return "-".join(str(v) for k, v in params.items() if k != "size") or bench["name"].removeprefix("test_")
+
+
+def table(benchmarks: list[dict]) -> str:
+    """Per group: each case's median time, peak extra memory where measured, and the
+    speed-up of every dpf_ext case over every torch baseline of the group."""
+    groups: dict[str, list[dict]] = {}
+    for b in benchmarks:
+        groups.setdefault(b["group"], []).append(b)
+    lines = []
+    for group, cases in groups.items():
+        lines.append(f"\n{group}")
+        baselines = [c for c in cases if BASELINE.search(case_name(c))]
+        for c in cases:
+            med = c["stats"]["median"]
+            extra = c.get("extra_info", {})
+            mem = ""
+            if "peak_extra_bytes" in extra:
+                mem = (f"  peak extra {extra['peak_extra_bytes'] / 2**20:7.1f} MiB "
+                       f"({extra['peak_extra_bytes'] / extra['weights_bytes']:6.1%} of weights)")
+            ratios = ""
+            if c not in baselines:
+                ratios = "  " + ", ".join(
+                    f"{base['stats']['median'] / med:.2f}x vs {case_name(base)}" for base in baselines
+                )
+            lines.append(f"  {case_name(c):<32} {med * 1e3:10.2f} ms{mem}{ratios}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider",
+               f"--benchmark-json={raw}", "--benchmark-columns=median,min,max,rounds",
+               *sys.argv[1:]]
+        rc = subprocess.call(cmd)
+        if rc != 0 or not raw.exists():
+            return rc or 1
+        data = json.loads(raw.read_text())
+    text = table(data["benchmarks"])
+    machine = machine_name()
+    header = (f"machine: {machine} | torch {torch.__version__} | threads {torch.get_num_threads()}"
+              f" | backends: {', '.join(__import__('dpf_ext').ops.available_backends('cpu'))}")
+    print(header + text)
+    out = HERE / "results" / f"{machine}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "summary": header + text, **data}, indent=1))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""One training step of ResNet-20 (batch 128, 3x32x32) with DPF against the same step
+dense. A round is 16 steps, one mask-update period, so the update's cost is included."""
+
+import pytest
+import torch
+from torch import nn
+
+import dpf_ext
+from dpf_ext.models import ResNet
+
+STEPS = 16
+
+
+def _setup(method):
+    torch.manual_seed(0)
+    model = ResNet(20)
+    pruner = None
+    if method == "dense":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                              weight_decay=1e-4)
+    else:
+        dpf_ext.sparsify(model)
+        pruner = dpf_ext.DPF(model, 0.9, total_steps=10_000, update_every=STEPS,
+                             threshold="approx" if method == "dpf_approx" else "exact")
+        opt = dpf_ext.DPFSGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                             weight_decay=1e-4, pruner=pruner)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (128,), generator=g)
+    return model, opt, pruner, x, y
+
+
+@pytest.mark.parametrize("method", ["dense", "dpf", "dpf_approx"])
+def test_resnet20_training_steps(benchmark, method):
+    model, opt, pruner, x, y = _setup(method)
+    loss_fn = nn.CrossEntropyLoss()
+    benchmark.group = f"ResNet-20 training, {STEPS} steps"
+
+    def steps():
+        for _ in range(STEPS):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+            if pruner is not None:
+                pruner.step()
+
+    benchmark.pedantic(steps, rounds=5, warmup_rounds=1)

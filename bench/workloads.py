@@ -1,0 +1,73 @@
+"""The workloads the benchmarks time, shared by the timed cases and the memory probe."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from dpf_ext import ops
+
+SPARSITY = 0.9
+N_TENSORS = 50
+
+
+def weight_set(n: int, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
+    """About 50 float32 tensors of geometrically spread sizes totalling ``n`` weights, with
+    per-layer scales as in a trained network. Filled in place (no temporaries)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    raw = torch.rand(N_TENSORS, generator=g) * 4
+    sizes = (raw.exp() / raw.exp().sum() * n).long().clamp(min=1)
+    sizes[-1] += n - int(sizes.sum())
+    out = []
+    for i, size in enumerate(sizes.tolist()):
+        w = torch.empty(size, device=device)
+        w.normal_(0.0, float(0.01 + i / N_TENSORS), generator=None)
+        out.append(w)
+    return out
+
+
+def keep_count(weights: list[torch.Tensor]) -> int:
+    n = sum(w.numel() for w in weights)
+    return n - round(SPARSITY * n)
+
+
+def dpf_threshold(weights, exact: bool) -> torch.Tensor:
+    return ops.global_threshold(weights, keep_count(weights), exact=exact)
+
+
+def kthvalue_threshold(weights) -> torch.Tensor:
+    """What a user writes: concatenate the magnitudes and take the k-th largest."""
+    mags = torch.cat([w.abs().flatten() for w in weights])
+    return mags.kthvalue(mags.numel() - keep_count(weights) + 1).values
+
+
+def topk_threshold(weights) -> torch.Tensor:
+    mags = torch.cat([w.abs().flatten() for w in weights])
+    return mags.topk(keep_count(weights), sorted=False).values.min()
+
+
+class _Holder(nn.Module):
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(w, requires_grad=False)
+
+
+def prune_modules(weights) -> list[nn.Module]:
+    return [_Holder(w) for w in weights]
+
+
+def prune_global_unstructured(modules) -> None:
+    """torch.nn.utils.prune's global magnitude pruning (it also builds the masks)."""
+    prune.global_unstructured([(m, "weight") for m in modules],
+                              pruning_method=prune.L1Unstructured, amount=SPARSITY)
+
+
+THRESHOLD_METHODS = {
+    "dpf_exact": lambda ws: dpf_threshold(ws, True),
+    "dpf_approx": lambda ws: dpf_threshold(ws, False),
+    "torch_kthvalue": kthvalue_threshold,
+    "torch_topk": topk_threshold,
+    "torch_prune_global": lambda ws: prune_global_unstructured(prune_modules(ws)),
+}
+"""Global threshold at 90% sparsity, by method name."""
