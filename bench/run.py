@@ -60,6 +60,8 @@ def table(benchmarks: list[dict]) -> str:
             if "peak_extra_bytes" in extra:
                 mem = (f"  peak extra {extra['peak_extra_bytes'] / 2**20:7.1f} MiB "
                        f"({extra['peak_extra_bytes'] / extra['weights_bytes']:6.1%} of weights)")
+            if "interleaved_ratio" in extra:
+                mem += f"  interleaved with the baseline: {extra['interleaved_ratio']:.3f}x its time"
             ratios = ""
             if c not in baselines:
                 ratios = "  " + ", ".join(
