@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .distributed import is_sharded, local_weight_and_mask
 
 
 class DPFLayer:
@@ -109,6 +110,11 @@ def sparsify(model: nn.Module, exclude: Exclude = None) -> nn.Module:
     """
     is_excluded = _excluded(exclude)
     for name, module in model.named_modules():
+        if isinstance(module, tuple(DPF_LAYER_FOR)) and is_sharded(module.weight):
+            raise ValueError(
+                f"layer {name!r} is already sharded (fully_shard): call dpf_ext.sparsify "
+                "before sharding the model, so that its masks stay whole on every rank"
+            )
         cls = DPF_LAYER_FOR.get(type(module))
         if cls is None or is_excluded(name, module):
             continue
@@ -125,7 +131,8 @@ def unsparsify(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, DPFLayer):
             with torch.no_grad():
-                module.weight.mul_(module.mask)
+                weight, mask = local_weight_and_mask(module.weight, module.mask)
+                weight.mul_(mask)
             del module._buffers["mask"]
             del module.feedback
             module.__class__ = plain_for[type(module)]

@@ -7,6 +7,7 @@ from collections import defaultdict
 import torch
 
 from . import ops
+from .distributed import is_sharded
 
 
 class DPFSGD(torch.optim.Optimizer):
@@ -51,6 +52,9 @@ class DPFSGD(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("DPFSGD does not support sparse gradients")
+                if is_sharded(p):
+                    raise TypeError("DPFSGD does not step sharded (DTensor) parameters; use "
+                                    "torch.optim.SGD with fully_shard models")
                 batches[(p.device, request is not None and request.wants(p))].append(p)
             for (_, prunable), params in batches.items():
                 bufs = [self.state[p].get("momentum_buffer") for p in params]

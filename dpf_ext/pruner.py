@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .distributed import Shards, check_same_on_all_ranks, is_sharded, local_weight_and_mask
 from .nn import dpf_layers, unsparsify
 from .ops.bits import HIGH_BINS, SUPPORTED_DTYPES
 from .report import LayerReport, SparsityReport
@@ -111,6 +112,11 @@ class DPF:
                     f"layer {name!r} has {layer.weight.dtype} weights; DPF supports "
                     f"{', '.join(map(str, SUPPORTED_DTYPES))}"
                 )
+        if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+            raise ValueError(
+                "FSDP1 (FullyShardedDataParallel) flattens the weights DPF prunes; shard the "
+                "model with torch.distributed.fsdp.fully_shard (FSDP2) instead"
+            )
         self.model = model
         self.schedule = self._resolve_schedule(sparsity, schedule, total_steps)
         if not isinstance(update_every, int) or update_every < 1:
@@ -126,6 +132,7 @@ class DPF:
         self.feedback = feedback
         self.threshold = threshold
         self.freeze_at = freeze_at
+        check_same_on_all_ranks(self._config())
 
         device = self.layers[0][1].weight.device
         self.step_count = 0
@@ -181,7 +188,7 @@ class DPF:
         next_step = self.step_count + 1
         due = next_step % self.update_every == 0 or next_step == self.freeze_at
         if (self.finalized or self.frozen or not due or self.scope != "global"
-                or not self.feedback):
+                or not self.feedback or is_sharded(self.layers[0][1].weight)):
             self._request = None
         else:
             self._request = HistogramRequest([layer.weight for _, layer in self.layers], next_step)
@@ -198,33 +205,39 @@ class DPF:
     def _update_masks(self) -> None:
         sparsity = self.schedule.sparsity_at(self.step_count)
         check_sparsity(sparsity, f"scheduled sparsity at step {self.step_count}")
-        weights = [layer.weight for _, layer in self.layers]
-        masks = [layer.mask for _, layer in self.layers]
+        full_weights = [layer.weight for _, layer in self.layers]
+        shards = Shards([name for name, _ in self.layers], full_weights,
+                        [layer.mask for _, layer in self.layers])
+        weights, masks = shards.weights, shards.masks
+        reduce = shards.reduce if shards.group is not None else None
         exact = self.threshold == "exact"
         if not self.feedback:
             self._zero_pruned()  # momentum may have moved them since the last update
         if self.scope == "global":
-            target_kept = kept_count(sparsity, sum(w.numel() for w in weights))
+            target_kept = kept_count(sparsity, sum(w.numel() for w in full_weights))
             request, self._request = self._request, None
             ready = request is not None and request.step == self.step_count and request.complete
-            taus = ops.global_threshold(weights, target_kept, exact,
+            taus = ops.global_threshold(weights, target_kept, exact, reduce=reduce,
                                         histogram=request.histogram if ready else None)
         elif self.scope == "layer":
-            ks = [kept_count(sparsity, w.numel()) for w in weights]
+            ks = [kept_count(sparsity, w.numel()) for w in full_weights]
             target_kept = sum(ks)
-            taus = torch.stack([ops.global_threshold([w], k, exact) for w, k in zip(weights, ks)])
+            taus = torch.stack([ops.global_threshold([w], k, exact, reduce=reduce)
+                                for w, k in zip(weights, ks)])
         else:
             scores = [filter_scores(w) for w in weights]
-            target_kept = kept_count(sparsity, sum(s.numel() for s in scores))
-            taus = ops.global_threshold(scores, target_kept, exact)
+            target_kept = kept_count(sparsity, sum(w.shape[0] for w in full_weights))
+            taus = ops.global_threshold(scores, target_kept, exact, reduce=reduce)
             weights = [s.view(-1, *[1] * (w.dim() - 1)).expand_as(w) for s, w in zip(scores, weights)]
         if not bool(torch.isfinite(taus).all()):
-            bad = [name for name, layer in self.layers if not torch.isfinite(layer.weight).all()]
+            bad = [name for (name, _), w in zip(self.layers, shards.weights)
+                   if not torch.isfinite(w).all()]
             raise ValueError(
-                f"non-finite (NaN or Inf) weights in {bad} at step {self.step_count}; "
-                "masks left unchanged"
+                f"non-finite (NaN or Inf) weights in {bad or 'another rank'} at step "
+                f"{self.step_count}; masks left unchanged"
             )
-        stats = ops.update_masks(weights, taus, masks, shrink_only=not self.feedback)
+        stats = shards.reduce(ops.update_masks(weights, taus, masks, shrink_only=not self.feedback))
+        shards.assemble_masks()
         if not self.feedback:
             self._zero_pruned()
         self.reactivated_last = stats[:, 1]
@@ -250,7 +263,8 @@ class DPF:
     def _zero_pruned(self) -> None:
         """``w ← mask ⊙ w`` for every layer."""
         for _, layer in self.layers:
-            layer.weight.mul_(layer.mask)
+            weight, mask = local_weight_and_mask(layer.weight, layer.mask)
+            weight.mul_(mask)
 
     def freeze(self) -> None:
         """Keep the masks fixed from now on and mask the gradient (retraining)."""

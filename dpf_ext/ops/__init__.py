@@ -14,6 +14,8 @@ Each op validates its input, picks a backend for the tensors' device (see
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .bits import HIGH_BINS, NONFINITE_BIN, SUPPORTED_DTYPES, bits_to_float
@@ -78,7 +80,11 @@ def _select_bin(hist: torch.Tensor, k: torch.Tensor | int) -> tuple[torch.Tensor
 
 
 def global_threshold(
-    weights: list[torch.Tensor], k: int, exact: bool = True, histogram: torch.Tensor | None = None
+    weights: list[torch.Tensor],
+    k: int,
+    exact: bool = True,
+    histogram: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The k-th largest magnitude over all ``weights`` as a 0-dim float32 tensor.
 
@@ -92,20 +98,26 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
     ``histogram``: the first-pass histogram of exactly these weights if it is at hand (as
     :func:`feedback_sgd_step` accumulates it), which saves that pass; it is not modified.
 
+    ``reduce``: applied to each histogram before it is used, for weights spread over
+    processes: an in-place sum over the ranks (``dist.all_reduce``). ``k`` then counts the
+    weights of all ranks, and every rank gets the same threshold.
+
     If any weight is Inf or NaN the result is NaN. Nothing syncs with the host.
     """
     _check_weights(weights)
     n = sum(w.numel() for w in weights)
-    if not 1 <= k <= n:
+    if k < 1 or (reduce is None and k > n):
         raise ValueError(f"k must be in [1, {n}] (the number of weights), got {k}")
+    reduce = reduce or (lambda hist: hist)
     backend = backend_for(weights[0].device)
     hist = backend.magnitude_histogram(weights, None) if histogram is None else histogram.clone()
+    hist = reduce(hist)
     nonfinite = hist[NONFINITE_BIN:].sum() > 0
     b, rank = _select_bin(hist, k)
     bits = b << 16
     if exact:
         del hist
-        low, _ = _select_bin(backend.magnitude_histogram(weights, b), rank)
+        low, _ = _select_bin(reduce(backend.magnitude_histogram(weights, b)), rank)
         bits = bits | low
     tau = bits_to_float(bits)
     return torch.where(nonfinite, torch.full_like(tau, float("nan")), tau)

@@ -1,0 +1,231 @@
+"""DPF across real process groups (gloo on CPU, 2 and 3 processes on loopback): DDP and
+FSDP2 (fully_shard) keep identical masks on every rank, the sharded threshold equals the
+single-process one, DDP matches one process with the combined batch, a sharded run resumes
+from a distributed checkpoint, and bad set-ups fail clearly."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import dpf_ext
+from dpf_ext.schedules import Constant
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without distributed")
+TIMEOUT = 180
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, out_dir, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world, tmp_path, *args):
+    """Run ``fn(rank, world, *args)`` in ``world`` processes; return their results."""
+    ctx = mp.start_processes(_entry, args=(world, _free_port(), str(tmp_path), fn, args),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__} did not finish in {TIMEOUT} s")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def _model():
+    torch.manual_seed(0)
+    # the last layer has 2 rows: with 3 ranks one rank holds none of it
+    return nn.Sequential(nn.Linear(10, 48), nn.ReLU(), nn.Linear(48, 24), nn.ReLU(), nn.Linear(24, 2))
+
+
+def _batch(step, size=16):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(size, 10, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+def _masks(model):
+    return [m.mask.clone() for _, m in dpf_ext.nn.dpf_layers(model)]
+
+
+def _shard(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+SETTINGS = [dict(scope=s, threshold=t) for s in ("global", "layer", "filter") for t in ("exact", "approx")]
+
+
+def _sharded_masks(rank, world):
+    out = []
+    for settings in SETTINGS:
+        model = _shard(dpf_ext.sparsify(_model()))
+        pruner = dpf_ext.DPF(model, schedule=Constant(0.7), **settings)
+        out.append((_masks(model), pruner.report().to_dict()))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:.*entirely pruned")  # the 2-row classifier, globally
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_threshold_equals_single_process(tmp_path, world):
+    results = run_ranks(_sharded_masks, world, tmp_path)
+    for i, settings in enumerate(SETTINGS):
+        model = dpf_ext.sparsify(_model())
+        pruner = dpf_ext.DPF(model, schedule=Constant(0.7), **settings)
+        expected = _masks(model)
+        for rank, per_setting in enumerate(results):
+            masks, report = per_setting[i]
+            for a, b in zip(masks, expected):
+                assert torch.equal(a, b), (settings, rank)
+            assert report == pruner.report().to_dict(), (settings, rank)
+
+
+def _fsdp_train_and_resume(rank, world, ckpt_dir):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def build():
+        model = _shard(dpf_ext.sparsify(_model()))
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        pruner = dpf_ext.DPF(model, 0.8, total_steps=12, update_every=2)
+        return model, opt, pruner
+
+    def train(model, opt, pruner, steps, history):
+        for step in steps:
+            x, y = _batch(step)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            pruner.step()
+            history.append(_masks(model))
+
+    model, opt, pruner = build()
+    history = []
+    train(model, opt, pruner, range(6), history)
+    m_state, o_state = get_state_dict(model, opt)
+    dcp.save({"model": m_state, "optim": o_state, "pruner": pruner.state_dict()}, checkpoint_id=ckpt_dir)
+    train(model, opt, pruner, range(6, 12), history)
+    straight = [p.full_tensor() for p in model.parameters()]
+
+    model, opt, pruner = build()
+    m_state, o_state = get_state_dict(model, opt)
+    state = {"model": m_state, "optim": o_state, "pruner": pruner.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    pruner.load_state_dict(state["pruner"])
+    resumed_history = []
+    train(model, opt, pruner, range(6, 12), resumed_history)
+    resumed = [p.full_tensor() for p in model.parameters()]
+    return {"history": history, "resumed_history": resumed_history, "straight": straight,
+            "resumed": resumed, "report": pruner.report().to_dict()}
+
+
+def test_fsdp_training_keeps_ranks_identical_and_resumes(tmp_path):
+    results = run_ranks(_fsdp_train_and_resume, 2, tmp_path, str(tmp_path / "ckpt"))
+    r0, r1 = results
+    for a, b in zip(r0["history"], r1["history"]):  # every step, every layer
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for r in results:
+        for a, b in zip(r["history"][6:], r["resumed_history"]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+        for a, b in zip(r["straight"], r["resumed"]):
+            assert torch.equal(a, b)
+    assert r0["report"]["reactivated_total"] > 0
+    assert abs(r0["report"]["sparsity"] - 0.8) < 1e-3
+
+
+def _ddp_train(rank, world, steps):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = dpf_ext.sparsify(_model())
+    pruner = dpf_ext.DPF(model, 0.8, total_steps=steps, update_every=2)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
+    history = []
+    for step in range(steps):
+        x, y = _batch(step, 16 * world)
+        part = slice(rank * 16, (rank + 1) * 16)
+        nn.functional.cross_entropy(ddp(x[part]), y[part]).backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+        history.append(_masks(model))
+    return {"history": history, "report": pruner.report().to_dict()}
+
+
+def test_ddp_matches_one_process_with_the_combined_batch(tmp_path):
+    steps, world = 12, 2
+    results = run_ranks(_ddp_train, world, tmp_path, steps)
+    model = dpf_ext.sparsify(_model())
+    pruner = dpf_ext.DPF(model, 0.8, total_steps=steps, update_every=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    for step in range(steps):
+        x, y = _batch(step, 16 * world)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+        for r in results:
+            assert all(torch.equal(a, b) for a, b in zip(r["history"][step], _masks(model))), step
+    for r in results:  # each rank reports the global model once
+        assert r["report"] == pruner.report().to_dict()
+
+
+def _bad_setups(rank, world):
+    errors = {}
+    model = dpf_ext.sparsify(_model())
+    try:
+        dpf_ext.DPF(model, 0.5 + 0.1 * rank, total_steps=10)
+    except ValueError as e:
+        errors["mismatch"] = str(e)
+    sharded = _shard(_model())
+    try:
+        dpf_ext.sparsify(sharded)
+    except ValueError as e:
+        errors["order"] = str(e)
+    return errors
+
+
+def test_bad_distributed_setups_fail_clearly(tmp_path):
+    for errors in run_ranks(_bad_setups, 2, tmp_path):
+        assert "differ across ranks" in errors["mismatch"] and "schedule" in errors["mismatch"]
+        assert "before sharding" in errors["order"]
+
+
+def test_torchrun_example(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), str(ROOT / "examples" / "distributed.py"),
+           "--epochs", "2", "--fsdp"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sparsity" in out.stdout
