@@ -57,11 +57,12 @@ setup(
     name="dpf_ext",
     version="0.1.0",
     description="Dynamic Pruning with Feedback for PyTorch: one-pass sparse training",
-    packages=["dpf_ext", "dpf_ext.ops"],
+    packages=["dpf_ext", "dpf_ext.ops", "dpf_ext.triton_kernels"],  # the last: triton_kernels/ (a link)
     python_requires=">=3.10",
     # torch is deliberately absent: pip would replace the installed build with the newest
     # CUDA one. Install torch first (requirements-dev.txt pins it).
     install_requires=["numpy", "scikit-learn", "matplotlib", "tqdm"],
+    extras_require={"triton": ["triton"]},
     entry_points={"console_scripts": ["dpf-train=dpf_ext.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

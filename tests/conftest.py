@@ -8,15 +8,23 @@ import torch
 # tests import their shared helpers (cases.py) by module name
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter. The
+# variable is read when the kernels are decorated, so it is set before dpf_ext is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from dpf_ext import ops  # noqa: E402
 
 STRICT = os.environ.get("DPF_EXT_STRICT_BUILD") == "1"
 
 # (backend, device) pairs every op test runs on
-BACKENDS = [("reference", "cpu"), ("cpp", "cpu"), ("cuda", "cuda")]
+BACKENDS = [("reference", "cpu"), ("cpp", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    BACKENDS.append(("triton-interpreted", "cpu"))
 
 
 def _skip_reason(name: str, device: str) -> str | None:
+    name = name.removesuffix("-interpreted")
     if device == "cuda" and not torch.cuda.is_available():
         return "needs a CUDA device"
     if name not in ops.available_backends(device):
@@ -33,12 +41,12 @@ def device(request, monkeypatch):
     reason = _skip_reason(name, dev)
     if reason:
         pytest.skip(reason)
-    monkeypatch.setenv("DPF_EXT_BACKEND", name)
+    monkeypatch.setenv("DPF_EXT_BACKEND", name.removesuffix("-interpreted"))
     return torch.device(dev)
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("device") == ("cuda", "cuda"):
+        if callspec is not None and callspec.params.get("device", ("", ""))[1] == "cuda":
             item.add_marker(pytest.mark.gpu)

@@ -20,7 +20,7 @@ import torch
 
 from .bits import HIGH_BINS, NONFINITE_BIN, SUPPORTED_DTYPES, bits_to_float
 from .dispatch import available_backends, backend_for
-from . import compiled  # noqa: F401  (registers the compiled backends that were built)
+from . import triton, compiled  # noqa: F401, I001  (register the backends built; last preferred)
 
 __all__ = [
     "available_backends",

@@ -9,20 +9,20 @@ for every device it supports.
 from __future__ import annotations
 
 import os
-from types import ModuleType
 
 import torch
 
 from . import reference
 
-_BACKENDS: dict[str, tuple[ModuleType, tuple[str, ...]]] = {}
+_BACKENDS: dict[str, tuple[object, tuple[str, ...]]] = {}
 _PREFERENCE: list[str] = []
 
 
-def register_backend(name: str, module: ModuleType, device_types: tuple[str, ...]) -> None:
-    """Make ``module`` (implementing the functions of :mod:`dpf_ext.ops.reference`) the
-    preferred backend for ``device_types``; ``("*",)`` means every device."""
-    _BACKENDS[name] = (module, device_types)
+def register_backend(name: str, backend, device_types: tuple[str, ...]) -> None:
+    """Make ``backend`` (a module or object with the functions of
+    :mod:`dpf_ext.ops.reference`) the preferred backend for ``device_types``; ``("*",)``
+    means every device."""
+    _BACKENDS[name] = (backend, device_types)
     if name in _PREFERENCE:
         _PREFERENCE.remove(name)
     _PREFERENCE.insert(0, name)
@@ -37,7 +37,7 @@ def available_backends(device: torch.device | str) -> list[str]:
     ]
 
 
-def backend_for(device: torch.device | str) -> ModuleType:
+def backend_for(device: torch.device | str):
     """The backend module for ``device``: ``DPF_EXT_BACKEND`` if set, else the preferred."""
     names = available_backends(device)
     forced = os.environ.get("DPF_EXT_BACKEND")

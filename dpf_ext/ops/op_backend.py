@@ -1,0 +1,73 @@
+"""A backend whose kernels are torch ops with the dpf schemas, under one namespace: the C++
+and CUDA ops (``torch.ops.dpf``, defined in csrc/register.cpp) and the Triton ops
+(``torch.ops.dpf_triton``). Adds what ``torch.compile`` and autograd need to such ops."""
+
+from __future__ import annotations
+
+import torch
+
+from .bits import HIGH_BINS, LOW_BINS
+
+
+class OpBackend:
+    """The backend functions of :mod:`dpf_ext.ops.reference`, calling ``torch.ops.<namespace>``."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+        self.ops = getattr(torch.ops, namespace)
+
+    def __repr__(self) -> str:
+        return f"OpBackend({self.namespace!r})"
+
+    def magnitude_histogram(self, weights, prefix):
+        return self.ops.magnitude_histogram([w.detach() for w in weights], prefix)
+
+    def update_masks(self, weights, taus, masks, shrink_only):
+        return self.ops.update_masks([w.detach() for w in weights], taus, masks, shrink_only)
+
+    def masked_weight(self, weight, mask, feedback):
+        return self.ops.masked_weight(weight, mask, feedback)
+
+    def feedback_sgd_step(self, params, grads, momentum_buffers, *, lr, momentum, dampening,
+                          nesterov, weight_decay, maximize, masks, masked_out, histogram):
+        fresh: list[bool] = []
+        if momentum != 0:  # the kernel initialises a fresh buffer with the first update
+            fresh = [b is None for b in momentum_buffers]
+            for i, b in enumerate(momentum_buffers):
+                if b is None:
+                    momentum_buffers[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
+        self.ops.feedback_sgd_step(
+            [p.detach() for p in params], [g.detach() for g in grads],
+            momentum_buffers if momentum != 0 else [], fresh, lr, momentum, dampening, nesterov,
+            weight_decay, maximize, masks or [], masked_out or [], histogram,
+        )
+
+
+def register_abstract(namespace: str) -> None:
+    """Fake kernels (for tracing) and the gradient of ``masked_weight`` for the ops of
+    ``namespace``."""
+    torch.library.register_fake(f"{namespace}::magnitude_histogram")(
+        lambda weights, prefix: weights[0].new_empty(
+            HIGH_BINS if prefix is None else LOW_BINS, dtype=torch.int64))
+    torch.library.register_fake(f"{namespace}::update_masks")(
+        lambda weights, taus, masks, shrink_only: taus.new_empty(len(weights), 2, dtype=torch.int64))
+    torch.library.register_fake(f"{namespace}::masked_weight")(
+        lambda weight, mask, feedback: torch.empty_like(weight))
+    torch.library.register_fake(f"{namespace}::feedback_sgd_step")(lambda *args: None)
+
+    masked_weight = getattr(torch.ops, namespace).masked_weight
+
+    def setup_context(ctx, inputs, output):
+        _, mask, feedback = inputs
+        ctx.feedback = feedback
+        if not feedback:
+            ctx.save_for_backward(mask)
+
+    def backward(ctx, grad):
+        if ctx.feedback:
+            return grad, None, None
+        (mask,) = ctx.saved_tensors
+        return masked_weight(grad, mask, True), None, None
+
+    torch.library.register_autograd(f"{namespace}::masked_weight", backward,
+                                    setup_context=setup_context)

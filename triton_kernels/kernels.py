@@ -1,0 +1,138 @@
+"""Triton kernels of the dpf op contract.
+
+Many tensors go into one launch through a tensor table: int64 arrays of data addresses and
+element counts, and the running count of BLOCK-sized blocks per tensor. Program ``pid``
+finds its tensor by counting the table's block starts at or below ``pid``. Tensors of one
+dtype share a launch (``DTYPE`` is a compile-time constant); math is in float32.
+
+The element-wise rules mirror csrc/dpf_math.h: the magnitude is the bit pattern of |w|
+widened to float32; keep ``|w| >= tau`` on bit patterns, never a NaN weight.
+"""
+
+import triton
+import triton.language as tl
+
+INF_BITS = 0x7F800000
+
+
+@triton.jit
+def _locate(pid, block_start_ptr, T, T_PAD: tl.constexpr):
+    """The tensor index of program ``pid`` and the first block of that tensor."""
+    idx = tl.arange(0, T_PAD)
+    ends = tl.load(block_start_ptr + 1 + idx, mask=idx < T, other=0x7FFFFFFFFFFFFFFF)
+    t = tl.sum((ends <= pid).to(tl.int32), axis=0)
+    return t, tl.load(block_start_ptr + t)
+
+
+@triton.jit
+def _magnitude_bits(x):
+    return tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """float32 -> DTYPE rounding to nearest even. bfloat16 is rounded by hand: a plain
+    conversion truncates under the interpreter."""
+    if DTYPE == tl.bfloat16:
+        u = x.to(tl.int32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000
+        x = tl.where(x != x, x, u.to(tl.float32, bitcast=True))
+    return x.to(DTYPE)
+
+
+@triton.jit
+def histogram_kernel(addr_ptr, numel_ptr, block_start_ptr, hist_ptr, prefix_ptr, T,
+                     T_PAD: tl.constexpr, DTYPE: tl.constexpr, LOW: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """hist[top 16 bits of |w|] += 1, or with LOW the low 16 bits of the elements whose top
+    16 bits equal *prefix_ptr."""
+    pid = tl.program_id(0)
+    t, first = _locate(pid, block_start_ptr, T, T_PAD)
+    n = tl.load(numel_ptr + t)
+    w = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    mag = _magnitude_bits(tl.load(w + offs, mask=valid, other=0.0))
+    if LOW:
+        prefix = tl.load(prefix_ptr).to(tl.int32)
+        valid = valid & ((mag >> 16) == prefix)
+        bins = mag & 0xFFFF
+    else:
+        bins = mag >> 16
+    tl.atomic_add(hist_ptr + bins, tl.full((BLOCK,), 1, tl.int64), mask=valid)
+
+
+@triton.jit
+def update_masks_kernel(addr_ptr, mask_addr_ptr, numel_ptr, block_start_ptr, tau_bits_ptr,
+                        stats_ptr, T, T_PAD: tl.constexpr, DTYPE: tl.constexpr,
+                        SHRINK_ONLY: tl.constexpr, BLOCK: tl.constexpr):
+    """mask = |w| >= tau (and the old mask if SHRINK_ONLY); stats[t] += (kept, reactivated)."""
+    pid = tl.program_id(0)
+    t, first = _locate(pid, block_start_ptr, T, T_PAD)
+    n = tl.load(numel_ptr + t)
+    w = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
+    m = tl.load(mask_addr_ptr + t).to(tl.pointer_type(tl.int8))
+    tau_bits = tl.load(tau_bits_ptr + t)
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    mag = _magnitude_bits(tl.load(w + offs, mask=valid, other=0.0))
+    old = tl.load(m + offs, mask=valid, other=0) != 0
+    keep = (mag >= tau_bits) & (mag <= INF_BITS) & valid
+    if SHRINK_ONLY:
+        keep = keep & old
+    tl.store(m + offs, keep.to(tl.int8), mask=valid)
+    tl.atomic_add(stats_ptr + 2 * t, tl.sum(keep.to(tl.int64), axis=0))
+    tl.atomic_add(stats_ptr + 2 * t + 1, tl.sum((keep & ~old).to(tl.int64), axis=0))
+
+
+@triton.jit
+def masked_weight_kernel(w_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = w * mask (float32 math, as torch computes it)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    w = tl.load(w_ptr + offs, mask=valid, other=0.0)
+    m = tl.load(mask_ptr + offs, mask=valid, other=0)
+    tl.store(out_ptr + offs, (w.to(tl.float32) * m.to(tl.float32)).to(w.dtype), mask=valid)
+
+
+@triton.jit
+def sgd_kernel(p_addr_ptr, g_addr_ptr, buf_addr_ptr, fresh_ptr, mask_addr_ptr, out_addr_ptr,
+               numel_ptr, block_start_ptr, hist_ptr, lr, momentum, dampening, weight_decay, T,
+               T_PAD: tl.constexpr, DTYPE: tl.constexpr, NESTEROV: tl.constexpr,
+               MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_BUF: tl.constexpr,
+               HAS_OUT: tl.constexpr, HAS_HIST: tl.constexpr, BLOCK: tl.constexpr):
+    """torch.optim.SGD's update of the dense weights, then optionally the masked copy and
+    the histogram of the new |p|."""
+    pid = tl.program_id(0)
+    t, first = _locate(pid, block_start_ptr, T, T_PAD)
+    n = tl.load(numel_ptr + t)
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    p_ptr = tl.load(p_addr_ptr + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(g_addr_ptr + t).to(tl.pointer_type(DTYPE))
+    p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WEIGHT_DECAY:
+        g = g + weight_decay * p
+    if HAS_BUF:
+        b_ptr = tl.load(buf_addr_ptr + t).to(tl.pointer_type(DTYPE))
+        fresh = tl.load(fresh_ptr + t) != 0
+        old = tl.load(b_ptr + offs, mask=valid & ~fresh, other=0.0).to(tl.float32)
+        buf = tl.where(fresh, g, momentum * old + (1.0 - dampening) * g)
+        tl.store(b_ptr + offs, _round_to(buf, DTYPE), mask=valid)
+        if NESTEROV:
+            g = g + momentum * buf
+        else:
+            g = buf
+    new = _round_to(p - lr * g, DTYPE)
+    tl.store(p_ptr + offs, new, mask=valid)
+    if HAS_OUT:
+        m_ptr = tl.load(mask_addr_ptr + t).to(tl.pointer_type(tl.int8))
+        o_ptr = tl.load(out_addr_ptr + t).to(tl.pointer_type(DTYPE))
+        m = tl.load(m_ptr + offs, mask=valid, other=0)
+        tl.store(o_ptr + offs, (new.to(tl.float32) * m.to(tl.float32)).to(DTYPE), mask=valid)
+    if HAS_HIST:
+        bins = _magnitude_bits(new) >> 16
+        tl.atomic_add(hist_ptr + bins, tl.full((BLOCK,), 1, tl.int64), mask=valid)

@@ -1,0 +1,132 @@
+"""Launchers: build the tensor tables and run the kernels, one launch per dtype present.
+
+Plain functions on tensors (no autograd, no validation): :mod:`dpf_ext.ops.triton` wraps
+them as torch ops and the op layer validates their input.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import kernels
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK = 4096 if INTERPRETED else 1024  # the interpreter pays per program, not per element
+HIGH_BINS = 1 << 15
+LOW_BINS = 1 << 16
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _by_dtype(tensors: list[torch.Tensor]):
+    """The positions of the non-empty ``tensors``, grouped by dtype: (dtype, indices) pairs."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, w in enumerate(tensors):
+        if w.numel():
+            groups.setdefault(w.dtype, []).append(i)
+    return groups.items()
+
+
+def _contiguous(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+def _table(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+
+def _blocks(tensors: list[torch.Tensor], device):
+    """(numels, block starts, total blocks) of a table of tensors."""
+    numels = [t.numel() for t in tensors]
+    starts = [0]
+    for n in numels:
+        starts.append(starts[-1] + triton.cdiv(n, BLOCK))
+    return (torch.tensor(numels, dtype=torch.int64, device=device),
+            torch.tensor(starts, dtype=torch.int64, device=device), starts[-1])
+
+
+def _pad(n: int) -> int:
+    return triton.next_power_of_2(max(n, 2))
+
+
+def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None) -> torch.Tensor:
+    device = weights[0].device
+    hist = torch.zeros(HIGH_BINS if prefix is None else LOW_BINS, dtype=torch.int64, device=device)
+    prefix_t = hist if prefix is None else prefix.to(device=device, dtype=torch.int64).reshape(1)
+    for dtype, idx in _by_dtype(weights):
+        ws = _contiguous([weights[i] for i in idx])
+        numels, starts, blocks = _blocks(ws, device)
+        kernels.histogram_kernel[(blocks,)](
+            _table(ws, device), numels, starts, hist, prefix_t, len(ws), T_PAD=_pad(len(ws)),
+            DTYPE=_TL_DTYPE[dtype], LOW=prefix is not None, BLOCK=BLOCK)
+    return hist
+
+
+def threshold_bits(taus: torch.Tensor) -> torch.Tensor:
+    """int32 patterns ``keep`` compares against: tau <= 0 keeps all, NaN keeps none (as in
+    csrc/dpf_math.h)."""
+    bits = taus.float().contiguous().view(torch.int32)
+    bits = torch.where(bits < 0, torch.zeros_like(bits), bits)
+    return torch.where(taus.isnan(), torch.full_like(bits, kernels.INF_BITS + 1), bits)
+
+
+def update_masks(weights, taus, masks, shrink_only: bool) -> torch.Tensor:
+    device = weights[0].device
+    stats = torch.zeros(len(weights), 2, dtype=torch.int64, device=device)
+    bits = threshold_bits(taus)
+    for dtype, idx in _by_dtype(weights):
+        ws = _contiguous([weights[i] for i in idx])
+        ms = _contiguous([masks[i] for i in idx])
+        numels, starts, blocks = _blocks(ws, device)
+        local = torch.zeros(len(idx), 2, dtype=torch.int64, device=device)
+        kernels.update_masks_kernel[(blocks,)](
+            _table(ws, device), _table(ms, device), numels, starts, bits[idx].contiguous(), local,
+            len(ws), T_PAD=_pad(len(ws)), DTYPE=_TL_DTYPE[dtype], SHRINK_ONLY=shrink_only, BLOCK=BLOCK)
+        stats[idx] = local
+        for i, m in zip(idx, ms):
+            if m is not masks[i]:
+                masks[i].copy_(m)
+    return stats
+
+
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    w, m = weight.contiguous(), mask.contiguous()
+    out = torch.empty_like(w)
+    if w.numel():
+        kernels.masked_weight_kernel[(triton.cdiv(w.numel(), BLOCK),)](
+            w, m.view(torch.int8), out, w.numel(), BLOCK=BLOCK)
+    return out
+
+
+def feedback_sgd_step(params, grads, bufs, fresh, lr, momentum, dampening, nesterov,
+                      weight_decay, maximize, masks, masked_out, histogram) -> None:
+    device = params[0].device
+    has_buf, has_out = momentum != 0, bool(masked_out)
+    for dtype, idx in _by_dtype(params):
+        # every tensor a table points into stays referenced here until the launch is done
+        ps = _contiguous([params[i] for i in idx])
+        gs = _contiguous([grads[i] for i in idx])
+        bs = [bufs[i] for i in idx] if has_buf else []
+        ms = _contiguous([masks[i] for i in idx]) if has_out else []
+        outs = _contiguous([masked_out[i] for i in idx]) if has_out else []
+        numels, starts, blocks = _blocks(ps, device)
+        unused = numels  # any tensor, for the pointer slots a variant does not read
+        fresh_flags = torch.tensor([fresh[i] for i in idx] if has_buf else [0], dtype=torch.int8,
+                                   device=device)
+        kernels.sgd_kernel[(blocks,)](
+            _table(ps, device), _table(gs, device), _table(bs, device) if has_buf else unused,
+            fresh_flags, _table(ms, device) if has_out else unused,
+            _table(outs, device) if has_out else unused, numels, starts,
+            histogram if histogram is not None else unused,
+            lr, momentum, dampening, weight_decay, len(idx), T_PAD=_pad(len(idx)),
+            DTYPE=_TL_DTYPE[dtype], NESTEROV=nesterov, MAXIMIZE=maximize,
+            HAS_WEIGHT_DECAY=weight_decay != 0, HAS_BUF=has_buf, HAS_OUT=has_out,
+            HAS_HIST=histogram is not None, BLOCK=BLOCK)
+        for j, i in enumerate(idx):
+            if ps[j] is not params[i]:
+                params[i].copy_(ps[j])
+            if has_out and outs[j] is not masked_out[i]:
+                masked_out[i].copy_(outs[j])
