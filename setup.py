@@ -1,9 +1,11 @@
 """Build and install dpf_ext: ``pip install --no-build-isolation -e .`` (torch first).
 
 Builds the compiled extension ``dpf_ext._C`` that this machine can build: the C++ CPU
-kernels wherever a C++ compiler exists. Where the build fails, the package installs as pure
-Python (the reference backend) and says so, unless ``DPF_EXT_STRICT_BUILD=1`` is set, in
-which case the failure is fatal (CI sets it).
+kernels wherever a C++ compiler exists, plus the CUDA kernels where torch has CUDA and
+nvcc is found (``CUDA_HOME``; ``TORCH_CUDA_ARCH_LIST`` picks the architectures, as for any
+torch extension). Where the build fails, the package installs as pure Python (the
+reference backend) and says so, unless ``DPF_EXT_STRICT_BUILD=1`` is set, in which case
+the failure is fatal (CI sets it).
 """
 
 import os
@@ -21,7 +23,8 @@ def _say(msg: str) -> None:
 
 def extension_and_cmdclass():
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         if STRICT:
             raise
@@ -41,13 +44,18 @@ def extension_and_cmdclass():
                 _say(f"building the compiled kernels failed ({exc}); installing pure Python, "
                      "the reference backend will run every op")
 
-    ext = CppExtension(
-        "dpf_ext._C",
-        sources=["csrc/register.cpp", *sorted(glob("csrc/cpu/*.cpp"))],
+    sources = ["csrc/register.cpp", *sorted(glob("csrc/cpu/*.cpp"))]
+    options = dict(
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
+        extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3", "-std=c++17"]},
         extra_link_args=["-fopenmp"],
     )
+    if torch.version.cuda and CUDA_HOME:
+        _say(f"building the C++ and CUDA kernels (nvcc from {CUDA_HOME})")
+        sources += sorted(glob("csrc/cuda/*.cu")) + sorted(glob("csrc/cuda/*.cpp"))
+        ext = CUDAExtension("dpf_ext._C", sources=sources, **options)
+    else:
+        ext = CppExtension("dpf_ext._C", sources=sources, **options)
     return [ext], {"build_ext": OptionalBuildExt}
 
 

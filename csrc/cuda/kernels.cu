@@ -1,0 +1,262 @@
+// CUDA kernels of the dpf ops (declared in kernels.h). Element-wise math from dpf_math.h.
+#include "kernels.h"
+
+namespace dpf {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kHistThreads = 1024;
+constexpr size_t kSharedHistBytes = size_t(kHighBins) * sizeof(unsigned int);  // 128 KiB
+
+// The tensor holding chunk c: the last t with chunk_start[t] <= c.
+__device__ __forceinline__ int find_tensor(const Table& tab, int64_t c) {
+  int lo = 0, hi = tab.count;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (tab.chunk_start[mid] <= c) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+struct Span {
+  int t;
+  int64_t begin;
+  int64_t end;
+};
+
+__device__ __forceinline__ Span chunk_span(const Table& tab, int64_t c) {
+  const int t = find_tensor(tab, c);
+  const int64_t begin = (c - tab.chunk_start[t]) * kChunk;
+  const int64_t end = begin + kChunk < tab.numel[t] ? begin + kChunk : tab.numel[t];
+  return {t, begin, end};
+}
+
+// Sum of v over the block, valid in thread 0.
+__device__ __forceinline__ unsigned long long block_sum(unsigned long long v) {
+  __shared__ unsigned long long warp_sums[32];
+  __syncthreads();  // warp_sums may still be read by a previous call
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < int(blockDim.x >> 5) ? warp_sums[lane] : 0;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
+__device__ __forceinline__ void zero_shared(unsigned int* bins) {
+  for (int i = threadIdx.x; i < kHighBins; i += blockDim.x) bins[i] = 0;
+  __syncthreads();
+}
+
+__device__ __forceinline__ void flush_shared(const unsigned int* bins, unsigned long long* hist) {
+  __syncthreads();
+  for (int i = threadIdx.x; i < kHighBins; i += blockDim.x)
+    if (bins[i]) atomicAdd(&hist[i], static_cast<unsigned long long>(bins[i]));
+}
+
+// Pass 1: block-local histograms in shared memory, merged once per block.
+template <typename T>
+__global__ void histogram_high_kernel(Table tab, unsigned long long* hist) {
+  extern __shared__ unsigned int bins[];
+  zero_shared(bins);
+  for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
+    const Span s = chunk_span(tab, c);
+    const T* w = static_cast<const T*>(tab.data[s.t]);
+    for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x)
+      atomicAdd(&bins[high_bin(magnitude_bits(w[i]))], 1u);
+  }
+  flush_shared(bins, hist);
+}
+
+// Pass 2: only the elements of one high bin count, straight into global memory.
+template <typename T>
+__global__ void histogram_low_kernel(Table tab, const int64_t* prefix, unsigned long long* hist) {
+  const uint32_t pre = static_cast<uint32_t>(*prefix);
+  for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
+    const Span s = chunk_span(tab, c);
+    const T* w = static_cast<const T*>(tab.data[s.t]);
+    for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
+      const uint32_t mag = magnitude_bits(w[i]);
+      if (high_bin(mag) == pre) atomicAdd(&hist[low_bin(mag)], 1ull);
+    }
+  }
+}
+
+template <typename T>
+__global__ void update_masks_kernel(Table tab, bool* const* masks, const float* taus,
+                                    const int64_t* index, bool shrink_only,
+                                    unsigned long long* stats) {
+  const Span s = chunk_span(tab, blockIdx.x);
+  const T* w = static_cast<const T*>(tab.data[s.t]);
+  bool* m = masks[s.t];
+  const int64_t k = index[s.t];
+  const uint32_t tau = threshold_bits(taus[k]);
+  unsigned long long kept = 0, back = 0;
+  for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
+    const bool old = m[i];
+    const bool now = keep(magnitude_bits(w[i]), tau) && (old || !shrink_only);
+    m[i] = now;
+    kept += now;
+    back += now && !old;
+  }
+  kept = block_sum(kept);
+  back = block_sum(back);
+  if (threadIdx.x == 0) {
+    atomicAdd(&stats[2 * k], kept);
+    atomicAdd(&stats[2 * k + 1], back);
+  }
+}
+
+template <typename T>
+__global__ void masked_weight_kernel(const T* w, const bool* mask, T* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = from_float<T>(to_float(w[i]) * float(mask[i]));
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// The fused SGD step. A thread updates V = 16 / sizeof(T) consecutive elements with 16-byte
+// loads and stores of p, g and buf where the tensor's pointers allow it, else one at a time.
+template <typename T, bool HIST>
+__global__ void sgd_kernel(Table tab, const void* const* grads, void* const* bufs,
+                           const int64_t* fresh, const bool* const* masks, void* const* outs,
+                           SgdParams hp, unsigned long long* hist) {
+  extern __shared__ unsigned int bins[];
+  if (HIST) zero_shared(bins);
+  constexpr int V = 16 / sizeof(T);
+  for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
+    const Span s = chunk_span(tab, c);
+    T* p = static_cast<T*>(const_cast<void*>(tab.data[s.t]));
+    const T* g = static_cast<const T*>(grads[s.t]);
+    T* b = bufs ? static_cast<T*>(bufs[s.t]) : nullptr;
+    const bool is_fresh = fresh && fresh[s.t] != 0;
+    const bool* m = masks ? masks[s.t] : nullptr;
+    T* o = outs ? static_cast<T*>(outs[s.t]) : nullptr;
+
+    auto update = [&](int64_t i, T& pi, T gi, T* bi) {
+      float bf = (bi && !is_fresh) ? to_float(*bi) : 0.f;
+      pi = from_float<T>(sgd_update(to_float(pi), to_float(gi), bf, is_fresh, hp));
+      if (bi) *bi = from_float<T>(bf);
+      if (o) o[i] = from_float<T>(to_float(pi) * float(m[i]));
+      if (HIST) atomicAdd(&bins[high_bin(magnitude_bits(pi))], 1u);
+    };
+
+    int64_t tail = s.begin;
+    if (aligned16(p) && aligned16(g) && (!b || aligned16(b))) {
+      const int64_t vectors = (s.end - s.begin) / V;
+      for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
+        const int64_t i = s.begin + v * V;
+        uint4 pv = *reinterpret_cast<const uint4*>(p + i);
+        const uint4 gv = *reinterpret_cast<const uint4*>(g + i);
+        uint4 bv = b ? *reinterpret_cast<const uint4*>(b + i) : uint4{0, 0, 0, 0};
+        T* pe = reinterpret_cast<T*>(&pv);
+        const T* ge = reinterpret_cast<const T*>(&gv);
+        T* be = reinterpret_cast<T*>(&bv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) update(i + j, pe[j], ge[j], b ? be + j : nullptr);
+        *reinterpret_cast<uint4*>(p + i) = pv;
+        if (b) *reinterpret_cast<uint4*>(b + i) = bv;
+      }
+      tail = s.begin + vectors * V;
+    }
+    for (int64_t i = tail + threadIdx.x; i < s.end; i += blockDim.x)
+      update(i, p[i], g[i], b ? b + i : nullptr);
+  }
+  if (HIST) flush_shared(bins, hist);
+}
+
+int grid_for(int64_t chunks, int cap) {
+  return static_cast<int>(chunks < cap ? chunks : cap);
+}
+
+// fn(T{}) with T the storage type of dtype.
+template <typename F>
+cudaError_t with_dtype(DType dtype, const F& fn) {
+  switch (dtype) {
+    case DType::kFloat:
+      return fn(float{});
+    case DType::kHalf:
+      return fn(Half{});
+    case DType::kBFloat16:
+      return fn(BFloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename K>
+cudaError_t allow_shared_hist(K kernel) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(kSharedHistBytes));
+}
+
+}  // namespace
+
+cudaError_t magnitude_histogram(const Table& tab, DType dtype, const int64_t* prefix,
+                                unsigned long long* hist, int num_sms, cudaStream_t stream) {
+  if (tab.chunks == 0) return cudaSuccess;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (prefix) {
+      histogram_low_kernel<T><<<grid_for(tab.chunks, num_sms * 8), kThreads, 0, stream>>>(tab, prefix, hist);
+    } else {
+      cudaError_t err = allow_shared_hist(histogram_high_kernel<T>);
+      if (err != cudaSuccess) return err;
+      histogram_high_kernel<T><<<grid_for(tab.chunks, num_sms), kHistThreads, kSharedHistBytes, stream>>>(tab, hist);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t update_masks(const Table& tab, DType dtype, bool* const* masks, const float* taus,
+                         const int64_t* index, bool shrink_only, unsigned long long* stats,
+                         cudaStream_t stream) {
+  if (tab.chunks == 0) return cudaSuccess;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    update_masks_kernel<T><<<static_cast<unsigned>(tab.chunks), kThreads, 0, stream>>>(
+        tab, masks, taus, index, shrink_only, stats);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t masked_weight(const void* w, const bool* mask, void* out, int64_t n, DType dtype,
+                          cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t blocks = (n + kThreads - 1) / kThreads;
+    masked_weight_kernel<T><<<grid_for(blocks, 65535), kThreads, 0, stream>>>(
+        static_cast<const T*>(w), mask, static_cast<T*>(out), n);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t sgd_step(const Table& tab, DType dtype, const void* const* grads, void* const* bufs,
+                     const int64_t* fresh, const bool* const* masks, void* const* outs,
+                     const SgdParams& hp, unsigned long long* hist, int num_sms,
+                     cudaStream_t stream) {
+  if (tab.chunks == 0) return cudaSuccess;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (hist) {
+      cudaError_t err = allow_shared_hist(sgd_kernel<T, true>);
+      if (err != cudaSuccess) return err;
+      sgd_kernel<T, true><<<grid_for(tab.chunks, num_sms), kHistThreads, kSharedHistBytes, stream>>>(
+          tab, grads, bufs, fresh, masks, outs, hp, hist);
+    } else {
+      sgd_kernel<T, false><<<grid_for(tab.chunks, num_sms * 8), kThreads, 0, stream>>>(
+          tab, grads, bufs, fresh, masks, outs, hp, nullptr);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace dpf

@@ -1,0 +1,59 @@
+// CUDA kernels of the dpf ops: raw pointers and sizes only, no torch headers, so that nvcc
+// compiles (and CI compile-checks) them on any machine. ops.cpp wraps them for torch.
+//
+// Many tensors go into one launch through a tensor table in device memory: an array of
+// data pointers and the running count of CHUNK-element chunks per tensor (count + 1
+// entries). A block finds the tensor of a chunk by binary search in that array.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../dpf_math.h"
+
+namespace dpf {
+namespace cuda {
+
+enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+// Elements per chunk: a chunk never spans two tensors.
+constexpr int64_t kChunk = 4096;
+
+struct Table {
+  const void* const* data;       // device array: element pointer per tensor
+  const int64_t* numel;          // device array: elements per tensor
+  const int64_t* chunk_start;    // device array: first chunk per tensor, count + 1 entries
+  int count;                     // tensors
+  int64_t chunks;                // chunk_start[count], known on the host
+};
+
+// hist (int64, 32768 bins) += top-16-bit histogram of |w| over the table; or, with a
+// non-null device pointer `prefix`, hist (65536 bins) += low-16-bit histogram of the
+// elements whose top 16 bits equal *prefix. No host synchronisation.
+cudaError_t magnitude_histogram(const Table& weights, DType dtype, const int64_t* prefix,
+                                unsigned long long* hist, int num_sms, cudaStream_t stream);
+
+// For every tensor t of the table, with k = index[t] its position in the caller's list:
+// mask = |w| >= taus[k] (and the old mask if shrink_only); stats[2k] += kept,
+// stats[2k + 1] += reactivated. `masks` is a device array of bool*.
+cudaError_t update_masks(const Table& weights, DType dtype, bool* const* masks, const float* taus,
+                         const int64_t* index, bool shrink_only, unsigned long long* stats,
+                         cudaStream_t stream);
+
+// out = w * mask over n elements.
+cudaError_t masked_weight(const void* w, const bool* mask, void* out, int64_t n, DType dtype,
+                          cudaStream_t stream);
+
+// One fused SGD step over the table of params (see dpf_math.h's sgd_update). Device arrays
+// of per-tensor pointers: grads, bufs (null when momentum == 0), fresh flags (non-zero: the
+// buffer is not initialised yet; null likewise), masks and outs (null unless the masked
+// copy is wanted). hist (int64, 32768 bins, may be null) accumulates the histogram of the
+// new |p|.
+cudaError_t sgd_step(const Table& params, DType dtype, const void* const* grads,
+                     void* const* bufs, const int64_t* fresh, const bool* const* masks,
+                     void* const* outs, const SgdParams& hp, unsigned long long* hist,
+                     int num_sms, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace dpf

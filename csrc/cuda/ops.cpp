@@ -1,0 +1,237 @@
+// CUDA implementations of the dpf ops: builds the tensor tables on the device and launches
+// the torch-free kernels of kernels.cu on the current stream. Nothing here waits for the
+// device: tables travel by asynchronous copies from pinned memory, results stay on the GPU.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <map>
+#include <optional>
+#include <vector>
+
+#include "kernels.h"
+
+namespace dpf {
+namespace {
+
+cuda::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return cuda::DType::kFloat;
+    case at::kHalf:
+      return cuda::DType::kHalf;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "dpf: unsupported dtype ", t.scalar_type(),
+                  "; expected float32, float16 or bfloat16");
+  }
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "dpf::", what, ": ", cudaGetErrorString(err));
+}
+
+// Positions of the non-empty tensors, grouped by dtype: one launch per group.
+std::map<at::ScalarType, std::vector<int64_t>> by_dtype(at::TensorList tensors) {
+  std::map<at::ScalarType, std::vector<int64_t>> groups;
+  for (int64_t i = 0; i < int64_t(tensors.size()); ++i)
+    if (tensors[i].numel()) groups[tensors[i].scalar_type()].push_back(i);
+  return groups;
+}
+
+// int64 columns copied to the device in one asynchronous transfer.
+class DeviceArrays {
+ public:
+  explicit DeviceArrays(std::vector<std::vector<int64_t>> columns, const at::Device& device) {
+    std::vector<int64_t> offsets;
+    int64_t total = 0;
+    for (const auto& c : columns) {
+      offsets.push_back(total);
+      total += int64_t(c.size());
+    }
+    at::Tensor host = at::empty({total}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    int64_t* h = host.data_ptr<int64_t>();
+    for (size_t k = 0; k < columns.size(); ++k)
+      std::copy(columns[k].begin(), columns[k].end(), h + offsets[k]);
+    device_ = host.to(device, /*non_blocking=*/true);
+    for (int64_t o : offsets) columns_.push_back(device_.data_ptr<int64_t>() + o);
+  }
+  const int64_t* operator[](size_t k) const { return columns_[k]; }
+  template <typename P>
+  P as(size_t k) const {
+    return reinterpret_cast<P>(const_cast<int64_t*>(columns_[k]));
+  }
+
+ private:
+  at::Tensor device_;
+  std::vector<const int64_t*> columns_;
+};
+
+int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_ptr()); }
+
+// The table of `tensors` (contiguous, non-empty) with `extra` pointer columns appended.
+struct Launch {
+  std::vector<at::Tensor> keep_alive;
+  std::optional<DeviceArrays> arrays;
+  cuda::Table table{};
+};
+
+Launch make_launch(const std::vector<at::Tensor>& tensors,
+                   const std::vector<std::vector<int64_t>>& extra_columns) {
+  Launch l;
+  std::vector<int64_t> ptrs, numels, starts{0};
+  for (const auto& t : tensors) {
+    ptrs.push_back(address(t));
+    numels.push_back(t.numel());
+    starts.push_back(starts.back() + (t.numel() + cuda::kChunk - 1) / cuda::kChunk);
+  }
+  std::vector<std::vector<int64_t>> columns{ptrs, numels, starts};
+  columns.insert(columns.end(), extra_columns.begin(), extra_columns.end());
+  l.arrays.emplace(columns, tensors.front().device());
+  l.table = {l.arrays->as<const void* const*>(0), (*l.arrays)[1], (*l.arrays)[2],
+             int(tensors.size()), starts.back()};
+  return l;
+}
+
+std::vector<at::Tensor> contiguous(at::TensorList tensors, const std::vector<int64_t>& idx) {
+  std::vector<at::Tensor> out;
+  for (int64_t i : idx) out.push_back(tensors[i].contiguous());
+  return out;
+}
+
+int num_sms() {
+  int device = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute");
+  return sms;
+}
+
+at::Tensor magnitude_histogram_cuda(at::TensorList weights, const std::optional<at::Tensor>& prefix) {
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  const bool low = prefix.has_value();
+  at::Tensor hist = at::zeros({low ? kLowBins : kHighBins}, weights[0].options().dtype(at::kLong));
+  at::Tensor pre = low ? prefix->to(weights[0].device(), at::kLong).contiguous() : at::Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (const auto& [dtype, idx] : by_dtype(weights)) {
+    const auto ws = contiguous(weights, idx);
+    const Launch l = make_launch(ws, {});
+    check_cuda(cuda::magnitude_histogram(l.table, dtype_of(ws[0]), low ? pre.const_data_ptr<int64_t>() : nullptr,
+                                         reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
+                                         num_sms(), stream),
+               "magnitude_histogram");
+  }
+  return hist;
+}
+
+at::Tensor update_masks_cuda(at::TensorList weights, const at::Tensor& taus, at::TensorList masks,
+                             bool shrink_only) {
+  const int64_t n = int64_t(weights.size());
+  TORCH_CHECK(int64_t(masks.size()) == n && taus.numel() == n,
+              "dpf::update_masks: need one mask and one threshold per weight");
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  at::Tensor stats = at::zeros({n, 2}, weights[0].options().dtype(at::kLong));
+  const at::Tensor tau = taus.to(weights[0].device(), at::kFloat).contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (const auto& [dtype, idx] : by_dtype(weights)) {
+    const auto ws = contiguous(weights, idx);
+    const auto ms = contiguous(masks, idx);
+    std::vector<int64_t> mask_ptrs;
+    for (const auto& m : ms) {
+      TORCH_CHECK(m.scalar_type() == at::kBool, "dpf::update_masks: masks must be bool");
+      mask_ptrs.push_back(address(m));
+    }
+    const Launch l = make_launch(ws, {mask_ptrs, idx});
+    check_cuda(cuda::update_masks(l.table, dtype_of(ws[0]), l.arrays->as<bool* const*>(3),
+                                  tau.const_data_ptr<float>(), (*l.arrays)[4], shrink_only,
+                                  reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>()),
+                                  stream),
+               "update_masks");
+    for (size_t j = 0; j < idx.size(); ++j)
+      if (!ms[j].is_same(masks[idx[j]])) masks[idx[j]].copy_(ms[j]);
+  }
+  return stats;
+}
+
+at::Tensor masked_weight_cuda(const at::Tensor& weight, const at::Tensor& mask, bool /*feedback*/) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == weight.sizes(),
+              "dpf::masked_weight: mask must be a bool tensor of the weight's shape");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor m = mask.contiguous();
+  at::Tensor out = at::empty_like(w);
+  check_cuda(cuda::masked_weight(w.const_data_ptr(), m.const_data_ptr<bool>(), out.data_ptr(), w.numel(),
+                                 dtype_of(w), c10::cuda::getCurrentCUDAStream()),
+             "masked_weight");
+  return out;
+}
+
+void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                            const c10::List<bool>& fresh, double lr, double momentum, double dampening,
+                            bool nesterov, double weight_decay, bool maximize, at::TensorList masks,
+                            at::TensorList masked_out, const std::optional<at::Tensor>& histogram) {
+  const int64_t n = int64_t(params.size());
+  if (n == 0) return;
+  const bool use_buf = momentum != 0.0;
+  const bool write_masked = !masked_out.empty();
+  TORCH_CHECK(int64_t(grads.size()) == n, "dpf::feedback_sgd_step: one grad per param");
+  TORCH_CHECK(!use_buf || (int64_t(momentum_buffers.size()) == n && int64_t(fresh.size()) == n),
+              "dpf::feedback_sgd_step: one momentum buffer and fresh flag per param");
+  TORCH_CHECK(!write_masked || (int64_t(masks.size()) == n && int64_t(masked_out.size()) == n),
+              "dpf::feedback_sgd_step: one mask and one output per param");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const SgdParams hp{float(lr), float(momentum), float(dampening), float(weight_decay), nesterov, maximize};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (const auto& [dtype, idx] : by_dtype(params)) {
+    const auto ps = contiguous(params, idx);
+    const auto gs = contiguous(grads, idx);
+    std::vector<at::Tensor> bs, ms, outs;
+    std::vector<int64_t> grad_ptrs, buf_ptrs, fresh_flags, mask_ptrs, out_ptrs;
+    for (size_t j = 0; j < idx.size(); ++j) {
+      const int64_t i = idx[j];
+      TORCH_CHECK(gs[j].scalar_type() == ps[j].scalar_type() && gs[j].sizes() == ps[j].sizes(),
+                  "dpf::feedback_sgd_step: grad ", i, " must match its param's dtype and shape");
+      grad_ptrs.push_back(address(gs[j]));
+      if (use_buf) {
+        bs.push_back(momentum_buffers[i].contiguous());
+        buf_ptrs.push_back(address(bs.back()));
+        fresh_flags.push_back(fresh.get(i) ? 1 : 0);
+      }
+      if (write_masked) {
+        ms.push_back(masks[i].contiguous());
+        outs.push_back(masked_out[i].contiguous());
+        mask_ptrs.push_back(address(ms.back()));
+        out_ptrs.push_back(address(outs.back()));
+      }
+    }
+    const Launch l = make_launch(ps, {grad_ptrs, buf_ptrs, fresh_flags, mask_ptrs, out_ptrs});
+    check_cuda(
+        cuda::sgd_step(l.table, dtype_of(ps[0]), l.arrays->as<const void* const*>(3),
+                       use_buf ? l.arrays->as<void* const*>(4) : nullptr,
+                       use_buf ? (*l.arrays)[5] : nullptr,
+                       write_masked ? l.arrays->as<const bool* const*>(6) : nullptr,
+                       write_masked ? l.arrays->as<void* const*>(7) : nullptr, hp,
+                       histogram ? reinterpret_cast<unsigned long long*>(histogram->data_ptr<int64_t>()) : nullptr,
+                       num_sms(), stream),
+        "feedback_sgd_step");
+    for (size_t j = 0; j < idx.size(); ++j) {
+      const int64_t i = idx[j];
+      if (!ps[j].is_same(params[i])) params[i].copy_(ps[j]);
+      if (use_buf && !bs[j].is_same(momentum_buffers[i])) momentum_buffers[i].copy_(bs[j]);
+      if (write_masked && !outs[j].is_same(masked_out[i])) masked_out[i].copy_(outs[j]);
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpf, CUDA, m) {
+  m.impl("magnitude_histogram", &magnitude_histogram_cuda);
+  m.impl("update_masks", &update_masks_cuda);
+  m.impl("masked_weight", &masked_weight_cuda);
+  m.impl("feedback_sgd_step", &feedback_sgd_step_cuda);
+}
+
+}  // namespace dpf
