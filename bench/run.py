@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-BASELINE = re.compile(r"torch|dense")
+BASELINE = re.compile(r"torch|dense")  # cases the dpf_ext ones are compared with
 
 
 def machine_name() -> str:
@@ -60,6 +60,8 @@ def table(benchmarks: list[dict]) -> str:
             if "peak_extra_bytes" in extra:
                 mem = (f"  peak extra {extra['peak_extra_bytes'] / 2**20:7.1f} MiB "
                        f"({extra['peak_extra_bytes'] / extra['weights_bytes']:6.1%} of weights)")
+            if "bandwidth_GBps" in extra:
+                mem += f"  ({extra['bandwidth_GBps']:.0f} GB/s)"
             if "interleaved_ratio" in extra:
                 mem += f"  interleaved with the baseline: {extra['interleaved_ratio']:.3f}x its time"
             ratios = ""

@@ -1,5 +1,5 @@
-"""Reference models for the command-line trainer: MLP, a small CNN, CIFAR-style ResNets and
-WideResNets. They are plain torch modules; :func:`dpf_ext.sparsify` makes them prunable."""
+"""Reference models for the command-line trainer and benchmarks: MLP, a small CNN,
+CIFAR-style ResNets and WideResNets, and ImageNet ResNet-50. They are plain torch modules; :func:`dpf_ext.sparsify` makes them prunable."""
 
 from __future__ import annotations
 
@@ -131,6 +131,42 @@ class WideResNet(nn.Module):
         return self.fc(self.pool(out).flatten(1))
 
 
+class Bottleneck(nn.Module):
+    """The 1x1-3x3-1x1 residual block of ImageNet ResNet-50 (expansion 4)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        out = planes * 4
+        self.body = nn.Sequential(
+            nn.Conv2d(in_planes, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(),
+            nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(),
+            nn.Conv2d(planes, out, 1, bias=False), nn.BatchNorm2d(out),
+        )
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != out:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out))
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet50(in_channels: int = 3, num_classes: int = 1000) -> nn.Module:
+    """ImageNet ResNet-50 (He et al. 2016, 25.6M parameters at 1000 classes)."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    in_planes = 64
+    for planes, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            layers.append(Bottleneck(in_planes, planes, stride if i == 0 else 1))
+            in_planes = planes * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_planes, num_classes)]
+    return nn.Sequential(*layers)
+
+
 MODELS = {
     "mlp": mlp,
     "cnn": small_cnn,
@@ -140,6 +176,7 @@ MODELS = {
     "wrn28-2": lambda shape, classes: WideResNet(28, 2, shape[0], classes),
     "wrn28-4": lambda shape, classes: WideResNet(28, 4, shape[0], classes),
     "wrn28-8": lambda shape, classes: WideResNet(28, 8, shape[0], classes),
+    "resnet50": lambda shape, classes: resnet50(shape[0], classes),
 }
 """Model builders by name: ``MODELS[name](input_shape, num_classes)``."""
 

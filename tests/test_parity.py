@@ -31,11 +31,23 @@ def _cases(dtype):
     scores = torch.rand(16, generator=g).to(dtype)
     cases["expanded"] = [scores.view(16, 1, 1).expand(16, 9, 5)]
     cases["with_nan"] = [torch.tensor([1.0, float("nan"), -2.0, float("inf"), 0.5]).to(dtype)]
+    # odd sizes at addresses off 16-byte alignment: the scalar paths beside vectorised ones
+    cases["misaligned"] = [torch.randn(4099, generator=g).to(dtype)[1:],
+                           torch.randn(37, generator=g).to(dtype)[3:]]
     return cases
 
 
 def _on(device, tensors):
-    return [t.to(device, copy=True) for t in tensors]
+    """Copies on ``device`` that keep a contiguous view's offset into its storage (and so
+    its misalignment)."""
+    out = []
+    for t in tensors:
+        if t.storage_offset() and t.is_contiguous():
+            full = torch.empty(t.storage_offset() + t.numel(), dtype=t.dtype, device=device)
+            out.append(full[t.storage_offset():].view(t.shape).copy_(t))
+        else:
+            out.append(t.to(device, copy=True))
+    return out
 
 
 def _nan_folded(hist):
@@ -138,8 +150,9 @@ def assert_sgd_close(got, expected, dtype):
 ], ids=["plain", "nesterov", "dampened"])
 def test_feedback_sgd_step_matches(compiled, dtype, settings):
     g = torch.Generator().manual_seed(14)
-    shapes = [(300, 301), (5,), (0,), (64, 3, 3, 3)]
+    shapes = [(300, 301), (5,), (0,), (64, 3, 3, 3), (4099,)]
     params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    params[-1] = torch.randn(4100, generator=g).to(dtype)[1:]  # off 16-byte alignment
     masks = [torch.rand(s, generator=g) < 0.3 for s in shapes]
     ref_params = [p.clone() for p in params]
     dev_params = _on(compiled, params)
