@@ -12,6 +12,7 @@
 #include <optional>
 #include <vector>
 
+#include "../op_checks.h"
 #include "kernels.h"
 
 namespace dpf {
@@ -109,15 +110,10 @@ at::Tensor magnitude_histogram_cpu(at::TensorList weights, const std::optional<a
 
 at::Tensor update_masks_cpu(at::TensorList weights, const at::Tensor& taus, at::TensorList masks,
                             bool shrink_only) {
+  check_update_masks_args(weights, taus, masks);
   const int64_t n = int64_t(weights.size());
-  TORCH_CHECK(int64_t(masks.size()) == n && taus.numel() == n,
-              "dpf::update_masks: need one mask and one threshold per weight");
   const auto ws = contiguous(weights);
-  std::vector<at::Tensor> ms;
-  for (const auto& m : masks) {
-    TORCH_CHECK(m.scalar_type() == at::kBool, "dpf::update_masks: masks must be bool");
-    ms.push_back(m.contiguous());
-  }
+  const auto ms = contiguous(masks);
   const at::Tensor tau_cpu = taus.to(at::kFloat).contiguous();
   std::vector<uint32_t> tau_bits(n);
   for (int64_t i = 0; i < n; ++i) tau_bits[i] = threshold_bits(tau_cpu.const_data_ptr<float>()[i]);
@@ -144,8 +140,7 @@ at::Tensor update_masks_cpu(at::TensorList weights, const at::Tensor& taus, at::
 }
 
 at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& mask, bool /*feedback*/) {
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == weight.sizes(),
-              "dpf::masked_weight: mask must be a bool tensor of the weight's shape");
+  check_masked_weight_args(weight, mask);
   const at::Tensor w = weight.contiguous();
   const at::Tensor m = mask.contiguous();
   at::Tensor out = at::empty_like(w);
@@ -168,16 +163,10 @@ void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   const int64_t n = int64_t(params.size());
   const bool use_buf = momentum != 0.0;
   const bool write_masked = !masked_out.empty();
-  TORCH_CHECK(int64_t(grads.size()) == n, "dpf::feedback_sgd_step: one grad per param");
-  TORCH_CHECK(!use_buf || (int64_t(momentum_buffers.size()) == n && int64_t(fresh_list.size()) == n),
-              "dpf::feedback_sgd_step: one momentum buffer and fresh flag per param");
-  TORCH_CHECK(!write_masked || (int64_t(masks.size()) == n && int64_t(masked_out.size()) == n),
-              "dpf::feedback_sgd_step: one mask and one output per param");
+  check_sgd_args(params, grads, momentum_buffers, fresh_list.size(), use_buf, masks, masked_out);
   std::vector<char> fresh(fresh_list.begin(), fresh_list.end());
   std::vector<at::Tensor> ps, gs, bs, ms, outs;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type() && grads[i].sizes() == params[i].sizes(),
-                "dpf::feedback_sgd_step: grad ", i, " must match its param's dtype and shape");
     ps.push_back(params[i].contiguous());
     gs.push_back(grads[i].contiguous());
     if (use_buf) bs.push_back(momentum_buffers[i].contiguous());

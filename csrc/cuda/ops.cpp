@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "../op_checks.h"
 #include "kernels.h"
 
 namespace dpf {
@@ -128,9 +129,8 @@ at::Tensor magnitude_histogram_cuda(at::TensorList weights, const std::optional<
 
 at::Tensor update_masks_cuda(at::TensorList weights, const at::Tensor& taus, at::TensorList masks,
                              bool shrink_only) {
+  check_update_masks_args(weights, taus, masks);
   const int64_t n = int64_t(weights.size());
-  TORCH_CHECK(int64_t(masks.size()) == n && taus.numel() == n,
-              "dpf::update_masks: need one mask and one threshold per weight");
   const c10::cuda::CUDAGuard guard(weights[0].device());
   at::Tensor stats = at::zeros({n, 2}, weights[0].options().dtype(at::kLong));
   const at::Tensor tau = taus.to(weights[0].device(), at::kFloat).contiguous();
@@ -139,10 +139,7 @@ at::Tensor update_masks_cuda(at::TensorList weights, const at::Tensor& taus, at:
     const auto ws = contiguous(weights, idx);
     const auto ms = contiguous(masks, idx);
     std::vector<int64_t> mask_ptrs;
-    for (const auto& m : ms) {
-      TORCH_CHECK(m.scalar_type() == at::kBool, "dpf::update_masks: masks must be bool");
-      mask_ptrs.push_back(address(m));
-    }
+    for (const auto& m : ms) mask_ptrs.push_back(address(m));
     const Launch l = make_launch(ws, {mask_ptrs, idx});
     check_cuda(cuda::update_masks(l.table, dtype_of(ws[0]), l.arrays->as<bool* const*>(3),
                                   tau.const_data_ptr<float>(), (*l.arrays)[4], shrink_only,
@@ -156,8 +153,7 @@ at::Tensor update_masks_cuda(at::TensorList weights, const at::Tensor& taus, at:
 }
 
 at::Tensor masked_weight_cuda(const at::Tensor& weight, const at::Tensor& mask, bool /*feedback*/) {
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == weight.sizes(),
-              "dpf::masked_weight: mask must be a bool tensor of the weight's shape");
+  check_masked_weight_args(weight, mask);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous();
   const at::Tensor m = mask.contiguous();
@@ -172,15 +168,10 @@ void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             const c10::List<bool>& fresh, double lr, double momentum, double dampening,
                             bool nesterov, double weight_decay, bool maximize, at::TensorList masks,
                             at::TensorList masked_out, const std::optional<at::Tensor>& histogram) {
-  const int64_t n = int64_t(params.size());
-  if (n == 0) return;
+  if (params.empty()) return;
   const bool use_buf = momentum != 0.0;
   const bool write_masked = !masked_out.empty();
-  TORCH_CHECK(int64_t(grads.size()) == n, "dpf::feedback_sgd_step: one grad per param");
-  TORCH_CHECK(!use_buf || (int64_t(momentum_buffers.size()) == n && int64_t(fresh.size()) == n),
-              "dpf::feedback_sgd_step: one momentum buffer and fresh flag per param");
-  TORCH_CHECK(!write_masked || (int64_t(masks.size()) == n && int64_t(masked_out.size()) == n),
-              "dpf::feedback_sgd_step: one mask and one output per param");
+  check_sgd_args(params, grads, momentum_buffers, fresh.size(), use_buf, masks, masked_out);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const SgdParams hp{float(lr), float(momentum), float(dampening), float(weight_decay), nesterov, maximize};
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -191,8 +182,6 @@ void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
     std::vector<int64_t> grad_ptrs, buf_ptrs, fresh_flags, mask_ptrs, out_ptrs;
     for (size_t j = 0; j < idx.size(); ++j) {
       const int64_t i = idx[j];
-      TORCH_CHECK(gs[j].scalar_type() == ps[j].scalar_type() && gs[j].sizes() == ps[j].sizes(),
-                  "dpf::feedback_sgd_step: grad ", i, " must match its param's dtype and shape");
       grad_ptrs.push_back(address(gs[j]));
       if (use_buf) {
         bs.push_back(momentum_buffers[i].contiguous());
