@@ -52,7 +52,7 @@ def _trainer(method):
 def _interleaved_ratio(method) -> float:
     runs = {"dense": _trainer("dense"), method: _trainer(method)}
     times = {name: [] for name in runs}
-    for name, fn in runs.items():
+    for fn in runs.values():
         fn()  # warm-up
     for _ in range(INTERLEAVED_ROUNDS):
         for name, fn in runs.items():

@@ -1,5 +1,6 @@
 """Reference models for the command-line trainer and benchmarks: MLP, a small CNN,
-CIFAR-style ResNets and WideResNets, and ImageNet ResNet-50. They are plain torch modules; :func:`dpf_ext.sparsify` makes them prunable."""
+CIFAR-style ResNets and WideResNets, and ImageNet ResNet-50. They are plain torch modules;
+:func:`dpf_ext.sparsify` makes them prunable."""
 
 from __future__ import annotations
 

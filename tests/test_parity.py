@@ -157,7 +157,7 @@ def test_feedback_sgd_step_matches(compiled, dtype, settings):
     ref_params = [p.clone() for p in params]
     dev_params = _on(compiled, params)
     ref_bufs, dev_bufs = [None] * len(shapes), [None] * len(shapes)
-    for step in range(3):
+    for _ in range(3):
         grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
         ref_out = [torch.empty_like(p) for p in params]
         dev_out = [torch.empty_like(p) for p in dev_params]
