@@ -193,3 +193,11 @@ def test_feedback_sgd_step_rejects_bad_arguments():
         ops.feedback_sgd_step(p, [torch.randn(3)], [None], lr=0.1, masks=[torch.ones(3, dtype=torch.bool)])
     with pytest.raises(ValueError, match="histogram"):
         ops.feedback_sgd_step(p, [torch.randn(3)], [None], lr=0.1, histogram=torch.zeros(10))
+
+
+def test_masked_weight_rejects_bad_masks():
+    w = torch.randn(6, 5)
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        ops.masked_weight(w, torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        ops.masked_weight(w, torch.ones(6, 5))

@@ -152,6 +152,9 @@ def update_masks(
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor, feedback: bool = True) -> torch.Tensor:
     """``weight ⊙ mask`` with the DPF gradient: ``d(w ⊙ m)/dw := I`` when ``feedback`` (the
     dense weight receives the full gradient), ``m`` otherwise (pruned weights get none)."""
+    if mask.dtype != torch.bool or mask.shape != weight.shape:
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
     return backend_for(weight.device).masked_weight(weight, mask, feedback)
 
 
