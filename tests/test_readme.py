@@ -1,0 +1,16 @@
+"""The README's Python examples run as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no Python example"
+    monkeypatch.chdir(tmp_path)  # the examples may write files
+    for code in blocks:
+        exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+    assert "total" in capsys.readouterr().out
+    assert (tmp_path / "sparse.pt").exists()
