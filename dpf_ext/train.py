@@ -101,8 +101,9 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
 
     history = []
     start = time.perf_counter()
-    bar = tqdm(range(config.epochs), desc=f"{config.method:>7}", disable=not progress,
-               leave=False)
+    # the bar shows on a terminal only (tqdm's disable=None), never with progress=False
+    bar = tqdm(range(config.epochs), desc=f"{config.method:>7}",
+               disable=None if progress else True, leave=False)
     for epoch in bar:
         model.train()
         order = torch.randperm(len(data.x_train), generator=gen)
