@@ -26,16 +26,27 @@ def batches(n, seed=1):
     return out
 
 
-def train_steps(model, pruner, optimizer, data, on_step=None):
+def train_steps(model, pruner, optimizer, data, after_step=None):
     for x, y in data:
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
-        if on_step is not None:
-            on_step("before")
         pruner.step()
-        if on_step is not None:
-            on_step("after")
+        if after_step is not None:
+            after_step()
+
+
+def watch_masks(model, check):
+    """An ``after_step`` callback calling ``check(layer, old_mask, new_mask)`` per layer."""
+    prev = [masks_of(model)]
+
+    def after_step():
+        now = masks_of(model)
+        for (_, layer), old, new in zip(dpf_ext.nn.dpf_layers(model), prev[0], now):
+            check(layer, old, new)
+        prev[0] = now
+
+    return after_step
 
 
 def setup(seed=0, **pruner_kwargs):
@@ -53,20 +64,12 @@ def masks_of(model):
 def test_feedback_brings_pruned_weights_back_with_their_dense_values():
     model, pruner, opt = setup(sparsity=0.8, total_steps=200)
     seen = {"came_back_nonzero": 0}
-    prev = masks_of(model)
 
-    def check(phase):
-        nonlocal prev
-        if phase != "after":
-            return
-        now = masks_of(model)
-        for (_, layer), old, new in zip(dpf_ext.nn.dpf_layers(model), prev, now):
-            back = new & ~old
-            # a reactivated weight resumes from its dense value, not from zero
-            seen["came_back_nonzero"] += int((layer.weight.detach()[back] != 0).sum())
-        prev = now
+    def check(layer, old, new):
+        # a reactivated weight resumes from its dense value, not from zero
+        seen["came_back_nonzero"] += int((layer.weight.detach()[new & ~old] != 0).sum())
 
-    train_steps(model, pruner, opt, batches(200), check)
+    train_steps(model, pruner, opt, batches(200), watch_masks(model, check))
     rep = pruner.report()
     assert rep.reactivated_total > 0
     assert seen["came_back_nonzero"] == rep.reactivated_total
@@ -84,20 +87,13 @@ def test_pruned_weights_keep_receiving_gradient_under_dpf():
 
 def test_no_feedback_pruned_weights_stay_zero_and_never_return():
     model, pruner, opt = setup(sparsity=0.8, total_steps=200, feedback=False)
-    prev = masks_of(model)
 
-    def check(phase):
-        nonlocal prev
-        if phase != "after":
-            return
-        now = masks_of(model)
-        for (_, layer), old, new in zip(dpf_ext.nn.dpf_layers(model), prev, now):
-            assert not (new & ~old).any()  # the mask only shrinks
-            if pruner.step_count % pruner.update_every == 0:
-                assert (layer.weight.detach()[~new] == 0).all()  # pruned weights are zero
-        prev = now
+    def check(layer, old, new):
+        assert not (new & ~old).any()  # the mask only shrinks
+        if pruner.step_count % pruner.update_every == 0:
+            assert (layer.weight.detach()[~new] == 0).all()  # pruned weights are zero
 
-    train_steps(model, pruner, opt, batches(200), check)
+    train_steps(model, pruner, opt, batches(200), watch_masks(model, check))
     assert pruner.report().reactivated_total == 0
     assert abs(pruner.sparsity() - 0.8) < 1e-3
 
@@ -105,7 +101,7 @@ def test_no_feedback_pruned_weights_stay_zero_and_never_return():
 def test_stale_mask_is_used_between_updates():
     model, pruner, opt = setup(schedule=Constant(0.5), update_every=10)
     snapshots = []
-    train_steps(model, pruner, opt, batches(9), lambda phase: snapshots.append(masks_of(model)))
+    train_steps(model, pruner, opt, batches(9), lambda: snapshots.append(masks_of(model)))
     for snap in snapshots:  # no update in steps 1..9: the step-0 mask stays in force
         assert all(torch.equal(a, b) for a, b in zip(snap, snapshots[0]))
     # while the dense weights moved enough that a fresh threshold would give another mask
