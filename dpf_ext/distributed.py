@@ -7,7 +7,7 @@
   histograms its local rows; the histograms are summed with one all-reduce per pass
   (32768 int64 bins, then 65536 for the exact pass), so every rank derives the same global
   threshold without gathering any weights. Each rank then writes the mask rows of its shard
-  and one all-reduce of one byte per weight assembles the full masks, which the forward
+  and one all-reduce of one bit per weight assembles the full masks, which the forward
   needs on every rank (FSDP2 unshards parameters, not buffers).
 """
 
@@ -78,18 +78,23 @@ class Shards:
         return t
 
     def assemble_masks(self) -> None:
-        """Fill every rank's full masks from the rows each rank wrote (one all-reduce of one
-        byte per weight)."""
+        """Fill every rank's full masks from the rows each rank wrote, with one all-reduce
+        of one bit per weight."""
         if self.group is None:
             return
-        flat = torch.zeros(sum(m.numel() for m in self.full_masks), dtype=torch.uint8,
-                           device=self.full_masks[0].device)
+        n = sum(m.numel() for m in self.full_masks)
+        flat = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=self.full_masks[0].device)
         base = 0
         for full, local in zip(self.full_masks, self.masks):
             start = base + (local.data_ptr() - full.data_ptr())  # bool: one byte per element
             flat[start:start + local.numel()] = local.reshape(-1)
             base += full.numel()
-        dist.all_reduce(flat, group=self.group)
+        # Each bit is set by at most the one rank owning that weight, so summing the packed
+        # bytes is a bitwise or (no carries) and works with every backend, NCCL included.
+        shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+        packed = (flat.view(-1, 8).to(torch.uint8) << shifts).sum(1, dtype=torch.uint8)
+        dist.all_reduce(packed, group=self.group)
+        flat = ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:n].bool()
         base = 0
         for full in self.full_masks:
             full.copy_(flat[base:base + full.numel()].view(full.shape))

@@ -76,6 +76,7 @@ def main() -> None:
         print(report)
         print(f"{'FSDP2' if args.fsdp else 'DDP'} on {world} ranks: test accuracy "
               f"{accuracy:.2%}, sparsity {report.sparsity:.2%}")
+    dist.barrier()  # no rank tears down its connections while another still uses them
     dist.destroy_process_group()
 
 

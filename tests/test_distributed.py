@@ -37,6 +37,7 @@ def _entry(rank, world, port, out_dir, fn, args):
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears down its connections while another still uses them
     finally:
         dist.destroy_process_group()
 
