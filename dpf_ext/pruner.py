@@ -288,7 +288,7 @@ class DPF:
 
     def sparsity(self) -> float:
         """Actual fraction of prunable weights that the masks prune."""
-        kept = sum(int(layer.mask.sum()) for _, layer in self.layers)
+        kept = int(torch.stack([layer.mask.sum() for _, layer in self.layers]).sum())  # one sync
         return 1.0 - kept / sum(layer.mask.numel() for _, layer in self.layers)
 
     def report(self) -> SparsityReport:

@@ -12,12 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.bits import HIGH_BINS, LOW_BINS
 from . import kernels
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 4096 if INTERPRETED else 1024  # the interpreter pays per program, not per element
-HIGH_BINS = 1 << 15
-LOW_BINS = 1 << 16
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
