@@ -144,6 +144,18 @@ DPF_HD uint32_t threshold_bits(float tau) {
 // never kept, as no comparison with NaN holds.
 DPF_HD bool keep(uint32_t mag, uint32_t tau_bits) { return mag >= tau_bits && mag <= 0x7F800000u; }
 
+// The channel floor's key of an element at `column` of its row: |w|'s bit pattern in the
+// high 32 bits, kColumnMask - column in the low 32. The largest key of a row names its
+// largest magnitude, the first column on ties; every key is positive, 0 means "no element".
+constexpr int64_t kColumnMask = 0xFFFFFFFFll;
+
+DPF_HD int64_t row_key(uint32_t mag, int64_t column) {
+  return (int64_t(mag) << 32) | (kColumnMask - column);
+}
+
+// The column a row's key names, or -1 for the key 0 (an empty row).
+DPF_HD int64_t key_column(int64_t key) { return key > 0 ? kColumnMask - (key & kColumnMask) : -1; }
+
 // Hyper-parameters of the SGD step, as torch.optim.SGD names them.
 struct SgdParams {
   float lr;

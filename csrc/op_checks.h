@@ -13,6 +13,20 @@ inline void check_update_masks_args(at::TensorList weights, const at::Tensor& ta
     TORCH_CHECK(m.scalar_type() == at::kBool, "dpf::update_masks: masks must be bool");
 }
 
+// The channel floor's row maxima: none, or one contiguous int64 tensor per weight with one
+// entry per row (rows are equal slices of the flattened weight).
+inline void check_row_max_args(at::TensorList weights, at::TensorList row_max) {
+  if (row_max.empty()) return;
+  TORCH_CHECK(row_max.size() == weights.size(), "dpf: need one row_max tensor per weight");
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& r = row_max[i];
+    const int64_t rows = r.numel(), n = weights[i].numel();
+    TORCH_CHECK(r.scalar_type() == at::kLong && r.is_contiguous() && r.device() == weights[i].device() &&
+                    (n == 0 || (rows > 0 && n % rows == 0)),
+                "dpf: row_max ", i, " must be a contiguous int64 tensor with one entry per row of its weight");
+  }
+}
+
 inline void check_masked_weight_args(const at::Tensor& weight, const at::Tensor& mask) {
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == weight.sizes(),
               "dpf::masked_weight: mask must be a bool tensor of the weight's shape");

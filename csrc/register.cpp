@@ -13,11 +13,14 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(dpf, m) {
-  m.def("magnitude_histogram(Tensor[] weights, Tensor? prefix) -> Tensor");
-  m.def("update_masks(Tensor[] weights, Tensor taus, Tensor(a!)[] masks, bool shrink_only) -> Tensor");
+  m.def("magnitude_histogram(Tensor[] weights, Tensor? prefix, Tensor(a!)[] row_max) -> Tensor");
+  m.def(
+      "update_masks(Tensor[] weights, Tensor taus, Tensor(a!)[] masks, bool shrink_only, "
+      "Tensor[] row_max) -> Tensor");
   m.def("masked_weight(Tensor weight, Tensor mask, bool feedback) -> Tensor");
   m.def(
       "feedback_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "bool[] fresh, float lr, float momentum, float dampening, bool nesterov, float weight_decay, "
-      "bool maximize, Tensor[] masks, Tensor(c!)[] masked_out, Tensor(d!)? histogram) -> ()");
+      "bool maximize, Tensor[] masks, Tensor(c!)[] masked_out, Tensor(d!)? histogram, "
+      "Tensor(e!)[] row_max) -> ()");
 }

@@ -5,7 +5,9 @@
   and the gradient masked.
 - ``gradual``: Zhu & Gupta's gradual magnitude pruning without feedback: the cubic schedule,
   pruned weights zeroed and never coming back.
-- ``dpf``: the cubic schedule with feedback.
+- ``dpf``: the cubic schedule with feedback (and the channel floor, by default).
+
+The baselines run as published: without the channel floor.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ def make_pruner(
         return None
     if method == "oneshot":
         return DPF(model, schedule=OneShot(sparsity, prune_at), feedback=False,
-                   freeze_at=prune_at, **options)
-    if method in ("gradual", "dpf"):
-        return DPF(model, sparsity, total_steps=total_steps, feedback=method == "dpf", **options)
+                   freeze_at=prune_at, channel_floor=False, **options)
+    if method == "gradual":
+        return DPF(model, sparsity, total_steps=total_steps, feedback=False, channel_floor=False,
+                   **options)
+    if method == "dpf":
+        return DPF(model, sparsity, total_steps=total_steps, **options)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")

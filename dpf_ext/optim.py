@@ -17,7 +17,8 @@ class DPFSGD(torch.optim.Optimizer):
     Pass the DPF ``pruner`` (or set ``optimizer.pruner``) and, on the step before each mask
     update, the kernel also accumulates the histogram of the updated prunable weights, so
     the global threshold needs no first pass over the weights (``scope="global"`` with
-    feedback; other settings compute it as usual).
+    feedback; other settings compute it as usual); the same pass records each channel's
+    largest weight for the channel floor.
     """
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
@@ -64,6 +65,7 @@ class DPFSGD(torch.optim.Optimizer):
                     nesterov=group["nesterov"], weight_decay=group["weight_decay"],
                     maximize=group["maximize"],
                     histogram=request.histogram if prunable else None,
+                    row_max=request.row_max_for(params) if prunable else None,
                 )
                 if prunable:
                     request.covered(params)

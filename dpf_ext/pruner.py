@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from . import ops
+from .channels import BlowUpWatch, ChannelFloor, below, new_row_max
 from .distributed import Shards, check_same_on_all_ranks, is_sharded, local_weight_and_mask
 from .nn import dpf_layers, unsparsify
-from .ops.bits import HIGH_BINS, SUPPORTED_DTYPES
+from .ops.bits import HIGH_BINS, NONFINITE_BIN, SUPPORTED_DTYPES
 from .report import LayerReport, SparsityReport
 from .schedules import Cubic, Schedule, check_sparsity
 
@@ -38,13 +39,18 @@ class HistogramRequest:
 
     def __init__(self, weights: list[torch.Tensor], step: int):
         self.histogram = torch.zeros(HIGH_BINS, dtype=torch.int64, device=weights[0].device)
+        self.row_max = new_row_max(weights)
         self.step = step
         self._pending = {id(w) for w in weights}
-        self._wanted = frozenset(self._pending)
+        self._row_max_of = {id(w): r for w, r in zip(weights, self.row_max)}
 
     def wants(self, param: torch.Tensor) -> bool:
         """Whether ``param`` is one of the prunable weights."""
-        return id(param) in self._wanted
+        return id(param) in self._row_max_of
+
+    def row_max_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The ``row_max`` tensors the optimizer fills with the histogram for ``params``."""
+        return [self._row_max_of[id(p)] for p in params]
 
     def covered(self, params: list[torch.Tensor]) -> None:
         """Record that ``histogram`` now includes the updated ``params``."""
@@ -82,6 +88,18 @@ class DPF:
         total_steps: length of training in optimizer steps, for the default schedule.
         freeze_at: step at which the mask is updated one last time and then frozen
             (:meth:`freeze`), for retraining or one-shot pruning; ``None`` never freezes.
+        channel_floor: never leave an output channel (row of a Linear, filter of a ConvNd)
+            without a weight: each mask update keeps every channel's largest weight, inside
+            the same budget (the threshold is taken over the other weights). Without it, a
+            channel pruned entirely in front of a BatchNorm gets a gradient scaled by about
+            ``1/sqrt(eps)``, which feedback carries into its dense weights until they
+            dominate the global threshold and empty the other layers. It changes nothing
+            while no channel would be emptied. Default: on for the global and layer scopes
+            (``False`` gives the paper's unguarded algorithm); not used by the filter scope.
+        watch: warn (``RuntimeWarning``, once per layer) at a mask update that shows the
+            signs of a feedback blow-up: a layer's largest dense weight above
+            :data:`~dpf_ext.channels.BLOWUP_RATIO` times the threshold, or an output channel
+            entirely pruned in front of a normalisation layer.
 
     Construction applies the schedule's step-0 target. To resume, build the model, the
     optimizer and the pruner, then load the state dicts of all three (the masks live in the
@@ -99,6 +117,8 @@ class DPF:
         threshold: str = "exact",
         total_steps: int | None = None,
         freeze_at: int | None = None,
+        channel_floor: bool | None = None,
+        watch: bool = True,
     ):
         self.layers = dpf_layers(model)
         if not self.layers:
@@ -127,11 +147,22 @@ class DPF:
             raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
         if freeze_at is not None and freeze_at < 0:
             raise ValueError(f"freeze_at must be >= 0 or None, got {freeze_at}")
+        if channel_floor is None:
+            channel_floor = scope != "filter"
+        elif channel_floor and scope == "filter":
+            raise ValueError("channel_floor applies to the global and layer scopes; the filter "
+                             "scope prunes whole channels by design")
         self.update_every = update_every
         self.scope = scope
         self.feedback = feedback
         self.threshold = threshold
         self.freeze_at = freeze_at
+        self.channel_floor = bool(channel_floor)
+        names = [name for name, _ in self.layers]
+        self._floor = ChannelFloor(names, [layer.weight for _, layer in self.layers])
+        if self.channel_floor:
+            self._floor.check_reachable(self.schedule.final, scope, kept_count)
+        self._watch = BlowUpWatch(model, names) if watch and feedback and scope != "filter" else None
         check_same_on_all_ranks(self._config())
 
         device = self.layers[0][1].weight.device
@@ -142,6 +173,7 @@ class DPF:
         self.target_kept = sum(layer.weight.numel() for _, layer in self.layers)
         self.reactivated_last = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
         self.reactivated_total = torch.zeros_like(self.reactivated_last)
+        self.forced_last = torch.zeros_like(self.reactivated_last)
         self._empty: set[str] = set()
         self._request: HistogramRequest | None = None
         for _, layer in self.layers:
@@ -213,17 +245,30 @@ class DPF:
         exact = self.threshold == "exact"
         if not self.feedback:
             self._zero_pruned()  # momentum may have moved them since the last update
+        if self.channel_floor:
+            self._floor.check_reachable(sparsity, self.scope, kept_count)
+        floor = self.channel_floor
+        rows = self._floor.rows if floor else [0] * len(weights)
+        row_max = None  # each channel's largest weight, when recorded
         if self.scope == "global":
             target_kept = kept_count(sparsity, sum(w.numel() for w in full_weights))
             request, self._request = self._request, None
             ready = request is not None and request.step == self.step_count and request.complete
-            taus = ops.global_threshold(weights, target_kept, exact, reduce=reduce,
-                                        histogram=request.histogram if ready else None)
+            if ready:
+                row_max = request.row_max
+            elif floor:
+                row_max = new_row_max(weights)
+            taus = self._threshold(weights, target_kept - sum(rows), exact, reduce,
+                                   row_max if floor else None,
+                                   histogram=request.histogram if ready else None)
         elif self.scope == "layer":
             ks = [kept_count(sparsity, w.numel()) for w in full_weights]
             target_kept = sum(ks)
-            taus = torch.stack([ops.global_threshold([w], k, exact, reduce=reduce)
-                                for w, k in zip(weights, ks)])
+            row_max = new_row_max(weights) if floor else [None] * len(weights)
+            taus = torch.stack([self._threshold([w], k - r, exact, reduce,
+                                                  None if m is None else [m])
+                                for w, k, r, m in zip(weights, ks, rows, row_max)])
+            row_max = row_max if floor else None
         else:
             scores = [filter_scores(w) for w in weights]
             target_kept = kept_count(sparsity, sum(w.shape[0] for w in full_weights))
@@ -236,15 +281,45 @@ class DPF:
                 f"non-finite (NaN or Inf) weights in {bad or 'another rank'} at step "
                 f"{self.step_count}; masks left unchanged"
             )
-        stats = shards.reduce(ops.update_masks(weights, taus, masks, shrink_only=not self.feedback))
+        layer_taus = taus.expand(len(weights))
+        stats = ops.update_masks(weights, taus, masks, shrink_only=not self.feedback,
+                                 row_max=row_max if floor else None)
+        if row_max is None and self._watch is not None:  # the unguarded run: one more pass
+            row_max = new_row_max(weights)
+            ops.magnitude_histogram(weights, row_max=row_max)
+        forced = torch.zeros_like(stats[:, :1])
+        if row_max is not None:  # channels entirely below the threshold: forced, or empty
+            emptied = [below(r, t) for r, t in zip(row_max, layer_taus)]
+            if floor:
+                forced = torch.stack([e.sum() for e in emptied]).reshape(-1, 1)
+        stats = shards.reduce(torch.cat([stats, forced], dim=1))
         shards.assemble_masks()
         if not self.feedback:
             self._zero_pruned()
         self.reactivated_last = stats[:, 1]
         self.reactivated_total += stats[:, 1]
+        self.forced_last = stats[:, 2]
         self.target_sparsity = sparsity
         self.target_kept = target_kept
+        if self._watch is not None and row_max is not None:
+            self._watch.check(self.step_count, sparsity, row_max, layer_taus,
+                              None if floor else [~e for e in emptied])
         self._warn_empty_layers(stats[:, 0])
+
+    @staticmethod
+    def _threshold(weights, k, exact, reduce, row_max, histogram=None) -> torch.Tensor:
+        """The threshold over ``weights`` less each row's largest (recorded into
+        ``row_max``), keeping ``k`` of the others; +Inf (the forced weights alone) for
+        ``k == 0``."""
+        if k < 1:
+            if histogram is None:  # the pass still records the rows and meets any NaN
+                histogram = ops.magnitude_histogram(weights, row_max=row_max)
+            nonfinite = reduce(histogram.clone()) if reduce else histogram
+            nonfinite = nonfinite[NONFINITE_BIN:].sum() > 0
+            inf = torch.full((), float("inf"), device=weights[0].device)
+            return torch.where(nonfinite, torch.full_like(inf, float("nan")), inf)
+        return ops.global_threshold(weights, k, exact, histogram=histogram, reduce=reduce,
+                                    row_max=row_max)
 
     def _warn_empty_layers(self, kept: torch.Tensor) -> None:
         emptied = [name for (name, _), k in zip(self.layers, kept.tolist())
@@ -254,8 +329,8 @@ class DPF:
             warnings.warn(
                 f"step {self.step_count}: layers {emptied} are entirely pruned; the model's "
                 "output no longer depends on them. With BatchNorm behind such a layer the "
-                "feedback gradient can blow up; consider scope='layer', a lower sparsity, or "
-                "excluding these layers in dpf_ext.sparsify",
+                "feedback gradient can blow up; consider channel_floor=True (the default), a "
+                "lower sparsity, or excluding these layers in dpf_ext.sparsify",
                 RuntimeWarning, stacklevel=5,
             )
 
@@ -292,13 +367,14 @@ class DPF:
         return 1.0 - kept / sum(layer.mask.numel() for _, layer in self.layers)
 
     def report(self) -> SparsityReport:
-        """Per-layer table of shapes, kept weights, sparsity and reactivations."""
-        kept = torch.stack([layer.mask.sum() for _, layer in self.layers]).tolist()
-        last = self.reactivated_last.tolist()
-        total = self.reactivated_total.tolist()
+        """Per-layer table of shapes, kept weights, sparsity, reactivations and the weights
+        the channel floor forced at the last update."""
+        kept = torch.stack([layer.mask.sum() for _, layer in self.layers])
+        kept, last, total, forced = torch.stack(
+            [kept, self.reactivated_last, self.reactivated_total, self.forced_last]).tolist()
         rows = [
             LayerReport(name, tuple(layer.weight.shape), layer.weight.numel(), kept[i],
-                        last[i], total[i])
+                        last[i], total[i], forced[i])
             for i, (name, layer) in enumerate(self.layers)
         ]
         return SparsityReport(self.step_count, self.target_sparsity, self.target_kept,
@@ -308,7 +384,8 @@ class DPF:
         return {
             "schedule": repr(self.schedule), "update_every": self.update_every,
             "scope": self.scope, "feedback": self.feedback, "threshold": self.threshold,
-            "freeze_at": self.freeze_at, "layers": [name for name, _ in self.layers],
+            "freeze_at": self.freeze_at, "channel_floor": self.channel_floor,
+            "layers": [name for name, _ in self.layers],
         }
 
     def state_dict(self) -> dict:
@@ -321,6 +398,7 @@ class DPF:
             "target_kept": self.target_kept,
             "reactivated_last": self.reactivated_last.clone(),
             "reactivated_total": self.reactivated_total.clone(),
+            "forced_last": self.forced_last.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -335,6 +413,8 @@ class DPF:
         self.target_kept = state["target_kept"]
         self.reactivated_last.copy_(state["reactivated_last"])
         self.reactivated_total.copy_(state["reactivated_total"])
+        if "forced_last" in state:
+            self.forced_last.copy_(state["forced_last"])
         self.frozen = False
         for _, layer in self.layers:
             layer.feedback = self.feedback

@@ -15,6 +15,9 @@ class LayerReport:
     kept: int
     reactivated_last: int
     reactivated_total: int
+    forced: int = 0
+    """Weights the channel floor kept at the last update: its channels whose every weight
+    fell below the threshold."""
 
     @property
     def sparsity(self) -> float:
@@ -62,6 +65,12 @@ class SparsityReport:
         """Weights that came back, summed over all mask updates so far."""
         return sum(r.reactivated_total for r in self.layers)
 
+    @property
+    def forced(self) -> int:
+        """Weights the channel floor kept at the last update (one per channel that would
+        otherwise have been emptied)."""
+        return sum(r.forced for r in self.layers)
+
     def to_dict(self) -> dict:
         """Plain data (JSON-serialisable), totals included."""
         out = asdict(self)
@@ -69,18 +78,19 @@ class SparsityReport:
             row["sparsity"] = layer.sparsity
         out.update(params=self.params, kept=self.kept, sparsity=self.sparsity,
                    reactivated_last=self.reactivated_last,
-                   reactivated_total=self.reactivated_total)
+                   reactivated_total=self.reactivated_total, forced=self.forced)
         return out
 
     def __str__(self) -> str:
-        header = ("layer", "shape", "params", "kept", "sparsity", "react. last", "react. total")
+        header = ("layer", "shape", "params", "kept", "sparsity", "react. last", "react. total",
+                  "forced")
         rows = [
             (r.name, "x".join(map(str, r.shape)), str(r.params), str(r.kept),
-             f"{r.sparsity:.2%}", str(r.reactivated_last), str(r.reactivated_total))
+             f"{r.sparsity:.2%}", str(r.reactivated_last), str(r.reactivated_total), str(r.forced))
             for r in self.layers
         ]
         rows.append(("total", "", str(self.params), str(self.kept), f"{self.sparsity:.2%}",
-                     str(self.reactivated_last), str(self.reactivated_total)))
+                     str(self.reactivated_last), str(self.reactivated_total), str(self.forced)))
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         line = lambda row: "  ".join(  # noqa: E731
             c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))

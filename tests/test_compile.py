@@ -46,11 +46,14 @@ def test_opcheck_all_ops(namespace):
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(50, 3, generator=g), torch.randn(7, generator=g)]
     masks = [torch.rand(w.shape, generator=g) < 0.5 for w in weights]
-    torch.library.opcheck(lib.magnitude_histogram.default, (weights, None))
+    rows = [torch.zeros(50, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)]
+    torch.library.opcheck(lib.magnitude_histogram.default, (weights, None, []))
+    torch.library.opcheck(lib.magnitude_histogram.default, (weights, None, rows))
     prefix = torch.tensor(int(weights[0][0, 0].abs().view(torch.int32)) >> 16)
-    torch.library.opcheck(lib.magnitude_histogram.default, (weights, prefix))
-    torch.library.opcheck(lib.update_masks.default,
-                          (weights, torch.tensor([0.5, 0.7]), masks, False))
+    torch.library.opcheck(lib.magnitude_histogram.default, (weights, prefix, []))
+    for row_max in ([], rows):
+        torch.library.opcheck(lib.update_masks.default,
+                              (weights, torch.tensor([0.5, 0.7]), masks, False, row_max))
     for feedback in (True, False):
         w = torch.randn(6, 5, generator=g, requires_grad=True)
         mask = torch.rand(6, 5, generator=g) < 0.5
@@ -62,5 +65,6 @@ def test_opcheck_all_ops(namespace):
     hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
     torch.library.opcheck(
         lib.feedback_sgd_step.default,
-        (params, grads, bufs, [True, False], 0.1, 0.9, 0.0, True, 1e-4, False, masks, out, hist),
+        (params, grads, bufs, [True, False], 0.1, 0.9, 0.0, True, 1e-4, False, masks, out, hist,
+         [torch.zeros_like(r) for r in rows]),
     )

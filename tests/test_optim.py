@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import dpf_ext
+from dpf_ext.channels import new_row_max
 from dpf_ext import DPFSGD, ops
 
 
@@ -75,10 +76,10 @@ def test_pruner_uses_the_optimizer_histogram(device, threshold, monkeypatch):
     in_pruner = [False]
     original = backend.magnitude_histogram
 
-    def counting(weights, prefix):
+    def counting(weights, prefix, row_max):
         if prefix is None and in_pruner[0]:
             first_passes.append(pruner.step_count)
-        return original(weights, prefix)
+        return original(weights, prefix, row_max)
 
     monkeypatch.setattr(backend, "magnitude_histogram", counting)
     layers = dpf_ext.nn.dpf_layers(model)
@@ -90,11 +91,15 @@ def test_pruner_uses_the_optimizer_histogram(device, threshold, monkeypatch):
         pruner.step()
         in_pruner[0] = False
         if step % 4 == 0:
-            # the masks are what a threshold computed from scratch gives
+            # the masks are what a threshold computed from scratch gives (channel floor on)
             weights = [m.weight.detach() for _, m in layers]
-            tau = ops.global_threshold(weights, pruner.target_kept, exact=threshold == "exact")
-            for (_, m), w in zip(layers, weights):
-                assert torch.equal(m.mask, w.abs() >= tau)
+            row_max = new_row_max(weights)
+            tau = ops.global_threshold(weights, pruner.target_kept - sum(len(r) for r in row_max),
+                                       exact=threshold == "exact", row_max=row_max)
+            expected = [torch.zeros_like(m.mask) for _, m in layers]
+            ops.update_masks(weights, tau, expected, row_max=row_max)
+            for (_, m), e in zip(layers, expected):
+                assert torch.equal(m.mask, e)
     # at its five updates the pruner never ran a first histogram pass of its own
     assert first_passes == []
 

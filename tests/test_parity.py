@@ -50,6 +50,24 @@ def _on(device, tensors):
     return out
 
 
+def row_counts(weights):
+    """Rows for the channel floor: the first dimension, or the whole tensor as one row."""
+    return [(w.shape[0] if w.dim() > 1 else 1) if w.numel() else 0 for w in weights]
+
+
+def zero_row_max(weights, device="cpu"):
+    return [torch.zeros(r, dtype=torch.int64, device=device) for r in row_counts(weights)]
+
+
+def assert_same_row_max(got, expected, msg):
+    """Equal keys, except that a NaN maximum matches any NaN maximum (payloads are not
+    semantics)."""
+    for a, b in zip(got, expected):
+        a = a.cpu()
+        nan_a, nan_b = (a >> 32) > 0x7F800000, (b >> 32) > 0x7F800000
+        assert torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a], b[~nan_b]), msg
+
+
 def _nan_folded(hist):
     """The histogram with every NaN bin summed into one: NaN payloads are not semantics."""
     return torch.cat([hist[:NONFINITE_BIN + 1], hist[NONFINITE_BIN + 1:].sum().reshape(1)])
@@ -70,6 +88,12 @@ def test_histograms_match(compiled, dtype):
         high = ops.magnitude_histogram(on_dev).cpu()
         expected = reference.magnitude_histogram(weights, None)
         assert torch.equal(_nan_folded(high), _nan_folded(expected)), name
+        # the same pass with the channel floor's row maxima
+        rows, expected_rows = zero_row_max(weights, compiled), zero_row_max(weights)
+        with_rows = ops.magnitude_histogram(on_dev, row_max=rows).cpu()
+        reference.magnitude_histogram(weights, None, expected_rows)
+        assert torch.equal(with_rows, high), name
+        assert_same_row_max(rows, expected_rows, name)
         occupied = torch.nonzero(high[:NONFINITE_BIN]).flatten().tolist()
         for b in occupied[:3] + occupied[-3:]:
             prefix = torch.tensor(b)
@@ -79,11 +103,16 @@ def test_histograms_match(compiled, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shrink_only", [False, True])
-def test_update_masks_match(compiled, dtype, shrink_only):
+@pytest.mark.parametrize("floor", [False, True], ids=["", "floor"])
+def test_update_masks_match(compiled, dtype, shrink_only, floor):
     g = torch.Generator().manual_seed(12)
     for name, weights in _cases(dtype).items():
         if any(w.numel() == 0 for w in weights) and name != "with_empty":
             continue
+        row_max = None
+        if floor:
+            row_max = zero_row_max(weights)
+            reference.magnitude_histogram(weights, None, row_max)
         masks = [torch.rand(w.shape, generator=g) < 0.5 for w in weights]
         mags = torch.cat([magnitude_bits(w).flatten() for w in weights] or [torch.zeros(0)])
         candidates = [0.0, -0.0, -1.0, float("nan"), float("inf")]
@@ -92,9 +121,10 @@ def test_update_masks_match(compiled, dtype, shrink_only):
         for tau_value in candidates:
             taus = torch.full((len(weights),), tau_value)
             expected_masks = [m.clone() for m in masks]
-            expected = reference.update_masks(weights, taus, expected_masks, shrink_only)
+            expected = reference.update_masks(weights, taus, expected_masks, shrink_only, row_max)
             got_masks = _on(compiled, masks)
-            got = ops.update_masks(_on(compiled, weights), taus.to(compiled), got_masks, shrink_only)
+            got = ops.update_masks(_on(compiled, weights), taus.to(compiled), got_masks, shrink_only,
+                                   row_max=row_max and _on(compiled, row_max))
             assert torch.equal(got.cpu(), expected), (name, tau_value)
             for a, b in zip(got_masks, expected_masks):
                 assert torch.equal(a.cpu(), b), (name, tau_value)
@@ -163,12 +193,13 @@ def test_feedback_sgd_step_matches(compiled, dtype, settings):
         dev_out = [torch.empty_like(p) for p in dev_params]
         ref_hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
         dev_hist = torch.zeros(HIGH_BINS, dtype=torch.int64, device=compiled)
+        ref_rows, dev_rows = zero_row_max(params), zero_row_max(params, compiled)
         kw = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
         kw.update(settings)
         reference.feedback_sgd_step(ref_params, grads, ref_bufs, masks=masks, masked_out=ref_out,
-                                    histogram=ref_hist, **kw)
+                                    histogram=ref_hist, row_max=ref_rows, **kw)
         ops.feedback_sgd_step(dev_params, _on(compiled, grads), dev_bufs, masks=_on(compiled, masks),
-                              masked_out=dev_out, histogram=dev_hist, **kw)
+                              masked_out=dev_out, histogram=dev_hist, row_max=dev_rows, **kw)
         for a, b in zip(dev_params, ref_params):
             assert_sgd_close(a, b, dtype)
         for a, b in zip(dev_out, ref_out):
@@ -177,6 +208,10 @@ def test_feedback_sgd_step_matches(compiled, dtype, settings):
             for a, b in zip(dev_bufs, ref_bufs):
                 assert_sgd_close(a, b, dtype)
         # the histogram is of the values the backend wrote
-        assert torch.equal(dev_hist.cpu(), reference.magnitude_histogram([p.cpu() for p in dev_params], None))
+        written_rows = zero_row_max(params)
+        assert torch.equal(dev_hist.cpu(), reference.magnitude_histogram(
+            [p.cpu() for p in dev_params], None, written_rows))
+        for got, exp in zip(dev_rows, written_rows):  # row maxima of the values written
+            assert torch.equal(got.cpu(), exp)
         # values that differ by rounding may straddle a bin edge, no more
         assert (dev_hist.cpu() - ref_hist).abs().sum() <= 2 * sum(p.numel() for p in params) * 1e-3

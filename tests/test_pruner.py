@@ -126,10 +126,14 @@ def test_masks_update_on_the_period_only():
 
 
 @pytest.mark.filterwarnings("ignore:.*entirely pruned")
-@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.94, 0.99])
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_exact_sparsity_after_an_update(sparsity, scope):
-    model, pruner, _ = setup(schedule=Constant(sparsity), scope=scope)
+@pytest.mark.parametrize("floor", [True, False], ids=["floor", "no-floor"])
+def test_exact_sparsity_after_an_update(sparsity, scope, floor):
+    # with the floor, 0.99 is out of reach (tested below) and 0.94 forces weights
+    if floor and sparsity == 0.99:
+        pytest.skip("below the channel floor's minimum")
+    model, pruner, _ = setup(schedule=Constant(sparsity), scope=scope, channel_floor=floor)
     layers = dpf_ext.nn.dpf_layers(model)
     if scope == "global":
         n = sum(m.weight.numel() for _, m in layers)
@@ -146,7 +150,7 @@ def test_ties_at_the_threshold_are_all_kept():
     model = dpf_ext.sparsify(nn.Linear(10, 10, bias=False))
     with torch.no_grad():
         model.weight.copy_(torch.arange(100).reshape(10, 10) // 10)  # ten copies of 0..9
-    pruner = dpf_ext.DPF(model, schedule=Constant(0.55))
+    pruner = dpf_ext.DPF(model, schedule=Constant(0.55), channel_floor=False)
     # target: keep 45 (values 5.5 and up would be 45 weights): tau = 5, and all ten 5s stay
     assert pruner.target_kept == 45
     assert int(model.mask.sum()) == 50
@@ -338,4 +342,20 @@ def test_an_entirely_pruned_layer_is_warned_about():
     with torch.no_grad():
         model[4].weight.mul_(1e-6)  # the classifier falls under any global threshold
     with pytest.warns(RuntimeWarning, match=r"layers \['4'\] are entirely pruned"):
-        dpf_ext.DPF(model, schedule=Constant(0.5))
+        dpf_ext.DPF(model, schedule=Constant(0.5), channel_floor=False)
+
+
+def test_the_channel_floor_keeps_every_channel_inside_the_budget():
+    model = dpf_ext.sparsify(mlp())
+    with torch.no_grad():
+        model[4].weight.mul_(1e-6)  # the classifier falls under any global threshold
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner = dpf_ext.DPF(model, schedule=Constant(0.5))
+    classifier = model[4]
+    assert classifier.mask.sum(1).tolist() == [1, 1, 1, 1]  # each row keeps its largest
+    assert torch.equal(classifier.mask.float().argmax(1), classifier.weight.abs().argmax(1))
+    rep = pruner.report()
+    assert rep.layers[-1].forced == 4 and rep.forced == 4
+    assert rep.kept == pruner.target_kept  # the forced weights count toward the target

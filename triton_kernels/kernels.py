@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 INF_BITS = 0x7F800000
+COLUMN_MASK = 0xFFFFFFFF
 
 
 @triton.jit
@@ -30,6 +31,14 @@ def _magnitude_bits(x):
 
 
 @triton.jit
+def _row_key(mag, offs, row_len):
+    """The channel floor's key of each element (csrc/dpf_math.h's row_key) and its row."""
+    row = offs // row_len
+    key = (mag.to(tl.int64) << 32) | (COLUMN_MASK - (offs - row * row_len))
+    return key, row
+
+
+@triton.jit
 def _round_to(x, DTYPE: tl.constexpr):
     """float32 -> DTYPE rounding to nearest even. bfloat16 is rounded by hand: a plain
     conversion truncates under the interpreter."""
@@ -41,11 +50,12 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def histogram_kernel(addr_ptr, numel_ptr, block_start_ptr, hist_ptr, prefix_ptr, T,
-                     T_PAD: tl.constexpr, DTYPE: tl.constexpr, LOW: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """hist[top 16 bits of |w|] += 1, or with LOW the low 16 bits of the elements whose top
-    16 bits equal *prefix_ptr."""
+def histogram_kernel(addr_ptr, numel_ptr, block_start_ptr, hist_ptr, prefix_ptr,
+                     row_max_addr_ptr, row_len_ptr, T, T_PAD: tl.constexpr, DTYPE: tl.constexpr,
+                     LOW: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """hist[top 16 bits of |w|] += 1 (and with ROWS each row's largest key into its
+    row_max), or with LOW the low 16 bits of the elements whose top 16 bits equal
+    *prefix_ptr."""
     pid = tl.program_id(0)
     t, first = _locate(pid, block_start_ptr, T, T_PAD)
     n = tl.load(numel_ptr + t)
@@ -59,14 +69,26 @@ def histogram_kernel(addr_ptr, numel_ptr, block_start_ptr, hist_ptr, prefix_ptr,
         bins = mag & 0xFFFF
     else:
         bins = mag >> 16
+        if ROWS:
+            _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)
     tl.atomic_add(hist_ptr + bins, tl.full((BLOCK,), 1, tl.int64), mask=valid)
 
 
 @triton.jit
+def _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t):
+    """row_max[row] = max(row_max[row], key) for the elements ``offs`` of tensor ``t``."""
+    row_max = tl.load(row_max_addr_ptr + t).to(tl.pointer_type(tl.int64))
+    key, row = _row_key(mag, offs, tl.load(row_len_ptr + t))
+    tl.atomic_max(row_max + row, key, mask=valid)
+
+
+@triton.jit
 def update_masks_kernel(addr_ptr, mask_addr_ptr, numel_ptr, block_start_ptr, tau_bits_ptr,
-                        stats_ptr, T, T_PAD: tl.constexpr, DTYPE: tl.constexpr,
-                        SHRINK_ONLY: tl.constexpr, BLOCK: tl.constexpr):
-    """mask = |w| >= tau (and the old mask if SHRINK_ONLY); stats[t] += (kept, reactivated)."""
+                        stats_ptr, row_max_addr_ptr, row_len_ptr, T, T_PAD: tl.constexpr,
+                        DTYPE: tl.constexpr, SHRINK_ONLY: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """mask = |w| >= tau (and the old mask if SHRINK_ONLY), or with ROWS the element its
+    row's key names; stats[t] += (kept, reactivated)."""
     pid = tl.program_id(0)
     t, first = _locate(pid, block_start_ptr, T, T_PAD)
     n = tl.load(numel_ptr + t)
@@ -80,6 +102,13 @@ def update_masks_kernel(addr_ptr, mask_addr_ptr, numel_ptr, block_start_ptr, tau
     keep = (mag >= tau_bits) & (mag <= INF_BITS) & valid
     if SHRINK_ONLY:
         keep = keep & old
+    if ROWS:
+        row_max = tl.load(row_max_addr_ptr + t).to(tl.pointer_type(tl.int64))
+        row_len = tl.load(row_len_ptr + t)
+        row = offs // row_len
+        key = tl.load(row_max + row, mask=valid, other=0)
+        forced = (key > 0) & (COLUMN_MASK - (key & COLUMN_MASK) == offs - row * row_len)
+        keep = keep | (forced & valid)
     tl.store(m + offs, keep.to(tl.int8), mask=valid)
     tl.atomic_add(stats_ptr + 2 * t, tl.sum(keep.to(tl.int64), axis=0))
     tl.atomic_add(stats_ptr + 2 * t + 1, tl.sum((keep & ~old).to(tl.int64), axis=0))
@@ -97,12 +126,13 @@ def masked_weight_kernel(w_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def sgd_kernel(p_addr_ptr, g_addr_ptr, buf_addr_ptr, fresh_ptr, mask_addr_ptr, out_addr_ptr,
-               numel_ptr, block_start_ptr, hist_ptr, lr, momentum, dampening, weight_decay, T,
-               T_PAD: tl.constexpr, DTYPE: tl.constexpr, NESTEROV: tl.constexpr,
-               MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_BUF: tl.constexpr,
-               HAS_OUT: tl.constexpr, HAS_HIST: tl.constexpr, BLOCK: tl.constexpr):
+               numel_ptr, block_start_ptr, hist_ptr, row_max_addr_ptr, row_len_ptr, lr, momentum,
+               dampening, weight_decay, T, T_PAD: tl.constexpr, DTYPE: tl.constexpr,
+               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+               HAS_BUF: tl.constexpr, HAS_OUT: tl.constexpr, HAS_HIST: tl.constexpr,
+               ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """torch.optim.SGD's update of the dense weights, then optionally the masked copy and
-    the histogram of the new |p|."""
+    the histogram of the new |p| (with ROWS, and each row's largest key)."""
     pid = tl.program_id(0)
     t, first = _locate(pid, block_start_ptr, T, T_PAD)
     n = tl.load(numel_ptr + t)
@@ -134,5 +164,7 @@ def sgd_kernel(p_addr_ptr, g_addr_ptr, buf_addr_ptr, fresh_ptr, mask_addr_ptr, o
         m = tl.load(m_ptr + offs, mask=valid, other=0)
         tl.store(o_ptr + offs, (new.to(tl.float32) * m.to(tl.float32)).to(DTYPE), mask=valid)
     if HAS_HIST:
-        bins = _magnitude_bits(new) >> 16
-        tl.atomic_add(hist_ptr + bins, tl.full((BLOCK,), 1, tl.int64), mask=valid)
+        mag = _magnitude_bits(new)
+        tl.atomic_add(hist_ptr + (mag >> 16), tl.full((BLOCK,), 1, tl.int64), mask=valid)
+        if ROWS:
+            _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)

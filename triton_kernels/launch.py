@@ -51,16 +51,29 @@ def _pad(n: int) -> int:
     return triton.next_power_of_2(max(n, 2))
 
 
-def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None) -> torch.Tensor:
+def _row_tables(ws: list[torch.Tensor], row_max: list[torch.Tensor], idx: list[int], unused):
+    """(row_max addresses, row lengths) of the weights ``ws`` at positions ``idx``, or
+    ``unused`` twice without row maxima."""
+    if not row_max:
+        return unused, unused
+    rows = [row_max[i] for i in idx]
+    lengths = [w.numel() // r.numel() for w, r in zip(ws, rows)]
+    return _table(rows, ws[0].device), torch.tensor(lengths, dtype=torch.int64, device=ws[0].device)
+
+
+def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None,
+                        row_max: list[torch.Tensor]) -> torch.Tensor:
     device = weights[0].device
     hist = torch.zeros(HIGH_BINS if prefix is None else LOW_BINS, dtype=torch.int64, device=device)
     prefix_t = hist if prefix is None else prefix.to(device=device, dtype=torch.int64).reshape(1)
     for dtype, idx in _by_dtype(weights):
         ws = _contiguous([weights[i] for i in idx])
         numels, starts, blocks = _blocks(ws, device)
+        row_addr, row_len = _row_tables(ws, row_max, idx, numels)
         kernels.histogram_kernel[(blocks,)](
-            _table(ws, device), numels, starts, hist, prefix_t, len(ws), T_PAD=_pad(len(ws)),
-            DTYPE=_TL_DTYPE[dtype], LOW=prefix is not None, BLOCK=BLOCK)
+            _table(ws, device), numels, starts, hist, prefix_t, row_addr, row_len, len(ws),
+            T_PAD=_pad(len(ws)), DTYPE=_TL_DTYPE[dtype], LOW=prefix is not None,
+            ROWS=bool(row_max), BLOCK=BLOCK)
     return hist
 
 
@@ -72,7 +85,7 @@ def threshold_bits(taus: torch.Tensor) -> torch.Tensor:
     return torch.where(taus.isnan(), torch.full_like(bits, kernels.INF_BITS + 1), bits)
 
 
-def update_masks(weights, taus, masks, shrink_only: bool) -> torch.Tensor:
+def update_masks(weights, taus, masks, shrink_only: bool, row_max) -> torch.Tensor:
     device = weights[0].device
     stats = torch.zeros(len(weights), 2, dtype=torch.int64, device=device)
     bits = threshold_bits(taus)
@@ -81,9 +94,11 @@ def update_masks(weights, taus, masks, shrink_only: bool) -> torch.Tensor:
         ms = _contiguous([masks[i] for i in idx])
         numels, starts, blocks = _blocks(ws, device)
         local = torch.zeros(len(idx), 2, dtype=torch.int64, device=device)
+        row_addr, row_len = _row_tables(ws, row_max, idx, numels)
         kernels.update_masks_kernel[(blocks,)](
             _table(ws, device), _table(ms, device), numels, starts, bits[idx].contiguous(), local,
-            len(ws), T_PAD=_pad(len(ws)), DTYPE=_TL_DTYPE[dtype], SHRINK_ONLY=shrink_only, BLOCK=BLOCK)
+            row_addr, row_len, len(ws), T_PAD=_pad(len(ws)), DTYPE=_TL_DTYPE[dtype],
+            SHRINK_ONLY=shrink_only, ROWS=bool(row_max), BLOCK=BLOCK)
         stats[idx] = local
         for i, m in zip(idx, ms):
             if m is not masks[i]:
@@ -101,7 +116,7 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def feedback_sgd_step(params, grads, bufs, fresh, lr, momentum, dampening, nesterov,
-                      weight_decay, maximize, masks, masked_out, histogram) -> None:
+                      weight_decay, maximize, masks, masked_out, histogram, row_max) -> None:
     device = params[0].device
     has_buf, has_out = momentum != 0, bool(masked_out)
     for dtype, idx in _by_dtype(params):
@@ -115,15 +130,16 @@ def feedback_sgd_step(params, grads, bufs, fresh, lr, momentum, dampening, neste
         unused = numels  # any tensor, for the pointer slots a variant does not read
         fresh_flags = torch.tensor([fresh[i] for i in idx] if has_buf else [0], dtype=torch.int8,
                                    device=device)
+        row_addr, row_len = _row_tables(ps, row_max, idx, unused)
         kernels.sgd_kernel[(blocks,)](
             _table(ps, device), _table(gs, device), _table(bs, device) if has_buf else unused,
             fresh_flags, _table(ms, device) if has_out else unused,
             _table(outs, device) if has_out else unused, numels, starts,
-            histogram if histogram is not None else unused,
+            histogram if histogram is not None else unused, row_addr, row_len,
             lr, momentum, dampening, weight_decay, len(idx), T_PAD=_pad(len(idx)),
             DTYPE=_TL_DTYPE[dtype], NESTEROV=nesterov, MAXIMIZE=maximize,
             HAS_WEIGHT_DECAY=weight_decay != 0, HAS_BUF=has_buf, HAS_OUT=has_out,
-            HAS_HIST=histogram is not None, BLOCK=BLOCK)
+            HAS_HIST=histogram is not None, ROWS=bool(row_max), BLOCK=BLOCK)
         for j, i in enumerate(idx):
             if ps[j] is not params[i]:
                 params[i].copy_(ps[j])

@@ -10,29 +10,103 @@
 namespace dpf {
 namespace cpu {
 
-// hist[high_bin(|w|)] += 1 over w[0, n).
-template <typename T>
-void histogram_high(const T* w, int64_t n, int32_t* hist) {
-  for (int64_t i = 0; i < n; ++i) ++hist[high_bin(magnitude_bits(w[i]))];
+// *p = max(*p, v), atomically: ranges of one row may be handled by different threads.
+inline void atomic_max(int64_t* p, int64_t v) {
+  int64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
+  while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
 }
 
-// hist[low_bin(|w|)] += 1 over the elements of w[0, n) whose high bin is `prefix`.
+// The largest row_key of each row of a tensor seen through consecutive element indices
+// (rows of row_len elements), merged into row_max[row] once per row touched. A null
+// row_max makes it a no-op.
+class RowMax {
+ public:
+  RowMax(int64_t* row_max, int64_t row_len) : row_max_(row_max), row_len_(row_len) {}
+  ~RowMax() { flush(); }
+
+  // Element i of the tensor has magnitude bits mag; i increases between calls.
+  void add(int64_t i, uint32_t mag) {
+    if (!row_max_) return;
+    if (i >= row_end_) {
+      flush();
+      row_ = i / row_len_;
+      row_end_ = (row_ + 1) * row_len_;
+    }
+    const int64_t key = row_key(mag, i - (row_end_ - row_len_));
+    if (key > best_) best_ = key;
+  }
+
+ private:
+  void flush() {
+    if (best_ > 0) atomic_max(row_max_ + row_, best_);
+    best_ = 0;
+  }
+  int64_t* row_max_;
+  int64_t row_len_;
+  int64_t row_ = 0;
+  int64_t row_end_ = 0;
+  int64_t best_ = 0;
+};
+
+// The column of its row that the channel floor keeps for element i (rows of row_len
+// elements, keys in row_max), or -1; a null row_max forces nothing.
+class ForcedColumn {
+ public:
+  ForcedColumn(const int64_t* row_max, int64_t row_len) : row_max_(row_max), row_len_(row_len) {}
+
+  // Whether element i is its row's forced one; i increases between calls.
+  bool forced(int64_t i) {
+    if (!row_max_) return false;
+    if (i >= row_end_) {
+      const int64_t row = i / row_len_;
+      row_end_ = (row + 1) * row_len_;
+      column_ = key_column(row_max_[row]);
+    }
+    return i - (row_end_ - row_len_) == column_;
+  }
+
+ private:
+  const int64_t* row_max_;
+  int64_t row_len_;
+  int64_t row_end_ = 0;
+  int64_t column_ = -1;
+};
+
+// hist[high_bin(|w|)] += 1 over w[begin, end), and the rows' keys into row_max (may be
+// null; rows of row_len elements).
 template <typename T>
-void histogram_low(const T* w, int64_t n, uint32_t prefix, int32_t* hist) {
-  for (int64_t i = 0; i < n; ++i) {
+void histogram_high(const T* w, int64_t begin, int64_t end, int32_t* hist, int64_t* row_max,
+                    int64_t row_len) {
+  RowMax rows(row_max, row_len);
+  for (int64_t i = begin; i < end; ++i) {
+    const uint32_t mag = magnitude_bits(w[i]);
+    ++hist[high_bin(mag)];
+    rows.add(i, mag);
+  }
+}
+
+// hist[low_bin(|w|)] += 1 over the elements of w[begin, end) whose high bin is `prefix`.
+template <typename T>
+void histogram_low(const T* w, int64_t begin, int64_t end, uint32_t prefix, int32_t* hist) {
+  for (int64_t i = begin; i < end; ++i) {
     const uint32_t mag = magnitude_bits(w[i]);
     if (high_bin(mag) == prefix) ++hist[low_bin(mag)];
   }
 }
 
-// mask = |w| >= tau (and the old mask if shrink_only); counts kept and reactivated.
+// mask = |w| >= tau (and the old mask if shrink_only), or the element is its row's forced
+// one (row_max may be null); over w[begin, end); counts kept and reactivated.
 template <typename T>
-void update_mask(const T* w, int64_t n, uint32_t tau_bits, bool shrink_only, bool* mask,
-                 int64_t* kept, int64_t* reactivated) {
+void update_mask(const T* w, int64_t begin, int64_t end, uint32_t tau_bits, bool shrink_only,
+                 const int64_t* row_max, int64_t row_len, bool* mask, int64_t* kept,
+                 int64_t* reactivated) {
   int64_t k = 0, r = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  ForcedColumn forced(row_max, row_len);
+  for (int64_t i = begin; i < end; ++i) {
     const bool old = mask[i];
-    const bool now = keep(magnitude_bits(w[i]), tau_bits) && (old || !shrink_only);
+    const bool now =
+        (keep(magnitude_bits(w[i]), tau_bits) && (old || !shrink_only)) || forced.forced(i);
     mask[i] = now;
     k += now;
     r += now && !old;
@@ -47,19 +121,26 @@ void masked_weight(const T* w, const bool* mask, int64_t n, T* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(to_float(w[i]) * float(mask[i]));
 }
 
-// The fused feedback SGD step over p[0, n): updates p (and buf when momentum != 0; `fresh`
-// means buf is not initialised yet), then optionally writes out = p * mask and adds the
-// high-bits histogram of the new |p| to hist.
+// The fused feedback SGD step over p[begin, end): updates p (and buf when momentum != 0;
+// `fresh` means buf is not initialised yet), then optionally writes out = p * mask and adds
+// the high-bits histogram of the new |p| to hist, with the rows' keys into row_max (may be
+// null; rows of row_len elements).
 template <typename T>
-void sgd_step(T* p, const T* g, T* buf, bool fresh, int64_t n, const SgdParams& s,
-              const bool* mask, T* masked_out, int32_t* hist) {
-  for (int64_t i = 0; i < n; ++i) {
+void sgd_step(T* p, const T* g, T* buf, bool fresh, int64_t begin, int64_t end,
+              const SgdParams& s, const bool* mask, T* masked_out, int32_t* hist,
+              int64_t* row_max, int64_t row_len) {
+  RowMax rows(row_max, row_len);
+  for (int64_t i = begin; i < end; ++i) {
     float b = (buf && !fresh) ? to_float(buf[i]) : 0.f;
     const T np = from_float<T>(sgd_update(to_float(p[i]), to_float(g[i]), b, fresh, s));
     p[i] = np;
     if (buf) buf[i] = from_float<T>(b);
     if (masked_out) masked_out[i] = from_float<T>(to_float(np) * float(mask[i]));
-    if (hist) ++hist[high_bin(magnitude_bits(np))];
+    if (hist) {
+      const uint32_t mag = magnitude_bits(np);
+      ++hist[high_bin(mag)];
+      rows.add(i, mag);
+    }
   }
 }
 

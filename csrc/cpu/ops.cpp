@@ -86,8 +86,23 @@ at::Tensor sum_histograms(const std::vector<int32_t>& local, int64_t tasks, int6
   return out;
 }
 
-at::Tensor magnitude_histogram_cpu(at::TensorList weights, const std::optional<at::Tensor>& prefix) {
+// Elements per row of each weight, for the channel floor's row_max tensors (none: zeros).
+std::vector<int64_t> row_lengths(const std::vector<at::Tensor>& ws, at::TensorList row_max) {
+  std::vector<int64_t> lens(ws.size(), 0);
+  for (size_t i = 0; i < row_max.size(); ++i)
+    if (ws[i].numel()) lens[i] = ws[i].numel() / row_max[i].numel();
+  return lens;
+}
+
+int64_t* row_max_ptr(at::TensorList row_max, int64_t t) {
+  return row_max.empty() ? nullptr : row_max[t].data_ptr<int64_t>();
+}
+
+at::Tensor magnitude_histogram_cpu(at::TensorList weights, const std::optional<at::Tensor>& prefix,
+                                   at::TensorList row_max) {
+  check_row_max_args(weights, row_max);
   const auto ws = contiguous(weights);
+  const auto row_len = row_lengths(ws, row_max);
   const bool low = prefix.has_value();
   const int64_t bins = low ? kLowBins : kHighBins;
   const uint32_t pre = low ? uint32_t(prefix->item<int64_t>()) : 0u;
@@ -98,21 +113,24 @@ at::Tensor magnitude_histogram_cpu(at::TensorList weights, const std::optional<a
     int32_t* hist = local.data() + task * bins;
     with_dtype(ws[c.tensor].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const T* w = static_cast<const T*>(ws[c.tensor].const_data_ptr()) + c.begin;
+      const T* w = static_cast<const T*>(ws[c.tensor].const_data_ptr());
       if (low)
-        cpu::histogram_low(w, c.end - c.begin, pre, hist);
+        cpu::histogram_low(w, c.begin, c.end, pre, hist);
       else
-        cpu::histogram_high(w, c.end - c.begin, hist);
+        cpu::histogram_high(w, c.begin, c.end, hist, row_max_ptr(row_max, c.tensor),
+                            row_len[c.tensor]);
     });
   });
   return sum_histograms(local, tasks, bins);
 }
 
 at::Tensor update_masks_cpu(at::TensorList weights, const at::Tensor& taus, at::TensorList masks,
-                            bool shrink_only) {
+                            bool shrink_only, at::TensorList row_max) {
   check_update_masks_args(weights, taus, masks);
+  check_row_max_args(weights, row_max);
   const int64_t n = int64_t(weights.size());
   const auto ws = contiguous(weights);
+  const auto row_len = row_lengths(ws, row_max);
   const auto ms = contiguous(masks);
   const at::Tensor tau_cpu = taus.to(at::kFloat).contiguous();
   std::vector<uint32_t> tau_bits(n);
@@ -125,9 +143,11 @@ at::Tensor update_masks_cpu(at::TensorList weights, const at::Tensor& taus, at::
     int64_t* counts = local.data() + (task * n + c.tensor) * 2;
     with_dtype(ws[c.tensor].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const T* w = static_cast<const T*>(ws[c.tensor].const_data_ptr()) + c.begin;
-      bool* m = ms[c.tensor].data_ptr<bool>() + c.begin;
-      cpu::update_mask(w, c.end - c.begin, tau_bits[c.tensor], shrink_only, m, counts, counts + 1);
+      const T* w = static_cast<const T*>(ws[c.tensor].const_data_ptr());
+      bool* m = ms[c.tensor].data_ptr<bool>();
+      cpu::update_mask(w, c.begin, c.end, tau_bits[c.tensor], shrink_only,
+                       row_max_ptr(row_max, c.tensor), row_len[c.tensor], m, counts,
+                       counts + 1);
     });
   });
   for (int64_t i = 0; i < n; ++i)
@@ -159,11 +179,15 @@ at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& mask, b
 void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                            const c10::List<bool>& fresh_list, double lr, double momentum, double dampening,
                            bool nesterov, double weight_decay, bool maximize, at::TensorList masks,
-                           at::TensorList masked_out, const std::optional<at::Tensor>& histogram) {
+                           at::TensorList masked_out, const std::optional<at::Tensor>& histogram,
+                           at::TensorList row_max) {
   const int64_t n = int64_t(params.size());
   const bool use_buf = momentum != 0.0;
   const bool write_masked = !masked_out.empty();
   check_sgd_args(params, grads, momentum_buffers, fresh_list.size(), use_buf, masks, masked_out);
+  check_row_max_args(params, row_max);
+  TORCH_CHECK(row_max.empty() || histogram.has_value(),
+              "dpf::feedback_sgd_step: row_max is recorded with the histogram");
   std::vector<char> fresh(fresh_list.begin(), fresh_list.end());
   std::vector<at::Tensor> ps, gs, bs, ms, outs;
   for (int64_t i = 0; i < n; ++i) {
@@ -176,6 +200,7 @@ void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     }
   }
   const SgdParams s{float(lr), float(momentum), float(dampening), float(weight_decay), nesterov, maximize};
+  const auto row_len = row_lengths(ps, row_max);
   const auto chunks = make_chunks(ps);
   const int64_t tasks = num_tasks(chunks);
   const bool with_hist = histogram.has_value();
@@ -184,13 +209,14 @@ void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     with_dtype(ps[c.tensor].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       const int64_t t = c.tensor;
-      T* p = static_cast<T*>(ps[t].data_ptr()) + c.begin;
-      const T* g = static_cast<const T*>(gs[t].const_data_ptr()) + c.begin;
-      T* b = use_buf ? static_cast<T*>(bs[t].data_ptr()) + c.begin : nullptr;
-      const bool* m = write_masked ? ms[t].const_data_ptr<bool>() + c.begin : nullptr;
-      T* o = write_masked ? static_cast<T*>(outs[t].data_ptr()) + c.begin : nullptr;
+      T* p = static_cast<T*>(ps[t].data_ptr());
+      const T* g = static_cast<const T*>(gs[t].const_data_ptr());
+      T* b = use_buf ? static_cast<T*>(bs[t].data_ptr()) : nullptr;
+      const bool* m = write_masked ? ms[t].const_data_ptr<bool>() : nullptr;
+      T* o = write_masked ? static_cast<T*>(outs[t].data_ptr()) : nullptr;
       int32_t* h = with_hist ? local.data() + task * kHighBins : nullptr;
-      cpu::sgd_step(p, g, b, use_buf && fresh[t], c.end - c.begin, s, m, o, h);
+      cpu::sgd_step(p, g, b, use_buf && fresh[t], c.begin, c.end, s, m, o, h,
+                    row_max_ptr(row_max, t), row_len[t]);
     });
   });
   for (int64_t i = 0; i < n; ++i) {

@@ -58,16 +58,29 @@ __device__ __forceinline__ void flush_shared(const unsigned int* bins, unsigned 
     if (bins[i]) atomicAdd(&hist[i], static_cast<unsigned long long>(bins[i]));
 }
 
+// row_max[row of i] = max(it, row_key of element i). The plain read first skips the atomic
+// for all but the few elements that raise a row's maximum.
+__device__ __forceinline__ void max_row(const Rows& rows, int t, int64_t i, uint32_t mag) {
+  const int64_t len = rows.length[t];
+  const int64_t row = i / len;
+  const long long key = row_key(mag, i - row * len);
+  long long* slot = rows.max[t] + row;
+  if (key > *reinterpret_cast<volatile long long*>(slot)) atomicMax(slot, key);
+}
+
 // Pass 1: block-local histograms in shared memory, merged once per block.
 template <typename T>
-__global__ void histogram_high_kernel(Table tab, unsigned long long* hist) {
+__global__ void histogram_high_kernel(Table tab, Rows rows, unsigned long long* hist) {
   extern __shared__ unsigned int bins[];
   zero_shared(bins);
   for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
     const Span s = chunk_span(tab, c);
     const T* w = static_cast<const T*>(tab.data[s.t]);
-    for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x)
-      atomicAdd(&bins[high_bin(magnitude_bits(w[i]))], 1u);
+    for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
+      const uint32_t mag = magnitude_bits(w[i]);
+      atomicAdd(&bins[high_bin(mag)], 1u);
+      if (rows.max) max_row(rows, s.t, i, mag);
+    }
   }
   flush_shared(bins, hist);
 }
@@ -88,17 +101,22 @@ __global__ void histogram_low_kernel(Table tab, const int64_t* prefix, unsigned 
 
 template <typename T>
 __global__ void update_masks_kernel(Table tab, bool* const* masks, const float* taus,
-                                    const int64_t* index, bool shrink_only,
+                                    const int64_t* index, bool shrink_only, Rows rows,
                                     unsigned long long* stats) {
   const Span s = chunk_span(tab, blockIdx.x);
   const T* w = static_cast<const T*>(tab.data[s.t]);
   bool* m = masks[s.t];
   const int64_t k = index[s.t];
   const uint32_t tau = threshold_bits(taus[k]);
+  const int64_t len = rows.max ? rows.length[s.t] : 1;
   unsigned long long kept = 0, back = 0;
   for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
     const bool old = m[i];
-    const bool now = keep(magnitude_bits(w[i]), tau) && (old || !shrink_only);
+    bool now = keep(magnitude_bits(w[i]), tau) && (old || !shrink_only);
+    if (rows.max) {
+      const int64_t row = i / len;
+      now = now || key_column(rows.max[s.t][row]) == i - row * len;
+    }
     m[i] = now;
     kept += now;
     back += now && !old;
@@ -127,7 +145,7 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 template <typename T, bool HIST>
 __global__ void sgd_kernel(Table tab, const void* const* grads, void* const* bufs,
                            const int64_t* fresh, const bool* const* masks, void* const* outs,
-                           SgdParams hp, unsigned long long* hist) {
+                           SgdParams hp, unsigned long long* hist, Rows rows) {
   extern __shared__ unsigned int bins[];
   if (HIST) zero_shared(bins);
   constexpr int V = 16 / sizeof(T);
@@ -145,7 +163,11 @@ __global__ void sgd_kernel(Table tab, const void* const* grads, void* const* buf
       pi = from_float<T>(sgd_update(to_float(pi), to_float(gi), bf, is_fresh, hp));
       if (bi) *bi = from_float<T>(bf);
       if (o) o[i] = from_float<T>(to_float(pi) * float(m[i]));
-      if (HIST) atomicAdd(&bins[high_bin(magnitude_bits(pi))], 1u);
+      if (HIST) {
+        const uint32_t mag = magnitude_bits(pi);
+        atomicAdd(&bins[high_bin(mag)], 1u);
+        if (rows.max) max_row(rows, s.t, i, mag);
+      }
     };
 
     int64_t tail = s.begin;
@@ -199,7 +221,8 @@ cudaError_t allow_shared_hist(K kernel) {
 }  // namespace
 
 cudaError_t magnitude_histogram(const Table& tab, DType dtype, const int64_t* prefix,
-                                unsigned long long* hist, int num_sms, cudaStream_t stream) {
+                                unsigned long long* hist, Rows rows, int num_sms,
+                                cudaStream_t stream) {
   if (tab.chunks == 0) return cudaSuccess;
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -208,20 +231,21 @@ cudaError_t magnitude_histogram(const Table& tab, DType dtype, const int64_t* pr
     } else {
       cudaError_t err = allow_shared_hist(histogram_high_kernel<T>);
       if (err != cudaSuccess) return err;
-      histogram_high_kernel<T><<<grid_for(tab.chunks, num_sms), kHistThreads, kSharedHistBytes, stream>>>(tab, hist);
+      histogram_high_kernel<T><<<grid_for(tab.chunks, num_sms), kHistThreads, kSharedHistBytes, stream>>>(
+          tab, rows, hist);
     }
     return cudaGetLastError();
   });
 }
 
 cudaError_t update_masks(const Table& tab, DType dtype, bool* const* masks, const float* taus,
-                         const int64_t* index, bool shrink_only, unsigned long long* stats,
-                         cudaStream_t stream) {
+                         const int64_t* index, bool shrink_only, Rows rows,
+                         unsigned long long* stats, cudaStream_t stream) {
   if (tab.chunks == 0) return cudaSuccess;
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     update_masks_kernel<T><<<static_cast<unsigned>(tab.chunks), kThreads, 0, stream>>>(
-        tab, masks, taus, index, shrink_only, stats);
+        tab, masks, taus, index, shrink_only, rows, stats);
     return cudaGetLastError();
   });
 }
@@ -240,7 +264,7 @@ cudaError_t masked_weight(const void* w, const bool* mask, void* out, int64_t n,
 
 cudaError_t sgd_step(const Table& tab, DType dtype, const void* const* grads, void* const* bufs,
                      const int64_t* fresh, const bool* const* masks, void* const* outs,
-                     const SgdParams& hp, unsigned long long* hist, int num_sms,
+                     const SgdParams& hp, unsigned long long* hist, Rows rows, int num_sms,
                      cudaStream_t stream) {
   if (tab.chunks == 0) return cudaSuccess;
   return with_dtype(dtype, [&](auto tag) {
@@ -249,10 +273,10 @@ cudaError_t sgd_step(const Table& tab, DType dtype, const void* const* grads, vo
       cudaError_t err = allow_shared_hist(sgd_kernel<T, true>);
       if (err != cudaSuccess) return err;
       sgd_kernel<T, true><<<grid_for(tab.chunks, num_sms), kHistThreads, kSharedHistBytes, stream>>>(
-          tab, grads, bufs, fresh, masks, outs, hp, hist);
+          tab, grads, bufs, fresh, masks, outs, hp, hist, rows);
     } else {
       sgd_kernel<T, false><<<grid_for(tab.chunks, num_sms * 8), kThreads, 0, stream>>>(
-          tab, grads, bufs, fresh, masks, outs, hp, nullptr);
+          tab, grads, bufs, fresh, masks, outs, hp, nullptr, Rows{nullptr, nullptr});
     }
     return cudaGetLastError();
   });

@@ -28,18 +28,28 @@ struct Table {
   int64_t chunks;                // chunk_start[count], known on the host
 };
 
-// hist (int64, 32768 bins) += top-16-bit histogram of |w| over the table; or, with a
-// non-null device pointer `prefix`, hist (65536 bins) += low-16-bit histogram of the
-// elements whose top 16 bits equal *prefix. No host synchronisation.
+// The channel floor's per-row keys (dpf_math.h's row_key) of every tensor of a table:
+// device arrays of the row_max pointer and the row length per tensor. `max` null: none.
+struct Rows {
+  long long* const* max;
+  const int64_t* length;
+};
+
+// hist (int64, 32768 bins) += top-16-bit histogram of |w| over the table, and each row's
+// largest key into rows.max; or, with a non-null device pointer `prefix`, hist (65536
+// bins) += low-16-bit histogram of the elements whose top 16 bits equal *prefix. No host
+// synchronisation.
 cudaError_t magnitude_histogram(const Table& weights, DType dtype, const int64_t* prefix,
-                                unsigned long long* hist, int num_sms, cudaStream_t stream);
+                                unsigned long long* hist, Rows rows, int num_sms,
+                                cudaStream_t stream);
 
 // For every tensor t of the table, with k = index[t] its position in the caller's list:
-// mask = |w| >= taus[k] (and the old mask if shrink_only); stats[2k] += kept,
-// stats[2k + 1] += reactivated. `masks` is a device array of bool*.
+// mask = |w| >= taus[k] (and the old mask if shrink_only), or the element is the one its
+// row's key in rows.max names; stats[2k] += kept, stats[2k + 1] += reactivated. `masks` is
+// a device array of bool*.
 cudaError_t update_masks(const Table& weights, DType dtype, bool* const* masks, const float* taus,
-                         const int64_t* index, bool shrink_only, unsigned long long* stats,
-                         cudaStream_t stream);
+                         const int64_t* index, bool shrink_only, Rows rows,
+                         unsigned long long* stats, cudaStream_t stream);
 
 // out = w * mask over n elements.
 cudaError_t masked_weight(const void* w, const bool* mask, void* out, int64_t n, DType dtype,
@@ -49,11 +59,11 @@ cudaError_t masked_weight(const void* w, const bool* mask, void* out, int64_t n,
 // of per-tensor pointers: grads, bufs (null when momentum == 0), fresh flags (non-zero: the
 // buffer is not initialised yet; null likewise), masks and outs (null unless the masked
 // copy is wanted). hist (int64, 32768 bins, may be null) accumulates the histogram of the
-// new |p|.
+// new |p|, and rows.max (with hist only) each row's largest key.
 cudaError_t sgd_step(const Table& params, DType dtype, const void* const* grads,
                      void* const* bufs, const int64_t* fresh, const bool* const* masks,
                      void* const* outs, const SgdParams& hp, unsigned long long* hist,
-                     int num_sms, cudaStream_t stream);
+                     Rows rows, int num_sms, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dpf

@@ -102,6 +102,26 @@ std::vector<at::Tensor> contiguous(at::TensorList tensors, const std::vector<int
   return out;
 }
 
+// The channel floor's columns for the tensors at `idx`: row_max pointers and row lengths
+// (both empty without row maxima).
+std::vector<std::vector<int64_t>> row_columns(const std::vector<at::Tensor>& ws, at::TensorList row_max,
+                                              const std::vector<int64_t>& idx) {
+  std::vector<int64_t> ptrs, lengths;
+  if (!row_max.empty()) {
+    for (size_t j = 0; j < idx.size(); ++j) {
+      ptrs.push_back(address(row_max[idx[j]]));
+      lengths.push_back(ws[j].numel() / row_max[idx[j]].numel());
+    }
+  }
+  return {ptrs, lengths};
+}
+
+// The Rows view of the two row columns appended at `first` (none without row maxima).
+cuda::Rows rows_at(const Launch& l, size_t first, bool with_rows) {
+  if (!with_rows) return {nullptr, nullptr};
+  return {l.arrays->as<long long* const*>(first), (*l.arrays)[first + 1]};
+}
+
 int num_sms() {
   int device = 0, sms = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
@@ -110,7 +130,9 @@ int num_sms() {
   return sms;
 }
 
-at::Tensor magnitude_histogram_cuda(at::TensorList weights, const std::optional<at::Tensor>& prefix) {
+at::Tensor magnitude_histogram_cuda(at::TensorList weights, const std::optional<at::Tensor>& prefix,
+                                    at::TensorList row_max) {
+  check_row_max_args(weights, row_max);
   const c10::cuda::CUDAGuard guard(weights[0].device());
   const bool low = prefix.has_value();
   at::Tensor hist = at::zeros({low ? kLowBins : kHighBins}, weights[0].options().dtype(at::kLong));
@@ -118,18 +140,19 @@ at::Tensor magnitude_histogram_cuda(at::TensorList weights, const std::optional<
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, idx] : by_dtype(weights)) {
     const auto ws = contiguous(weights, idx);
-    const Launch l = make_launch(ws, {});
+    const Launch l = make_launch(ws, row_columns(ws, row_max, idx));
     check_cuda(cuda::magnitude_histogram(l.table, dtype_of(ws[0]), low ? pre.const_data_ptr<int64_t>() : nullptr,
                                          reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
-                                         num_sms(), stream),
+                                         rows_at(l, 3, !row_max.empty()), num_sms(), stream),
                "magnitude_histogram");
   }
   return hist;
 }
 
 at::Tensor update_masks_cuda(at::TensorList weights, const at::Tensor& taus, at::TensorList masks,
-                             bool shrink_only) {
+                             bool shrink_only, at::TensorList row_max) {
   check_update_masks_args(weights, taus, masks);
+  check_row_max_args(weights, row_max);
   const int64_t n = int64_t(weights.size());
   const c10::cuda::CUDAGuard guard(weights[0].device());
   at::Tensor stats = at::zeros({n, 2}, weights[0].options().dtype(at::kLong));
@@ -140,9 +163,12 @@ at::Tensor update_masks_cuda(at::TensorList weights, const at::Tensor& taus, at:
     const auto ms = contiguous(masks, idx);
     std::vector<int64_t> mask_ptrs;
     for (const auto& m : ms) mask_ptrs.push_back(address(m));
-    const Launch l = make_launch(ws, {mask_ptrs, idx});
+    auto columns = row_columns(ws, row_max, idx);
+    columns.insert(columns.begin(), {mask_ptrs, idx});
+    const Launch l = make_launch(ws, columns);
     check_cuda(cuda::update_masks(l.table, dtype_of(ws[0]), l.arrays->as<bool* const*>(3),
                                   tau.const_data_ptr<float>(), (*l.arrays)[4], shrink_only,
+                                  rows_at(l, 5, !row_max.empty()),
                                   reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>()),
                                   stream),
                "update_masks");
@@ -167,11 +193,15 @@ at::Tensor masked_weight_cuda(const at::Tensor& weight, const at::Tensor& mask, 
 void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                             const c10::List<bool>& fresh, double lr, double momentum, double dampening,
                             bool nesterov, double weight_decay, bool maximize, at::TensorList masks,
-                            at::TensorList masked_out, const std::optional<at::Tensor>& histogram) {
+                            at::TensorList masked_out, const std::optional<at::Tensor>& histogram,
+                            at::TensorList row_max) {
   if (params.empty()) return;
   const bool use_buf = momentum != 0.0;
   const bool write_masked = !masked_out.empty();
   check_sgd_args(params, grads, momentum_buffers, fresh.size(), use_buf, masks, masked_out);
+  check_row_max_args(params, row_max);
+  TORCH_CHECK(row_max.empty() || histogram.has_value(),
+              "dpf::feedback_sgd_step: row_max is recorded with the histogram");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const SgdParams hp{float(lr), float(momentum), float(dampening), float(weight_decay), nesterov, maximize};
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -195,7 +225,9 @@ void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
         out_ptrs.push_back(address(outs.back()));
       }
     }
-    const Launch l = make_launch(ps, {grad_ptrs, buf_ptrs, fresh_flags, mask_ptrs, out_ptrs});
+    auto columns = row_columns(ps, row_max, idx);
+    columns.insert(columns.begin(), {grad_ptrs, buf_ptrs, fresh_flags, mask_ptrs, out_ptrs});
+    const Launch l = make_launch(ps, columns);
     check_cuda(
         cuda::sgd_step(l.table, dtype_of(ps[0]), l.arrays->as<const void* const*>(3),
                        use_buf ? l.arrays->as<void* const*>(4) : nullptr,
@@ -203,7 +235,7 @@ void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                        write_masked ? l.arrays->as<const bool* const*>(6) : nullptr,
                        write_masked ? l.arrays->as<void* const*>(7) : nullptr, hp,
                        histogram ? reinterpret_cast<unsigned long long*>(histogram->data_ptr<int64_t>()) : nullptr,
-                       num_sms(), stream),
+                       rows_at(l, 8, !row_max.empty()), num_sms(), stream),
         "feedback_sgd_step");
     for (size_t j = 0; j < idx.size(); ++j) {
       const int64_t i = idx[j];

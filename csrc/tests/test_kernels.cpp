@@ -130,25 +130,40 @@ void test_sgd_update_matches_the_formulas() {
 void test_cpu_kernels() {
   const std::vector<float> w = {0.f, -0.f, 1.f, -2.f, 0.5f, 3.f, -1.f, 1e-40f};
   std::vector<int32_t> hist(kHighBins, 0);
-  cpu::histogram_high(w.data(), int64_t(w.size()), hist.data());
+  cpu::histogram_high(w.data(), 0, int64_t(w.size()), hist.data(), nullptr, 0);
   CHECK(hist[0] == 2);  // +0.0 and -0.0
   CHECK(hist[high_bin(magnitude_bits(1e-40f))] == 1 && high_bin(magnitude_bits(1e-40f)) == 1);
   CHECK(hist[0x3F80] == 2);
   std::vector<int32_t> low(kLowBins, 0);
-  cpu::histogram_low(w.data(), int64_t(w.size()), 0u, low.data());
+  cpu::histogram_low(w.data(), 0, int64_t(w.size()), 0u, low.data());
   CHECK(low[0] == 2);
-  cpu::histogram_low(w.data(), int64_t(w.size()), 1u, low.data());
+  cpu::histogram_low(w.data(), 0, int64_t(w.size()), 1u, low.data());
   CHECK(low[magnitude_bits(1e-40f) & 0xFFFF] == 1);
 
   std::vector<char> raw = {1, 0, 0, 1, 1, 0, 0, 1};
   bool mask[8];
   for (int i = 0; i < 8; ++i) mask[i] = raw[i];
   int64_t kept = 0, back = 0;
-  cpu::update_mask(w.data(), 8, threshold_bits(1.f), false, mask, &kept, &back);
+  cpu::update_mask(w.data(), 0, 8, threshold_bits(1.f), false, nullptr, 0, mask, &kept, &back);
   CHECK(kept == 4 && back == 3);  // 1, -2, 3, -1 kept; 1, 3, -1 were pruned
   kept = back = 0;
-  cpu::update_mask(w.data(), 8, threshold_bits(0.f), true, mask, &kept, &back);
+  cpu::update_mask(w.data(), 0, 8, threshold_bits(0.f), true, nullptr, 0, mask, &kept, &back);
   CHECK(kept == 4 && back == 0);  // shrink-only: nothing returns
+
+  // channel floor: rows of 3 (the last row has 2), keys recorded over split ranges
+  const std::vector<float> r = {0.5f, -2.f, 2.f, 0.f, 0.f, 0.f, 1.f, -4.f};
+  std::vector<int64_t> row_max(3, 0);
+  std::vector<int32_t> rh(kHighBins, 0);
+  cpu::histogram_high(r.data(), 0, 4, rh.data(), row_max.data(), 3);
+  cpu::histogram_high(r.data(), 4, 8, rh.data(), row_max.data(), 3);
+  CHECK(key_column(row_max[0]) == 1 && (row_max[0] >> 32) == magnitude_bits(2.f));  // first of a tie
+  CHECK(key_column(row_max[1]) == 0 && (row_max[1] >> 32) == 0);  // all-zero row: its first
+  CHECK(key_column(row_max[2]) == 1);
+  CHECK(key_column(0) == -1);
+  bool fm[8] = {};
+  kept = back = 0;
+  cpu::update_mask(r.data(), 0, 8, threshold_bits(3.f), false, row_max.data(), 3, fm, &kept, &back);
+  CHECK(kept == 3 && back == 3 && fm[1] && fm[3] && fm[7] && !fm[2] && !fm[6]);
 
   std::vector<Half> hw = {from_float<Half>(-1.5f), from_float<Half>(2.f)};
   std::vector<Half> out(2);
@@ -159,7 +174,9 @@ void test_cpu_kernels() {
   std::vector<float> p = {1.f, -1.f}, g = {0.5f, 0.5f}, b(2), mo(2);
   std::vector<int32_t> h(kHighBins, 0);
   const SgdParams s{0.1f, 0.9f, 0.f, 0.f, false, false};
-  cpu::sgd_step(p.data(), g.data(), b.data(), true, 2, s, m2, mo.data(), h.data());
+  std::vector<int64_t> prow(1, 0);
+  cpu::sgd_step(p.data(), g.data(), b.data(), true, 0, 2, s, m2, mo.data(), h.data(), prow.data(), 2);
+  CHECK(key_column(prow[0]) == 1 && (prow[0] >> 32) == magnitude_bits(p[1]));  // |-1.05| > |0.95|
   CHECK(p[0] == 1.f - 0.1f * 0.5f && b[0] == 0.5f);
   CHECK(mo[0] == 0.f && mo[1] == p[1]);
   CHECK(h[high_bin(magnitude_bits(p[0]))] + h[high_bin(magnitude_bits(p[1]))] >= 2);

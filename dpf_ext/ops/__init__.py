@@ -7,6 +7,10 @@ Each op validates its input, picks a backend for the tensors' device (see
 - :func:`global_threshold`: the k-th largest ``|w|`` over many tensors, exact or within one
   histogram bin, as a 0-dim tensor on the weights' device (no host synchronisation).
 - :func:`update_masks`: ``mask = |w| >= tau`` with kept and reactivation counts.
+- The channel floor: :func:`magnitude_histogram` (first pass) and :func:`feedback_sgd_step`
+  can also record each row's largest magnitude (``row_max``, see
+  :func:`~dpf_ext.ops.bits.row_key`) at no extra pass; :func:`global_threshold` then
+  counts the other weights only and :func:`update_masks` keeps each row's largest.
 - :func:`masked_weight`: ``w ⊙ mask`` whose backward is the feedback (straight-through)
   estimator, or the masked gradient when ``feedback=False``.
 - :func:`feedback_sgd_step`: the SGD update of the dense weights in one multi-tensor pass.
@@ -18,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .bits import HIGH_BINS, NONFINITE_BIN, SUPPORTED_DTYPES, bits_to_float
+from .bits import FINITE_LIMIT, HIGH_BINS, LOW_BINS, NONFINITE_BIN, SUPPORTED_DTYPES, bits_to_float
 from .dispatch import available_backends, backend_for
 from . import triton, compiled  # noqa: F401, I001  (register the backends built; last preferred)
 
@@ -47,8 +51,26 @@ def _check_weights(weights: list[torch.Tensor], what: str = "weights") -> None:
             raise ValueError(f"{what}[{i}] is on {w.device}, {what}[0] on {device}")
 
 
+def _check_row_max(weights: list[torch.Tensor], row_max: list[torch.Tensor] | None) -> None:
+    if row_max is None:
+        return
+    if len(row_max) != len(weights):
+        raise ValueError(f"got {len(weights)} weights but {len(row_max)} row_max tensors")
+    for i, (w, r) in enumerate(zip(weights, row_max)):
+        rows = r.numel()
+        if (r.dtype != torch.int64 or r.dim() != 1 or r.device != w.device or not r.is_contiguous()
+                or (rows == 0 and w.numel()) or (rows and w.numel() % rows)):
+            raise ValueError(
+                f"row_max[{i}] must be a contiguous 1-D int64 tensor on {w.device} with one "
+                f"entry per row of a weight of {w.numel()} elements, got {r.dtype} "
+                f"{tuple(r.shape)} on {r.device}"
+            )
+
+
 def magnitude_histogram(
-    weights: list[torch.Tensor], prefix: torch.Tensor | None = None
+    weights: list[torch.Tensor],
+    prefix: torch.Tensor | None = None,
+    row_max: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Histogram (int64) of the float32 bit pattern of ``|w|`` summed over ``weights``.
 
@@ -56,9 +78,32 @@ def magnitude_histogram(
     holding a top-16-bit value): 65536 bins of the low 16 bits of the elements in that bin.
     Histograms of disjoint sets of weights add up, which is what lets processes agree on a
     global threshold by summing them.
+
+    ``row_max`` (first pass only): one int64 tensor per weight with one entry per row (the
+    rows being equal slices of the flattened weight); the same pass maximises each row's
+    :func:`~dpf_ext.ops.bits.row_key` into it (start from zeros).
     """
     _check_weights(weights)
-    return backend_for(weights[0].device).magnitude_histogram(weights, prefix)
+    _check_row_max(weights, row_max)
+    if row_max is not None and prefix is not None:
+        raise ValueError("row_max is recorded by the first pass only (prefix=None)")
+    return backend_for(weights[0].device).magnitude_histogram(weights, prefix, row_max or [])
+
+
+def _row_max_histogram(row_max: list[torch.Tensor], prefix: torch.Tensor | None) -> torch.Tensor:
+    """The histogram of the finite row maxima, as :func:`magnitude_histogram` would count
+    those elements alone (empty rows, keys of 0, count nothing). Non-finite maxima are
+    left out so that the non-finite bins still show them."""
+    keys = torch.cat([k.flatten() for k in row_max])
+    bits = keys >> 32
+    counted = (keys > 0) & (bits < FINITE_LIMIT)
+    if prefix is None:
+        bins, idx = HIGH_BINS, bits >> 16
+    else:
+        bins, idx = LOW_BINS, bits & 0xFFFF
+        counted &= (bits >> 16) == prefix
+    idx = torch.where(counted, idx, 0)
+    return torch.zeros(bins, dtype=torch.int64, device=keys.device).index_add_(0, idx, counted.long())
 
 
 def _select_bin(hist: torch.Tensor, k: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +130,7 @@ def global_threshold(
     exact: bool = True,
     histogram: torch.Tensor | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    row_max: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The k-th largest magnitude over all ``weights`` as a 0-dim float32 tensor.
 
@@ -102,22 +148,39 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
     processes: an in-place sum over the ranks (``dist.all_reduce``). ``k`` then counts the
     weights of all ranks, and every rank gets the same threshold.
 
+    ``row_max`` (the channel floor): one int64 tensor per weight, one entry per row. The
+    weights' rows' maxima are then left out: the result is the k-th largest of the other
+    weights, and ``k`` counts those. Without ``histogram`` the first pass records the
+    maxima into ``row_max`` (pass zeros); with it, ``row_max`` must hold the keys recorded
+    with that histogram (as :func:`feedback_sgd_step` does).
+
     If any weight is Inf or NaN the result is NaN. Nothing syncs with the host.
     """
     _check_weights(weights)
+    _check_row_max(weights, row_max)
     n = sum(w.numel() for w in weights)
+    if row_max is not None:
+        n -= sum(r.numel() for r, w in zip(row_max, weights) if w.numel())
     if k < 1 or (reduce is None and k > n):
-        raise ValueError(f"k must be in [1, {n}] (the number of weights), got {k}")
+        raise ValueError(f"k must be in [1, {n}] (the number of weights counted), got {k}")
     reduce = reduce or (lambda hist: hist)
     backend = backend_for(weights[0].device)
-    hist = backend.magnitude_histogram(weights, None) if histogram is None else histogram.clone()
+    if histogram is None:
+        hist = backend.magnitude_histogram(weights, None, row_max or [])
+    else:
+        hist = histogram.clone()
+    if row_max is not None:
+        hist -= _row_max_histogram(row_max, None)
     hist = reduce(hist)
     nonfinite = hist[NONFINITE_BIN:].sum() > 0
     b, rank = _select_bin(hist, k)
     bits = b << 16
     if exact:
         del hist
-        low, _ = _select_bin(reduce(backend.magnitude_histogram(weights, b)), rank)
+        low = backend.magnitude_histogram(weights, b, [])
+        if row_max is not None:
+            low -= _row_max_histogram(row_max, b)
+        low, _ = _select_bin(reduce(low), rank)
         bits = bits | low
     tau = bits_to_float(bits)
     return torch.where(nonfinite, torch.full_like(tau, float("nan")), tau)
@@ -128,11 +191,14 @@ def update_masks(
     tau: torch.Tensor,
     masks: list[torch.Tensor],
     shrink_only: bool = False,
+    row_max: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Write ``mask = |w| >= tau`` in place for every pair; return counts.
 
     ``tau`` is a 0-dim tensor (one threshold for all) or one threshold per tensor.
     ``shrink_only=True`` keeps pruned weights pruned (``mask &= |w| >= tau``).
+    ``row_max`` (the channel floor, keys as :func:`magnitude_histogram` records them): the
+    element each row's key names is kept too, whatever ``tau`` and ``shrink_only`` say.
     Returns an int64 tensor of shape ``(len(weights), 2)``: kept weights and reactivations
     (mask was 0 and is now 1) per tensor, on the weights' device.
     """
@@ -145,8 +211,10 @@ def update_masks(
                 f"masks[{i}] must be a bool tensor of shape {tuple(w.shape)} on {w.device}, "
                 f"got {m.dtype} {tuple(m.shape)} on {m.device}"
             )
+    _check_row_max(weights, row_max)
     taus = tau.to(device=weights[0].device, dtype=torch.float32).expand(len(weights))
-    return backend_for(weights[0].device).update_masks(weights, taus, masks, shrink_only)
+    return backend_for(weights[0].device).update_masks(weights, taus, masks, shrink_only,
+                                                       row_max or [])
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor, feedback: bool = True) -> torch.Tensor:
@@ -172,13 +240,15 @@ def feedback_sgd_step(
     masks: list[torch.Tensor] | None = None,
     masked_out: list[torch.Tensor] | None = None,
     histogram: torch.Tensor | None = None,
+    row_max: list[torch.Tensor] | None = None,
 ) -> None:
     """One SGD step (torch.optim.SGD semantics, float32 math) on the dense ``params``.
 
     Missing entries of ``momentum_buffers`` are created in place. With ``masks`` and
     ``masked_out``, writes ``param ⊙ mask`` for the next forward; with ``histogram`` (int64,
     32768 bins), adds the high-bits histogram of the updated ``|param|`` to it, so the next
-    approximate threshold needs no extra pass over the weights.
+    approximate threshold needs no extra pass over the weights, and with ``row_max`` also
+    maximises the rows' keys of the updated params into it (as :func:`magnitude_histogram`).
     """
     if not params:
         return
@@ -189,10 +259,13 @@ def feedback_sgd_step(
         raise ValueError("masks and masked_out go together")
     if histogram is not None and (histogram.dtype != torch.int64 or histogram.numel() != HIGH_BINS):
         raise ValueError(f"histogram must be an int64 tensor of {HIGH_BINS} bins")
+    _check_row_max(params, row_max)
+    if row_max is not None and histogram is None:
+        raise ValueError("row_max is recorded with the histogram: pass both")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     backend_for(params[0].device).feedback_sgd_step(
         params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
         nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, masks=masks,
-        masked_out=masked_out, histogram=histogram,
+        masked_out=masked_out, histogram=histogram, row_max=row_max or [],
     )

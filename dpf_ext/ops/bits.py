@@ -21,6 +21,12 @@ NONFINITE_BIN = 0x7F80
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+COLUMN_MASK = 0xFFFFFFFF
+"""Low 32 bits of a row-max key: ``COLUMN_MASK - column``."""
+
+FINITE_LIMIT = 0x7F800000
+"""Bit pattern of +Inf: magnitudes below it are finite."""
+
 
 def magnitude_bits(w: torch.Tensor) -> torch.Tensor:
     """int32 bit pattern of ``|w|`` widened to float32 (``-0.0`` maps to ``0``)."""
@@ -30,3 +36,16 @@ def magnitude_bits(w: torch.Tensor) -> torch.Tensor:
 def bits_to_float(bits: torch.Tensor) -> torch.Tensor:
     """Reinterpret int32 bit patterns (any integer dtype holding them) as float32."""
     return bits.to(torch.int32).view(torch.float32)
+
+
+def row_key(bits: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """The int64 key of an element for the channel floor: ``|w|``'s bit pattern in the high
+    32 bits and ``COLUMN_MASK - column`` in the low 32, so that the largest key of a row is
+    its largest magnitude, the first column on ties. Every element's key is positive; a
+    key of 0 stands for an empty row."""
+    return (bits.to(torch.int64) << 32) | (COLUMN_MASK - column)
+
+
+def key_columns(keys: torch.Tensor) -> torch.Tensor:
+    """The column each row-max key names (meaningless for a key of 0)."""
+    return COLUMN_MASK - (keys & COLUMN_MASK)

@@ -19,17 +19,19 @@ class OpBackend:
     def __repr__(self) -> str:
         return f"OpBackend({self.namespace!r})"
 
-    def magnitude_histogram(self, weights, prefix):
-        return self.ops.magnitude_histogram([w.detach() for w in weights], prefix)
+    def magnitude_histogram(self, weights, prefix, row_max):
+        return self.ops.magnitude_histogram([w.detach() for w in weights], prefix, row_max)
 
-    def update_masks(self, weights, taus, masks, shrink_only):
-        return self.ops.update_masks([w.detach() for w in weights], taus, masks, shrink_only)
+    def update_masks(self, weights, taus, masks, shrink_only, row_max):
+        return self.ops.update_masks([w.detach() for w in weights], taus, masks, shrink_only,
+                                     row_max)
 
     def masked_weight(self, weight, mask, feedback):
         return self.ops.masked_weight(weight, mask, feedback)
 
     def feedback_sgd_step(self, params, grads, momentum_buffers, *, lr, momentum, dampening,
-                          nesterov, weight_decay, maximize, masks, masked_out, histogram):
+                          nesterov, weight_decay, maximize, masks, masked_out, histogram,
+                          row_max):
         fresh: list[bool] = []
         if momentum != 0:  # the kernel initialises a fresh buffer with the first update
             fresh = [b is None for b in momentum_buffers]
@@ -39,7 +41,7 @@ class OpBackend:
         self.ops.feedback_sgd_step(
             [p.detach() for p in params], [g.detach() for g in grads],
             momentum_buffers if momentum != 0 else [], fresh, lr, momentum, dampening, nesterov,
-            weight_decay, maximize, masks or [], masked_out or [], histogram,
+            weight_decay, maximize, masks or [], masked_out or [], histogram, row_max,
         )
 
 
@@ -47,10 +49,11 @@ def register_abstract(namespace: str) -> None:
     """Fake kernels (for tracing) and the gradient of ``masked_weight`` for the ops of
     ``namespace``."""
     torch.library.register_fake(f"{namespace}::magnitude_histogram")(
-        lambda weights, prefix: weights[0].new_empty(
+        lambda weights, prefix, row_max: weights[0].new_empty(
             HIGH_BINS if prefix is None else LOW_BINS, dtype=torch.int64))
     torch.library.register_fake(f"{namespace}::update_masks")(
-        lambda weights, taus, masks, shrink_only: taus.new_empty(len(weights), 2, dtype=torch.int64))
+        lambda weights, taus, masks, shrink_only, row_max: taus.new_empty(
+            len(weights), 2, dtype=torch.int64))
     torch.library.register_fake(f"{namespace}::masked_weight")(
         lambda weight, mask, feedback: torch.empty_like(weight))
     torch.library.register_fake(f"{namespace}::feedback_sgd_step")(lambda *args: None)

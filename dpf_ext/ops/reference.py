@@ -9,22 +9,41 @@ from __future__ import annotations
 
 import torch
 
-from .bits import HIGH_BINS, LOW_BINS, magnitude_bits
+from .bits import HIGH_BINS, LOW_BINS, key_columns, magnitude_bits, row_key
 
 
-def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None) -> torch.Tensor:
+def _rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """``w`` as a ``(rows, numel / rows)`` matrix."""
+    return w.detach().reshape(rows, w.numel() // rows)
+
+
+def accumulate_row_max(w: torch.Tensor, row_max: torch.Tensor) -> None:
+    """``row_max = max(row_max, largest key of each row of w)`` (see :func:`~.bits.row_key`),
+    the rows being ``row_max.numel()`` equal slices of the flattened ``w``."""
+    if w.numel() == 0:
+        return
+    bits = magnitude_bits(_rows(w, row_max.numel()))
+    columns = torch.arange(bits.shape[1], dtype=torch.int64, device=w.device)
+    torch.maximum(row_max, row_key(bits, columns).amax(dim=1), out=row_max)
+
+
+def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None,
+                        row_max: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Histogram of the float32 bit pattern of ``|w|`` over all ``weights``.
 
-    ``prefix is None``: counts of the top 16 bits (``HIGH_BINS`` bins).
+    ``prefix is None``: counts of the top 16 bits (``HIGH_BINS`` bins); with ``row_max``
+    (one int64 tensor per weight, one entry per row) also maximises each row's key into it.
     ``prefix`` (0-dim int64): counts of the low 16 bits of the elements whose top 16 bits
     equal ``prefix`` (``LOW_BINS`` bins).
     """
     device = weights[0].device
     if prefix is None:
         hist = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
-        for w in weights:
+        for i, w in enumerate(weights):
             if w.numel():
                 hist += torch.bincount((magnitude_bits(w) >> 16).flatten(), minlength=HIGH_BINS)
+            if row_max:
+                accumulate_row_max(w, row_max[i])
         return hist
     # Elements outside the prefix bin go to an overflow bin that is dropped at the end.
     hist = torch.zeros(LOW_BINS + 1, dtype=torch.int64, device=device)
@@ -41,14 +60,22 @@ def update_masks(
     taus: torch.Tensor,
     masks: list[torch.Tensor],
     shrink_only: bool,
+    row_max: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Write ``mask = |w| >= tau`` (and ``& mask`` if ``shrink_only``); return per-tensor
-    ``[kept, reactivated]`` counts as an int64 tensor of shape ``(len(weights), 2)``."""
+    """Write ``mask = |w| >= tau`` (and ``& mask`` if ``shrink_only``), then, with
+    ``row_max``, also keep the element each row's key names (a key of 0 names none); return
+    per-tensor ``[kept, reactivated]`` counts as an int64 tensor of shape
+    ``(len(weights), 2)``."""
     stats = torch.zeros(len(weights), 2, dtype=torch.int64, device=taus.device)
     for i, (w, mask) in enumerate(zip(weights, masks)):
         keep = w.detach().abs().float() >= taus[i]
         if shrink_only:
             keep &= mask
+        if row_max and w.numel():
+            keys = row_max[i]
+            columns = torch.arange(w.numel() // keys.numel(), device=w.device)
+            forced = (columns == key_columns(keys)[:, None]) & (keys > 0)[:, None]
+            keep |= forced.view(w.shape)
         stats[i, 0] = keep.sum()
         stats[i, 1] = (keep & ~mask).sum()
         mask.copy_(keep)
@@ -93,12 +120,14 @@ def feedback_sgd_step(
     masks: list[torch.Tensor] | None,
     masked_out: list[torch.Tensor] | None,
     histogram: torch.Tensor | None,
+    row_max: list[torch.Tensor] | None = None,
 ) -> None:
     """SGD on the dense weights, with torch.optim.SGD's semantics and float32 math.
 
     Creates missing momentum buffers in ``momentum_buffers`` (in place, like torch.optim.SGD
     does on its first step). Writes ``param ⊙ mask`` into ``masked_out`` and adds the
-    high-bits histogram of the updated ``|param|`` to ``histogram`` when they are given.
+    high-bits histogram of the updated ``|param|`` to ``histogram`` when they are given,
+    maximising the rows' keys of the updated params into ``row_max`` with it.
     """
     for i, param in enumerate(params):
         p = param.detach()
@@ -121,4 +150,4 @@ def feedback_sgd_step(
         if masked_out is not None:
             masked_out[i].copy_(p * masks[i])
     if histogram is not None:
-        histogram += magnitude_histogram([p.detach() for p in params], None)
+        histogram += magnitude_histogram([p.detach() for p in params], None, row_max)

@@ -23,14 +23,15 @@ except ImportError:  # triton is not installed
 
 if launch is not None:
 
-    @torch.library.custom_op("dpf_triton::magnitude_histogram", mutates_args=())
-    def _histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None) -> torch.Tensor:
-        return launch.magnitude_histogram(weights, prefix)
+    @torch.library.custom_op("dpf_triton::magnitude_histogram", mutates_args=("row_max",))
+    def _histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None,
+                   row_max: list[torch.Tensor]) -> torch.Tensor:
+        return launch.magnitude_histogram(weights, prefix, row_max)
 
     @torch.library.custom_op("dpf_triton::update_masks", mutates_args=("masks",))
     def _update_masks(weights: list[torch.Tensor], taus: torch.Tensor, masks: list[torch.Tensor],
-                      shrink_only: bool) -> torch.Tensor:
-        return launch.update_masks(weights, taus, masks, shrink_only)
+                      shrink_only: bool, row_max: list[torch.Tensor]) -> torch.Tensor:
+        return launch.update_masks(weights, taus, masks, shrink_only, row_max)
 
     @torch.library.custom_op("dpf_triton::masked_weight", mutates_args=())
     def _masked_weight(weight: torch.Tensor, mask: torch.Tensor, feedback: bool) -> torch.Tensor:
@@ -38,15 +39,16 @@ if launch is not None:
 
     @torch.library.custom_op(
         "dpf_triton::feedback_sgd_step",
-        mutates_args=("params", "momentum_buffers", "masked_out", "histogram"),
+        mutates_args=("params", "momentum_buffers", "masked_out", "histogram", "row_max"),
     )
     def _sgd(params: list[torch.Tensor], grads: list[torch.Tensor],
              momentum_buffers: list[torch.Tensor], fresh: list[bool], lr: float, momentum: float,
              dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
              masks: list[torch.Tensor], masked_out: list[torch.Tensor],
-             histogram: torch.Tensor | None) -> None:
+             histogram: torch.Tensor | None, row_max: list[torch.Tensor]) -> None:
         launch.feedback_sgd_step(params, grads, momentum_buffers, fresh, lr, momentum, dampening,
-                                 nesterov, weight_decay, maximize, masks, masked_out, histogram)
+                                 nesterov, weight_decay, maximize, masks, masked_out, histogram,
+                                 row_max)
 
     register_abstract("dpf_triton")
     devices = (("cuda",) if torch.cuda.is_available() else ()) + (
