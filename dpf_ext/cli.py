@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_dataset
+from .data import DATASETS, load_dataset
 from .methods import METHODS
 from .models import MODELS
 from .pruner import SCOPES, THRESHOLDS
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="train dense, oneshot, gradual and dpf with the same budget; one table")
     p.add_argument("--model", choices=sorted(MODELS), default="resnet20")
-    p.add_argument("--data", choices=("digits", "cifar10"), default="digits")
+    p.add_argument("--data", choices=DATASETS, default="digits",
+                   help="digits (bundled), gratings (generated, harder) or cifar10 (--data-dir)")
     p.add_argument("--data-dir", help="folder with CIFAR-10's python batches (never downloaded)")
     p.add_argument("--sparsity", type=float, default=defaults.sparsity)
     p.add_argument("--epochs", type=int, default=40)
@@ -48,21 +49,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-shot pruning point as a fraction of training")
     p.add_argument("--exclude", nargs="*", default=[],
                    help="layer names or patterns kept dense (e.g. conv1 fc)")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=int, default=defaults.seed, help="first seed")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run every method with this many seeds (seed, seed+1, ...) and report "
+                        "the mean and standard deviation")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch's CPU thread count (results depend on it; recorded in "
+                        "metrics.json)")
+    p.add_argument("--no-channel-floor", action="store_true",
+                   help="DPF without the channel floor (the paper's unguarded algorithm)")
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--out", type=Path, help="folder for metrics.json and the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
 def summary_table(results: list[RunResult]) -> str:
-    """One row per run: method, accuracy, sparsity, reactivations, wall time."""
-    header = ("method", "accuracy", "sparsity", "reactivations", "wall time")
-    rows = [
-        (r.config.method, f"{r.accuracy:.2%}", f"{r.sparsity:.2%}", str(r.reactivations),
-         f"{r.wall_time:.1f} s")
-        for r in results
-    ]
+    """One row per method: accuracy (mean ± standard deviation over its seeds), sparsity,
+    reactivations, wall time, seeds."""
+    header = ("method", "accuracy", "sparsity", "reactivations", "wall time", "seeds")
+    methods = list(dict.fromkeys(r.config.method for r in results))
+    rows = []
+    for m in methods:
+        runs = [r for r in results if r.config.method == m]
+        acc, spread = _mean_std([100 * r.accuracy for r in runs])
+        rows.append((m, f"{acc:.2f} ± {spread:.2f}%" if len(runs) > 1 else f"{acc:.2f}%",
+                     f"{_mean_std([r.sparsity for r in runs])[0]:.2%}",
+                     str(round(_mean_std([r.reactivations for r in runs])[0])),
+                     f"{_mean_std([r.wall_time for r in runs])[0]:.1f} s", str(len(runs))))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -121,18 +140,28 @@ def write_outputs(out: Path, results: list[RunResult]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     data = load_dataset(args.data, args.data_dir)
     base = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-            if hasattr(args, f.name) and f.name not in ("method", "exclude")}
+            if hasattr(args, f.name) and f.name not in ("method", "exclude", "seed")}
     methods = METHODS if args.compare else (args.method,)
-    configs = [TrainConfig(method=m, exclude=tuple(args.exclude), **base) for m in methods]
+    configs = [TrainConfig(method=m, exclude=tuple(args.exclude), seed=args.seed + i,
+                           channel_floor=not args.no_channel_floor, **base)
+               for m in methods for i in range(args.seeds)]
     print(f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
-          f"model {args.model}, target sparsity {args.sparsity:.0%}, {args.epochs} epochs")
+          f"model {args.model}, target sparsity {args.sparsity:.0%}, {args.epochs} epochs, "
+          f"{torch.get_num_threads()} threads")
     results = []
     for config in configs:
         results.append(train(config, data, progress=not args.no_progress))
-        if not args.compare and results[-1].report:
+        if not args.compare and args.seeds == 1 and results[-1].report:
             print(results[-1].report)
     print(summary_table(results))
     if args.out:

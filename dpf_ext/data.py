@@ -2,6 +2,10 @@
 
 - ``digits``: scikit-learn's bundled handwritten digits (1797 images of 8x8, 10 classes);
   no download. A fixed, stratified 80/20 split.
+- ``gratings``: a harder task generated on the spot (no download, no file): 16x16 images of
+  a grating whose orientation and frequency give one of 10 classes, under a random phase,
+  contrast, a distractor grating and noise. Small enough for a CPU, hard enough that
+  pruning to 95-99% costs accuracy.
 - ``cifar10``: CIFAR-10 from its python-format batches on disk (``data_batch_1..5`` and
   ``test_batch``, in ``data_dir`` or ``data_dir/cifar-10-batches-py``); never downloaded.
 """
@@ -58,6 +62,39 @@ def load_digits(seed: int = 0) -> Dataset:
     return Dataset("digits", x[train], y[train], x[test], y[test])
 
 
+GRATING_CLASSES = [(angle, freq) for freq in (1.5, 3.0) for angle in (0, 36, 72, 108, 144)]
+"""The ``gratings`` classes: (orientation in degrees, cycles per image)."""
+
+
+def load_gratings(n_train: int = 4000, n_test: int = 1000, size: int = 16, noise: float = 1.3,
+                  seed: int = 0) -> Dataset:
+    """The ``gratings`` task: each image is ``contrast * cos(2π f (x cos θ + y sin θ) + φ)``
+    for its class's orientation θ and frequency f, plus a weaker distractor grating of a
+    random class, plus Gaussian noise of standard deviation ``noise``. Deterministic for a
+    given ``seed``; the test split comes from the same generator."""
+    gen = torch.Generator().manual_seed(seed)
+    n = n_train + n_test
+    classes = torch.arange(n) % len(GRATING_CLASSES)
+    classes = classes[torch.randperm(n, generator=gen)]
+    coords = torch.linspace(0, 1, size)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    table = torch.tensor(GRATING_CLASSES, dtype=torch.float32)
+
+    def grating(idx: torch.Tensor, jitter: float) -> torch.Tensor:
+        angle = torch.deg2rad(table[idx, 0] + jitter * torch.randn(len(idx), generator=gen))
+        freq = table[idx, 1] * (1 + 0.05 * torch.randn(len(idx), generator=gen))
+        phase = 2 * torch.pi * torch.rand(len(idx), generator=gen)
+        proj = xx * angle.cos().view(-1, 1, 1) + yy * angle.sin().view(-1, 1, 1)
+        return torch.cos(2 * torch.pi * freq.view(-1, 1, 1) * proj + phase.view(-1, 1, 1))
+
+    contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, generator=gen)
+    distractor = torch.randint(0, len(GRATING_CLASSES), (n,), generator=gen)
+    x = (contrast * grating(classes, 6.0) + 0.7 * grating(distractor, 6.0)
+         + noise * torch.randn(n, size, size, generator=gen))
+    x = x.unsqueeze(1)
+    return Dataset("gratings", x[:n_train], classes[:n_train], x[n_train:], classes[n_train:])
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as f:
         batch = pickle.load(f, encoding="bytes")
@@ -91,15 +128,20 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
     return Dataset("cifar10", x_train, y_train, x_test, y_test, augment=True)
 
 
+DATASETS = ("digits", "gratings", "cifar10")
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load ``digits`` or ``cifar10`` (the latter needs ``data_dir``)."""
+    """Load ``digits``, ``gratings`` or ``cifar10`` (the latter needs ``data_dir``)."""
     if name == "digits":
         return load_digits()
+    if name == "gratings":
+        return load_gratings()
     if name == "cifar10":
         if data_dir is None:
             raise ValueError("--data cifar10 needs --data-dir DIR holding the python batches")
         return load_cifar10(data_dir)
-    raise ValueError(f"unknown data set {name!r}; choose digits or cifar10")
+    raise ValueError(f"unknown data set {name!r}; choose from {DATASETS}")
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

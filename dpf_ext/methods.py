@@ -26,12 +26,14 @@ def make_pruner(
     sparsity: float,
     total_steps: int,
     prune_at: int = 0,
+    channel_floor: bool = True,
     **options,
 ) -> DPF | None:
     """The pruner of ``method`` for ``model`` (``None`` for ``dense``).
 
-    ``prune_at`` is the one-shot pruning step; ``options`` (``update_every``, ``scope``,
-    ``threshold``) go to :class:`DPF`.
+    ``prune_at`` is the one-shot pruning step; ``channel_floor`` applies to ``dpf`` (with
+    the global or layer scope); ``options`` (``update_every``, ``scope``, ``threshold``) go
+    to :class:`DPF`.
     """
     if method == "dense":
         return None
@@ -42,5 +44,6 @@ def make_pruner(
         return DPF(model, sparsity, total_steps=total_steps, feedback=False, channel_floor=False,
                    **options)
     if method == "dpf":
-        return DPF(model, sparsity, total_steps=total_steps, **options)
+        floor = channel_floor and options.get("scope", "global") != "filter"
+        return DPF(model, sparsity, total_steps=total_steps, channel_floor=floor, **options)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")

@@ -34,6 +34,8 @@ class TrainConfig:
     oneshot_at: float = 0.1
     """One-shot pruning point, as a fraction of training."""
     exclude: tuple[str, ...] = ()
+    channel_floor: bool = True
+    """DPF's channel floor (the baselines run without it)."""
     seed: int = 0
     device: str = "cpu"
 
@@ -91,7 +93,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
     pruner = make_pruner(
         config.method, model, config.sparsity, total_steps,
         prune_at=round(config.oneshot_at * total_steps), update_every=config.update_every,
-        scope=config.scope, threshold=config.threshold,
+        scope=config.scope, threshold=config.threshold, channel_floor=config.channel_floor,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.momentum > 0, weight_decay=config.weight_decay)

@@ -83,14 +83,24 @@ def _shard(model):
     return model
 
 
-SETTINGS = [dict(scope=s, threshold=t) for s in ("global", "layer", "filter") for t in ("exact", "approx")]
+SETTINGS = [dict(scope=s, threshold=t, sparsity=0.7)
+            for s in ("global", "layer", "filter") for t in ("exact", "approx")]
+# the channel floor at work: forced channels globally; in layer scope the first layer's
+# budget is exactly one weight per channel
+SETTINGS += [dict(scope="global", threshold="exact", sparsity=0.93),
+             dict(scope="layer", threshold="exact", sparsity=0.9)]
+
+
+def _pruner(model, settings):
+    settings = dict(settings)
+    return dpf_ext.DPF(model, schedule=Constant(settings.pop("sparsity")), **settings)
 
 
 def _sharded_masks(rank, world):
     out = []
     for settings in SETTINGS:
         model = _shard(dpf_ext.sparsify(_model()))
-        pruner = dpf_ext.DPF(model, schedule=Constant(0.7), **settings)
+        pruner = _pruner(model, settings)
         out.append((_masks(model), pruner.report().to_dict()))
     return out
 
@@ -101,8 +111,10 @@ def test_sharded_threshold_equals_single_process(tmp_path, world):
     results = run_ranks(_sharded_masks, world, tmp_path)
     for i, settings in enumerate(SETTINGS):
         model = dpf_ext.sparsify(_model())
-        pruner = dpf_ext.DPF(model, schedule=Constant(0.7), **settings)
+        pruner = _pruner(model, settings)
         expected = _masks(model)
+        if settings["sparsity"] > 0.7:
+            assert pruner.report().forced > 0, settings
         for rank, per_setting in enumerate(results):
             masks, report = per_setting[i]
             for a, b in zip(masks, expected):
