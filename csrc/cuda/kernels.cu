@@ -1,13 +1,17 @@
 // CUDA kernels of the dpf ops (declared in kernels.h). Element-wise math from dpf_math.h.
 #include "kernels.h"
 
+#include <type_traits>
+
 namespace dpf {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kHistThreads = 1024;
-constexpr size_t kSharedHistBytes = size_t(kHighBins) * sizeof(unsigned int);  // 128 KiB
+// 16-bit counters take at most kChunk increments per chunk: flushed every this many chunks
+// they stay below 2^16.
+constexpr int kChunksPerFlush16 = 65535 / kChunk;
 
 // The tensor holding chunk c: the last t with chunk_start[t] <= c.
 __device__ __forceinline__ int find_tensor(const Table& tab, int64_t c) {
@@ -47,16 +51,62 @@ __device__ __forceinline__ unsigned long long block_sum(unsigned long long v) {
   return v;
 }
 
-__device__ __forceinline__ void zero_shared(unsigned int* bins) {
-  for (int i = threadIdx.x; i < kHighBins; i += blockDim.x) bins[i] = 0;
-  __syncthreads();
-}
+// 32-bit words of shared memory a block's histogram takes in the layout B.
+template <Bins B>
+constexpr int kSharedWords = B == Bins::kShared32 ? kHighBins : B == Bins::kShared16 ? kHighBins / 2 : 0;
 
-__device__ __forceinline__ void flush_shared(const unsigned int* bins, unsigned long long* hist) {
-  __syncthreads();
-  for (int i = threadIdx.x; i < kHighBins; i += blockDim.x)
-    if (bins[i]) atomicAdd(&hist[i], static_cast<unsigned long long>(bins[i]));
-}
+// A block's histogram in the layout B (see Bins): `bins` is the dynamic shared memory
+// (unused for kGlobal), `hist` the global histogram it is merged into.
+template <Bins B>
+struct BlockHistogram {
+  unsigned int* bins;
+  unsigned long long* hist;
+  int chunks = 0;  // chunks counted since the last flush (kShared16)
+
+  __device__ __forceinline__ void zero() {
+    if constexpr (B != Bins::kGlobal) {
+      for (int i = threadIdx.x; i < kSharedWords<B>; i += blockDim.x) bins[i] = 0;
+      __syncthreads();
+    }
+  }
+
+  __device__ __forceinline__ void add(uint32_t bin) {
+    if constexpr (B == Bins::kShared32)
+      atomicAdd(&bins[bin], 1u);
+    else if constexpr (B == Bins::kShared16)
+      atomicAdd(&bins[bin >> 1], 1u << ((bin & 1u) * 16));
+    else
+      atomicAdd(&hist[bin], 1ull);
+  }
+
+  // Adds the block's counts to `hist`; `reset` zeroes them for more counting.
+  __device__ __forceinline__ void flush(bool reset) {
+    if constexpr (B != Bins::kGlobal) {
+      __syncthreads();
+      for (int i = threadIdx.x; i < kSharedWords<B>; i += blockDim.x) {
+        const unsigned int w = bins[i];
+        if constexpr (B == Bins::kShared32) {
+          if (w) atomicAdd(&hist[i], static_cast<unsigned long long>(w));
+        } else {
+          if (w & 0xFFFFu) atomicAdd(&hist[2 * i], static_cast<unsigned long long>(w & 0xFFFFu));
+          if (w >> 16) atomicAdd(&hist[2 * i + 1], static_cast<unsigned long long>(w >> 16));
+        }
+        if (reset) bins[i] = 0;
+      }
+      if (reset) __syncthreads();
+    }
+  }
+
+  // Called after each chunk (block-uniformly): keeps 16-bit counters from overflowing.
+  __device__ __forceinline__ void chunk_done() {
+    if constexpr (B == Bins::kShared16) {
+      if (++chunks == kChunksPerFlush16) {
+        chunks = 0;
+        flush(true);
+      }
+    }
+  }
+};
 
 // row_max[row of i] = max(it, row_key of element i). The plain read first skips the atomic
 // for all but the few elements that raise a row's maximum.
@@ -68,21 +118,24 @@ __device__ __forceinline__ void max_row(const Rows& rows, int t, int64_t i, uint
   if (key > *reinterpret_cast<volatile long long*>(slot)) atomicMax(slot, key);
 }
 
-// Pass 1: block-local histograms in shared memory, merged once per block.
-template <typename T>
+// Pass 1: block-local histograms (in shared memory unless B is kGlobal), merged once per
+// block.
+template <typename T, Bins B>
 __global__ void histogram_high_kernel(Table tab, Rows rows, unsigned long long* hist) {
   extern __shared__ unsigned int bins[];
-  zero_shared(bins);
+  BlockHistogram<B> h{bins, hist};
+  h.zero();
   for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
     const Span s = chunk_span(tab, c);
     const T* w = static_cast<const T*>(tab.data[s.t]);
     for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
       const uint32_t mag = magnitude_bits(w[i]);
-      atomicAdd(&bins[high_bin(mag)], 1u);
+      h.add(high_bin(mag));
       if (rows.max) max_row(rows, s.t, i, mag);
     }
+    h.chunk_done();
   }
-  flush_shared(bins, hist);
+  h.flush(false);
 }
 
 // Pass 2: only the elements of one high bin count, straight into global memory.
@@ -142,12 +195,14 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 
 // The fused SGD step. A thread updates V = 16 / sizeof(T) consecutive elements with 16-byte
 // loads and stores of p, g and buf where the tensor's pointers allow it, else one at a time.
-template <typename T, bool HIST>
+// With HIST, the histogram of the new |p| is counted in the layout B.
+template <typename T, bool HIST, Bins B>
 __global__ void sgd_kernel(Table tab, const void* const* grads, void* const* bufs,
                            const int64_t* fresh, const bool* const* masks, void* const* outs,
                            SgdParams hp, unsigned long long* hist, Rows rows) {
   extern __shared__ unsigned int bins[];
-  if (HIST) zero_shared(bins);
+  BlockHistogram<B> h{bins, hist};
+  if (HIST) h.zero();
   constexpr int V = 16 / sizeof(T);
   for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
     const Span s = chunk_span(tab, c);
@@ -165,7 +220,7 @@ __global__ void sgd_kernel(Table tab, const void* const* grads, void* const* buf
       if (o) o[i] = from_float<T>(to_float(pi) * float(m[i]));
       if (HIST) {
         const uint32_t mag = magnitude_bits(pi);
-        atomicAdd(&bins[high_bin(mag)], 1u);
+        h.add(high_bin(mag));
         if (rows.max) max_row(rows, s.t, i, mag);
       }
     };
@@ -190,8 +245,9 @@ __global__ void sgd_kernel(Table tab, const void* const* grads, void* const* buf
     }
     for (int64_t i = tail + threadIdx.x; i < s.end; i += blockDim.x)
       update(i, p[i], g[i], b ? b + i : nullptr);
+    if (HIST) h.chunk_done();
   }
-  if (HIST) flush_shared(bins, hist);
+  if (HIST) h.flush(false);
 }
 
 int grid_for(int64_t chunks, int cap) {
@@ -212,29 +268,67 @@ cudaError_t with_dtype(DType dtype, const F& fn) {
   return cudaErrorInvalidValue;
 }
 
+size_t shared_bytes(Bins b) {
+  return sizeof(unsigned int) * (b == Bins::kShared32   ? kSharedWords<Bins::kShared32>
+                                 : b == Bins::kShared16 ? kSharedWords<Bins::kShared16>
+                                                        : 0);
+}
+
+// Opts `kernel` in to the shared memory of layout b (once per kernel and process).
 template <typename K>
-cudaError_t allow_shared_hist(K kernel) {
+cudaError_t allow_shared(K kernel, Bins b) {
+  if (shared_bytes(b) <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(kSharedHistBytes));
+                              static_cast<int>(shared_bytes(b)));
+}
+
+// fn(std::integral_constant<Bins, b>{}) for the runtime layout b.
+template <typename F>
+cudaError_t with_bins(Bins b, const F& fn) {
+  switch (b) {
+    case Bins::kShared32:
+      return fn(std::integral_constant<Bins, Bins::kShared32>{});
+    case Bins::kShared16:
+      return fn(std::integral_constant<Bins, Bins::kShared16>{});
+    case Bins::kGlobal:
+      return fn(std::integral_constant<Bins, Bins::kGlobal>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Blocks for a histogram pass: one per SM with shared-memory bins (each needs most of an
+// SM's shared memory), more with global bins.
+int hist_grid(int64_t chunks, const DeviceInfo& dev, Bins b) {
+  return grid_for(chunks, b == Bins::kGlobal ? dev.num_sms * 8 : dev.num_sms);
 }
 
 }  // namespace
 
+Bins bins_for(const DeviceInfo& dev) {
+  if (dev.max_shared_optin >= int(shared_bytes(Bins::kShared32))) return Bins::kShared32;
+  if (dev.max_shared_optin >= int(shared_bytes(Bins::kShared16))) return Bins::kShared16;
+  return Bins::kGlobal;
+}
+
 cudaError_t magnitude_histogram(const Table& tab, DType dtype, const int64_t* prefix,
-                                unsigned long long* hist, Rows rows, int num_sms,
+                                unsigned long long* hist, Rows rows, const DeviceInfo& dev,
                                 cudaStream_t stream) {
   if (tab.chunks == 0) return cudaSuccess;
+  const Bins b = bins_for(dev);
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (prefix) {
-      histogram_low_kernel<T><<<grid_for(tab.chunks, num_sms * 8), kThreads, 0, stream>>>(tab, prefix, hist);
-    } else {
-      cudaError_t err = allow_shared_hist(histogram_high_kernel<T>);
-      if (err != cudaSuccess) return err;
-      histogram_high_kernel<T><<<grid_for(tab.chunks, num_sms), kHistThreads, kSharedHistBytes, stream>>>(
-          tab, rows, hist);
+      histogram_low_kernel<T><<<grid_for(tab.chunks, dev.num_sms * 8), kThreads, 0, stream>>>(tab, prefix, hist);
+      return cudaGetLastError();
     }
-    return cudaGetLastError();
+    return with_bins(b, [&](auto layout) {
+      constexpr Bins B = decltype(layout)::value;
+      cudaError_t err = allow_shared(histogram_high_kernel<T, B>, B);
+      if (err != cudaSuccess) return err;
+      histogram_high_kernel<T, B><<<hist_grid(tab.chunks, dev, B), kHistThreads, shared_bytes(B), stream>>>(
+          tab, rows, hist);
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -264,21 +358,25 @@ cudaError_t masked_weight(const void* w, const bool* mask, void* out, int64_t n,
 
 cudaError_t sgd_step(const Table& tab, DType dtype, const void* const* grads, void* const* bufs,
                      const int64_t* fresh, const bool* const* masks, void* const* outs,
-                     const SgdParams& hp, unsigned long long* hist, Rows rows, int num_sms,
-                     cudaStream_t stream) {
+                     const SgdParams& hp, unsigned long long* hist, Rows rows,
+                     const DeviceInfo& dev, cudaStream_t stream) {
   if (tab.chunks == 0) return cudaSuccess;
+  const Bins b = bins_for(dev);
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (hist) {
-      cudaError_t err = allow_shared_hist(sgd_kernel<T, true>);
-      if (err != cudaSuccess) return err;
-      sgd_kernel<T, true><<<grid_for(tab.chunks, num_sms), kHistThreads, kSharedHistBytes, stream>>>(
-          tab, grads, bufs, fresh, masks, outs, hp, hist, rows);
-    } else {
-      sgd_kernel<T, false><<<grid_for(tab.chunks, num_sms * 8), kThreads, 0, stream>>>(
+    if (!hist) {
+      sgd_kernel<T, false, Bins::kGlobal><<<grid_for(tab.chunks, dev.num_sms * 8), kThreads, 0, stream>>>(
           tab, grads, bufs, fresh, masks, outs, hp, nullptr, Rows{nullptr, nullptr});
+      return cudaGetLastError();
     }
-    return cudaGetLastError();
+    return with_bins(b, [&](auto layout) {
+      constexpr Bins B = decltype(layout)::value;
+      cudaError_t err = allow_shared(sgd_kernel<T, true, B>, B);
+      if (err != cudaSuccess) return err;
+      sgd_kernel<T, true, B><<<hist_grid(tab.chunks, dev, B), kHistThreads, shared_bytes(B), stream>>>(
+          tab, grads, bufs, fresh, masks, outs, hp, hist, rows);
+      return cudaGetLastError();
+    });
   });
 }
 

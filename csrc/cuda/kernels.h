@@ -20,6 +20,19 @@ enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 // Elements per chunk: a chunk never spans two tensors.
 constexpr int64_t kChunk = 4096;
 
+// What the launchers need to know of the GPU; the caller queries it once per device.
+struct DeviceInfo {
+  int num_sms;           // streaming multiprocessors
+  int max_shared_optin;  // bytes of dynamic shared memory a block may opt in to
+};
+
+// Where a block counts the 32768-bin histogram, chosen from DeviceInfo::max_shared_optin:
+// 32-bit counters in 128 KiB of shared memory (sm_80, sm_90), 16-bit counters in 64 KiB
+// flushed before they can overflow (sm_75, sm_86/89/120: 64-99 KiB), or straight into the
+// global histogram (any GPU; the fallback under 64 KiB).
+enum class Bins : int { kShared32 = 0, kShared16 = 1, kGlobal = 2 };
+Bins bins_for(const DeviceInfo& dev);
+
 struct Table {
   const void* const* data;       // device array: element pointer per tensor
   const int64_t* numel;          // device array: elements per tensor
@@ -40,7 +53,7 @@ struct Rows {
 // bins) += low-16-bit histogram of the elements whose top 16 bits equal *prefix. No host
 // synchronisation.
 cudaError_t magnitude_histogram(const Table& weights, DType dtype, const int64_t* prefix,
-                                unsigned long long* hist, Rows rows, int num_sms,
+                                unsigned long long* hist, Rows rows, const DeviceInfo& dev,
                                 cudaStream_t stream);
 
 // For every tensor t of the table, with k = index[t] its position in the caller's list:
@@ -63,7 +76,7 @@ cudaError_t masked_weight(const void* w, const bool* mask, void* out, int64_t n,
 cudaError_t sgd_step(const Table& params, DType dtype, const void* const* grads,
                      void* const* bufs, const int64_t* fresh, const bool* const* masks,
                      void* const* outs, const SgdParams& hp, unsigned long long* hist,
-                     Rows rows, int num_sms, cudaStream_t stream);
+                     Rows rows, const DeviceInfo& dev, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dpf

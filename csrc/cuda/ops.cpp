@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <map>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -122,12 +123,23 @@ cuda::Rows rows_at(const Launch& l, size_t first, bool with_rows) {
   return {l.arrays->as<long long* const*>(first), (*l.arrays)[first + 1]};
 }
 
-int num_sms() {
-  int device = 0, sms = 0;
+// The current device's SM count and shared-memory opt-in limit, queried once per device.
+const cuda::DeviceInfo& device_info() {
+  static std::mutex lock;
+  static std::map<int, cuda::DeviceInfo> known;
+  int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute");
-  return sms;
+  const std::lock_guard<std::mutex> guard(lock);
+  auto it = known.find(device);
+  if (it == known.end()) {
+    cuda::DeviceInfo info{};
+    check_cuda(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device),
+               "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&info.max_shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute");
+    it = known.emplace(device, info).first;
+  }
+  return it->second;
 }
 
 at::Tensor magnitude_histogram_cuda(at::TensorList weights, const std::optional<at::Tensor>& prefix,
@@ -143,7 +155,7 @@ at::Tensor magnitude_histogram_cuda(at::TensorList weights, const std::optional<
     const Launch l = make_launch(ws, row_columns(ws, row_max, idx));
     check_cuda(cuda::magnitude_histogram(l.table, dtype_of(ws[0]), low ? pre.const_data_ptr<int64_t>() : nullptr,
                                          reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
-                                         rows_at(l, 3, !row_max.empty()), num_sms(), stream),
+                                         rows_at(l, 3, !row_max.empty()), device_info(), stream),
                "magnitude_histogram");
   }
   return hist;
@@ -235,7 +247,7 @@ void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                        write_masked ? l.arrays->as<const bool* const*>(6) : nullptr,
                        write_masked ? l.arrays->as<void* const*>(7) : nullptr, hp,
                        histogram ? reinterpret_cast<unsigned long long*>(histogram->data_ptr<int64_t>()) : nullptr,
-                       rows_at(l, 8, !row_max.empty()), num_sms(), stream),
+                       rows_at(l, 8, !row_max.empty()), device_info(), stream),
         "feedback_sgd_step");
     for (size_t j = 0; j < idx.size(); ++j) {
       const int64_t i = idx[j];

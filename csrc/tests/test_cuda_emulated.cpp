@@ -1,0 +1,455 @@
+// Runs every CUDA kernel of csrc/cuda/kernels.cu on the CPU (HIP-CPU, see
+// csrc/cuda/emulation/) and compares each output with the CPU kernels of cpu/kernels.h:
+// three dtypes; sizes 1 ... 100003 across chunk edges; aligned, misaligned and mixed
+// pointers; 1, 3 and 132 SMs; the channel floor's rows; empty and full histogram bins; the
+// shared-memory limits of every GPU class from sm_75 up. Prints "N passed, N failed".
+//
+// Device memory is host memory under HIP-CPU, so the tables point at std::vectors.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../cpu/kernels.h"
+#include "../cuda/kernels.h"
+
+namespace {
+
+using namespace dpf;
+
+int passed = 0, failed = 0;
+
+// DPF_EMU_FAIL_FAST=1 (the mutation check): stop at the first failure.
+void failure(const std::string& what) {
+  ++failed;
+  if (failed <= 30) std::fprintf(stderr, "FAILED: %s\n", what.c_str());
+  if (std::getenv("DPF_EMU_FAIL_FAST")) {
+    std::printf("%d passed, %d failed (stopped at the first failure)\n", passed, failed);
+    std::exit(1);
+  }
+}
+
+void check(bool ok, const std::string& what) {
+  if (ok)
+    ++passed;
+  else
+    failure(what);
+}
+
+void check_cuda(cudaError_t err, const std::string& what) {
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  if (err != cudaSuccess) failure(what + ": " + cudaGetErrorString(err));
+}
+
+template <typename T>
+const char* dtype_name() {
+  if constexpr (std::is_same_v<T, float>) return "float32";
+  if constexpr (std::is_same_v<T, Half>) return "float16";
+  return "bfloat16";
+}
+
+template <typename T>
+cuda::DType dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return cuda::DType::kFloat;
+  if constexpr (std::is_same_v<T, Half>) return cuda::DType::kHalf;
+  return cuda::DType::kBFloat16;
+}
+
+// Bit-identical values, except that any NaN equals any NaN (operand order may flip a
+// NaN's sign or payload).
+template <typename T>
+bool same(T a, T b) {
+  const float fa = to_float(a), fb = to_float(b);
+  if (std::isnan(fa) || std::isnan(fb)) return std::isnan(fa) && std::isnan(fb);
+  return std::memcmp(&a, &b, sizeof(T)) == 0;
+}
+
+// Row keys equal, a NaN maximum matching any NaN maximum.
+bool same_key(int64_t a, int64_t b) {
+  const bool na = (a >> 32) > 0x7F800000, nb = (b >> 32) > 0x7F800000;
+  return na || nb ? na && nb : a == b;
+}
+
+std::mt19937 rng(1234);
+
+constexpr float kCanary = 1024.f;  // exact in every dtype
+
+// A tensor in "device" memory: `offset` elements into its buffer (1: off 16-byte alignment),
+// with canaries before and after it that no kernel may touch.
+template <typename T>
+struct Tensor {
+  std::vector<T> buffer;
+  int64_t offset = 0;
+  int64_t n = 0;
+  int64_t row_len = 1;
+  T* data() { return buffer.data() + offset; }
+  bool canaries_intact() const {
+    for (int64_t i = 0; i < int64_t(buffer.size()); ++i)
+      if ((i < offset || i >= offset + n) && to_float(buffer[i]) != kCanary) return false;
+    return true;
+  }
+};
+
+enum class Values { kNormal, kSpecial, kConstant };
+
+template <typename T>
+Tensor<T> make_tensor(int64_t n, int64_t offset, Values kind, float scale = 1.f) {
+  Tensor<T> t;
+  t.offset = offset;
+  t.n = n;
+  t.buffer.assign(n + offset + 8, from_float<T>(kCanary));
+  std::normal_distribution<float> normal(0.f, scale);
+  const float specials[] = {0.f, -0.f, 1e-40f, -1e-45f, std::numeric_limits<float>::infinity(),
+                            std::nanf(""), 3.f, -3.f, 65504.f, 1e-8f};
+  for (int64_t i = 0; i < n; ++i) {
+    float v = normal(rng);
+    if (kind == Values::kSpecial && i % 7 == 3) v = specials[(i / 7) % 10];
+    if (kind == Values::kConstant) v = scale;
+    t.data()[i] = from_float<T>(v);
+  }
+  for (int64_t d : {576, 64, 9, 3, 1})
+    if (n % d == 0) {
+      t.row_len = d;
+      break;
+    }
+  return t;
+}
+
+// The table of a list of tensors, with its host-side arrays kept alive.
+struct TableData {
+  std::vector<const void*> ptrs;
+  std::vector<int64_t> numel, starts{0};
+  cuda::Table table{};
+
+  template <typename T>
+  explicit TableData(std::vector<Tensor<T>>& ts) {
+    for (auto& t : ts) {
+      ptrs.push_back(t.data());
+      numel.push_back(t.n);
+      starts.push_back(starts.back() + (t.n + cuda::kChunk - 1) / cuda::kChunk);
+    }
+    table = {ptrs.data(), numel.data(), starts.data(), int(ts.size()), starts.back()};
+  }
+};
+
+// Row maxima storage and the Rows view for a list of tensors.
+struct RowsData {
+  std::vector<std::vector<long long>> keys;
+  std::vector<long long*> ptrs;
+  std::vector<int64_t> lengths;
+
+  template <typename T>
+  explicit RowsData(const std::vector<Tensor<T>>& ts) {
+    for (const auto& t : ts) {
+      keys.emplace_back(t.n / t.row_len, 0);
+      lengths.push_back(t.row_len);
+    }
+    for (auto& k : keys) ptrs.push_back(k.data());
+  }
+  cuda::Rows rows() { return {ptrs.data(), lengths.data()}; }
+};
+
+const cuda::DeviceInfo kDevices[] = {{1, 227 * 1024}, {3, 227 * 1024}, {132, 227 * 1024}};
+
+template <typename T>
+std::vector<std::vector<Tensor<T>>> cases() {
+  std::vector<std::vector<Tensor<T>>> out;
+  for (int64_t n : {int64_t(1), int64_t(7), int64_t(4095), int64_t(4096), int64_t(4097), int64_t(100003)})
+    for (int64_t offset : {0, 1}) out.push_back({make_tensor<T>(n, offset, Values::kNormal)});
+  // many tensors in one table: mixed sizes, alignments and scales, special values
+  out.push_back({make_tensor<T>(576 * 3, 0, Values::kNormal, 0.01f), make_tensor<T>(9, 1, Values::kSpecial),
+                 make_tensor<T>(8191, 3, Values::kSpecial), make_tensor<T>(64 * 130, 0, Values::kNormal, 10.f),
+                 make_tensor<T>(1, 0, Values::kNormal)});
+  // every element in one histogram bin
+  out.push_back({make_tensor<T>(20000, 0, Values::kConstant, 0.75f), make_tensor<T>(333, 1, Values::kConstant, 0.75f)});
+  return out;
+}
+
+template <typename T>
+void test_histograms() {
+  int idx = 0;
+  for (auto& ts : cases<T>()) {
+    const std::string name = std::string(dtype_name<T>()) + " case " + std::to_string(idx++);
+    TableData tab(ts);
+    std::vector<int32_t> expected(kHighBins, 0);
+    RowsData expected_rows(ts);
+    for (size_t t = 0; t < ts.size(); ++t)
+      cpu::histogram_high(ts[t].data(), 0, ts[t].n, expected.data(), reinterpret_cast<int64_t*>(expected_rows.keys[t].data()),
+                          ts[t].row_len);
+    for (const auto& dev : kDevices) {
+      for (bool with_rows : {false, true}) {
+        std::vector<unsigned long long> hist(kHighBins, 0);
+        RowsData rows(ts);
+        check_cuda(cuda::magnitude_histogram(tab.table, dtype_of<T>(), nullptr, hist.data(),
+                                             with_rows ? rows.rows() : cuda::Rows{nullptr, nullptr}, dev, nullptr),
+                   name + " histogram launch");
+        bool ok = true;
+        for (int b = 0; b < kHighBins; ++b) ok &= hist[b] == (unsigned long long)expected[b];
+        check(ok, name + " high histogram, " + std::to_string(dev.num_sms) + " SMs");
+        if (with_rows) {
+          bool rows_ok = true;
+          for (size_t t = 0; t < ts.size(); ++t)
+            for (size_t r = 0; r < rows.keys[t].size(); ++r)
+              rows_ok &= same_key(rows.keys[t][r], expected_rows.keys[t][r]);
+          check(rows_ok, name + " row maxima, " + std::to_string(dev.num_sms) + " SMs");
+        }
+      }
+    }
+    // the low pass: the fullest bin, a bin that is empty and the smallest occupied bin
+    int fullest = 0, smallest = -1, empty = -1;
+    for (int b = 0; b < 0x7F80; ++b) {
+      if (expected[b] > expected[fullest]) fullest = b;
+      if (expected[b] && smallest < 0) smallest = b;
+      if (!expected[b] && empty < 0 && b > 0x3000) empty = b;
+    }
+    for (int prefix : {fullest, smallest, empty}) {
+      if (prefix < 0) continue;
+      std::vector<int32_t> low_expected(kLowBins, 0);
+      for (auto& t : ts) cpu::histogram_low(t.data(), 0, t.n, uint32_t(prefix), low_expected.data());
+      const int64_t pre = prefix;
+      for (const auto& dev : kDevices) {
+        std::vector<unsigned long long> low(kLowBins, 0);
+        check_cuda(cuda::magnitude_histogram(tab.table, dtype_of<T>(), &pre, low.data(), {nullptr, nullptr}, dev, nullptr),
+                   name + " low histogram launch");
+        bool ok = true;
+        for (int b = 0; b < kLowBins; ++b) ok &= low[b] == (unsigned long long)low_expected[b];
+        check(ok, name + " low histogram of bin " + std::to_string(prefix));
+      }
+    }
+  }
+}
+
+template <typename T>
+void test_update_masks() {
+  int idx = 0;
+  for (auto& ts : cases<T>()) {
+    const std::string name = std::string(dtype_name<T>()) + " case " + std::to_string(idx++);
+    TableData tab(ts);
+    RowsData keys(ts);
+    std::vector<int32_t> unused(kHighBins, 0);
+    for (size_t t = 0; t < ts.size(); ++t)
+      cpu::histogram_high(ts[t].data(), 0, ts[t].n, unused.data(), reinterpret_cast<int64_t*>(keys.keys[t].data()),
+                          ts[t].row_len);
+    const float median = std::fabs(to_float(ts[0].data()[ts[0].n / 2]));
+    for (float tau : {0.f, -0.f, median, 1.f, std::numeric_limits<float>::infinity(), std::nanf("")}) {
+      for (bool shrink : {false, true}) {
+        for (bool floor : {false, true}) {
+          std::bernoulli_distribution coin(0.5);
+          std::vector<std::vector<char>> start(ts.size());
+          for (size_t t = 0; t < ts.size(); ++t)
+            for (int64_t i = 0; i < ts[t].n; ++i) start[t].push_back(coin(rng));
+          // the caller's positions in reverse: stats must land at index[t], not t
+          const int64_t count = int64_t(ts.size());
+          std::vector<int64_t> index(ts.size());
+          std::vector<float> taus(ts.size(), tau);
+          for (int64_t t = 0; t < count; ++t) index[t] = count - 1 - t;
+          std::vector<std::vector<bool>> expected_masks;
+          std::vector<int64_t> expected(2 * ts.size(), 0);
+          for (size_t t = 0; t < ts.size(); ++t) {
+            std::vector<char> m = start[t];
+            cpu::update_mask(ts[t].data(), 0, ts[t].n, threshold_bits(tau), shrink,
+                             floor ? reinterpret_cast<const int64_t*>(keys.keys[t].data()) : nullptr, ts[t].row_len,
+                             reinterpret_cast<bool*>(m.data()), &expected[2 * index[t]], &expected[2 * index[t] + 1]);
+            expected_masks.emplace_back(m.begin(), m.end());
+          }
+          std::vector<std::vector<char>> got = start;
+          std::vector<bool*> mask_ptrs;
+          for (auto& m : got) mask_ptrs.push_back(reinterpret_cast<bool*>(m.data()));
+          std::vector<unsigned long long> stats(2 * ts.size(), 0);
+          check_cuda(cuda::update_masks(tab.table, dtype_of<T>(), mask_ptrs.data(), taus.data(), index.data(), shrink,
+                                        floor ? keys.rows() : cuda::Rows{nullptr, nullptr}, stats.data(), nullptr),
+                     name + " update_masks launch");
+          bool ok = true;
+          for (size_t t = 0; t < ts.size(); ++t)
+            for (int64_t i = 0; i < ts[t].n; ++i) ok &= bool(got[t][i]) == expected_masks[t][i];
+          for (size_t k = 0; k < stats.size(); ++k) ok &= stats[k] == (unsigned long long)expected[k];
+          check(ok, name + " update_masks tau " + std::to_string(tau) + (shrink ? " shrink" : "") +
+                        (floor ? " floor" : ""));
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void test_masked_weight() {
+  int idx = 0;
+  for (auto& ts : cases<T>()) {
+    for (auto& t : ts) {
+      std::vector<char> mask(t.n);
+      for (auto& m : mask) m = char(rng() & 1);
+      std::vector<T> expected(t.n), got_buffer(t.n + t.offset);
+      T* got = got_buffer.data() + t.offset;
+      cpu::masked_weight(t.data(), reinterpret_cast<const bool*>(mask.data()), t.n, expected.data());
+      check_cuda(cuda::masked_weight(t.data(), reinterpret_cast<const bool*>(mask.data()), got, t.n,
+                                     dtype_of<T>(), nullptr),
+                 "masked_weight launch");
+      bool ok = true;
+      for (int64_t i = 0; i < t.n; ++i) ok &= same(got[i], expected[i]);
+      check(ok, std::string(dtype_name<T>()) + " masked_weight case " + std::to_string(idx));
+    }
+    ++idx;
+  }
+}
+
+template <typename T>
+void test_sgd(const cuda::DeviceInfo& dev, const std::string& label) {
+  const SgdParams settings[] = {{0.1f, 0.f, 0.f, 0.f, false, false},
+                                {0.05f, 0.9f, 0.f, 1e-3f, true, false},
+                                {0.02f, 0.8f, 0.25f, 1e-2f, false, true}};
+  int idx = 0;
+  for (auto& base : cases<T>()) {
+    const std::string name = std::string(dtype_name<T>()) + " case " + std::to_string(idx++) + " " + label;
+    for (int setting = 0; setting < 3; ++setting) {
+      const SgdParams& hp = settings[setting];
+      for (int variant = 0; variant < 4; ++variant) {  // bit 0: histogram + rows; bit 1: masked copy
+        const bool with_hist = variant & 1, with_out = variant & 2;
+        const bool with_buf = hp.momentum != 0.f;
+        // grads and buffers aligned as the params (16-byte loads where the params allow
+        // them), except with the last setting: grads off by one element (the mixed case)
+        std::vector<Tensor<T>> ps = base, gs, bs, cpu_ps = base, cpu_bs;
+        for (auto& p : ps) {
+          gs.push_back(make_tensor<T>(p.n, setting == 2 ? 1 - p.offset % 2 : p.offset, Values::kNormal));
+          bs.push_back(make_tensor<T>(p.n, p.offset, Values::kNormal));
+        }
+        cpu_bs = bs;
+        std::vector<int64_t> fresh(ps.size());
+        for (size_t t = 0; t < ps.size(); ++t) fresh[t] = t % 2;
+        std::vector<std::vector<char>> masks(ps.size());
+        std::vector<std::vector<T>> outs(ps.size()), cpu_outs(ps.size());
+        for (size_t t = 0; t < ps.size(); ++t) {
+          for (int64_t i = 0; i < ps[t].n; ++i) masks[t].push_back(char(rng() & 1));
+          outs[t].resize(ps[t].n);
+          cpu_outs[t].resize(ps[t].n);
+        }
+        std::vector<int32_t> cpu_hist(kHighBins, 0);
+        RowsData cpu_rows(ps), rows(ps);
+        for (size_t t = 0; t < ps.size(); ++t)
+          cpu::sgd_step(cpu_ps[t].data(), gs[t].data(), with_buf ? cpu_bs[t].data() : nullptr, with_buf && fresh[t], 0,
+                        ps[t].n, hp, with_out ? reinterpret_cast<const bool*>(masks[t].data()) : nullptr,
+                        with_out ? cpu_outs[t].data() : nullptr, with_hist ? cpu_hist.data() : nullptr,
+                        with_hist ? reinterpret_cast<int64_t*>(cpu_rows.keys[t].data()) : nullptr, ps[t].row_len);
+
+        TableData tab(ps);
+        std::vector<const void*> gp;
+        std::vector<void*> bp, op;
+        std::vector<const bool*> mp;
+        for (size_t t = 0; t < ps.size(); ++t) {
+          gp.push_back(gs[t].data());
+          bp.push_back(bs[t].data());
+          mp.push_back(reinterpret_cast<const bool*>(masks[t].data()));
+          op.push_back(outs[t].data());
+        }
+        std::vector<unsigned long long> hist(kHighBins, 0);
+        check_cuda(cuda::sgd_step(tab.table, dtype_of<T>(), gp.data(), with_buf ? bp.data() : nullptr,
+                                  with_buf ? fresh.data() : nullptr, with_out ? mp.data() : nullptr,
+                                  with_out ? op.data() : nullptr, hp, with_hist ? hist.data() : nullptr,
+                                  with_hist ? rows.rows() : cuda::Rows{nullptr, nullptr}, dev, nullptr),
+                   name + " sgd launch");
+        bool ok = true;
+        for (size_t t = 0; t < ps.size(); ++t) {
+          ok &= ps[t].canaries_intact() && bs[t].canaries_intact();
+          for (int64_t i = 0; i < ps[t].n; ++i) {
+            ok &= same(ps[t].data()[i], cpu_ps[t].data()[i]);
+            if (with_buf) ok &= same(bs[t].data()[i], cpu_bs[t].data()[i]);
+            if (with_out) ok &= same(outs[t][i], cpu_outs[t][i]);
+          }
+        }
+        if (with_hist) {
+          for (int b = 0; b < kHighBins; ++b) ok &= hist[b] == (unsigned long long)cpu_hist[b];
+          for (size_t t = 0; t < ps.size(); ++t)
+            for (size_t r = 0; r < rows.keys[t].size(); ++r) ok &= same_key(rows.keys[t][r], cpu_rows.keys[t][r]);
+        }
+        check(ok, name + " sgd lr " + std::to_string(hp.lr) + " variant " + std::to_string(variant));
+      }
+    }
+  }
+}
+
+// Each GPU class's shared-memory limit: the histogram passes launch and count right.
+template <typename T>
+void test_gpu_classes() {
+  struct Class {
+    const char* name;
+    size_t optin;
+    cuda::Bins bins;
+  };
+  const Class classes[] = {{"48 KiB (no opt-in)", 48 * 1024, cuda::Bins::kGlobal},
+                           {"sm_75 (64 KiB)", 64 * 1024, cuda::Bins::kShared16},
+                           {"sm_86/89/120 (99 KiB)", 99 * 1024, cuda::Bins::kShared16},
+                           {"sm_80 (163 KiB)", 163 * 1024, cuda::Bins::kShared32},
+                           {"sm_90 (227 KiB)", 227 * 1024, cuda::Bins::kShared32}};
+  for (const auto& c : classes) {
+    dpf_emu::device().shared_optin = c.optin;
+    dpf_emu::opted_in().clear();
+    const cuda::DeviceInfo dev{2, int(c.optin)};
+    check(cuda::bins_for(dev) == c.bins, std::string("layout for ") + c.name);
+    // 200 000 equal magnitudes: one bin counts past 2^16 in every block
+    std::vector<Tensor<T>> ts{make_tensor<T>(200000, 0, Values::kConstant, 0.5f),
+                              make_tensor<T>(70001, 1, Values::kNormal)};
+    TableData tab(ts);
+    std::vector<int32_t> expected(kHighBins, 0);
+    for (auto& t : ts) cpu::histogram_high(t.data(), 0, t.n, expected.data(), nullptr, 1);
+    std::vector<unsigned long long> hist(kHighBins, 0);
+    check_cuda(cuda::magnitude_histogram(tab.table, dtype_of<T>(), nullptr, hist.data(), {nullptr, nullptr}, dev, nullptr),
+               std::string("histogram on ") + c.name);
+    bool ok = true;
+    for (int b = 0; b < kHighBins; ++b) ok &= hist[b] == (unsigned long long)expected[b];
+    check(ok, std::string(dtype_name<T>()) + " histogram on " + c.name);
+    test_sgd<T>(dev, c.name);
+  }
+  dpf_emu::device().shared_optin = 227 * 1024;
+}
+
+__global__ void noop_kernel(int* out) {
+  if (threadIdx.x == 0) *out = 1;
+}
+
+// The emulator refuses what a GPU refuses.
+void test_launch_limits() {
+  int out = 0;
+  dpf_emu::device().shared_optin = 64 * 1024;
+  dpf_emu::opted_in().clear();
+  dpf_emu::launch(noop_kernel, dim3(1), dim3(1025), 0, nullptr, &out);
+  check(cudaGetLastError() == cudaErrorInvalidConfiguration, "more than 1024 threads refused");
+  dpf_emu::launch(noop_kernel, dim3(1), dim3(32), 49 * 1024, nullptr, &out);
+  check(cudaGetLastError() == cudaErrorInvalidValue, "over 48 KiB without opt-in refused");
+  check(cudaFuncSetAttribute(noop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 65 * 1024) ==
+            cudaErrorInvalidValue,
+        "opt-in beyond the device's limit refused");
+  check(cudaFuncSetAttribute(noop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024) == cudaSuccess,
+        "opt-in within the device's limit accepted");
+  dpf_emu::launch(noop_kernel, dim3(1), dim3(32), 64 * 1024, nullptr, &out);
+  check(cudaGetLastError() == cudaSuccess && cudaDeviceSynchronize() == cudaSuccess && out == 1,
+        "opted-in launch runs");
+  dpf_emu::device().shared_optin = 227 * 1024;
+  dpf_emu::opted_in().clear();
+}
+
+}  // namespace
+
+int main() {
+  test_launch_limits();
+  test_histograms<float>();
+  test_histograms<Half>();
+  test_histograms<BFloat16>();
+  test_update_masks<float>();
+  test_update_masks<Half>();
+  test_update_masks<BFloat16>();
+  test_masked_weight<float>();
+  test_masked_weight<Half>();
+  test_masked_weight<BFloat16>();
+  for (const auto& dev : kDevices) {
+    test_sgd<float>(dev, std::to_string(dev.num_sms) + " SMs");
+  }
+  test_sgd<Half>(kDevices[1], "3 SMs");
+  test_sgd<BFloat16>(kDevices[1], "3 SMs");
+  test_gpu_classes<float>();
+  test_gpu_classes<Half>();
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}
