@@ -1,5 +1,6 @@
-"""Output channels under DPF: the channel floor that keeps every channel alive, and the
-watch that warns before a channel's feedback gradient blows up.
+"""Output channels under DPF: the channel floor that keeps every channel alive, the
+feedback clip for channels left with very few weights, and the watch that warns before a
+channel's feedback gradient blows up.
 
 A channel is a row of a prunable weight: an output feature of a Linear, an output filter of
 a ConvNd (``weight.shape[0]`` rows). Both objects work from each row's largest magnitude,
@@ -85,6 +86,32 @@ class ChannelFloor:
                 f"in {[name for name, _ in bad]}: with the channel floor the highest reachable "
                 f"layer sparsity is {worst:.6f}; lower the sparsity or pass channel_floor=False"
             )
+
+
+class _ClipPrunedGradient(torch.autograd.Function):
+    """Identity forward; backward clips the gradient of pruned weights to ``ratio`` times the
+    largest gradient magnitude among the layer's kept weights."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, ratio):
+        ctx.save_for_backward(mask)
+        ctx.ratio = ratio
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        bound = ctx.ratio * torch.where(mask, grad, 0).abs().amax()
+        return torch.where(mask, grad, torch.minimum(torch.maximum(grad, -bound), bound)), None, None
+
+
+def clip_pruned_gradient(weight: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``weight`` whose gradient reaches the pruned coordinates clipped to ``ratio`` times the
+    largest kept one of the layer (the feedback clip). A channel left with one or two small
+    weights can still get a gradient hundreds of times the others' through the
+    normalisation behind it; the kept weights absorb it by growing (which restores the
+    channel's variance), but pruned ones do not affect the output and would keep growing."""
+    return _ClipPrunedGradient.apply(weight, mask, ratio)
 
 
 def _norm_after(model: nn.Module, layer_names: list[str]) -> dict[str, str]:

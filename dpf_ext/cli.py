@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "metrics.json)")
     p.add_argument("--no-channel-floor", action="store_true",
                    help="DPF without the channel floor (the paper's unguarded algorithm)")
+    p.add_argument("--feedback-clip", type=float, default=None,
+                   help="bound pruned weights' feedback gradient to this multiple of the "
+                        "largest kept one per layer (1.0 is the measured setting; default off)")
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--out", type=Path, help="folder for metrics.json and the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     base = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
             if hasattr(args, f.name) and f.name not in ("method", "exclude", "seed")}
     methods = METHODS if args.compare else (args.method,)
+    if args.feedback_clip is not None and not args.feedback_clip > 0:
+        parser.error(f"--feedback-clip must be positive, got {args.feedback_clip}")
     configs = [TrainConfig(method=m, exclude=tuple(args.exclude), seed=args.seed + i,
                            channel_floor=not args.no_channel_floor, **base)
                for m in methods for i in range(args.seeds)]

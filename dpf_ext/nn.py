@@ -16,18 +16,22 @@ import torch
 from torch import nn
 
 from . import ops
+from .channels import clip_pruned_gradient
 from .distributed import is_sharded, local_weight_and_mask
 
 
 class DPFLayer:
     """Mixin of the DPF layers: a ``mask`` buffer and the masked forward.
 
-    Attributes: ``mask`` (bool buffer, all ones until a pruner writes it) and ``feedback``
-    (whether pruned weights receive gradient).
+    Attributes: ``mask`` (bool buffer, all ones until a pruner writes it), ``feedback``
+    (whether pruned weights receive gradient) and ``feedback_clip`` (``None``, or the bound
+    on pruned weights' gradient relative to the largest kept one, see
+    :func:`dpf_ext.channels.clip_pruned_gradient`).
     """
 
     mask: torch.Tensor
     feedback: bool
+    feedback_clip: float | None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -36,10 +40,14 @@ class DPFLayer:
     def _init_mask(self) -> None:
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.feedback = True
+        self.feedback_clip = None
 
     def masked_weight(self) -> torch.Tensor:
         """The weight the forward uses: ``weight ⊙ mask`` with the DPF gradient."""
-        return ops.masked_weight(self.weight, self.mask, self.feedback)
+        weight = self.weight
+        if self.feedback and self.feedback_clip is not None:
+            weight = clip_pruned_gradient(weight, self.mask, self.feedback_clip)
+        return ops.masked_weight(weight, self.mask, self.feedback)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A dense checkpoint (no mask) loads into a DPF layer as "nothing pruned".
@@ -135,6 +143,7 @@ def unsparsify(model: nn.Module) -> nn.Module:
                 weight.mul_(mask)
             del module._buffers["mask"]
             del module.feedback
+            del module.feedback_clip
             module.__class__ = plain_for[type(module)]
     return model
 

@@ -96,6 +96,11 @@ class DPF:
             dominate the global threshold and empty the other layers. It changes nothing
             while no channel would be emptied. Default: on for the global and layer scopes
             (``False`` gives the paper's unguarded algorithm); not used by the filter scope.
+        feedback_clip: bound the feedback gradient of pruned weights, per layer, to this
+            multiple of the largest gradient among the layer's kept weights (see
+            :func:`dpf_ext.channels.clip_pruned_gradient`); ``None`` (default) leaves the
+            paper's estimator as it is. A guard for channels left with one or two weights
+            at 99% sparsity; ``1.0`` is the measured setting.
         watch: warn (``RuntimeWarning``, once per layer) at a mask update that shows the
             signs of a feedback blow-up: a layer's largest dense weight above
             :data:`~dpf_ext.channels.BLOWUP_RATIO` times the threshold, or an output channel
@@ -118,6 +123,7 @@ class DPF:
         total_steps: int | None = None,
         freeze_at: int | None = None,
         channel_floor: bool | None = None,
+        feedback_clip: float | None = None,
         watch: bool = True,
     ):
         self.layers = dpf_layers(model)
@@ -149,7 +155,11 @@ class DPF:
             raise ValueError(f"freeze_at must be >= 0 or None, got {freeze_at}")
         if channel_floor is None:
             channel_floor = scope != "filter"
-        elif channel_floor and scope == "filter":
+        if feedback_clip is not None and (isinstance(feedback_clip, bool)
+                                          or not isinstance(feedback_clip, (int, float))
+                                          or not feedback_clip > 0):
+            raise ValueError(f"feedback_clip must be a positive number or None, got {feedback_clip!r}")
+        if channel_floor and scope == "filter":
             raise ValueError("channel_floor applies to the global and layer scopes; the filter "
                              "scope prunes whole channels by design")
         self.update_every = update_every
@@ -158,6 +168,7 @@ class DPF:
         self.threshold = threshold
         self.freeze_at = freeze_at
         self.channel_floor = bool(channel_floor)
+        self.feedback_clip = None if feedback_clip is None else float(feedback_clip)
         names = [name for name, _ in self.layers]
         self._floor = ChannelFloor(names, [layer.weight for _, layer in self.layers])
         if self.channel_floor:
@@ -178,6 +189,7 @@ class DPF:
         self._request: HistogramRequest | None = None
         for _, layer in self.layers:
             layer.feedback = feedback
+            layer.feedback_clip = self.feedback_clip
         self.update_masks()
         if freeze_at == 0:
             self.freeze()
@@ -385,6 +397,7 @@ class DPF:
             "schedule": repr(self.schedule), "update_every": self.update_every,
             "scope": self.scope, "feedback": self.feedback, "threshold": self.threshold,
             "freeze_at": self.freeze_at, "channel_floor": self.channel_floor,
+            "feedback_clip": self.feedback_clip,
             "layers": [name for name, _ in self.layers],
         }
 

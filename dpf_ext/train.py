@@ -36,6 +36,8 @@ class TrainConfig:
     exclude: tuple[str, ...] = ()
     channel_floor: bool = True
     """DPF's channel floor (the baselines run without it)."""
+    feedback_clip: float | None = None
+    """DPF's feedback clip (see :class:`dpf_ext.DPF`)."""
     seed: int = 0
     device: str = "cpu"
 
@@ -94,6 +96,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
         config.method, model, config.sparsity, total_steps,
         prune_at=round(config.oneshot_at * total_steps), update_every=config.update_every,
         scope=config.scope, threshold=config.threshold, channel_floor=config.channel_floor,
+        **({"feedback_clip": config.feedback_clip} if config.method == "dpf" else {}),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.momentum > 0, weight_decay=config.weight_decay)

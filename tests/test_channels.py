@@ -184,3 +184,25 @@ def test_the_fused_optimizer_records_the_rows_for_the_floor():
         assert torch.equal(got, exp)
     pruner.step()
     assert all(bool(m.mask.any(1).all()) for _, m in dpf_ext.nn.dpf_layers(model))
+
+
+def test_feedback_clip_bounds_the_pruned_gradient_only():
+    model = dpf_ext.sparsify(nn.Linear(6, 4, bias=False))
+    pruner = dpf_ext.DPF(model, schedule=Constant(0.5), feedback_clip=0.5)
+    upstream = torch.randn(16, 4) * 100
+    x = torch.randn(16, 6)
+    (model(x) * upstream).sum().backward()
+    got = model.weight.grad.clone()
+    full = upstream.t() @ x  # the straight-through gradient
+    mask = model.mask
+    bound = 0.5 * full[mask].abs().max()
+    assert torch.equal(got[mask], full[mask])
+    assert torch.allclose(got[~mask], full[~mask].clamp(-bound, bound))
+    assert (full[~mask].abs() > bound).any()  # the clip did something
+    pruner.freeze()  # masked gradient: no feedback to clip
+    model.weight.grad = None
+    (model(x) * upstream).sum().backward()
+    assert torch.equal(model.weight.grad[~mask], torch.zeros_like(full[~mask]))
+    for bad in (0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="feedback_clip"):
+            dpf_ext.DPF(model, schedule=Constant(0.5), feedback_clip=bad)
