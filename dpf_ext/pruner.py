@@ -65,8 +65,9 @@ class HistogramRequest:
 class DPF:
     """Dynamic Pruning with Feedback on the DPF layers of ``model``.
 
-    Call :meth:`step` after every ``optimizer.step()``. Every ``update_every`` steps the
-    masks are recomputed from the dense weights for the schedule's target at that step;
+    Call :meth:`step` after every ``optimizer.step()``. Every ``update_every`` steps, and at
+    the step the schedule reaches its final sparsity, the masks are recomputed from the
+    dense weights for the schedule's target at that step;
     between updates the forward uses the last masks, and (``feedback=True``) the gradient
     of ``mask ⊙ w`` reaches the dense ``w`` in full, so pruned weights keep training and
     come back when their magnitude climbs over the threshold.
@@ -220,17 +221,22 @@ class DPF:
         if self.frozen:
             return
         freezing = self.step_count == self.freeze_at
-        if freezing or self.step_count % self.update_every == 0:
+        if freezing or self._due(self.step_count):
             self.update_masks()
         if freezing:
             self.freeze()
+
+    def _due(self, step: int) -> bool:
+        """Whether the masks update at ``step``: every ``update_every`` steps, and at the
+        step where the schedule reaches its final sparsity."""
+        return step % self.update_every == 0 or step == self.schedule.final_step
 
     def histogram_request(self) -> HistogramRequest | None:
         """Called by a fused optimizer before its step: a request for the histogram of the
         updated prunable weights if the following :meth:`step` updates the masks with a
         global threshold, else ``None``."""
         next_step = self.step_count + 1
-        due = next_step % self.update_every == 0 or next_step == self.freeze_at
+        due = self._due(next_step) or next_step == self.freeze_at
         if (self.finalized or self.frozen or not due or self.scope != "global"
                 or not self.feedback or is_sharded(self.layers[0][1].weight)):
             self._request = None

@@ -18,9 +18,16 @@ def check_sparsity(value: float, name: str = "sparsity") -> float:
 
 
 class Schedule:
-    """Base class: override :meth:`sparsity_at`; ``final`` is the sparsity reached."""
+    """Base class: override :meth:`sparsity_at`; ``final`` is the sparsity reached, from step
+    :attr:`final_step` on (the pruner updates the masks at that step whatever its period,
+    so that the target is met)."""
 
     final: float
+
+    @property
+    def final_step(self) -> int:
+        """The first step at which the schedule gives ``final``."""
+        return 0
 
     def sparsity_at(self, step: int) -> float:
         """Target sparsity (fraction of pruned weights) at optimizer step ``step``."""
@@ -43,6 +50,10 @@ class _Ramp(Schedule):
             raise ValueError(
                 f"need 0 <= begin_step < end_step, got {self.begin_step} and {self.end_step}"
             )
+
+    @property
+    def final_step(self) -> int:
+        return self.end_step
 
     def _progress(self, step: int) -> float:
         """Fraction of the ramp done at ``step``, clamped to ``[0, 1]``."""
@@ -90,6 +101,10 @@ class OneShot(Schedule):
         check_sparsity(self.final)
         if self.at_step < 0:
             raise ValueError(f"at_step must be >= 0, got {self.at_step}")
+
+    @property
+    def final_step(self) -> int:
+        return self.at_step
 
     def sparsity_at(self, step: int) -> float:
         return self.final if step >= self.at_step else 0.0

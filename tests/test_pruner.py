@@ -109,11 +109,12 @@ def test_stale_mask_is_used_between_updates():
     assert any(not torch.equal(a, b) for a, b in zip(masks_of(fresh.model), snapshots[0]))
 
 
-def test_masks_update_on_the_period_only():
+def test_masks_update_on_the_period_and_at_the_schedules_end_only():
     model, pruner, opt = setup(sparsity=0.9, total_steps=100, update_every=8)
+    assert pruner.schedule.final_step == 75
     changes = []
     prev = masks_of(model)
-    for step, (x, y) in enumerate(batches(40), start=1):
+    for step, (x, y) in enumerate(batches(100), start=1):
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -122,7 +123,8 @@ def test_masks_update_on_the_period_only():
         if any(not torch.equal(a, b) for a, b in zip(prev, now)):
             changes.append(step)
         prev = now
-    assert changes and all(s % 8 == 0 for s in changes)
+    assert changes and all(s % 8 == 0 or s == 75 for s in changes)
+    assert 75 in changes
 
 
 @pytest.mark.filterwarnings("ignore:.*entirely pruned")
@@ -359,3 +361,11 @@ def test_the_channel_floor_keeps_every_channel_inside_the_budget():
     rep = pruner.report()
     assert rep.layers[-1].forced == 4 and rep.forced == 4
     assert rep.kept == pruner.target_kept  # the forced weights count toward the target
+
+
+@pytest.mark.parametrize("total_steps", [30, 37, 50])
+def test_short_runs_meet_the_target_whatever_the_period(total_steps):
+    model, pruner, opt = setup(sparsity=0.9, total_steps=total_steps, update_every=16)
+    train_steps(model, pruner, opt, batches(total_steps))
+    assert pruner.report().sparsity == pytest.approx(0.9, abs=1e-3)
+    assert pruner.target_sparsity == 0.9
