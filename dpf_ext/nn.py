@@ -91,7 +91,9 @@ DPF_LAYER_FOR = {
 Exclude = Union[Iterable[str], Callable[[str, nn.Module], bool], None]
 
 
-def _excluded(exclude: Exclude) -> Callable[[str, nn.Module], bool]:
+def _excluded(exclude: Exclude, layer_names: list[str]) -> Callable[[str, nn.Module], bool]:
+    """The predicate of ``exclude``; names or patterns that match none of ``layer_names``
+    raise ``ValueError`` (a typo would otherwise prune a layer meant to stay dense)."""
     if exclude is None:
         return lambda name, module: False
     if callable(exclude):
@@ -99,6 +101,10 @@ def _excluded(exclude: Exclude) -> Callable[[str, nn.Module], bool]:
     if isinstance(exclude, str):
         exclude = [exclude]
     patterns = list(exclude)
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in layer_names)]
+    if unmatched:
+        shown = ", ".join(layer_names[:12]) + (", ..." if len(layer_names) > 12 else "")
+        raise ValueError(f"exclude: {unmatched} match no prunable layer; the layers are: {shown}")
     return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -111,12 +117,15 @@ def sparsify(model: nn.Module, exclude: Exclude = None) -> nn.Module:
     projection of ``nn.MultiheadAttention``, are used without calling their forward).
 
     ``exclude`` keeps layers dense: module names or ``fnmatch`` patterns (``"fc"``,
-    ``"layer1.*"``), or a predicate ``(name, module) -> bool``. By default every such layer
+    ``"layer1.*"``; one that matches no such layer is a ``ValueError``), or a predicate
+    ``(name, module) -> bool``. By default every such layer
     becomes prunable, the first convolution and the classifier included; the DPF paper's
     reproductions differ on those two, so exclude them by name if you want them dense.
     Calling ``sparsify`` again is harmless: DPF layers are not replaced twice.
     """
-    is_excluded = _excluded(exclude)
+    candidates = [name for name, module in model.named_modules()
+                  if type(module) in DPF_LAYER_FOR or isinstance(module, DPFLayer)]
+    is_excluded = _excluded(exclude, candidates)
     for name, module in model.named_modules():
         if isinstance(module, tuple(DPF_LAYER_FOR)) and is_sharded(module.weight):
             raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -20,6 +21,10 @@ THRESHOLDS = ("exact", "approx")
 RAMP_FRACTION = 0.75
 """The default cubic schedule reaches its final sparsity at this fraction of training (the
 paper's second learning-rate milestone)."""
+
+
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+"""The pruner managing each DPF layer (weakly: neither is kept alive by this)."""
 
 
 def kept_count(sparsity: float, n: int) -> int:
@@ -102,6 +107,9 @@ class DPF:
             :func:`dpf_ext.channels.clip_pruned_gradient`); ``None`` (default) leaves the
             paper's estimator as it is. A guard for channels left with one or two weights
             at 99% sparsity; ``1.0`` is the measured setting.
+        replace: take over layers that another live, unfinalized pruner manages (that
+            pruner stops: its :meth:`step` raises). Without it, that is an error: two
+            pruners would overwrite each other's masks.
         watch: warn (``RuntimeWarning``, once per layer) at a mask update that shows the
             signs of a feedback blow-up: a layer's largest dense weight above
             :data:`~dpf_ext.channels.BLOWUP_RATIO` times the threshold, or an output channel
@@ -126,6 +134,7 @@ class DPF:
         channel_floor: bool | None = None,
         feedback_clip: float | None = None,
         watch: bool = True,
+        replace: bool = False,
     ):
         self.layers = dpf_layers(model)
         if not self.layers:
@@ -134,6 +143,11 @@ class DPF:
                 "dpf_ext.sparsify(model) puts in place of nn.Linear and nn.Conv1d/2d/3d"
             )
         for name, layer in self.layers:
+            if layer.weight.device.type == "meta":
+                raise ValueError(
+                    f"layer {name!r} has its weight on the meta device: materialize the model "
+                    "first (model.to_empty(device=...) and initialise or load its weights)"
+                )
             if layer.weight.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(
                     f"layer {name!r} has {layer.weight.dtype} weights; DPF supports "
@@ -176,6 +190,7 @@ class DPF:
             self._floor.check_reachable(self.schedule.final, scope, kept_count)
         self._watch = BlowUpWatch(model, names) if watch and feedback and scope != "filter" else None
         check_same_on_all_ranks(self._config())
+        self._take_over(replace)
 
         device = self.layers[0][1].weight.device
         self.step_count = 0
@@ -195,6 +210,22 @@ class DPF:
         if freeze_at == 0:
             self.freeze()
 
+    def _take_over(self, replace: bool) -> None:
+        """Register as the pruner of every layer, refusing (unless ``replace``) layers that
+        a live, unfinalized pruner already manages."""
+        owners = {id(p): p for _, layer in self.layers
+                  if (p := _OWNERS.get(layer, lambda: None)()) is not None and not p.finalized}
+        if owners and not replace:
+            raise ValueError(
+                "this model's layers are already managed by another DPF pruner; finalize() "
+                "it, or pass replace=True to take over (the other pruner then stops)"
+            )
+        for other in owners.values():
+            other.finalized = True
+            other._replaced = True
+        for _, layer in self.layers:
+            _OWNERS[layer] = weakref.ref(self)
+
     @staticmethod
     def _resolve_schedule(sparsity, schedule, total_steps) -> Schedule:
         if schedule is not None:
@@ -211,11 +242,15 @@ class DPF:
                 "the default cubic schedule needs the length of training: pass total_steps= "
                 "(optimizer steps) or a schedule= from dpf_ext.schedules"
             )
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int (optimizer steps), got {total_steps!r}")
         return Cubic(check_sparsity(sparsity), 0, max(1, round(RAMP_FRACTION * total_steps)))
 
     def step(self) -> None:
         """Advance one optimizer step; update the masks when one is due."""
         if self.finalized:
+            if getattr(self, "_replaced", False):
+                raise RuntimeError("another DPF pruner took over this model (replace=True)")
             raise RuntimeError("this pruner was finalized; build a new one to keep pruning")
         self.step_count += 1
         if self.frozen:

@@ -6,11 +6,15 @@ is what makes a resumed run continue exactly where it stopped.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 
 def check_sparsity(value: float, name: str = "sparsity") -> float:
-    """Return ``value`` as a float if it lies in ``[0, 1)``, else raise ``ValueError``."""
+    """Return ``value`` as a float if it is a number in ``[0, 1)``, else raise
+    ``TypeError`` (not a number) or ``ValueError`` (out of range)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1), got {value!r} ({type(value).__name__})")
     value = float(value)
     if not 0.0 <= value < 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be in [0, 1), got {value}")

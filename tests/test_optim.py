@@ -108,9 +108,10 @@ def test_histogram_request_only_when_it_can_serve():
     model = dpf_ext.sparsify(_model())
     layer_scope = dpf_ext.DPF(model, 0.5, total_steps=10, update_every=1, scope="layer")
     assert layer_scope.histogram_request() is None
-    no_feedback = dpf_ext.DPF(model, 0.5, total_steps=10, update_every=1, feedback=False)
+    no_feedback = dpf_ext.DPF(model, 0.5, total_steps=10, update_every=1, feedback=False,
+                              replace=True)
     assert no_feedback.histogram_request() is None
-    pruner = dpf_ext.DPF(model, 0.5, total_steps=10, update_every=2)
+    pruner = dpf_ext.DPF(model, 0.5, total_steps=10, update_every=2, replace=True)
     assert pruner.histogram_request() is None  # step 1 is no update step
     pruner.step()
     request = pruner.histogram_request()

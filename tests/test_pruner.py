@@ -369,3 +369,33 @@ def test_short_runs_meet_the_target_whatever_the_period(total_steps):
     train_steps(model, pruner, opt, batches(total_steps))
     assert pruner.report().sparsity == pytest.approx(0.9, abs=1e-3)
     assert pruner.target_sparsity == 0.9
+
+
+def test_api_bad_input_is_named():
+    model = dpf_ext.sparsify(mlp())
+    with pytest.raises(TypeError, match=r"sparsity must be a number in \[0, 1\), got '0.9' \(str\)"):
+        dpf_ext.DPF(model, "0.9", total_steps=10)
+    for steps in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="total_steps must be a positive int"):
+            dpf_ext.DPF(model, 0.9, total_steps=steps)
+    with pytest.raises(ValueError, match=r"exclude: \['fc', 'layer9\.\*'\] match no prunable layer"):
+        dpf_ext.sparsify(mlp(), exclude=["0", "fc", "layer9.*"])
+    meta = dpf_ext.sparsify(mlp().to("meta"))
+    with pytest.raises(ValueError, match="meta device: materialize the model"):
+        dpf_ext.DPF(meta, 0.5, total_steps=10)
+
+
+def test_a_second_pruner_takes_over_only_when_asked():
+    model = dpf_ext.sparsify(mlp())
+    first = dpf_ext.DPF(model, schedule=Constant(0.5))
+    masks = masks_of(model)
+    with pytest.raises(ValueError, match="already managed by another DPF pruner"):
+        dpf_ext.DPF(model, schedule=Constant(0.9))
+    assert all(torch.equal(a, b) for a, b in zip(masks, masks_of(model)))  # nothing reset
+    second = dpf_ext.DPF(model, schedule=Constant(0.9), replace=True)
+    with pytest.raises(RuntimeError, match="took over"):
+        first.step()
+    second.step()
+    first_again = dpf_ext.DPF(dpf_ext.sparsify(mlp()), schedule=Constant(0.5))
+    first_again.finalize()
+    dpf_ext.DPF(first_again.model, schedule=Constant(0.5))  # a finalized pruner is no owner
