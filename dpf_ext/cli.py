@@ -16,7 +16,8 @@ import torch
 
 from .data import DATASETS, load_dataset
 from .methods import METHODS
-from .models import MODELS
+from .models import MODELS, build_model
+from .nn import sparsify
 from .pruner import SCOPES, THRESHOLDS
 from .train import RunResult, TrainConfig, train
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(
         prog="dpf-train",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a sparse network in one pass with Dynamic Pruning with Feedback "
                     "(or a baseline) and report accuracy, sparsity and reactivations.",
     )
@@ -93,7 +95,9 @@ def summary_table(results: list[RunResult]) -> str:
 
 
 def write_outputs(out: Path, results: list[RunResult]) -> list[Path]:
-    """Write ``metrics.json`` and the plots into ``out``; return the paths written."""
+    """Write ``metrics.json``, the plots and each trained model (``model-<method>.pt``, or
+    ``model-<method>-seed<k>.pt`` with several seeds: the finalized ``state_dict``, which
+    loads into the original architecture) into ``out``; return the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,6 +110,12 @@ def write_outputs(out: Path, results: list[RunResult]) -> list[Path]:
     metrics.write_text(json.dumps({"machine": machine, "runs": [r.to_dict() for r in results]},
                                   indent=2))
     written = [metrics]
+    several = len({r.config.method for r in results}) < len(results)
+    for r in results:
+        if r.model is not None:
+            name = f"model-{r.config.method}" + (f"-seed{r.config.seed}" if several else "")
+            written.append(out / f"{name}.pt")
+            torch.save(r.model.state_dict(), written[-1])
 
     fig, (ax_acc, ax_sp) = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
@@ -142,21 +152,61 @@ def write_outputs(out: Path, results: list[RunResult]) -> list[Path]:
     return written
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every argument checked before any training: an argparse error (exit status 2) naming
+    the problem."""
+    if not 0.0 <= args.sparsity < 1.0:
+        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    for name in ("epochs", "batch_size", "update_every", "seeds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    if not 0.0 <= args.oneshot_at < 1.0:
+        parser.error(f"--oneshot-at is a fraction of training in [0, 1), got {args.oneshot_at}")
+    if args.lr < 0 or args.momentum < 0 or args.weight_decay < 0:
+        parser.error("--lr, --momentum and --weight-decay must be non-negative")
+    if args.feedback_clip is not None and not args.feedback_clip > 0:
+        parser.error(f"--feedback-clip must be positive, got {args.feedback_clip}")
+    if args.data == "cifar10" and not args.data_dir:
+        parser.error("--data cifar10 needs --data-dir DIR holding CIFAR-10's python batches "
+                     "(dpf_ext never downloads data)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: dpf-train runs on cpu or cuda")
+    if args.out is not None:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            probe = args.out / ".dpf-train-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    check_args(parser, args)
+    try:
+        data = load_dataset(args.data, args.data_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
+    if args.exclude:
+        try:
+            sparsify(build_model(args.model, data.input_shape, data.num_classes), exclude=args.exclude)
+        except ValueError as exc:
+            parser.error(f"--exclude: {exc}")
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    data = load_dataset(args.data, args.data_dir)
     base = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
             if hasattr(args, f.name) and f.name not in ("method", "exclude", "seed")}
     methods = METHODS if args.compare else (args.method,)
-    if args.feedback_clip is not None and not args.feedback_clip > 0:
-        parser.error(f"--feedback-clip must be positive, got {args.feedback_clip}")
     configs = [TrainConfig(method=m, exclude=tuple(args.exclude), seed=args.seed + i,
                            channel_floor=not args.no_channel_floor, **base)
                for m in methods for i in range(args.seeds)]
@@ -173,4 +223,3 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_outputs(args.out, results):
             print(f"wrote {path}")
     return 0
-

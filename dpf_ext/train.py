@@ -54,10 +54,18 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     report: SparsityReport | None = None
     """The pruner's report before the masks were folded in (``None`` for dense)."""
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+    """The trained model: masks folded in, plain torch layers (its ``state_dict`` loads into
+    the architecture that :func:`dpf_ext.models.build_model` builds)."""
 
     def to_dict(self) -> dict:
-        """Plain data (JSON-serialisable)."""
-        out = asdict(self)
+        """Plain data (JSON-serialisable), without the model."""
+        model, self.model = self.model, None
+        try:
+            out = asdict(self)
+        finally:
+            self.model = model
+        out.pop("model")
         out["report"] = self.report.to_dict() if self.report else None
         return out
 
@@ -142,7 +150,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
     report = None
     if pruner is not None:
         report = pruner.report()
-        pruner.finalize()
+        pruner.finalize(unwrap=True)
     return RunResult(
         config=config,
         accuracy=evaluate(model, data.x_test, data.y_test),
@@ -151,4 +159,5 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
         wall_time=wall_time,
         history=history,
         report=report,
+        model=model,
     )

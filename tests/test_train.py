@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -56,6 +57,13 @@ def test_cli_compare_writes_metrics_and_plots(tmp_path, capsys):
     assert len(metrics["runs"][3]["history"]) == 3
     for png in ("training.png", "layer_sparsity.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    # the trained sparse model, loadable into the original architecture
+    state = torch.load(tmp_path / "model-dpf.pt")
+    plain = build_model("mlp", (1, 8, 8), 10)
+    plain.load_state_dict(state)  # strict: no mask keys, the original names
+    weights = [m.weight for m in plain.modules() if isinstance(m, torch.nn.Linear)]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros >= metrics["runs"][3]["sparsity"] - 1e-6
 
 
 def test_cli_single_run_prints_the_layer_report(capsys):
@@ -65,9 +73,38 @@ def test_cli_single_run_prints_the_layer_report(capsys):
     assert "react. total" in out and "total" in out
 
 
-def test_cli_rejects_bad_sparsity():
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        main(["--model", "mlp", "--epochs", "1", "--no-progress", "--sparsity", "1.0"])
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.5"], r"--sparsity must be in \[0, 1\), got 1.5"),
+    (["--compare", "--sparsity", "-0.1"], r"--sparsity must be in \[0, 1\)"),
+    (["--data", "cifar10"], "--data cifar10 needs --data-dir"),
+    (["--data", "cifar10", "--data-dir", "."], "CIFAR-10 python batches not found"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--epochs", "-1"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--oneshot-at", "2"], r"--oneshot-at is a fraction of training in \[0, 1\)"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "cuda"),
+    (["--device", "nonsense"], "--device 'nonsense'"),
+    (["--exclude", "fc", "nope"], r"\['fc', 'nope'\] match no prunable layer"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--feedback-clip", "0"], "--feedback-clip must be positive"),
+])
+def test_cli_bad_arguments_fail_before_training(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(out), *args])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert re.search(message, captured.err) and captured.out == ""  # nothing trained
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_cli_unwritable_out_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(blocker / "sub")])
+    assert exit_info.value.code == 2
+    assert "cannot write there" in capsys.readouterr().err
 
 
 def _write_fake_cifar(root, n=20):
