@@ -9,7 +9,8 @@
 """
 
 from . import ops, schedules
-from .nn import DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, sparsify, unsparsify
+from .nn import (DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, DPFMultiheadAttention,
+                 coverage, register_prunable, sparsify, unsparsify)
 from .optim import DPFSGD
 from .pruner import DPF
 from .report import LayerReport, SparsityReport
@@ -22,9 +23,12 @@ __all__ = [
     "DPFConv3d",
     "DPFLayer",
     "DPFLinear",
+    "DPFMultiheadAttention",
     "LayerReport",
     "SparsityReport",
+    "coverage",
     "ops",
+    "register_prunable",
     "schedules",
     "sparsify",
     "unsparsify",

@@ -128,7 +128,7 @@ def _norm_after(model: nn.Module, layer_names: list[str]) -> dict[str, str]:
                 if features is None:
                     shape = getattr(nxt, "normalized_shape", ())
                     features = shape[-1] if shape else None
-                if features == module.weight.shape[0]:
+                if features == module.dense_weight.shape[module.channel_dim]:
                     found[name] = next_name
                 break
             if len(list(nxt.children())) == 0 and getattr(nxt, "weight", None) is not None:

@@ -1,16 +1,26 @@
 """Sparse-aware layers and the functions that put them into (and take them out of) a model.
 
-A DPF layer is its torch layer plus a bool ``mask`` buffer of the weight's shape. The dense
-weight stays the real ``nn.Parameter`` under its usual name, so optimizers, ``state_dict``
-and distributed wrappers see a normal model; the forward uses ``mask ⊙ weight`` through
-:func:`dpf_ext.ops.masked_weight`, whose backward hands the full gradient to the dense
-weight (``feedback=True``, the DPF estimator) or the masked gradient (``feedback=False``).
+A DPF layer is its torch layer plus a bool ``mask`` buffer of its prunable weight's shape.
+The dense weight stays the real ``nn.Parameter`` under its usual name, so optimizers,
+``state_dict`` and distributed wrappers see a normal model; the forward uses
+``mask ⊙ weight`` through :func:`dpf_ext.ops.masked_weight`, whose backward hands the full
+gradient to the dense weight (``feedback=True``, the DPF estimator) or the masked gradient
+(``feedback=False``).
+
+Which module types become DPF layers is a registry (:func:`register_prunable`): Linear,
+Conv1d/2d/3d, ``nn.MultiheadAttention`` (its packed input projection and its output
+projection) and, when transformers is imported, its ``Conv1D``. Your own layer type is
+made prunable the same way; see :func:`register_prunable`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from typing import Callable, Iterable, Union
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable, Iterator, Union
 
 import torch
 from torch import nn
@@ -19,9 +29,15 @@ from . import ops
 from .channels import clip_pruned_gradient
 from .distributed import is_sharded, local_weight_and_mask
 
+log = logging.getLogger("dpf_ext")
+
 
 class DPFLayer:
-    """Mixin of the DPF layers: a ``mask`` buffer and the masked forward.
+    """Mixin of the DPF layers: a ``mask`` buffer and the masked weight.
+
+    Class attributes a new layer type may override: ``weight_name`` (the prunable
+    parameter, ``"weight"``) and ``channel_dim`` (the dimension of its output channels, 0;
+    the channel floor keeps one weight per channel).
 
     Attributes: ``mask`` (bool buffer, all ones until a pruner writes it), ``feedback``
     (whether pruned weights receive gradient) and ``feedback_clip`` (``None``, or the bound
@@ -29,6 +45,8 @@ class DPFLayer:
     :func:`dpf_ext.channels.clip_pruned_gradient`).
     """
 
+    weight_name: ClassVar[str] = "weight"
+    channel_dim: ClassVar[int] = 0
     mask: torch.Tensor
     feedback: bool
     feedback_clip: float | None
@@ -38,22 +56,44 @@ class DPFLayer:
         self._init_mask()
 
     def _init_mask(self) -> None:
-        self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
+        self.register_buffer("mask", torch.ones_like(self.dense_weight, dtype=torch.bool))
         self.feedback = True
         self.feedback_clip = None
 
+    @property
+    def dense_weight(self) -> nn.Parameter:
+        """The prunable parameter (``getattr(self, self.weight_name)``)."""
+        return getattr(self, self.weight_name)
+
     def masked_weight(self) -> torch.Tensor:
         """The weight the forward uses: ``weight ⊙ mask`` with the DPF gradient."""
-        weight = self.weight
+        weight = self.dense_weight
         if self.feedback and self.feedback_clip is not None:
             weight = clip_pruned_gradient(weight, self.mask, self.feedback_clip)
         return ops.masked_weight(weight, self.mask, self.feedback)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A dense checkpoint (no mask) loads into a DPF layer as "nothing pruned".
-        if prefix + "weight" in state_dict and prefix + "mask" not in state_dict:
+        if prefix + self.weight_name in state_dict and prefix + "mask" not in state_dict:
             state_dict[prefix + "mask"] = torch.ones_like(self.mask)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def masked_weights_in_place(module: nn.Module) -> Iterator[None]:
+    """Within the block, every DPF layer in ``module`` (itself included) holds its masked
+    weight in place of its parameter, for code that reads the weights of its submodules
+    directly instead of calling them (the fused attention paths of torch)."""
+    layers = [m for m in module.modules() if isinstance(m, DPFLayer)]
+    dense = [m._parameters[m.weight_name] for m in layers]
+    masked = [m.masked_weight() for m in layers]
+    try:
+        for m, w in zip(layers, masked):
+            m._parameters[m.weight_name] = w
+        yield
+    finally:
+        for m, w in zip(layers, dense):
+            m._parameters[m.weight_name] = w
 
 
 class _DPFConv(DPFLayer):
@@ -80,13 +120,92 @@ class DPFConv3d(_DPFConv, nn.Conv3d):
     """``nn.Conv3d`` whose forward uses ``weight ⊙ mask``."""
 
 
-DPF_LAYER_FOR = {
+class DPFOutProjection(DPFLayer, nn.modules.linear.NonDynamicallyQuantizableLinear):
+    """The output projection of a :class:`DPFMultiheadAttention` (which reads its masked
+    weight; called on its own it is a :class:`DPFLinear`)."""
+
+    forward = DPFLinear.forward
+
+
+class DPFMultiheadAttention(DPFLayer, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose packed input projection (``in_proj_weight``, 3E x E:
+    the channels are its 3E output features) and output projection (a
+    :class:`DPFOutProjection`) are masked. torch's fused attention kernel still runs where
+    torch chooses it (inference without grad), on the masked weights."""
+
+    weight_name = "in_proj_weight"
+
+    def forward(self, *args, **kwargs):
+        with masked_weights_in_place(self):
+            return super().forward(*args, **kwargs)
+
+
+class DPFTransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` whose fused inference path reads the masked weights of
+    its DPF submodules (it reads their weights directly instead of calling them). Not a DPF
+    layer itself: it has no weight of its own."""
+
+    def forward(self, *args, **kwargs):
+        with masked_weights_in_place(self):
+            return super().forward(*args, **kwargs)
+
+
+PRUNABLE: dict[type, type] = {
     nn.Linear: DPFLinear,
     nn.Conv1d: DPFConv1d,
     nn.Conv2d: DPFConv2d,
     nn.Conv3d: DPFConv3d,
+    nn.MultiheadAttention: DPFMultiheadAttention,
+    nn.modules.linear.NonDynamicallyQuantizableLinear: DPFOutProjection,
 }
-"""The torch layer types :func:`sparsify` replaces, and their DPF layers."""
+"""The module types :func:`sparsify` makes prunable (exact types), and their DPF layers."""
+
+WEIGHT_READERS: dict[type, type] = {nn.TransformerEncoderLayer: DPFTransformerEncoderLayer}
+"""Containers whose forward may read their submodules' weights directly, and the versions
+:func:`sparsify` puts in their place so that those reads see the masked weights."""
+
+
+def register_prunable(torch_type: type, dpf_type: type) -> None:
+    """Make :func:`sparsify` turn modules of exactly ``torch_type`` into ``dpf_type``.
+
+    ``dpf_type`` subclasses :class:`DPFLayer` and ``torch_type`` (DPFLayer first), sets
+    ``weight_name`` / ``channel_dim`` if its prunable weight is not ``weight`` with output
+    channels on dim 0, and computes its forward with ``self.masked_weight()``. For example::
+
+        class DPFMyLinear(dpf_ext.DPFLayer, MyLinear):
+            channel_dim = 1   # weight stored as (in, out)
+
+            def forward(self, x):
+                return x @ self.masked_weight() + self.bias
+
+        dpf_ext.nn.register_prunable(MyLinear, DPFMyLinear)
+    """
+    if not (isinstance(dpf_type, type) and issubclass(dpf_type, DPFLayer)
+            and issubclass(dpf_type, torch_type)):
+        raise TypeError(f"{dpf_type!r} must subclass both dpf_ext.DPFLayer and {torch_type!r}")
+    PRUNABLE[torch_type] = dpf_type
+
+
+def _register_transformers() -> None:
+    """Register transformers' ``Conv1D`` (GPT-2's linear layers: weight stored in x out)
+    if transformers is already imported; never imports it."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(module, "Conv1D", None)
+    if conv1d is None or conv1d in PRUNABLE:
+        return
+
+    class DPFConv1D(DPFLayer, conv1d):
+        """transformers' ``Conv1D`` (``x @ weight + bias``, weight in x out) whose forward
+        uses ``weight ⊙ mask``; its output channels are the weight's columns."""
+
+        channel_dim = 1
+
+        def forward(self, x):
+            out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.masked_weight())
+            return out.reshape(*x.shape[:-1], self.nf)
+
+    register_prunable(conv1d, DPFConv1D)
+
 
 Exclude = Union[Iterable[str], Callable[[str, nn.Module], bool], None]
 
@@ -108,35 +227,99 @@ def _excluded(exclude: Exclude, layer_names: list[str]) -> Callable[[str, nn.Mod
     return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def sparsify(model: nn.Module, exclude: Exclude = None) -> nn.Module:
+def _weight_users(model: nn.Module) -> dict[int, list[str]]:
+    """For each parameter (by id), the names of the modules that hold it."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                users.setdefault(id(p), []).append(name)
+    return users
+
+
+def _prunable_weight(module: nn.Module) -> torch.Tensor | None:
+    dpf_type = PRUNABLE.get(type(module))
+    return getattr(module, dpf_type.weight_name, None) if dpf_type else None
+
+
+def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense") -> nn.Module:
     """Make ``model`` sparse-aware in place and return it.
 
-    Every module whose type is exactly ``nn.Linear`` or ``nn.Conv1d/2d/3d`` becomes its DPF
-    layer: the same module object, parameters, device, dtype and name, with an all-ones
-    ``mask`` buffer added. Subclasses of those layers are left alone (some, like the output
-    projection of ``nn.MultiheadAttention``, are used without calling their forward).
+    Every module whose type is exactly one of :data:`PRUNABLE` (Linear, Conv1d/2d/3d,
+    ``nn.MultiheadAttention`` with its output projection, transformers' ``Conv1D`` when
+    transformers is imported, and any type given to :func:`register_prunable`) becomes its
+    DPF layer: the same module object, parameters, device, dtype and name, with an all-ones
+    ``mask`` buffer added. Subclasses of those types are left alone.
 
     ``exclude`` keeps layers dense: module names or ``fnmatch`` patterns (``"fc"``,
     ``"layer1.*"``; one that matches no such layer is a ``ValueError``), or a predicate
-    ``(name, module) -> bool``. By default every such layer
-    becomes prunable, the first convolution and the classifier included; the DPF paper's
-    reproductions differ on those two, so exclude them by name if you want them dense.
-    Calling ``sparsify`` again is harmless: DPF layers are not replaced twice.
+    ``(name, module) -> bool``. By default every such layer becomes prunable, the first
+    convolution and the classifier included; the DPF paper's reproductions differ on those
+    two, so exclude them by name if you want them dense.
+
+    ``tied``: a weight held by several modules (an output layer tied to the token
+    embedding) stays dense with ``"dense"`` (the default). ``"prune"`` prunes it with one
+    mask shared by all its users, if all of them are prunable layers; a weight tied to an
+    embedding or another module whose forward DPF does not mask is an error then.
+
+    What stays dense and why is logged (logger ``"dpf_ext"``) and shown by
+    :func:`coverage` and the pruner's report. Calling ``sparsify`` again is harmless.
     """
-    candidates = [name for name, module in model.named_modules()
-                  if type(module) in DPF_LAYER_FOR or isinstance(module, DPFLayer)]
+    if tied not in ("dense", "prune"):
+        raise ValueError(f"tied must be 'dense' or 'prune', got {tied!r}")
+    _register_transformers()
+    modules = dict(model.named_modules())
+    candidates = [name for name, module in modules.items()
+                  if type(module) in PRUNABLE or isinstance(module, DPFLayer)]
     is_excluded = _excluded(exclude, candidates)
-    for name, module in model.named_modules():
-        if isinstance(module, tuple(DPF_LAYER_FOR)) and is_sharded(module.weight):
+    users = _weight_users(model)
+    dense: dict[str, str] = dict(getattr(model, "_dpf_dense", {}))
+    shared_masks: dict[int, torch.Tensor] = {}
+    for name, module in modules.items():
+        if isinstance(module, tuple(PRUNABLE)) and any(is_sharded(p) for p in module._parameters.values()):
             raise ValueError(
                 f"layer {name!r} is already sharded (fully_shard): call dpf_ext.sparsify "
                 "before sharding the model, so that its masks stay whole on every rank"
             )
-        cls = DPF_LAYER_FOR.get(type(module))
-        if cls is None or is_excluded(name, module):
+        weight = _prunable_weight(module)
+        if weight is None:
             continue
+        parent = modules.get(name.rpartition(".")[0])
+        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear) and not (
+                isinstance(parent, nn.MultiheadAttention)):
+            continue  # only as the output projection of an attention layer
+        if isinstance(parent, nn.MultiheadAttention) and not isinstance(parent, DPFMultiheadAttention):
+            dense[f"{name}.weight"] = "its attention layer stays dense (excluded or unsupported)"
+            continue
+        if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+            dense[f"{name}.q_proj_weight"] = "separate q/k/v projections (kdim or vdim != embed_dim)"
+            continue
+        if is_excluded(name, module):
+            dense[f"{name}.{PRUNABLE[type(module)].weight_name}"] = "excluded"
+            continue
+        others = [u for u in users.get(id(weight), []) if u != name]
+        if others and tied == "dense":
+            dense[f"{name}.{PRUNABLE[type(module)].weight_name}"] = f"tied to {others}"
+            continue
+        if others:
+            foreign = [u for u in others if type(modules[u]) not in PRUNABLE
+                       and not isinstance(modules[u], DPFLayer)]
+            if foreign:
+                raise ValueError(
+                    f"tied='prune': the weight of {name!r} is also used by {foreign} "
+                    f"({', '.join(type(modules[u]).__name__ for u in foreign)}), whose forward "
+                    "DPF does not mask; it would be pruned there through a side door"
+                )
+        cls = PRUNABLE[type(module)]
         module.__class__ = cls
         cls._init_mask(module)
+        if others:  # one mask for every user of the weight
+            module._buffers["mask"] = shared_masks.setdefault(id(weight), module.mask)
+    for name, module in modules.items():
+        if type(module) in WEIGHT_READERS and any(isinstance(m, DPFLayer) for m in module.modules()):
+            module.__class__ = WEIGHT_READERS[type(module)]
+    model._dpf_dense = dense
+    log.info("%s", coverage(model))
     return model
 
 
@@ -144,19 +327,106 @@ def unsparsify(model: nn.Module) -> nn.Module:
     """Fold every mask into its weight (``w ← mask ⊙ w``) and turn DPF layers back into the
     plain torch layers, in place. The result's ``state_dict`` loads into the original model
     class. Returns ``model``."""
-    plain_for = {dpf: plain for plain, dpf in DPF_LAYER_FOR.items()}
+    plain_for = {dpf: plain for plain, dpf in PRUNABLE.items()}
+    plain_for.update({reader: plain for plain, reader in WEIGHT_READERS.items()})
+    folded: set[int] = set()
     for module in model.modules():
         if isinstance(module, DPFLayer):
-            with torch.no_grad():
-                weight, mask = local_weight_and_mask(module.weight, module.mask)
-                weight.mul_(mask)
+            if id(module.dense_weight) not in folded:  # a tied weight is folded once
+                folded.add(id(module.dense_weight))
+                with torch.no_grad():
+                    weight, mask = local_weight_and_mask(module.dense_weight, module.mask)
+                    weight.mul_(mask)
             del module._buffers["mask"]
             del module.feedback
             del module.feedback_clip
+        if type(module) in plain_for:
             module.__class__ = plain_for[type(module)]
+    if hasattr(model, "_dpf_dense"):
+        del model._dpf_dense
     return model
 
 
 def dpf_layers(model: nn.Module) -> list[tuple[str, DPFLayer]]:
-    """The ``(name, layer)`` pairs of every DPF layer of ``model``, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, DPFLayer)]
+    """The ``(name, layer)`` pairs of every DPF layer of ``model``, in module order; a weight
+    shared by several layers (``tied="prune"``) is listed once."""
+    seen: set[int] = set()
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, DPFLayer) and id(m.dense_weight) not in seen:
+            seen.add(id(m.dense_weight))
+            out.append((name, m))
+    return out
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a model's matrix and convolution weights (parameters with 2 or more
+    dimensions) DPF prunes, and what stays dense and why."""
+
+    pruned: int
+    total: int
+    embeddings: int
+    dense: list[tuple[str, int, str]] = field(default_factory=list)
+    """``(parameter name, elements, reason)`` of the weights left dense, largest first."""
+
+    @property
+    def fraction(self) -> float:
+        """Pruned share of all matrix/conv weights."""
+        return self.pruned / self.total if self.total else 0.0
+
+    @property
+    def fraction_without_embeddings(self) -> float:
+        """Pruned share of the matrix/conv weights that are not embeddings."""
+        rest = self.total - self.embeddings
+        return self.pruned / rest if rest else 0.0
+
+    def to_dict(self) -> dict:
+        return {"pruned": self.pruned, "total": self.total, "embeddings": self.embeddings,
+                "fraction": self.fraction,
+                "fraction_without_embeddings": self.fraction_without_embeddings,
+                "dense": [list(d) for d in self.dense]}
+
+    def __str__(self) -> str:
+        text = (f"DPF prunes {self.fraction:.1%} of the matrix/conv weights "
+                f"({self.fraction_without_embeddings:.1%} of those that are not embeddings)")
+        if self.dense:
+            shown = "; ".join(f"{n} ({k} elements): {r}" for n, k, r in self.dense[:8])
+            more = f"; and {len(self.dense) - 8} more" if len(self.dense) > 8 else ""
+            text += f". Left dense: {shown}{more}"
+        return text
+
+
+def coverage(model: nn.Module) -> Coverage:
+    """What :func:`sparsify` covered in ``model`` (see :class:`Coverage`)."""
+    pruned_ids = {id(m.dense_weight) for m in model.modules() if isinstance(m, DPFLayer)}
+    recorded: dict[int, list[str]] = {}
+    for pname, reason in getattr(model, "_dpf_dense", {}).items():
+        with contextlib.suppress(AttributeError):
+            recorded.setdefault(id(model.get_parameter(pname)), []).append(f"{pname}: {reason}")
+    owners: dict[int, tuple[str, nn.Module, torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        for pname, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), (f"{name}.{pname}" if name else pname, module, p))
+    pruned = total = embeddings = 0
+    dense = []
+    for pid, (pname, module, p) in owners.items():
+        if p.dim() < 2:
+            continue
+        total += p.numel()
+        is_embedding = isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+        embeddings += p.numel() if is_embedding else 0
+        if pid in pruned_ids:
+            pruned += p.numel()
+            continue
+        notes = recorded.get(pid, [])
+        if is_embedding:
+            reason = "embedding" + (f" (also {'; '.join(notes)})" if notes else "")
+        elif notes:
+            reason = "; ".join(n.partition(": ")[2] if n.startswith(pname + ":") else n for n in notes)
+        else:
+            reason = f"unsupported type {type(module).__name__}"
+        dense.append((pname, p.numel(), reason))
+    dense.sort(key=lambda d: -d[1])
+    return Coverage(pruned, total, embeddings, dense)

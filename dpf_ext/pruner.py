@@ -143,16 +143,19 @@ class DPF:
                 "dpf_ext.sparsify(model) puts in place of nn.Linear and nn.Conv1d/2d/3d"
             )
         for name, layer in self.layers:
-            if layer.weight.device.type == "meta":
+            if layer.dense_weight.device.type == "meta":
                 raise ValueError(
                     f"layer {name!r} has its weight on the meta device: materialize the model "
                     "first (model.to_empty(device=...) and initialise or load its weights)"
                 )
-            if layer.weight.dtype not in SUPPORTED_DTYPES:
+            if layer.dense_weight.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(
-                    f"layer {name!r} has {layer.weight.dtype} weights; DPF supports "
+                    f"layer {name!r} has {layer.dense_weight.dtype} weights; DPF supports "
                     f"{', '.join(map(str, SUPPORTED_DTYPES))}"
                 )
+        if any(layer.channel_dim and is_sharded(layer.dense_weight) for _, layer in self.layers):
+            raise ValueError("layers whose output channels are not dim 0 (transformers' Conv1D) "
+                             "cannot be pruned sharded: FSDP2 shards dim 0")
         if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
             raise ValueError(
                 "FSDP1 (FullyShardedDataParallel) flattens the weights DPF prunes; shard the "
@@ -185,19 +188,19 @@ class DPF:
         self.channel_floor = bool(channel_floor)
         self.feedback_clip = None if feedback_clip is None else float(feedback_clip)
         names = [name for name, _ in self.layers]
-        self._floor = ChannelFloor(names, [layer.weight for _, layer in self.layers])
+        self._floor = ChannelFloor(names, self._channel_major([l.dense_weight for _, l in self.layers]))
         if self.channel_floor:
             self._floor.check_reachable(self.schedule.final, scope, kept_count)
         self._watch = BlowUpWatch(model, names) if watch and feedback and scope != "filter" else None
         check_same_on_all_ranks(self._config())
         self._take_over(replace)
 
-        device = self.layers[0][1].weight.device
+        device = self.layers[0][1].dense_weight.device
         self.step_count = 0
         self.frozen = False
         self.finalized = False
         self.target_sparsity = 0.0
-        self.target_kept = sum(layer.weight.numel() for _, layer in self.layers)
+        self.target_kept = sum(layer.dense_weight.numel() for _, layer in self.layers)
         self.reactivated_last = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
         self.reactivated_total = torch.zeros_like(self.reactivated_last)
         self.forced_last = torch.zeros_like(self.reactivated_last)
@@ -273,10 +276,11 @@ class DPF:
         next_step = self.step_count + 1
         due = self._due(next_step) or next_step == self.freeze_at
         if (self.finalized or self.frozen or not due or self.scope != "global"
-                or not self.feedback or is_sharded(self.layers[0][1].weight)):
+                or not self.feedback or is_sharded(self.layers[0][1].dense_weight)
+                or any(layer.channel_dim for _, layer in self.layers)):
             self._request = None
         else:
-            self._request = HistogramRequest([layer.weight for _, layer in self.layers], next_step)
+            self._request = HistogramRequest([layer.dense_weight for _, layer in self.layers], next_step)
         return self._request
 
     def update_masks(self) -> None:
@@ -290,10 +294,10 @@ class DPF:
     def _update_masks(self) -> None:
         sparsity = self.schedule.sparsity_at(self.step_count)
         check_sparsity(sparsity, f"scheduled sparsity at step {self.step_count}")
-        full_weights = [layer.weight for _, layer in self.layers]
+        full_weights = [layer.dense_weight for _, layer in self.layers]
         shards = Shards([name for name, _ in self.layers], full_weights,
                         [layer.mask for _, layer in self.layers])
-        weights, masks = shards.weights, shards.masks
+        weights, masks = self._channel_major(shards.weights), self._channel_major(shards.masks)
         reduce = shards.reduce if shards.group is not None else None
         exact = self.threshold == "exact"
         if not self.feedback:
@@ -324,7 +328,7 @@ class DPF:
             row_max = row_max if floor else None
         else:
             scores = [filter_scores(w) for w in weights]
-            target_kept = kept_count(sparsity, sum(w.shape[0] for w in full_weights))
+            target_kept = kept_count(sparsity, sum(self._floor.rows))
             taus = ops.global_threshold(scores, target_kept, exact, reduce=reduce)
             weights = [s.view(-1, *[1] * (w.dim() - 1)).expand_as(w) for s, w in zip(scores, weights)]
         if bool(torch.isnan(taus).any()):  # +Inf: the channel floor keeps only its own
@@ -359,6 +363,12 @@ class DPF:
                               None if floor else [~e for e in emptied])
         self._warn_empty_layers(stats[:, 0])
 
+    def _channel_major(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of the layers' weights (or masks) with the output channels first, as the
+        channel floor and the filter scope count them."""
+        return [t.movedim(layer.channel_dim, 0) if layer.channel_dim else t
+                for t, (_, layer) in zip(tensors, self.layers)]
+
     @staticmethod
     def _threshold(weights, k, exact, reduce, row_max, histogram=None) -> torch.Tensor:
         """The threshold over ``weights`` less each row's largest (recorded into
@@ -391,7 +401,7 @@ class DPF:
     def _zero_pruned(self) -> None:
         """``w ← mask ⊙ w`` for every layer."""
         for _, layer in self.layers:
-            weight, mask = local_weight_and_mask(layer.weight, layer.mask)
+            weight, mask = local_weight_and_mask(layer.dense_weight, layer.mask)
             weight.mul_(mask)
 
     def freeze(self) -> None:
@@ -426,7 +436,7 @@ class DPF:
         kept, last, total, forced = torch.stack(
             [kept, self.reactivated_last, self.reactivated_total, self.forced_last]).tolist()
         rows = [
-            LayerReport(name, tuple(layer.weight.shape), layer.weight.numel(), kept[i],
+            LayerReport(name, tuple(layer.dense_weight.shape), layer.dense_weight.numel(), kept[i],
                         last[i], total[i], forced[i])
             for i, (name, layer) in enumerate(self.layers)
         ]
