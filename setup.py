@@ -70,7 +70,7 @@ setup(
     # torch is deliberately absent: pip would replace the installed build with the newest
     # CUDA one. Install torch first (requirements-dev.txt pins it).
     install_requires=["numpy", "scikit-learn", "matplotlib", "tqdm"],
-    extras_require={"triton": ["triton"]},
+    extras_require={"triton": ["triton"], "transformers": ["transformers"]},
     entry_points={"console_scripts": ["dpf-train=dpf_ext.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -187,24 +187,12 @@ def register_prunable(torch_type: type, dpf_type: type) -> None:
 
 
 def _register_transformers() -> None:
-    """Register transformers' ``Conv1D`` (GPT-2's linear layers: weight stored in x out)
-    if transformers is already imported; never imports it."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    conv1d = getattr(module, "Conv1D", None)
-    if conv1d is None or conv1d in PRUNABLE:
-        return
+    """Register transformers' ``Conv1D`` (see :mod:`dpf_ext.hf`) if transformers is already
+    imported; never imports it."""
+    if "transformers.pytorch_utils" in sys.modules:
+        from .hf import Conv1D, DPFConv1D
 
-    class DPFConv1D(DPFLayer, conv1d):
-        """transformers' ``Conv1D`` (``x @ weight + bias``, weight in x out) whose forward
-        uses ``weight ⊙ mask``; its output channels are the weight's columns."""
-
-        channel_dim = 1
-
-        def forward(self, x):
-            out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.masked_weight())
-            return out.reshape(*x.shape[:-1], self.nf)
-
-    register_prunable(conv1d, DPFConv1D)
+        PRUNABLE.setdefault(Conv1D, DPFConv1D)
 
 
 Exclude = Union[Iterable[str], Callable[[str, nn.Module], bool], None]
@@ -281,6 +269,9 @@ def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense") -> 
                 f"layer {name!r} is already sharded (fully_shard): call dpf_ext.sparsify "
                 "before sharding the model, so that its masks stay whole on every rank"
             )
+        if type(module) is nn.MultiheadAttention and not module._qkv_same_embed_dim:
+            dense[f"{name}.q_proj_weight"] = "separate q/k/v projections (kdim or vdim != embed_dim)"
+            continue
         weight = _prunable_weight(module)
         if weight is None:
             continue
@@ -290,9 +281,6 @@ def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense") -> 
             continue  # only as the output projection of an attention layer
         if isinstance(parent, nn.MultiheadAttention) and not isinstance(parent, DPFMultiheadAttention):
             dense[f"{name}.weight"] = "its attention layer stays dense (excluded or unsupported)"
-            continue
-        if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
-            dense[f"{name}.q_proj_weight"] = "separate q/k/v projections (kdim or vdim != embed_dim)"
             continue
         if is_excluded(name, module):
             dense[f"{name}.{PRUNABLE[type(module)].weight_name}"] = "excluded"

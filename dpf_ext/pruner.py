@@ -11,7 +11,7 @@ from torch import nn
 from . import ops
 from .channels import BlowUpWatch, ChannelFloor, below, new_row_max
 from .distributed import Shards, check_same_on_all_ranks, is_sharded, local_weight_and_mask
-from .nn import dpf_layers, unsparsify
+from .nn import coverage, dpf_layers, unsparsify
 from .ops.bits import HIGH_BINS, NONFINITE_BIN, SUPPORTED_DTYPES
 from .report import LayerReport, SparsityReport
 from .schedules import Cubic, Schedule, check_sparsity
@@ -441,7 +441,7 @@ class DPF:
             for i, (name, layer) in enumerate(self.layers)
         ]
         return SparsityReport(self.step_count, self.target_sparsity, self.target_kept,
-                              self.frozen, rows)
+                              self.frozen, rows, coverage(self.model))
 
     def _config(self) -> dict:
         return {

@@ -39,6 +39,8 @@ class SparsityReport:
     target_kept: int
     frozen: bool
     layers: list[LayerReport]
+    coverage: object | None = None
+    """The model's :class:`~dpf_ext.nn.Coverage`: what DPF prunes and what stays dense."""
 
     @property
     def params(self) -> int:
@@ -74,6 +76,7 @@ class SparsityReport:
     def to_dict(self) -> dict:
         """Plain data (JSON-serialisable), totals included."""
         out = asdict(self)
+        out["coverage"] = self.coverage.to_dict() if self.coverage is not None else None
         for row, layer in zip(out["layers"], self.layers):
             row["sparsity"] = layer.sparsity
         out.update(params=self.params, kept=self.kept, sparsity=self.sparsity,
@@ -97,4 +100,5 @@ class SparsityReport:
         )
         title = (f"step {self.step}: target sparsity {self.target_sparsity:.2%}"
                  f"{' (mask frozen)' if self.frozen else ''}")
-        return "\n".join([title, line(header), *map(line, rows)])
+        tail = [str(self.coverage)] if self.coverage is not None else []
+        return "\n".join([title, line(header), *map(line, rows), *tail])
