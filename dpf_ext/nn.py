@@ -19,6 +19,7 @@ import contextlib
 import fnmatch
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Iterator, Union
 
@@ -30,6 +31,26 @@ from .channels import clip_pruned_gradient
 from .distributed import is_sharded, local_weight_and_mask
 
 log = logging.getLogger("dpf_ext")
+
+
+class UnfinalizedWarning(UserWarning):
+    """A DPF model's ``state_dict`` was taken before its masks were folded in: it holds the
+    dense weights (and the masks), which is right for resuming training and wrong for
+    exporting the sparse model."""
+
+
+def _warn_unfinalized(module, state_dict, prefix, local_metadata) -> None:
+    """State-dict hook of the DPF layers: the :class:`UnfinalizedWarning`."""
+    if not bool(module.mask.all()):
+        warnings.warn(
+            "state_dict of a DPF model whose masks are not folded in: it holds the DENSE "
+            "weights plus the masks. That resumes training (load it into a sparsified model, "
+            "with the pruner's state), but a plain model loading it (strict=False, "
+            "from_pretrained) gets the dense model. For the sparse model call "
+            "pruner.finalize(unwrap=True) (or dpf_ext.unsparsify) before saving; silence this "
+            "for checkpoints with warnings.simplefilter('ignore', dpf_ext.nn.UnfinalizedWarning)",
+            UnfinalizedWarning, stacklevel=4,
+        )
 
 
 class DPFLayer:
@@ -59,6 +80,8 @@ class DPFLayer:
         self.register_buffer("mask", torch.ones_like(self.dense_weight, dtype=torch.bool))
         self.feedback = True
         self.feedback_clip = None
+        # state_dict() warns while the masks prune anything (UnfinalizedWarning)
+        self._register_state_dict_hook(_warn_unfinalized)
 
     @property
     def dense_weight(self) -> nn.Parameter:
@@ -328,6 +351,8 @@ def unsparsify(model: nn.Module) -> nn.Module:
             del module._buffers["mask"]
             del module.feedback
             del module.feedback_clip
+            for key in [k for k, hook in module._state_dict_hooks.items() if hook is _warn_unfinalized]:
+                del module._state_dict_hooks[key]
         if type(module) in plain_for:
             module.__class__ = plain_for[type(module)]
     if hasattr(model, "_dpf_dense"):

@@ -102,3 +102,25 @@ def test_unsparsify_folds_masks_and_restores_plain_layers():
     fresh = small_model()
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh(x), expected)
+
+
+def test_saving_an_unfinalized_model_is_loud_and_finalized_is_quiet():
+    import warnings
+
+    import dpf_ext
+    from dpf_ext.schedules import Constant
+
+    model = sparsify(small_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.state_dict()  # nothing pruned yet: nothing to warn about
+    pruner = dpf_ext.DPF(model, schedule=Constant(0.5))
+    with pytest.warns(dpf_ext.nn.UnfinalizedWarning, match="DENSE weights plus the masks"):
+        state = model.state_dict()
+    plain = small_model()
+    result = plain.load_state_dict(state, strict=False)  # the easy wrong way
+    assert result.unexpected_keys == ["0.mask", "3.mask"]
+    pruner.finalize(unwrap=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.load_state_dict(model.state_dict())  # the right way: strict, sparse
