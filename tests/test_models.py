@@ -185,3 +185,21 @@ def test_sparsified_models_deepcopy_and_pickle():
         clone.eval()
         with torch.no_grad():
             torch.testing.assert_close(_out(clone, inputs), _out(model, inputs))
+
+
+def test_trainer_example_runs_and_learns():
+    import runpy
+    from pathlib import Path
+
+    example = runpy.run_path(str(Path(__file__).resolve().parent.parent / "examples" / "trainer_bert.py"))
+    result = example["main"](["--steps", "200", "--sparsity", "0.8"])
+    assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert result["reactivations"] > 0
+    assert result["accuracy"] > 0.8  # chance is about 0.5
+
+
+def test_trainer_callback_rejects_a_bad_finalize():
+    from dpf_ext.hf import DPFCallback
+
+    with pytest.raises(ValueError, match="finalize"):
+        DPFCallback(0.5, finalize="yes")
