@@ -5,6 +5,7 @@
 // tests therefore check the very arithmetic the GPU runs.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -177,6 +178,43 @@ DPF_HD float sgd_update(float p, float g, float& buf, bool fresh, const SgdParam
     g = s.nesterov ? g + s.momentum * buf : buf;
   }
   return p - s.lr * g;
+}
+
+// One AdamW step's coefficients, derived on the host in double precision from
+// torch.optim.AdamW's hyper-parameters and rounded to float32 once, as torch's own kernels
+// receive them: decay = 1 - lr * weight_decay, one_minus_beta1/2 = 1 - beta1/2,
+// step_size = lr / (1 - beta1^t), bias_correction2_sqrt = sqrt(1 - beta2^t).
+struct AdamwParams {
+  float decay;
+  float one_minus_beta1;
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float step_size;
+  float bias_correction2_sqrt;
+  bool amsgrad;
+  bool maximize;
+};
+
+// One AdamW update of one coordinate in float32, with torch.optim.AdamW's semantics
+// (decoupled weight decay; exp_avg by lerp as torch computes it). `m`, `v` and, with
+// amsgrad, `vmax` are the state, updated in place. Returns the new parameter value.
+DPF_HD float adamw_update(float p, float g, float& m, float& v, float& vmax, const AdamwParams& a) {
+  if (a.maximize) g = -g;
+  p = p * a.decay;
+  m = m + a.one_minus_beta1 * (g - m);
+  v = v * a.beta2 + a.one_minus_beta2 * g * g;
+  float second = v;
+  if (a.amsgrad) {
+    vmax = vmax > v ? vmax : v;
+    second = vmax;
+  }
+#if defined(__CUDA_ARCH__)
+  const float denom = sqrtf(second) / a.bias_correction2_sqrt + a.eps;
+#else
+  const float denom = std::sqrt(second) / a.bias_correction2_sqrt + a.eps;
+#endif
+  return p + (-a.step_size) * (m / denom);
 }
 
 }  // namespace dpf

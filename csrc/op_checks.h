@@ -3,6 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
+#include "dpf_math.h"
+
 namespace dpf {
 
 inline void check_update_masks_args(at::TensorList weights, const at::Tensor& taus,
@@ -44,6 +48,29 @@ inline void check_sgd_args(at::TensorList params, at::TensorList grads,
   for (size_t i = 0; i < n; ++i)
     TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type() && grads[i].sizes() == params[i].sizes(),
                 "dpf::feedback_sgd_step: grad ", i, " must match its param's dtype and shape");
+}
+
+inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, bool amsgrad) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
+              "dpf::feedback_adamw_step: one grad, exp_avg and exp_avg_sq per param");
+  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n,
+              "dpf::feedback_adamw_step: amsgrad needs one max_exp_avg_sq per param");
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    for (const auto* t : {&grads[i], &exp_avgs[i], &exp_avg_sqs[i]})
+      TORCH_CHECK(t->scalar_type() == p.scalar_type() && t->sizes() == p.sizes(),
+                  "dpf::feedback_adamw_step: grad and state ", i, " must match their param's dtype and shape");
+  }
+}
+
+// The coefficients of one AdamW step at optimizer step `step` (see dpf_math.h).
+inline AdamwParams adamw_params(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                bool amsgrad, bool maximize, int64_t step) {
+  return {float(1.0 - lr * weight_decay), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps),
+          float(lr / (1.0 - std::pow(beta1, double(step)))),
+          float(std::sqrt(1.0 - std::pow(beta2, double(step)))), amsgrad, maximize};
 }
 
 }  // namespace dpf

@@ -11,12 +11,13 @@
 from . import ops, schedules
 from .nn import (DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, DPFMultiheadAttention,
                  coverage, register_prunable, sparsify, unsparsify)
-from .optim import DPFSGD
+from .optim import DPFAdamW, DPFSGD
 from .pruner import DPF
 from .report import LayerReport, SparsityReport
 
 __all__ = [
     "DPF",
+    "DPFAdamW",
     "DPFSGD",
     "DPFConv1d",
     "DPFConv2d",

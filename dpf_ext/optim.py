@@ -1,4 +1,6 @@
-"""``DPFSGD``: SGD whose step is one fused multi-tensor pass over the dense weights."""
+"""Fused DPF optimizers: ``DPFSGD`` and ``DPFAdamW``, each step one multi-tensor pass over
+the dense weights that can also count, for the pruner, the histogram of the updated
+weights."""
 
 from __future__ import annotations
 
@@ -10,7 +12,57 @@ from . import ops
 from .distributed import is_sharded
 
 
-class DPFSGD(torch.optim.Optimizer):
+class _FusedOptimizer(torch.optim.Optimizer):
+    """What the fused optimizers share: the pruner hook and the batching of parameters.
+
+    Subclasses implement :meth:`_step_batch` for a list of parameters of one device that
+    all get (or all do not get) counted into the pruner's histogram.
+    """
+
+    def __init__(self, params, defaults: dict, pruner=None):
+        super().__init__(params, defaults)
+        self.pruner = pruner
+
+    def _batch_key(self, param: torch.Tensor) -> tuple:
+        """Parameters with equal keys go into one launch."""
+        return (param.device,)
+
+    def _step_batch(self, group: dict, params: list[torch.Tensor], histogram, row_max) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step; returns the closure's loss if a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        request = self.pruner.histogram_request() if self.pruner is not None else None
+        name = type(self).__name__
+        for group in self.param_groups:
+            # one launch per batch key and prunable or not: the histogram covers the
+            # prunable weights
+            batches = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients")
+                if is_sharded(p):
+                    raise TypeError(f"{name} does not step sharded (DTensor) parameters; use "
+                                    "torch's optimizers with fully_shard models")
+                prunable = request is not None and request.wants(p)
+                batches[(*self._batch_key(p), prunable)].append(p)
+            for key, params in batches.items():
+                prunable = key[-1]
+                self._step_batch(group, params, request.histogram if prunable else None,
+                                 request.row_max_for(params) if prunable else None)
+                if prunable:
+                    request.covered(params)
+        return loss
+
+
+class DPFSGD(_FusedOptimizer):
     """``torch.optim.SGD`` (same arguments, defaults and semantics) stepping every parameter
     of a device with one fused kernel, :func:`dpf_ext.ops.feedback_sgd_step`.
 
@@ -34,42 +86,68 @@ class DPFSGD(torch.optim.Optimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-        super().__init__(params, defaults)
-        self.pruner = pruner
+        super().__init__(params, defaults, pruner)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One SGD step; returns the closure's loss if a closure is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        request = self.pruner.histogram_request() if self.pruner is not None else None
-        for group in self.param_groups:
-            # one launch per (device, prunable or not): the histogram covers prunable weights
-            batches = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("DPFSGD does not support sparse gradients")
-                if is_sharded(p):
-                    raise TypeError("DPFSGD does not step sharded (DTensor) parameters; use "
-                                    "torch.optim.SGD with fully_shard models")
-                batches[(p.device, request is not None and request.wants(p))].append(p)
-            for (_, prunable), params in batches.items():
-                bufs = [self.state[p].get("momentum_buffer") for p in params]
-                ops.feedback_sgd_step(
-                    params, [p.grad for p in params], bufs, lr=group["lr"],
-                    momentum=group["momentum"], dampening=group["dampening"],
-                    nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                    maximize=group["maximize"],
-                    histogram=request.histogram if prunable else None,
-                    row_max=request.row_max_for(params) if prunable else None,
-                )
-                if prunable:
-                    request.covered(params)
-                if group["momentum"] != 0:
-                    for p, b in zip(params, bufs):
-                        self.state[p]["momentum_buffer"] = b
-        return loss
+    def _step_batch(self, group, params, histogram, row_max):
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        ops.feedback_sgd_step(
+            params, [p.grad for p in params], bufs, lr=group["lr"], momentum=group["momentum"],
+            dampening=group["dampening"], nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"], maximize=group["maximize"],
+            histogram=histogram, row_max=row_max,
+        )
+        if group["momentum"] != 0:
+            for p, b in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+
+class DPFAdamW(_FusedOptimizer):
+    """``torch.optim.AdamW`` (same arguments, defaults, state and ``state_dict``; its state
+    dicts load both ways) stepping every parameter of a device with one fused kernel,
+    :func:`dpf_ext.ops.feedback_adamw_step`; hands the pruner the histogram of the updated
+    weights as :class:`DPFSGD` does. Math in float32 for every dtype.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, pruner=None):
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr)
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize)
+        super().__init__(params, defaults, pruner)
+
+    def _batch_key(self, param):
+        # the bias corrections depend on the step count: one launch per count
+        state = self.state[param]
+        return (param.device, int(state["step"]) if "step" in state else 0)
+
+    def _step_batch(self, group, params, histogram, row_max):
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+        beta1, beta2 = group["betas"]
+        ops.feedback_adamw_step(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
+            step=int(states[0]["step"]), lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+            maximize=group["maximize"], histogram=histogram, row_max=row_max,
+        )

@@ -68,3 +68,9 @@ def test_opcheck_all_ops(namespace):
         (params, grads, bufs, [True, False], 0.1, 0.9, 0.0, True, 1e-4, False, masks, out, hist,
          [torch.zeros_like(r) for r in rows]),
     )
+    states = [[torch.zeros_like(w) for w in weights] for _ in range(3)]
+    torch.library.opcheck(
+        lib.feedback_adamw_step.default,
+        ([w.clone() for w in weights], grads, *states, 3, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True,
+         False, torch.zeros(HIGH_BINS, dtype=torch.int64), [torch.zeros_like(r) for r in rows]),
+    )

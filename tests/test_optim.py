@@ -117,3 +117,103 @@ def test_histogram_request_only_when_it_can_serve():
     request = pruner.histogram_request()
     assert request is not None and request.wants(model[0].weight) and not request.wants(model[0].bias)
     assert not request.complete
+
+
+ADAMW_SETTINGS = [
+    dict(),
+    dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+    dict(lr=2e-3, amsgrad=True, weight_decay=0.0),
+    dict(lr=1e-3, maximize=True, amsgrad=True),
+]
+
+
+def _adam_model(seed=0):
+    # no bias in front of a BatchNorm: its gradient would be round-off noise, which Adam's
+    # normalisation turns into full-size steps that differ between any two implementations
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 40), nn.Tanh(), nn.LayerNorm(40), nn.Linear(40, 3))
+
+
+@pytest.mark.parametrize("settings", ADAMW_SETTINGS, ids=["defaults", "betas-eps-wd", "amsgrad", "maximize"])
+def test_adamw_matches_torch_adamw_step_for_step(device, settings):
+    ours, theirs = _adam_model().to(device), _adam_model().to(device)
+    groups = lambda m: [  # noqa: E731  (two groups with different options)
+        {"params": [m[0].weight, m[3].weight]},
+        {"params": [m[0].bias, m[2].weight, m[2].bias, m[3].bias], "weight_decay": 0.0, "lr": 5e-4},
+    ]
+    opt_ours = dpf_ext.DPFAdamW(groups(ours), **settings)
+    opt_theirs = torch.optim.AdamW(groups(theirs), foreach=False, **settings)
+    for step in range(25):
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            _loss(model, step).backward()
+            if step < 5:  # a parameter joins late: its own step count, its own launch
+                model[3].bias.grad = None
+            opt.step()
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+    s_ours, s_theirs = opt_ours.state[ours[0].weight], opt_theirs.state[theirs[0].weight]
+    assert set(s_ours) == set(s_theirs) and float(s_ours["step"]) == float(s_theirs["step"]) == 25
+    for key in s_ours:
+        torch.testing.assert_close(s_ours[key].float(), s_theirs[key].float(), rtol=2e-5, atol=1e-7)
+    assert float(opt_ours.state[ours[3].bias]["step"]) == 20
+
+
+def test_adamw_state_dicts_load_both_ways():
+    ours, theirs = _model(), _model()
+    opt_ours = dpf_ext.DPFAdamW(ours.parameters(), lr=1e-2, amsgrad=True)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-2, amsgrad=True)
+    for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+        _loss(model, 0).backward()
+        opt.step()
+    fresh_torch = torch.optim.AdamW(_model().parameters(), lr=1e-2, amsgrad=True)
+    fresh_torch.load_state_dict(opt_ours.state_dict())
+    fresh_ours = dpf_ext.DPFAdamW(_model().parameters(), lr=1e-2, amsgrad=True)
+    fresh_ours.load_state_dict(opt_theirs.state_dict())
+    assert float(fresh_ours.state[fresh_ours.param_groups[0]["params"][0]]["step"]) == 1
+    with pytest.raises(ValueError, match="beta parameter at index 1"):
+        dpf_ext.DPFAdamW(_model().parameters(), betas=(0.9, 1.0))
+
+
+def test_adamw_hands_the_pruner_its_histogram(monkeypatch):
+    model = dpf_ext.sparsify(_model())
+    pruner = dpf_ext.DPF(model, 0.8, total_steps=40, update_every=4)
+    opt = dpf_ext.DPFAdamW(model.parameters(), lr=1e-2, pruner=pruner)
+    backend = ops.backend_for("cpu")
+    first_passes = []
+    original = backend.magnitude_histogram
+
+    def counting(weights, prefix, row_max):
+        if prefix is None:
+            first_passes.append(pruner.step_count)
+        return original(weights, prefix, row_max)
+
+    monkeypatch.setattr(backend, "magnitude_histogram", counting)
+    for step in range(1, 13):
+        opt.zero_grad()
+        _loss(model, step).backward()
+        opt.step()
+        pruner.step()
+    assert first_passes == []
+    assert pruner.report().sparsity > 0.3
+
+
+@pytest.mark.filterwarnings("ignore:.*GradScaler")
+def test_a_step_skipped_by_grad_scaler_still_counts_for_the_pruner():
+    model = dpf_ext.sparsify(_model())
+    pruner = dpf_ext.DPF(model, 0.5, total_steps=8, update_every=2)
+    opt = dpf_ext.DPFAdamW(model.parameters(), lr=1e-2, pruner=pruner)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for step in range(8):
+        opt.zero_grad()
+        scaler.scale(_loss(model, step)).backward()
+        if step == 3:
+            model[0].weight.grad[0, 0] = float("inf")  # an overflow: the step is skipped
+        before = model[0].weight.detach().clone()
+        scaler.step(opt)
+        scaler.update()
+        pruner.step()  # after scaler.step, whether or not the optimizer stepped
+        if step == 3:
+            assert torch.equal(model[0].weight, before)
+    assert pruner.step_count == 8 and torch.isfinite(model[0].weight).all()
+    assert pruner.report().sparsity == pytest.approx(0.5, abs=1e-2)

@@ -215,3 +215,36 @@ def test_feedback_sgd_step_matches(compiled, dtype, settings):
             assert torch.equal(got.cpu(), exp)
         # values that differ by rounding may straddle a bin edge, no more
         assert (dev_hist.cpu() - ref_hist).abs().sum() <= 2 * sum(p.numel() for p in params) * 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("settings", [
+    dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False),
+    dict(lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.0, amsgrad=True, maximize=True),
+], ids=["defaults", "amsgrad-maximize"])
+def test_feedback_adamw_step_matches(compiled, dtype, settings):
+    g = torch.Generator().manual_seed(15)
+    shapes = [(300, 301), (5,), (0,), (64, 3, 3, 3), (4099,)]
+    params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    params[-1] = torch.randn(4100, generator=g).to(dtype)[1:]  # off 16-byte alignment
+    state = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
+    ref = dict(p=[p.clone() for p in params], m=state(), v=state(), vmax=state())
+    dev = dict(p=_on(compiled, params), m=_on(compiled, state()), v=_on(compiled, state()),
+               vmax=_on(compiled, state()))
+    for step in range(1, 4):
+        grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+        ref_hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
+        dev_hist = torch.zeros(HIGH_BINS, dtype=torch.int64, device=compiled)
+        ref_rows, dev_rows = zero_row_max(params), zero_row_max(params, compiled)
+        reference.feedback_adamw_step(ref["p"], grads, ref["m"], ref["v"], ref["vmax"], step=step,
+                                      histogram=ref_hist, row_max=ref_rows, **settings)
+        ops.feedback_adamw_step(dev["p"], _on(compiled, grads), dev["m"], dev["v"], dev["vmax"], step=step,
+                                histogram=dev_hist, row_max=dev_rows, **settings)
+        for key in ("p", "m", "v") + (("vmax",) if settings["amsgrad"] else ()):
+            for a, b in zip(dev[key], ref[key]):
+                assert_sgd_close(a, b, dtype)
+        written_rows = zero_row_max(params)
+        assert torch.equal(dev_hist.cpu(), reference.magnitude_histogram(
+            [p.cpu() for p in dev["p"]], None, written_rows))
+        for got, exp in zip(dev_rows, written_rows):
+            assert torch.equal(got.cpu(), exp)

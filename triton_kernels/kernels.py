@@ -168,3 +168,47 @@ def sgd_kernel(p_addr_ptr, g_addr_ptr, buf_addr_ptr, fresh_ptr, mask_addr_ptr, o
         tl.atomic_add(hist_ptr + (mag >> 16), tl.full((BLOCK,), 1, tl.int64), mask=valid)
         if ROWS:
             _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)
+
+
+@triton.jit
+def adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, vmax_addr_ptr, numel_ptr,
+                 block_start_ptr, hist_ptr, row_max_addr_ptr, row_len_ptr, decay, one_minus_beta1,
+                 beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt, T, T_PAD: tl.constexpr,
+                 DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 HAS_HIST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """torch.optim.AdamW's update of the dense weights (csrc/dpf_math.h's adamw_update),
+    then optionally the histogram of the new |p| (with ROWS, and each row's largest key)."""
+    pid = tl.program_id(0)
+    t, first = _locate(pid, block_start_ptr, T, T_PAD)
+    n = tl.load(numel_ptr + t)
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    p_ptr = tl.load(p_addr_ptr + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(g_addr_ptr + t).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(m_addr_ptr + t).to(tl.pointer_type(DTYPE))
+    v_ptr = tl.load(v_addr_ptr + t).to(tl.pointer_type(DTYPE))
+    p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    p = p * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
+    second = v
+    if AMSGRAD:
+        vmax_ptr = tl.load(vmax_addr_ptr + t).to(tl.pointer_type(DTYPE))
+        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=valid, other=0.0).to(tl.float32), v)
+        tl.store(vmax_ptr + offs, _round_to(vmax, DTYPE), mask=valid)
+        second = vmax
+    denom = tl.sqrt(second) / bias_correction2_sqrt + eps
+    new = _round_to(p + (-step_size) * (m / denom), DTYPE)
+    tl.store(p_ptr + offs, new, mask=valid)
+    tl.store(m_ptr + offs, _round_to(m, DTYPE), mask=valid)
+    tl.store(v_ptr + offs, _round_to(v, DTYPE), mask=valid)
+    if HAS_HIST:
+        mag = _magnitude_bits(new)
+        tl.atomic_add(hist_ptr + (mag >> 16), tl.full((BLOCK,), 1, tl.int64), mask=valid)
+        if ROWS:
+            _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..ops.bits import HIGH_BINS, LOW_BINS
+from ..ops.reference import adamw_coefficients
 from . import kernels
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -145,3 +146,31 @@ def feedback_sgd_step(params, grads, bufs, fresh, lr, momentum, dampening, neste
                 params[i].copy_(ps[j])
             if has_out and outs[j] is not masked_out[i]:
                 masked_out[i].copy_(outs[j])
+
+
+def feedback_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, beta1,
+                        beta2, eps, weight_decay, amsgrad, maximize, histogram, row_max) -> None:
+    device = params[0].device
+    c = adamw_coefficients(lr, beta1, beta2, eps, weight_decay, step)
+    for dtype, idx in _by_dtype(params):
+        # every tensor a table points into stays referenced here until the launch is done
+        ps = _contiguous([params[i] for i in idx])
+        gs = _contiguous([grads[i] for i in idx])
+        ms = _contiguous([exp_avgs[i] for i in idx])
+        vs = _contiguous([exp_avg_sqs[i] for i in idx])
+        vmaxs = _contiguous([max_exp_avg_sqs[i] for i in idx]) if amsgrad else []
+        numels, starts, blocks = _blocks(ps, device)
+        unused = numels  # any tensor, for the pointer slots a variant does not read
+        row_addr, row_len = _row_tables(ps, row_max, idx, unused)
+        kernels.adamw_kernel[(blocks,)](
+            _table(ps, device), _table(gs, device), _table(ms, device), _table(vs, device),
+            _table(vmaxs, device) if amsgrad else unused, numels, starts,
+            histogram if histogram is not None else unused, row_addr, row_len,
+            c["decay"], c["one_minus_beta1"], c["beta2"], c["one_minus_beta2"], c["eps"],
+            c["step_size"], c["bias_correction2_sqrt"], len(idx), T_PAD=_pad(len(idx)),
+            DTYPE=_TL_DTYPE[dtype], AMSGRAD=amsgrad, MAXIMIZE=maximize,
+            HAS_HIST=histogram is not None, ROWS=bool(row_max), BLOCK=BLOCK)
+        for j, i in enumerate(idx):
+            for src, dst in ((ps, params), (ms, exp_avgs), (vs, exp_avg_sqs), (vmaxs, max_exp_avg_sqs)):
+                if src and src[j] is not dst[i]:
+                    dst[i].copy_(src[j])

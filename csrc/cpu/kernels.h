@@ -144,5 +144,27 @@ void sgd_step(T* p, const T* g, T* buf, bool fresh, int64_t begin, int64_t end,
   }
 }
 
+// The fused AdamW step over p[begin, end): updates p, m and v (and vmax with amsgrad; may
+// be null otherwise), then optionally adds the high-bits histogram of the new |p| to hist
+// with the rows' keys into row_max (may be null; rows of row_len elements).
+template <typename T>
+void adamw_step(T* p, const T* g, T* m, T* v, T* vmax, int64_t begin, int64_t end,
+                const AdamwParams& a, int32_t* hist, int64_t* row_max, int64_t row_len) {
+  RowMax rows(row_max, row_len);
+  for (int64_t i = begin; i < end; ++i) {
+    float mi = to_float(m[i]), vi = to_float(v[i]), vmaxi = vmax ? to_float(vmax[i]) : 0.f;
+    const T np = from_float<T>(adamw_update(to_float(p[i]), to_float(g[i]), mi, vi, vmaxi, a));
+    p[i] = np;
+    m[i] = from_float<T>(mi);
+    v[i] = from_float<T>(vi);
+    if (vmax) vmax[i] = from_float<T>(vmaxi);
+    if (hist) {
+      const uint32_t mag = magnitude_bits(np);
+      ++hist[high_bin(mag)];
+      rows.add(i, mag);
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace dpf

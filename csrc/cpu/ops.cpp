@@ -227,6 +227,49 @@ void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   if (with_hist) histogram->add_(sum_histograms(local, tasks, kHighBins));
 }
 
+void feedback_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, int64_t step,
+                             double lr, double beta1, double beta2, double eps, double weight_decay,
+                             bool amsgrad, bool maximize, const std::optional<at::Tensor>& histogram,
+                             at::TensorList row_max) {
+  const int64_t n = int64_t(params.size());
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
+  check_row_max_args(params, row_max);
+  TORCH_CHECK(row_max.empty() || histogram.has_value(),
+              "dpf::feedback_adamw_step: row_max is recorded with the histogram");
+  const AdamwParams a = adamw_params(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, step);
+  std::vector<at::Tensor> ps, gs, ms, vs, vmaxs;
+  for (int64_t i = 0; i < n; ++i) {
+    ps.push_back(params[i].contiguous());
+    gs.push_back(grads[i].contiguous());
+    ms.push_back(exp_avgs[i].contiguous());
+    vs.push_back(exp_avg_sqs[i].contiguous());
+    if (amsgrad) vmaxs.push_back(max_exp_avg_sqs[i].contiguous());
+  }
+  const auto row_len = row_lengths(ps, row_max);
+  const auto chunks = make_chunks(ps);
+  const int64_t tasks = num_tasks(chunks);
+  const bool with_hist = histogram.has_value();
+  std::vector<int32_t> local(with_hist ? tasks * kHighBins : 0, 0);
+  for_each_chunk(chunks, tasks, [&](int64_t task, const Chunk& c) {
+    with_dtype(ps[c.tensor].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const int64_t t = c.tensor;
+      cpu::adamw_step(static_cast<T*>(ps[t].data_ptr()), static_cast<const T*>(gs[t].const_data_ptr()),
+                      static_cast<T*>(ms[t].data_ptr()), static_cast<T*>(vs[t].data_ptr()),
+                      amsgrad ? static_cast<T*>(vmaxs[t].data_ptr()) : nullptr, c.begin, c.end, a,
+                      with_hist ? local.data() + task * kHighBins : nullptr, row_max_ptr(row_max, t), row_len[t]);
+    });
+  });
+  for (int64_t i = 0; i < n; ++i) {
+    if (!ps[i].is_same(params[i])) params[i].copy_(ps[i]);
+    if (!ms[i].is_same(exp_avgs[i])) exp_avgs[i].copy_(ms[i]);
+    if (!vs[i].is_same(exp_avg_sqs[i])) exp_avg_sqs[i].copy_(vs[i]);
+    if (amsgrad && !vmaxs[i].is_same(max_exp_avg_sqs[i])) max_exp_avg_sqs[i].copy_(vmaxs[i]);
+  }
+  if (with_hist) histogram->add_(sum_histograms(local, tasks, kHighBins));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpf, CPU, m) {
@@ -234,6 +277,7 @@ TORCH_LIBRARY_IMPL(dpf, CPU, m) {
   m.impl("update_masks", &update_masks_cpu);
   m.impl("masked_weight", &masked_weight_cpu);
   m.impl("feedback_sgd_step", &feedback_sgd_step_cpu);
+  m.impl("feedback_adamw_step", &feedback_adamw_step_cpu);
 }
 
 }  // namespace dpf

@@ -14,6 +14,8 @@ Each op validates its input, picks a backend for the tensors' device (see
 - :func:`masked_weight`: ``w ⊙ mask`` whose backward is the feedback (straight-through)
   estimator, or the masked gradient when ``feedback=False``.
 - :func:`feedback_sgd_step`: the SGD update of the dense weights in one multi-tensor pass.
+- :func:`feedback_adamw_step`: the AdamW update of the dense weights in one multi-tensor
+  pass.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from . import triton, compiled  # noqa: F401, I001  (register the backends built
 __all__ = [
     "available_backends",
     "backend_for",
+    "feedback_adamw_step",
     "feedback_sgd_step",
     "global_threshold",
     "magnitude_histogram",
@@ -268,4 +271,50 @@ def feedback_sgd_step(
         params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
         nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, masks=masks,
         masked_out=masked_out, histogram=histogram, row_max=row_max or [],
+    )
+
+
+def feedback_adamw_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor] | None = None,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    histogram: torch.Tensor | None = None,
+    row_max: list[torch.Tensor] | None = None,
+) -> None:
+    """One AdamW step (torch.optim.AdamW semantics, float32 math) on the dense ``params``,
+    all at optimizer step ``step`` (counted from 1, after this step's increment).
+
+    The state tensors (``exp_avgs``, ``exp_avg_sqs``, with ``amsgrad`` ``max_exp_avg_sqs``)
+    exist and are updated in place. ``histogram`` and ``row_max`` as in
+    :func:`feedback_sgd_step`.
+    """
+    if not params:
+        return
+    _check_weights(params, "params")
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(params)):
+        raise ValueError("params, grads, exp_avgs and exp_avg_sqs must have the same length")
+    if amsgrad and (max_exp_avg_sqs is None or len(max_exp_avg_sqs) != len(params)):
+        raise ValueError("amsgrad needs one max_exp_avg_sq per param")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be a positive int, got {step!r}")
+    if histogram is not None and (histogram.dtype != torch.int64 or histogram.numel() != HIGH_BINS):
+        raise ValueError(f"histogram must be an int64 tensor of {HIGH_BINS} bins")
+    _check_row_max(params, row_max)
+    if row_max is not None and histogram is None:
+        raise ValueError("row_max is recorded with the histogram: pass both")
+    backend_for(params[0].device).feedback_adamw_step(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], step=step, lr=lr,
+        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+        maximize=maximize, histogram=histogram, row_max=row_max or [],
     )

@@ -45,6 +45,16 @@ class OpBackend:
         )
 
 
+    def feedback_adamw_step(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step,
+                            lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, histogram,
+                            row_max):
+        self.ops.feedback_adamw_step(
+            [p.detach() for p in params], [g.detach() for g in grads], exp_avgs, exp_avg_sqs,
+            max_exp_avg_sqs if amsgrad else [], step, lr, beta1, beta2, eps, weight_decay,
+            amsgrad, maximize, histogram, row_max or [],
+        )
+
+
 def register_abstract(namespace: str) -> None:
     """Fake kernels (for tracing) and the gradient of ``masked_weight`` for the ops of
     ``namespace``."""
@@ -57,6 +67,7 @@ def register_abstract(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::masked_weight")(
         lambda weight, mask, feedback: torch.empty_like(weight))
     torch.library.register_fake(f"{namespace}::feedback_sgd_step")(lambda *args: None)
+    torch.library.register_fake(f"{namespace}::feedback_adamw_step")(lambda *args: None)
 
     masked_weight = getattr(torch.ops, namespace).masked_weight
 

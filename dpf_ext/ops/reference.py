@@ -151,3 +151,56 @@ def feedback_sgd_step(
             masked_out[i].copy_(p * masks[i])
     if histogram is not None:
         histogram += magnitude_histogram([p.detach() for p in params], None, row_max)
+
+
+def adamw_coefficients(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                       step: int) -> dict[str, float]:
+    """One AdamW step's coefficients in double precision, as every backend derives them
+    before rounding them to float32 once (csrc/dpf_math.h's AdamwParams)."""
+    return dict(decay=1.0 - lr * weight_decay, one_minus_beta1=1.0 - beta1, beta2=beta2,
+                one_minus_beta2=1.0 - beta2, eps=eps, step_size=lr / (1.0 - beta1 ** step),
+                bias_correction2_sqrt=(1.0 - beta2 ** step) ** 0.5)
+
+
+def feedback_adamw_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    histogram: torch.Tensor | None,
+    row_max: list[torch.Tensor] | None = None,
+) -> None:
+    """AdamW on the dense weights, with torch.optim.AdamW's semantics and float32 math, at
+    optimizer step ``step`` (counted from 1); the histogram and row keys as
+    :func:`feedback_sgd_step`."""
+    c = {k: torch.tensor(v, dtype=torch.float32, device=params[0].device)  # float32 scalars
+         for k, v in adamw_coefficients(lr, beta1, beta2, eps, weight_decay, step).items()}
+    for i, param in enumerate(params):
+        p = param.detach()
+        g = grads[i].float()
+        if maximize:
+            g = -g
+        p32 = p.float() * c["decay"]
+        m = exp_avgs[i].float()
+        m = m + c["one_minus_beta1"] * (g - m)
+        v = exp_avg_sqs[i].float() * c["beta2"] + c["one_minus_beta2"] * g * g
+        second = v
+        if amsgrad:
+            second = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            max_exp_avg_sqs[i].copy_(second)
+        denom = second.sqrt() / c["bias_correction2_sqrt"] + c["eps"]
+        p.copy_(p32 + (-c["step_size"]) * (m / denom))
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+    if histogram is not None:
+        histogram += magnitude_histogram([p.detach() for p in params], None, row_max)

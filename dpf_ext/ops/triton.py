@@ -50,6 +50,18 @@ if launch is not None:
                                  nesterov, weight_decay, maximize, masks, masked_out, histogram,
                                  row_max)
 
+    @torch.library.custom_op(
+        "dpf_triton::feedback_adamw_step",
+        mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "histogram", "row_max"),
+    )
+    def _adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+               exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], step: int,
+               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
+               maximize: bool, histogram: torch.Tensor | None, row_max: list[torch.Tensor]) -> None:
+        launch.feedback_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr,
+                                   beta1, beta2, eps, weight_decay, amsgrad, maximize, histogram,
+                                   row_max)
+
     register_abstract("dpf_triton")
     devices = (("cuda",) if torch.cuda.is_available() else ()) + (
         ("cpu",) if os.environ.get("TRITON_INTERPRET") == "1" else ())
