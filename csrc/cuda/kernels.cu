@@ -250,6 +250,40 @@ __global__ void sgd_kernel(Table tab, const void* const* grads, void* const* buf
   if (HIST) h.flush(false);
 }
 
+// The fused AdamW step, one element per thread and iteration. With HIST, the histogram of
+// the new |p| is counted in the layout B.
+template <typename T, bool HIST, Bins B>
+__global__ void adamw_kernel(Table tab, const void* const* grads, void* const* exp_avgs,
+                             void* const* exp_avg_sqs, void* const* max_exp_avg_sqs, AdamwParams hp,
+                             unsigned long long* hist, Rows rows) {
+  extern __shared__ unsigned int bins[];
+  BlockHistogram<B> h{bins, hist};
+  if (HIST) h.zero();
+  for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
+    const Span s = chunk_span(tab, c);
+    T* p = static_cast<T*>(const_cast<void*>(tab.data[s.t]));
+    const T* g = static_cast<const T*>(grads[s.t]);
+    T* m = static_cast<T*>(exp_avgs[s.t]);
+    T* v = static_cast<T*>(exp_avg_sqs[s.t]);
+    T* vmax = hp.amsgrad ? static_cast<T*>(max_exp_avg_sqs[s.t]) : nullptr;
+    for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
+      float mi = to_float(m[i]), vi = to_float(v[i]), vmaxi = vmax ? to_float(vmax[i]) : 0.f;
+      const T np = from_float<T>(adamw_update(to_float(p[i]), to_float(g[i]), mi, vi, vmaxi, hp));
+      p[i] = np;
+      m[i] = from_float<T>(mi);
+      v[i] = from_float<T>(vi);
+      if (vmax) vmax[i] = from_float<T>(vmaxi);
+      if (HIST) {
+        const uint32_t mag = magnitude_bits(np);
+        h.add(high_bin(mag));
+        if (rows.max) max_row(rows, s.t, i, mag);
+      }
+    }
+    if (HIST) h.chunk_done();
+  }
+  if (HIST) h.flush(false);
+}
+
 int grid_for(int64_t chunks, int cap) {
   return static_cast<int>(chunks < cap ? chunks : cap);
 }
@@ -375,6 +409,29 @@ cudaError_t sgd_step(const Table& tab, DType dtype, const void* const* grads, vo
       if (err != cudaSuccess) return err;
       sgd_kernel<T, true, B><<<hist_grid(tab.chunks, dev, B), kHistThreads, shared_bytes(B), stream>>>(
           tab, grads, bufs, fresh, masks, outs, hp, hist, rows);
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t adamw_step(const Table& tab, DType dtype, const void* const* grads, void* const* exp_avgs,
+                       void* const* exp_avg_sqs, void* const* max_exp_avg_sqs, const AdamwParams& hp,
+                       unsigned long long* hist, Rows rows, const DeviceInfo& dev, cudaStream_t stream) {
+  if (tab.chunks == 0) return cudaSuccess;
+  const Bins b = bins_for(dev);
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (!hist) {
+      adamw_kernel<T, false, Bins::kGlobal><<<grid_for(tab.chunks, dev.num_sms * 8), kThreads, 0, stream>>>(
+          tab, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp, nullptr, Rows{nullptr, nullptr});
+      return cudaGetLastError();
+    }
+    return with_bins(b, [&](auto layout) {
+      constexpr Bins B = decltype(layout)::value;
+      cudaError_t err = allow_shared(adamw_kernel<T, true, B>, B);
+      if (err != cudaSuccess) return err;
+      adamw_kernel<T, true, B><<<hist_grid(tab.chunks, dev, B), kHistThreads, shared_bytes(B), stream>>>(
+          tab, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp, hist, rows);
       return cudaGetLastError();
     });
   });

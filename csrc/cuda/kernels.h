@@ -78,5 +78,13 @@ cudaError_t sgd_step(const Table& params, DType dtype, const void* const* grads,
                      void* const* outs, const SgdParams& hp, unsigned long long* hist,
                      Rows rows, const DeviceInfo& dev, cudaStream_t stream);
 
+// One fused AdamW step over the table of params (see dpf_math.h's adamw_update). Device
+// arrays of per-tensor pointers: grads, exp_avgs, exp_avg_sqs and max_exp_avg_sqs (null
+// without amsgrad). hist and rows as in sgd_step.
+cudaError_t adamw_step(const Table& params, DType dtype, const void* const* grads,
+                       void* const* exp_avgs, void* const* exp_avg_sqs, void* const* max_exp_avg_sqs,
+                       const AdamwParams& hp, unsigned long long* hist, Rows rows,
+                       const DeviceInfo& dev, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace dpf

@@ -258,6 +258,52 @@ void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   }
 }
 
+void feedback_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, int64_t step,
+                              double lr, double beta1, double beta2, double eps, double weight_decay,
+                              bool amsgrad, bool maximize, const std::optional<at::Tensor>& histogram,
+                              at::TensorList row_max) {
+  if (params.empty()) return;
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
+  check_row_max_args(params, row_max);
+  TORCH_CHECK(row_max.empty() || histogram.has_value(),
+              "dpf::feedback_adamw_step: row_max is recorded with the histogram");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const AdamwParams hp = adamw_params(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, step);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (const auto& [dtype, idx] : by_dtype(params)) {
+    const auto ps = contiguous(params, idx);
+    const auto gs = contiguous(grads, idx);
+    const auto ms = contiguous(exp_avgs, idx);
+    const auto vs = contiguous(exp_avg_sqs, idx);
+    const auto vmaxs = amsgrad ? contiguous(max_exp_avg_sqs, idx) : std::vector<at::Tensor>{};
+    std::vector<int64_t> grad_ptrs, m_ptrs, v_ptrs, vmax_ptrs;
+    for (size_t j = 0; j < idx.size(); ++j) {
+      grad_ptrs.push_back(address(gs[j]));
+      m_ptrs.push_back(address(ms[j]));
+      v_ptrs.push_back(address(vs[j]));
+      if (amsgrad) vmax_ptrs.push_back(address(vmaxs[j]));
+    }
+    auto columns = row_columns(ps, row_max, idx);
+    columns.insert(columns.begin(), {grad_ptrs, m_ptrs, v_ptrs, vmax_ptrs});
+    const Launch l = make_launch(ps, columns);
+    check_cuda(
+        cuda::adamw_step(l.table, dtype_of(ps[0]), l.arrays->as<const void* const*>(3),
+                         l.arrays->as<void* const*>(4), l.arrays->as<void* const*>(5),
+                         amsgrad ? l.arrays->as<void* const*>(6) : nullptr, hp,
+                         histogram ? reinterpret_cast<unsigned long long*>(histogram->data_ptr<int64_t>()) : nullptr,
+                         rows_at(l, 7, !row_max.empty()), device_info(), stream),
+        "feedback_adamw_step");
+    for (size_t j = 0; j < idx.size(); ++j) {
+      const int64_t i = idx[j];
+      if (!ps[j].is_same(params[i])) params[i].copy_(ps[j]);
+      if (!ms[j].is_same(exp_avgs[i])) exp_avgs[i].copy_(ms[j]);
+      if (!vs[j].is_same(exp_avg_sqs[i])) exp_avg_sqs[i].copy_(vs[j]);
+      if (amsgrad && !vmaxs[j].is_same(max_exp_avg_sqs[i])) max_exp_avg_sqs[i].copy_(vmaxs[j]);
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dpf, CUDA, m) {
@@ -265,6 +311,7 @@ TORCH_LIBRARY_IMPL(dpf, CUDA, m) {
   m.impl("update_masks", &update_masks_cuda);
   m.impl("masked_weight", &masked_weight_cuda);
   m.impl("feedback_sgd_step", &feedback_sgd_step_cuda);
+  m.impl("feedback_adamw_step", &feedback_adamw_step_cuda);
 }
 
 }  // namespace dpf

@@ -370,6 +370,64 @@ void test_sgd(const cuda::DeviceInfo& dev, const std::string& label) {
   }
 }
 
+template <typename T>
+void test_adamw(const cuda::DeviceInfo& dev, const std::string& label) {
+  const AdamwParams settings[] = {{1.f - 1e-5f, 0.1f, 0.999f, 0.001f, 1e-8f, 0.01f, 0.0447f, false, false},
+                                  {1.f, 0.2f, 0.99f, 0.01f, 1e-6f, 0.003f, 0.3f, true, true}};
+  int idx = 0;
+  for (auto& base : cases<T>()) {
+    const std::string name = std::string(dtype_name<T>()) + " case " + std::to_string(idx++) + " " + label;
+    for (const auto& hp : settings) {
+      for (bool with_hist : {false, true}) {
+        std::vector<Tensor<T>> ps = base, cpu_ps = base, gs, ms, vs, vmaxs;
+        for (auto& p : ps) {
+          gs.push_back(make_tensor<T>(p.n, p.offset, Values::kNormal));
+          ms.push_back(make_tensor<T>(p.n, p.offset, Values::kNormal, 0.1f));
+          vs.push_back(make_tensor<T>(p.n, p.offset, Values::kConstant, 0.01f));
+          vmaxs.push_back(make_tensor<T>(p.n, p.offset, Values::kConstant, 0.02f));
+        }
+        auto cpu_ms = ms, cpu_vs = vs, cpu_vmaxs = vmaxs;
+        std::vector<int32_t> cpu_hist(kHighBins, 0);
+        RowsData cpu_rows(ps), rows(ps);
+        for (size_t t = 0; t < ps.size(); ++t)
+          cpu::adamw_step(cpu_ps[t].data(), gs[t].data(), cpu_ms[t].data(), cpu_vs[t].data(),
+                          hp.amsgrad ? cpu_vmaxs[t].data() : nullptr, 0, ps[t].n, hp,
+                          with_hist ? cpu_hist.data() : nullptr,
+                          with_hist ? reinterpret_cast<int64_t*>(cpu_rows.keys[t].data()) : nullptr, ps[t].row_len);
+        TableData tab(ps);
+        std::vector<const void*> gp;
+        std::vector<void*> mp, vp, vmaxp;
+        for (size_t t = 0; t < ps.size(); ++t) {
+          gp.push_back(gs[t].data());
+          mp.push_back(ms[t].data());
+          vp.push_back(vs[t].data());
+          vmaxp.push_back(vmaxs[t].data());
+        }
+        std::vector<unsigned long long> hist(kHighBins, 0);
+        check_cuda(cuda::adamw_step(tab.table, dtype_of<T>(), gp.data(), mp.data(), vp.data(),
+                                    hp.amsgrad ? vmaxp.data() : nullptr, hp, with_hist ? hist.data() : nullptr,
+                                    with_hist ? rows.rows() : cuda::Rows{nullptr, nullptr}, dev, nullptr),
+                   name + " adamw launch");
+        bool ok = true;
+        for (size_t t = 0; t < ps.size(); ++t) {
+          ok &= ps[t].canaries_intact() && ms[t].canaries_intact() && vs[t].canaries_intact();
+          for (int64_t i = 0; i < ps[t].n; ++i) {
+            ok &= same(ps[t].data()[i], cpu_ps[t].data()[i]) && same(ms[t].data()[i], cpu_ms[t].data()[i]) &&
+                  same(vs[t].data()[i], cpu_vs[t].data()[i]);
+            if (hp.amsgrad) ok &= same(vmaxs[t].data()[i], cpu_vmaxs[t].data()[i]);
+          }
+        }
+        if (with_hist) {
+          for (int b = 0; b < kHighBins; ++b) ok &= hist[b] == (unsigned long long)cpu_hist[b];
+          for (size_t t = 0; t < ps.size(); ++t)
+            for (size_t r = 0; r < rows.keys[t].size(); ++r) ok &= same_key(rows.keys[t][r], cpu_rows.keys[t][r]);
+        }
+        check(ok, name + " adamw" + (hp.amsgrad ? " amsgrad" : "") + (with_hist ? " histogram" : ""));
+      }
+    }
+  }
+}
+
 // Each GPU class's shared-memory limit: the histogram passes launch and count right.
 template <typename T>
 void test_gpu_classes() {
@@ -401,6 +459,7 @@ void test_gpu_classes() {
     for (int b = 0; b < kHighBins; ++b) ok &= hist[b] == (unsigned long long)expected[b];
     check(ok, std::string(dtype_name<T>()) + " histogram on " + c.name);
     test_sgd<T>(dev, c.name);
+    test_adamw<T>(dev, c.name);
   }
   dpf_emu::device().shared_optin = 227 * 1024;
 }
@@ -446,6 +505,8 @@ int main() {
   for (const auto& dev : kDevices) {
     test_sgd<float>(dev, std::to_string(dev.num_sms) + " SMs");
   }
+  for (const auto& dev : kDevices) test_adamw<float>(dev, std::to_string(dev.num_sms) + " SMs");
+  test_adamw<BFloat16>(kDevices[1], "3 SMs");
   test_sgd<Half>(kDevices[1], "3 SMs");
   test_sgd<BFloat16>(kDevices[1], "3 SMs");
   test_gpu_classes<float>();
