@@ -47,7 +47,7 @@ def extension_and_cmdclass():
     sources = ["csrc/register.cpp", *sorted(glob("csrc/cpu/*.cpp"))]
     options = dict(
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-fno-math-errno"], "nvcc": ["-O3", "-std=c++17"]},
         extra_link_args=["-fopenmp"],
     )
     if torch.version.cuda and CUDA_HOME:

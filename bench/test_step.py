@@ -55,3 +55,33 @@ def test_torch_sgd_foreach_then_mask(benchmark, problem):
 
     step()
     benchmark.pedantic(step, rounds=10, warmup_rounds=1)
+
+
+ADAMW = dict(lr=1e-3, weight_decay=1e-2)
+
+
+@pytest.mark.parametrize("variant", ["fused", "fused_histogram"])
+def test_dpf_adamw_step(benchmark, problem, variant):
+    params, grads, _ = problem
+    params = [p.clone() for p in params]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    hist = torch.zeros(HIGH_BINS, dtype=torch.int64) if variant == "fused_histogram" else None
+    benchmark.group = "AdamW step N=10M"
+    count = [0]
+
+    def step():
+        count[0] += 1
+        ops.feedback_adamw_step(params, grads, *state, step=count[0], histogram=hist, **ADAMW)
+
+    benchmark.pedantic(step, rounds=10, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_torch_adamw(benchmark, problem, impl):
+    params, grads, _ = problem
+    params = [p.clone().requires_grad_() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = torch.optim.AdamW(params, **{impl: True}, **ADAMW)
+    benchmark.group = "AdamW step N=10M"
+    benchmark.pedantic(opt.step, rounds=10, warmup_rounds=1)
