@@ -139,3 +139,13 @@ def test_cifar10_missing_files_is_a_clear_error(tmp_path):
 def test_models_forward(name):
     model = build_model(name, (3, 32, 32), 10)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_the_default_job_learns(tmp_path):
+    # what `make train` runs: DPF at 90%, ResNet-20 on digits, 40 epochs
+    assert main(["--no-progress", "--out", str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "metrics.json").read_text())["runs"][0]
+    assert run["config"]["model"] == "resnet20" and run["config"]["epochs"] == 40
+    assert run["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert run["accuracy"] > 0.9  # chance is 0.1
+    assert (tmp_path / "model-dpf.pt").exists()
