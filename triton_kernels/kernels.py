@@ -26,6 +26,15 @@ def _locate(pid, block_start_ptr, T, T_PAD: tl.constexpr):
 
 
 @triton.jit
+def _elements(block_start_ptr, numel_ptr, T, T_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tensor ``t``, its element offsets in that tensor and which are valid."""
+    pid = tl.program_id(0)
+    t, first = _locate(pid, block_start_ptr, T, T_PAD)
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    return t, offs, offs < tl.load(numel_ptr + t)
+
+
+@triton.jit
 def _magnitude_bits(x):
     return tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True)
 
@@ -56,12 +65,8 @@ def histogram_kernel(addr_ptr, numel_ptr, block_start_ptr, hist_ptr, prefix_ptr,
     """hist[top 16 bits of |w|] += 1 (and with ROWS each row's largest key into its
     row_max), or with LOW the low 16 bits of the elements whose top 16 bits equal
     *prefix_ptr."""
-    pid = tl.program_id(0)
-    t, first = _locate(pid, block_start_ptr, T, T_PAD)
-    n = tl.load(numel_ptr + t)
+    t, offs, valid = _elements(block_start_ptr, numel_ptr, T, T_PAD, BLOCK)
     w = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
-    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
     mag = _magnitude_bits(tl.load(w + offs, mask=valid, other=0.0))
     if LOW:
         prefix = tl.load(prefix_ptr).to(tl.int32)
@@ -89,14 +94,10 @@ def update_masks_kernel(addr_ptr, mask_addr_ptr, numel_ptr, block_start_ptr, tau
                         BLOCK: tl.constexpr):
     """mask = |w| >= tau (and the old mask if SHRINK_ONLY), or with ROWS the element its
     row's key names; stats[t] += (kept, reactivated)."""
-    pid = tl.program_id(0)
-    t, first = _locate(pid, block_start_ptr, T, T_PAD)
-    n = tl.load(numel_ptr + t)
+    t, offs, valid = _elements(block_start_ptr, numel_ptr, T, T_PAD, BLOCK)
     w = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
     m = tl.load(mask_addr_ptr + t).to(tl.pointer_type(tl.int8))
     tau_bits = tl.load(tau_bits_ptr + t)
-    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
     mag = _magnitude_bits(tl.load(w + offs, mask=valid, other=0.0))
     old = tl.load(m + offs, mask=valid, other=0) != 0
     keep = (mag >= tau_bits) & (mag <= INF_BITS) & valid
@@ -133,11 +134,7 @@ def sgd_kernel(p_addr_ptr, g_addr_ptr, buf_addr_ptr, fresh_ptr, mask_addr_ptr, o
                ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """torch.optim.SGD's update of the dense weights, then optionally the masked copy and
     the histogram of the new |p| (with ROWS, and each row's largest key)."""
-    pid = tl.program_id(0)
-    t, first = _locate(pid, block_start_ptr, T, T_PAD)
-    n = tl.load(numel_ptr + t)
-    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
+    t, offs, valid = _elements(block_start_ptr, numel_ptr, T, T_PAD, BLOCK)
     p_ptr = tl.load(p_addr_ptr + t).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(g_addr_ptr + t).to(tl.pointer_type(DTYPE))
     p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -178,11 +175,7 @@ def adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, vmax_addr_ptr, 
                  HAS_HIST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """torch.optim.AdamW's update of the dense weights (csrc/dpf_math.h's adamw_update),
     then optionally the histogram of the new |p| (with ROWS, and each row's largest key)."""
-    pid = tl.program_id(0)
-    t, first = _locate(pid, block_start_ptr, T, T_PAD)
-    n = tl.load(numel_ptr + t)
-    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
+    t, offs, valid = _elements(block_start_ptr, numel_ptr, T, T_PAD, BLOCK)
     p_ptr = tl.load(p_addr_ptr + t).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(g_addr_ptr + t).to(tl.pointer_type(DTYPE))
     m_ptr = tl.load(m_addr_ptr + t).to(tl.pointer_type(DTYPE))

@@ -98,6 +98,21 @@ int64_t* row_max_ptr(at::TensorList row_max, int64_t t) {
   return row_max.empty() ? nullptr : row_max[t].data_ptr<int64_t>();
 }
 
+// fn(task, chunk, hist) for every chunk of `ps`, hist being the task's int32 histogram when
+// `histogram` is given (else null); the task histograms are then added into `histogram`.
+template <typename F>
+void for_each_chunk_counting(const std::vector<at::Tensor>& ps, const std::optional<at::Tensor>& histogram,
+                             const F& fn) {
+  const auto chunks = make_chunks(ps);
+  const int64_t tasks = num_tasks(chunks);
+  const bool with_hist = histogram.has_value();
+  std::vector<int32_t> local(with_hist ? tasks * kHighBins : 0, 0);
+  for_each_chunk(chunks, tasks, [&](int64_t task, const Chunk& c) {
+    fn(task, c, with_hist ? local.data() + task * kHighBins : nullptr);
+  });
+  if (with_hist) histogram->add_(sum_histograms(local, tasks, kHighBins));
+}
+
 at::Tensor magnitude_histogram_cpu(at::TensorList weights, const std::optional<at::Tensor>& prefix,
                                    at::TensorList row_max) {
   check_row_max_args(weights, row_max);
@@ -201,11 +216,7 @@ void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   }
   const SgdParams s{float(lr), float(momentum), float(dampening), float(weight_decay), nesterov, maximize};
   const auto row_len = row_lengths(ps, row_max);
-  const auto chunks = make_chunks(ps);
-  const int64_t tasks = num_tasks(chunks);
-  const bool with_hist = histogram.has_value();
-  std::vector<int32_t> local(with_hist ? tasks * kHighBins : 0, 0);
-  for_each_chunk(chunks, tasks, [&](int64_t task, const Chunk& c) {
+  for_each_chunk_counting(ps, histogram, [&](int64_t, const Chunk& c, int32_t* h) {
     with_dtype(ps[c.tensor].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       const int64_t t = c.tensor;
@@ -214,7 +225,6 @@ void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
       T* b = use_buf ? static_cast<T*>(bs[t].data_ptr()) : nullptr;
       const bool* m = write_masked ? ms[t].const_data_ptr<bool>() : nullptr;
       T* o = write_masked ? static_cast<T*>(outs[t].data_ptr()) : nullptr;
-      int32_t* h = with_hist ? local.data() + task * kHighBins : nullptr;
       cpu::sgd_step(p, g, b, use_buf && fresh[t], c.begin, c.end, s, m, o, h,
                     row_max_ptr(row_max, t), row_len[t]);
     });
@@ -224,7 +234,6 @@ void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     if (use_buf && !bs[i].is_same(momentum_buffers[i])) momentum_buffers[i].copy_(bs[i]);
     if (write_masked && !outs[i].is_same(masked_out[i])) masked_out[i].copy_(outs[i]);
   }
-  if (with_hist) histogram->add_(sum_histograms(local, tasks, kHighBins));
 }
 
 void feedback_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -247,18 +256,14 @@ void feedback_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Te
     if (amsgrad) vmaxs.push_back(max_exp_avg_sqs[i].contiguous());
   }
   const auto row_len = row_lengths(ps, row_max);
-  const auto chunks = make_chunks(ps);
-  const int64_t tasks = num_tasks(chunks);
-  const bool with_hist = histogram.has_value();
-  std::vector<int32_t> local(with_hist ? tasks * kHighBins : 0, 0);
-  for_each_chunk(chunks, tasks, [&](int64_t task, const Chunk& c) {
+  for_each_chunk_counting(ps, histogram, [&](int64_t, const Chunk& c, int32_t* h) {
     with_dtype(ps[c.tensor].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       const int64_t t = c.tensor;
       cpu::adamw_step(static_cast<T*>(ps[t].data_ptr()), static_cast<const T*>(gs[t].const_data_ptr()),
                       static_cast<T*>(ms[t].data_ptr()), static_cast<T*>(vs[t].data_ptr()),
-                      amsgrad ? static_cast<T*>(vmaxs[t].data_ptr()) : nullptr, c.begin, c.end, a,
-                      with_hist ? local.data() + task * kHighBins : nullptr, row_max_ptr(row_max, t), row_len[t]);
+                      amsgrad ? static_cast<T*>(vmaxs[t].data_ptr()) : nullptr, c.begin, c.end, a, h,
+                      row_max_ptr(row_max, t), row_len[t]);
     });
   });
   for (int64_t i = 0; i < n; ++i) {
@@ -267,7 +272,6 @@ void feedback_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Te
     if (!vs[i].is_same(exp_avg_sqs[i])) exp_avg_sqs[i].copy_(vs[i]);
     if (amsgrad && !vmaxs[i].is_same(max_exp_avg_sqs[i])) max_exp_avg_sqs[i].copy_(vmaxs[i]);
   }
-  if (with_hist) histogram->add_(sum_histograms(local, tasks, kHighBins));
 }
 
 }  // namespace
