@@ -9,6 +9,7 @@
 """
 
 from . import ops, schedules
+from .checkpoint import load_sparse, save_sparse
 from .nn import (DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, DPFMultiheadAttention,
                  coverage, register_prunable, sparsify, unsparsify)
 from .optim import DPFAdamW, DPFSGD
@@ -31,6 +32,8 @@ __all__ = [
     "ops",
     "register_prunable",
     "schedules",
+    "save_sparse",
+    "load_sparse",
     "sparsify",
     "unsparsify",
 ]

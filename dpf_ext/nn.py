@@ -347,7 +347,7 @@ def unsparsify(model: nn.Module) -> nn.Module:
                 folded.add(id(module.dense_weight))
                 with torch.no_grad():
                     weight, mask = local_weight_and_mask(module.dense_weight, module.mask)
-                    weight.mul_(mask)
+                    weight.masked_fill_(~mask, 0)
             del module._buffers["mask"]
             del module.feedback
             del module.feedback_clip

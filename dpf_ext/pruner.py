@@ -399,10 +399,10 @@ class DPF:
 
     @torch.no_grad()
     def _zero_pruned(self) -> None:
-        """``w ← mask ⊙ w`` for every layer."""
+        """``w ← mask ⊙ w`` for every layer (pruned weights become +0.0)."""
         for _, layer in self.layers:
             weight, mask = local_weight_and_mask(layer.dense_weight, layer.mask)
-            weight.mul_(mask)
+            weight.masked_fill_(~mask, 0)
 
     def freeze(self) -> None:
         """Keep the masks fixed from now on and mask the gradient (retraining)."""
