@@ -10,6 +10,7 @@
 
 from . import ops, schedules
 from .checkpoint import load_sparse, save_sparse
+from .inference import to_sparse_inference
 from .nn import (DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, DPFMultiheadAttention,
                  coverage, register_prunable, sparsify, unsparsify)
 from .optim import DPFAdamW, DPFSGD
@@ -35,6 +36,7 @@ __all__ = [
     "save_sparse",
     "load_sparse",
     "sparsify",
+    "to_sparse_inference",
     "unsparsify",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""Faster inference with the sparse weights: ``to_sparse_inference``.
+
+Pruned ``nn.Linear`` layers (plain with zeros, or DPF layers) become :class:`SparseLinear`
+modules that multiply with a CSR weight (``torch.sparse``), but only those for which a
+measurement on this machine, at conversion time, shows the sparse product beating the dense
+one: below a size and sparsity that depend on the machine, the dense kernels win
+(``bench/test_sparse_inference.py`` reports the crossovers). Convolutions stay dense: torch
+has no sparse convolution on the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .nn import DPFLayer
+
+
+class SparseLinear(nn.Module):
+    """An inference-only ``nn.Linear`` whose weight is held as a CSR tensor."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch: "CSR support is in beta"
+            self.register_buffer("weight", weight.detach().to_sparse_csr())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.bias is None:
+            out = torch.mm(self.weight, flat.t())
+        else:
+            out = torch.addmm(self.bias.unsqueeze(1), self.weight, flat.t())
+        return out.t().reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        nnz = self.weight.values().numel()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"sparsity={1 - nnz / (self.in_features * self.out_features):.2%}")
+
+
+@dataclass(frozen=True)
+class InferenceChoice:
+    """What :func:`to_sparse_inference` measured for one Linear layer and decided."""
+
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    dense_ms: float
+    sparse_ms: float
+    sparse: bool
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+@torch.no_grad()
+def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: float = 1.1,
+                        min_sparsity: float = 0.5, repeats: int = 20) -> list[InferenceChoice]:
+    """Swap, in place, each Linear layer of ``model`` whose sparse product is at least
+    ``min_speedup`` times faster than its dense one, measured here on a random batch of
+    ``batch_size`` rows, for a :class:`SparseLinear`; layers under ``min_sparsity`` are not
+    tried. DPF layers are taken with their masks applied. Returns what was measured and
+    decided per layer. The result is for inference only (no gradient reaches the weights).
+    """
+    if batch_size < 1 or min_speedup <= 0 or not 0 <= min_sparsity < 1 or repeats < 1:
+        raise ValueError("batch_size and repeats must be >= 1, min_speedup > 0, "
+                         "min_sparsity in [0, 1)")
+    modules = dict(model.named_modules())
+    choices = []
+    for name, module in list(modules.items()):
+        if not isinstance(module, nn.Linear) or not name:
+            continue
+        weight = module.masked_weight() if isinstance(module, DPFLayer) else module.weight
+        weight = weight.detach()
+        sparsity = 1.0 - int((weight != 0).sum()) / weight.numel()
+        if sparsity < min_sparsity:
+            continue
+        candidate = SparseLinear(weight, module.bias).to(weight.device)
+        x = torch.randn(batch_size, module.in_features, device=weight.device, dtype=weight.dtype)
+        dense_ms = _median_ms(lambda: nn.functional.linear(x, weight, module.bias), repeats)
+        sparse_ms = _median_ms(lambda: candidate(x), repeats)
+        use = dense_ms >= min_speedup * sparse_ms
+        choices.append(InferenceChoice(name, tuple(weight.shape), sparsity, dense_ms, sparse_ms, use))
+        if use:
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child, candidate)
+    return choices

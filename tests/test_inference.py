@@ -1,0 +1,49 @@
+"""Sparse inference modules: the same outputs as the dense model, chosen by measurement."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dpf_ext
+from dpf_ext.inference import SparseLinear
+from dpf_ext.schedules import Constant
+
+
+def test_sparse_linear_matches_the_dense_layer():
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layer = nn.Linear(300, 200, bias=bias)
+        with torch.no_grad():
+            layer.weight[torch.rand_like(layer.weight) < 0.95] = 0
+        sparse = SparseLinear(layer.weight, layer.bias)
+        x = torch.randn(4, 7, 300)
+        torch.testing.assert_close(sparse(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert "sparsity=95" in repr(sparse) or "sparsity=94" in repr(sparse)
+
+
+def test_conversion_keeps_the_outputs_and_follows_the_measurement():
+    torch.manual_seed(0)
+    model = dpf_ext.sparsify(nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024),
+                                           nn.ReLU(), nn.Linear(1024, 10)))
+    dpf_ext.DPF(model, schedule=Constant(0.98), scope="layer")
+    forced = copy.deepcopy(model)
+    x = torch.randn(64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    choices = dpf_ext.to_sparse_inference(model, repeats=5)
+    assert [c.name for c in choices] == ["0", "2", "4"]
+    assert all(c.sparsity == pytest.approx(0.98, abs=0.01) for c in choices)
+    for c in choices:
+        assert isinstance(model[int(c.name)], SparseLinear) == c.sparse
+        assert c.sparse == (c.dense_ms >= 1.1 * c.sparse_ms)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    # every layer converted, whatever the timing: the outputs still agree
+    assert all(c.sparse for c in dpf_ext.to_sparse_inference(forced, min_speedup=1e-9, repeats=1))
+    assert all(isinstance(m, SparseLinear) for m in forced if not isinstance(m, nn.ReLU))
+    with torch.no_grad():
+        torch.testing.assert_close(forced(x), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="min_sparsity"):
+        dpf_ext.to_sparse_inference(model, min_sparsity=1.0)
