@@ -157,6 +157,17 @@ DPF_HD int64_t row_key(uint32_t mag, int64_t column) {
 // The column a row's key names, or -1 for the key 0 (an empty row).
 DPF_HD int64_t key_column(int64_t key) { return key > 0 ? kColumnMask - (key & kColumnMask) : -1; }
 
+// N:M patterns: the largest group size M a pattern may have.
+constexpr int kMaxGroup = 16;
+
+// Whether element j of a group of m magnitudes (bit patterns) is one of the group's n
+// largest; of equal magnitudes the earlier one wins, so exactly n are kept.
+DPF_HD bool nm_keep(const uint32_t* mags, int m, int j, int n) {
+  int rank = 0;
+  for (int k = 0; k < m; ++k) rank += mags[k] > mags[j] || (mags[k] == mags[j] && k < j);
+  return rank < n;
+}
+
 // Hyper-parameters of the SGD step, as torch.optim.SGD names them.
 struct SgdParams {
   float lr;

@@ -31,6 +31,17 @@ inline void check_row_max_args(at::TensorList weights, at::TensorList row_max) {
   }
 }
 
+inline void check_nm_args(at::TensorList weights, int64_t n, int64_t m, at::TensorList masks) {
+  TORCH_CHECK(0 < n && n < m && m <= kMaxGroup, "dpf::nm_masks: need 0 < n < m <= ", kMaxGroup);
+  TORCH_CHECK(masks.size() == weights.size(), "dpf::nm_masks: need one mask per weight");
+  for (size_t i = 0; i < weights.size(); ++i) {
+    TORCH_CHECK(masks[i].scalar_type() == at::kBool && masks[i].sizes() == weights[i].sizes(),
+                "dpf::nm_masks: mask ", i, " must be a bool tensor of its weight's shape");
+    TORCH_CHECK(weights[i].numel() % m == 0, "dpf::nm_masks: weight ", i, " has ", weights[i].numel(),
+                " elements, not a multiple of m = ", m);
+  }
+}
+
 inline void check_masked_weight_args(const at::Tensor& weight, const at::Tensor& mask) {
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == weight.sizes(),
               "dpf::masked_weight: mask must be a bool tensor of the weight's shape");

@@ -18,6 +18,7 @@ TORCH_LIBRARY(dpf, m) {
       "update_masks(Tensor[] weights, Tensor taus, Tensor(a!)[] masks, bool shrink_only, "
       "Tensor[] row_max) -> Tensor");
   m.def("masked_weight(Tensor weight, Tensor mask, bool feedback) -> Tensor");
+  m.def("nm_masks(Tensor[] weights, int n, int m, Tensor(a!)[] masks) -> Tensor");
   m.def(
       "feedback_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "bool[] fresh, float lr, float momentum, float dampening, bool nesterov, float weight_decay, "

@@ -205,3 +205,29 @@ def adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, vmax_addr_ptr, 
         tl.atomic_add(hist_ptr + (mag >> 16), tl.full((BLOCK,), 1, tl.int64), mask=valid)
         if ROWS:
             _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)
+
+
+@triton.jit
+def nm_masks_kernel(addr_ptr, mask_addr_ptr, groups_ptr, block_start_ptr, stats_ptr, n, m, T,
+                    T_PAD: tl.constexpr, DTYPE: tl.constexpr, M_PAD: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """N:M masks for BLOCK groups of m consecutive elements: each group keeps its n largest
+    magnitudes, the earlier of equal ones (csrc/dpf_math.h's nm_keep); stats[t] += (kept,
+    reactivated, non-finite)."""
+    t, group, valid_group = _elements(block_start_ptr, groups_ptr, T, T_PAD, BLOCK)
+    w = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
+    mk = tl.load(mask_addr_ptr + t).to(tl.pointer_type(tl.int8))
+    j = tl.arange(0, M_PAD)
+    offs = group[:, None] * m + j[None, :]
+    valid = valid_group[:, None] & (j[None, :] < m)
+    mag = _magnitude_bits(tl.load(w + offs, mask=valid, other=0.0)).to(tl.int64)
+    key = tl.where(valid, (mag << 4) | (15 - j[None, :]), -1)
+    # rank of each element in its group: how many keys of the group are larger
+    rank = tl.sum((key[:, None, :] > key[:, :, None]).to(tl.int32), axis=2)
+    keep = (rank < n) & valid
+    old = tl.load(mk + offs, mask=valid, other=0) != 0
+    tl.store(mk + offs, keep.to(tl.int8), mask=valid)
+    tl.atomic_add(stats_ptr + 3 * t, tl.sum(tl.sum(keep.to(tl.int64), axis=1), axis=0))
+    tl.atomic_add(stats_ptr + 3 * t + 1, tl.sum(tl.sum((keep & ~old).to(tl.int64), axis=1), axis=0))
+    bad = (mag >= INF_BITS) & valid
+    tl.atomic_add(stats_ptr + 3 * t + 2, tl.sum(tl.sum(bad.to(tl.int64), axis=1), axis=0))

@@ -174,3 +174,29 @@ def feedback_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
             for src, dst in ((ps, params), (ms, exp_avgs), (vs, exp_avg_sqs), (vmaxs, max_exp_avg_sqs)):
                 if src and src[j] is not dst[i]:
                     dst[i].copy_(src[j])
+
+
+NM_GROUPS = 256  # groups per program
+
+
+def nm_masks(weights, n: int, m: int, masks) -> torch.Tensor:
+    device = weights[0].device
+    stats = torch.zeros(len(weights), 3, dtype=torch.int64, device=device)
+    for dtype, idx in _by_dtype(weights):
+        ws = _contiguous([weights[i] for i in idx])
+        ms = _contiguous([masks[i] for i in idx])
+        groups = [w.numel() // m for w in ws]
+        starts = [0]
+        for g in groups:
+            starts.append(starts[-1] + triton.cdiv(g, NM_GROUPS))
+        local = torch.zeros(len(idx), 3, dtype=torch.int64, device=device)
+        kernels.nm_masks_kernel[(starts[-1],)](
+            _table(ws, device), _table(ms, device), torch.tensor(groups, dtype=torch.int64, device=device),
+            torch.tensor(starts, dtype=torch.int64, device=device), local, n, m, len(ws),
+            T_PAD=_pad(len(ws)), DTYPE=_TL_DTYPE[dtype], M_PAD=triton.next_power_of_2(m),
+            BLOCK=NM_GROUPS)
+        stats[idx] = local
+        for i, mk in zip(idx, ms):
+            if mk is not masks[i]:
+                masks[i].copy_(mk)
+    return stats

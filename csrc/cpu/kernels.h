@@ -115,6 +115,32 @@ void update_mask(const T* w, int64_t begin, int64_t end, uint32_t tau_bits, bool
   *reactivated += r;
 }
 
+// N:M masks over the groups [g_begin, g_end) of m consecutive elements of w: each group
+// keeps its n largest magnitudes; counts kept, reactivated and non-finite weights.
+template <typename T>
+void nm_mask(const T* w, int64_t g_begin, int64_t g_end, int n, int m, bool* mask, int64_t* kept,
+             int64_t* reactivated, int64_t* nonfinite) {
+  int64_t k = 0, r = 0, bad = 0;
+  uint32_t mags[kMaxGroup];
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const int64_t base = g * m;
+    for (int j = 0; j < m; ++j) {
+      mags[j] = magnitude_bits(w[base + j]);
+      bad += mags[j] >= 0x7F800000u;
+    }
+    for (int j = 0; j < m; ++j) {
+      const bool old = mask[base + j];
+      const bool now = nm_keep(mags, m, j, n);
+      mask[base + j] = now;
+      k += now;
+      r += now && !old;
+    }
+  }
+  *kept += k;
+  *reactivated += r;
+  *nonfinite += bad;
+}
+
 // out = w * mask, as torch computes it (a pruned -x gives -0.0, a pruned NaN stays NaN).
 template <typename T>
 void masked_weight(const T* w, const bool* mask, int64_t n, T* out) {

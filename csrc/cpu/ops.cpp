@@ -174,6 +174,36 @@ at::Tensor update_masks_cpu(at::TensorList weights, const at::Tensor& taus, at::
   return stats;
 }
 
+at::Tensor nm_masks_cpu(at::TensorList weights, int64_t n, int64_t m, at::TensorList masks) {
+  check_nm_args(weights, n, m, masks);
+  const int64_t count = int64_t(weights.size());
+  const auto ws = contiguous(weights);
+  const auto ms = contiguous(masks);
+  // chunks of whole groups: kChunk groups each
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t groups = ws[t].numel() / m;
+    for (int64_t b = 0; b < groups; b += kChunk) chunks.push_back({t, b, std::min(groups, b + kChunk)});
+  }
+  const int64_t tasks = num_tasks(chunks);
+  std::vector<int64_t> local(tasks * count * 3, 0);
+  for_each_chunk(chunks, tasks, [&](int64_t task, const Chunk& c) {
+    int64_t* counts = local.data() + (task * count + c.tensor) * 3;
+    with_dtype(ws[c.tensor].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      cpu::nm_mask(static_cast<const T*>(ws[c.tensor].const_data_ptr()), c.begin, c.end, int(n), int(m),
+                   ms[c.tensor].data_ptr<bool>(), counts, counts + 1, counts + 2);
+    });
+  });
+  for (int64_t i = 0; i < count; ++i)
+    if (!ms[i].is_same(masks[i])) masks[i].copy_(ms[i]);
+  at::Tensor stats = at::zeros({count, 3}, at::kLong);
+  int64_t* s = stats.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t i = 0; i < 3 * count; ++i) s[i] += local[t * count * 3 + i];
+  return stats;
+}
+
 at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& mask, bool /*feedback*/) {
   check_masked_weight_args(weight, mask);
   const at::Tensor w = weight.contiguous();
@@ -280,6 +310,7 @@ TORCH_LIBRARY_IMPL(dpf, CPU, m) {
   m.impl("magnitude_histogram", &magnitude_histogram_cpu);
   m.impl("update_masks", &update_masks_cpu);
   m.impl("masked_weight", &masked_weight_cpu);
+  m.impl("nm_masks", &nm_masks_cpu);
   m.impl("feedback_sgd_step", &feedback_sgd_step_cpu);
   m.impl("feedback_adamw_step", &feedback_adamw_step_cpu);
 }

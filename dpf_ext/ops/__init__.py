@@ -7,6 +7,7 @@ Each op validates its input, picks a backend for the tensors' device (see
 - :func:`global_threshold`: the k-th largest ``|w|`` over many tensors, exact or within one
   histogram bin, as a 0-dim tensor on the weights' device (no host synchronisation).
 - :func:`update_masks`: ``mask = |w| >= tau`` with kept and reactivation counts.
+- :func:`nm_masks`: N:M masks (the n largest of every m consecutive weights) with counts.
 - The channel floor: :func:`magnitude_histogram` (first pass) and :func:`feedback_sgd_step`
   can also record each row's largest magnitude (``row_max``, see
   :func:`~dpf_ext.ops.bits.row_key`) at no extra pass; :func:`global_threshold` then
@@ -24,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from .bits import FINITE_LIMIT, HIGH_BINS, LOW_BINS, NONFINITE_BIN, SUPPORTED_DTYPES, bits_to_float
+from .bits import (FINITE_LIMIT, HIGH_BINS, LOW_BINS, MAX_GROUP, NONFINITE_BIN, SUPPORTED_DTYPES,
+                   bits_to_float)
 from .dispatch import available_backends, backend_for
 from . import triton, compiled  # noqa: F401, I001  (register the backends built; last preferred)
 
@@ -36,6 +38,7 @@ __all__ = [
     "global_threshold",
     "magnitude_histogram",
     "masked_weight",
+    "nm_masks",
     "update_masks",
 ]
 
@@ -218,6 +221,25 @@ def update_masks(
     taus = tau.to(device=weights[0].device, dtype=torch.float32).expand(len(weights))
     return backend_for(weights[0].device).update_masks(weights, taus, masks, shrink_only,
                                                        row_max or [])
+
+
+def nm_masks(weights: list[torch.Tensor], n: int, m: int, masks: list[torch.Tensor]) -> torch.Tensor:
+    """N:M masks in one pass: in each group of ``m`` consecutive elements of every weight
+    (flattened in its layout; pass the GEMM-lowered ``(out, in * kernel)`` view) keep the
+    ``n`` largest magnitudes, the earlier of equal ones, so exactly ``n`` per group. Writes
+    ``masks`` in place; returns int64 ``(len(weights), 3)``: kept, reactivated (mask was 0,
+    now 1) and non-finite weights per tensor."""
+    _check_weights(weights)
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m <= MAX_GROUP):
+        raise ValueError(f"N:M needs integers 0 < N < M <= {MAX_GROUP}, got {n}:{m}")
+    if len(masks) != len(weights):
+        raise ValueError(f"got {len(weights)} weights but {len(masks)} masks")
+    for i, (w, mask) in enumerate(zip(weights, masks)):
+        if mask.dtype != torch.bool or mask.shape != w.shape or mask.device != w.device:
+            raise ValueError(f"masks[{i}] must be a bool tensor of shape {tuple(w.shape)} on {w.device}")
+        if w.numel() % m:
+            raise ValueError(f"weights[{i}] has {w.numel()} elements, not a multiple of M = {m}")
+    return backend_for(weights[0].device).nm_masks(weights, n, m, masks)
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor, feedback: bool = True) -> torch.Tensor:

@@ -21,6 +21,9 @@ NONFINITE_BIN = 0x7F80
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+MAX_GROUP = 16
+"""The largest group size M of an N:M pattern."""
+
 COLUMN_MASK = 0xFFFFFFFF
 """Low 32 bits of a row-max key: ``COLUMN_MASK - column``."""
 

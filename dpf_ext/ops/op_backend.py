@@ -26,6 +26,9 @@ class OpBackend:
         return self.ops.update_masks([w.detach() for w in weights], taus, masks, shrink_only,
                                      row_max)
 
+    def nm_masks(self, weights, n, m, masks):
+        return self.ops.nm_masks([w.detach() for w in weights], n, m, masks)
+
     def masked_weight(self, weight, mask, feedback):
         return self.ops.masked_weight(weight, mask, feedback)
 
@@ -64,6 +67,8 @@ def register_abstract(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::update_masks")(
         lambda weights, taus, masks, shrink_only, row_max: taus.new_empty(
             len(weights), 2, dtype=torch.int64))
+    torch.library.register_fake(f"{namespace}::nm_masks")(
+        lambda weights, n, m, masks: weights[0].new_empty(len(weights), 3, dtype=torch.int64))
     torch.library.register_fake(f"{namespace}::masked_weight")(
         lambda weight, mask, feedback: torch.empty_like(weight))
     torch.library.register_fake(f"{namespace}::feedback_sgd_step")(lambda *args: None)

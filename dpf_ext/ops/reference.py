@@ -82,6 +82,26 @@ def update_masks(
     return stats
 
 
+def nm_masks(weights: list[torch.Tensor], n: int, m: int, masks: list[torch.Tensor]) -> torch.Tensor:
+    """In each group of ``m`` consecutive elements (of the flattened tensor) keep the ``n``
+    largest magnitudes, the earlier of equal ones; write the masks; return per-tensor
+    ``[kept, reactivated, non-finite]`` counts, shape ``(len(weights), 3)``."""
+    stats = torch.zeros(len(weights), 3, dtype=torch.int64, device=weights[0].device)
+    for i, (w, mask) in enumerate(zip(weights, masks)):
+        if w.numel() == 0:
+            continue
+        mags = magnitude_bits(w).reshape(-1, m).to(torch.int64)
+        columns = torch.arange(m, device=w.device)
+        keys = (mags << 4) | (15 - columns)  # distinct in a group; larger: kept first
+        keep = torch.zeros_like(mags, dtype=torch.bool).scatter_(1, keys.topk(n, dim=1).indices, True)
+        keep = keep.view(w.shape)
+        stats[i, 0] = keep.sum()
+        stats[i, 1] = (keep & ~mask).sum()
+        stats[i, 2] = (mags >= 0x7F800000).sum()
+        mask.copy_(keep)
+    return stats
+
+
 class _MaskedWeight(torch.autograd.Function):
     """Forward ``w ⊙ mask``; backward passes the gradient to ``w`` unchanged (feedback) or
     masked."""

@@ -33,6 +33,10 @@ if launch is not None:
                       shrink_only: bool, row_max: list[torch.Tensor]) -> torch.Tensor:
         return launch.update_masks(weights, taus, masks, shrink_only, row_max)
 
+    @torch.library.custom_op("dpf_triton::nm_masks", mutates_args=("masks",))
+    def _nm_masks(weights: list[torch.Tensor], n: int, m: int, masks: list[torch.Tensor]) -> torch.Tensor:
+        return launch.nm_masks(weights, n, m, masks)
+
     @torch.library.custom_op("dpf_triton::masked_weight", mutates_args=())
     def _masked_weight(weight: torch.Tensor, mask: torch.Tensor, feedback: bool) -> torch.Tensor:
         return launch.masked_weight(weight, mask)
