@@ -183,6 +183,39 @@ __global__ void update_masks_kernel(Table tab, bool* const* masks, const float* 
 }
 
 template <typename T>
+__global__ void nm_masks_kernel(Table tab, bool* const* masks, const int64_t* index, int n, int m,
+                                unsigned long long* stats) {
+  const Span s = chunk_span(tab, blockIdx.x);
+  const T* w = static_cast<const T*>(tab.data[s.t]);
+  bool* mk = masks[s.t];
+  const int64_t k = index[s.t];
+  unsigned long long kept = 0, back = 0, bad = 0;
+  for (int64_t g = s.begin + threadIdx.x; g < s.end; g += blockDim.x) {
+    uint32_t mags[kMaxGroup];
+    const int64_t base = g * m;
+    for (int j = 0; j < m; ++j) {
+      mags[j] = magnitude_bits(w[base + j]);
+      bad += mags[j] >= 0x7F800000u;
+    }
+    for (int j = 0; j < m; ++j) {
+      const bool old = mk[base + j];
+      const bool now = nm_keep(mags, m, j, n);
+      mk[base + j] = now;
+      kept += now;
+      back += now && !old;
+    }
+  }
+  kept = block_sum(kept);
+  back = block_sum(back);
+  bad = block_sum(bad);
+  if (threadIdx.x == 0) {
+    atomicAdd(&stats[3 * k], kept);
+    atomicAdd(&stats[3 * k + 1], back);
+    atomicAdd(&stats[3 * k + 2], bad);
+  }
+}
+
+template <typename T>
 __global__ void masked_weight_kernel(const T* w, const bool* mask, T* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
@@ -374,6 +407,16 @@ cudaError_t update_masks(const Table& tab, DType dtype, bool* const* masks, cons
     using T = decltype(tag);
     update_masks_kernel<T><<<static_cast<unsigned>(tab.chunks), kThreads, 0, stream>>>(
         tab, masks, taus, index, shrink_only, rows, stats);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t nm_masks(const Table& tab, DType dtype, bool* const* masks, const int64_t* index, int n,
+                     int m, unsigned long long* stats, cudaStream_t stream) {
+  if (tab.chunks == 0) return cudaSuccess;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    nm_masks_kernel<T><<<static_cast<unsigned>(tab.chunks), kThreads, 0, stream>>>(tab, masks, index, n, m, stats);
     return cudaGetLastError();
   });
 }

@@ -64,6 +64,12 @@ cudaError_t update_masks(const Table& weights, DType dtype, bool* const* masks, 
                          const int64_t* index, bool shrink_only, Rows rows,
                          unsigned long long* stats, cudaStream_t stream);
 
+// N:M masks. The table counts groups of m consecutive elements (numel and chunk_start in
+// groups): each group keeps its n largest magnitudes (dpf_math.h's nm_keep); for tensor t
+// at position k = index[t], stats[3k..3k+2] += kept, reactivated, non-finite.
+cudaError_t nm_masks(const Table& groups, DType dtype, bool* const* masks, const int64_t* index, int n,
+                     int m, unsigned long long* stats, cudaStream_t stream);
+
 // out = w * mask over n elements.
 cudaError_t masked_weight(const void* w, const bool* mask, void* out, int64_t n, DType dtype,
                           cudaStream_t stream);

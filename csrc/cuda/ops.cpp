@@ -80,14 +80,16 @@ struct Launch {
   cuda::Table table{};
 };
 
+// `unit`: the table counts units of that many elements (N:M groups), not elements.
 Launch make_launch(const std::vector<at::Tensor>& tensors,
-                   const std::vector<std::vector<int64_t>>& extra_columns) {
+                   const std::vector<std::vector<int64_t>>& extra_columns, int64_t unit = 1) {
   Launch l;
   std::vector<int64_t> ptrs, numels, starts{0};
   for (const auto& t : tensors) {
+    const int64_t units = t.numel() / unit;
     ptrs.push_back(address(t));
-    numels.push_back(t.numel());
-    starts.push_back(starts.back() + (t.numel() + cuda::kChunk - 1) / cuda::kChunk);
+    numels.push_back(units);
+    starts.push_back(starts.back() + (units + cuda::kChunk - 1) / cuda::kChunk);
   }
   std::vector<std::vector<int64_t>> columns{ptrs, numels, starts};
   columns.insert(columns.end(), extra_columns.begin(), extra_columns.end());
@@ -184,6 +186,26 @@ at::Tensor update_masks_cuda(at::TensorList weights, const at::Tensor& taus, at:
                                   reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>()),
                                   stream),
                "update_masks");
+    for (size_t j = 0; j < idx.size(); ++j)
+      if (!ms[j].is_same(masks[idx[j]])) masks[idx[j]].copy_(ms[j]);
+  }
+  return stats;
+}
+
+at::Tensor nm_masks_cuda(at::TensorList weights, int64_t n, int64_t m, at::TensorList masks) {
+  check_nm_args(weights, n, m, masks);
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  at::Tensor stats = at::zeros({int64_t(weights.size()), 3}, weights[0].options().dtype(at::kLong));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (const auto& [dtype, idx] : by_dtype(weights)) {
+    const auto ws = contiguous(weights, idx);
+    const auto ms = contiguous(masks, idx);
+    std::vector<int64_t> mask_ptrs;
+    for (const auto& mk : ms) mask_ptrs.push_back(address(mk));
+    const Launch l = make_launch(ws, {mask_ptrs, idx}, m);
+    check_cuda(cuda::nm_masks(l.table, dtype_of(ws[0]), l.arrays->as<bool* const*>(3), (*l.arrays)[4], int(n),
+                              int(m), reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>()), stream),
+               "nm_masks");
     for (size_t j = 0; j < idx.size(); ++j)
       if (!ms[j].is_same(masks[idx[j]])) masks[idx[j]].copy_(ms[j]);
   }
@@ -310,6 +332,7 @@ TORCH_LIBRARY_IMPL(dpf, CUDA, m) {
   m.impl("magnitude_histogram", &magnitude_histogram_cuda);
   m.impl("update_masks", &update_masks_cuda);
   m.impl("masked_weight", &masked_weight_cuda);
+  m.impl("nm_masks", &nm_masks_cuda);
   m.impl("feedback_sgd_step", &feedback_sgd_step_cuda);
   m.impl("feedback_adamw_step", &feedback_adamw_step_cuda);
 }

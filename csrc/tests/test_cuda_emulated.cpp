@@ -276,6 +276,45 @@ void test_update_masks() {
 }
 
 template <typename T>
+void test_nm_masks() {
+  const int patterns[][2] = {{2, 4}, {1, 2}, {1, 3}, {3, 8}, {5, 16}};
+  for (const auto& nm : patterns) {
+    const int n = nm[0], m = nm[1];
+    std::vector<Tensor<T>> ts{make_tensor<T>(int64_t(m) * 3001, 0, Values::kNormal),
+                              make_tensor<T>(int64_t(m) * 5, 1, Values::kSpecial),
+                              make_tensor<T>(int64_t(m) * 4096, 3, Values::kConstant, 0.5f)};  // all ties
+    std::vector<std::vector<char>> start(ts.size());
+    for (size_t t = 0; t < ts.size(); ++t)
+      for (int64_t i = 0; i < ts[t].n; ++i) start[t].push_back(char(rng() & 1));
+    const int64_t count = int64_t(ts.size());
+    std::vector<int64_t> index(ts.size()), expected(3 * ts.size(), 0);
+    for (int64_t t = 0; t < count; ++t) index[t] = count - 1 - t;
+    std::vector<std::vector<char>> want = start, got = start;
+    for (size_t t = 0; t < ts.size(); ++t)
+      cpu::nm_mask(ts[t].data(), 0, ts[t].n / m, n, m, reinterpret_cast<bool*>(want[t].data()),
+                   &expected[3 * index[t]], &expected[3 * index[t] + 1], &expected[3 * index[t] + 2]);
+    // the table counts groups
+    std::vector<const void*> ptrs;
+    std::vector<int64_t> groups, starts{0};
+    std::vector<bool*> mask_ptrs;
+    for (size_t t = 0; t < ts.size(); ++t) {
+      ptrs.push_back(ts[t].data());
+      groups.push_back(ts[t].n / m);
+      starts.push_back(starts.back() + (groups.back() + cuda::kChunk - 1) / cuda::kChunk);
+      mask_ptrs.push_back(reinterpret_cast<bool*>(got[t].data()));
+    }
+    const cuda::Table tab{ptrs.data(), groups.data(), starts.data(), int(count), starts.back()};
+    std::vector<unsigned long long> stats(3 * ts.size(), 0);
+    check_cuda(cuda::nm_masks(tab, dtype_of<T>(), mask_ptrs.data(), index.data(), n, m, stats.data(), nullptr),
+               "nm_masks launch");
+    bool ok = true;
+    for (size_t t = 0; t < ts.size(); ++t) ok &= got[t] == want[t];
+    for (size_t k = 0; k < stats.size(); ++k) ok &= stats[k] == (unsigned long long)expected[k];
+    check(ok, std::string(dtype_name<T>()) + " nm_masks " + std::to_string(n) + ":" + std::to_string(m));
+  }
+}
+
+template <typename T>
 void test_masked_weight() {
   int idx = 0;
   for (auto& ts : cases<T>()) {
@@ -499,6 +538,9 @@ int main() {
   test_update_masks<float>();
   test_update_masks<Half>();
   test_update_masks<BFloat16>();
+  test_nm_masks<float>();
+  test_nm_masks<Half>();
+  test_nm_masks<BFloat16>();
   test_masked_weight<float>();
   test_masked_weight<Half>();
   test_masked_weight<BFloat16>();
