@@ -10,7 +10,7 @@
 
 from . import ops, schedules
 from .checkpoint import load_sparse, save_sparse
-from .inference import to_sparse_inference
+from .inference import to_semi_structured, to_sparse_inference
 from .nn import (DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, DPFMultiheadAttention,
                  coverage, register_prunable, sparsify, unsparsify)
 from .optim import DPFAdamW, DPFSGD
@@ -36,6 +36,7 @@ __all__ = [
     "save_sparse",
     "load_sparse",
     "sparsify",
+    "to_semi_structured",
     "to_sparse_inference",
     "unsparsify",
 ]

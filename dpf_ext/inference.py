@@ -100,3 +100,42 @@ def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: flo
             parent_name, _, child = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child, candidate)
     return choices
+
+
+def check_two_four(weight: torch.Tensor, name: str = "weight") -> None:
+    """Raise ``ValueError`` unless every group of 4 consecutive input features of each row of
+    ``weight`` has at most 2 non-zeros (the 2:4 pattern GPU sparse tensor cores run)."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        raise ValueError(f"{name}: a 2:4 weight is a matrix whose input features are a multiple "
+                         f"of 4, got shape {tuple(weight.shape)}")
+    per_group = (weight.detach() != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+    if bool((per_group > 2).any()):
+        raise ValueError(f"{name} is not 2:4 sparse: {int((per_group > 2).sum())} groups of 4 keep "
+                         "more than 2 weights (prune with DPF(pattern='2:4') and finalize first)")
+
+
+@torch.no_grad()
+def to_semi_structured(model: nn.Module) -> list[str]:
+    """Convert, in place, every 2:4-sparse ``nn.Linear`` weight of ``model`` to torch's
+    semi-structured sparse format (``torch.sparse.to_sparse_semi_structured``), which GPU
+    sparse tensor cores multiply (CUDA, compute capability 8.0 or newer; float16 or
+    bfloat16). Returns the names converted. Each weight's pattern is checked first; a layer
+    that is not 2:4 raises ``ValueError`` naming it, and a machine without such a GPU
+    raises ``RuntimeError``; nothing is converted then."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not layers:
+        raise ValueError("the model has no nn.Linear layer to convert")
+    for name, layer in layers:
+        weight = layer.masked_weight() if isinstance(layer, DPFLayer) else layer.weight
+        check_two_four(weight, f"layer {name!r}")
+    devices = {layer.weight.device for _, layer in layers}
+    if any(d.type != "cuda" for d in devices) or not all(
+            torch.cuda.get_device_capability(d) >= (8, 0) for d in devices):
+        raise RuntimeError("semi-structured (2:4) sparse weights need the model on a CUDA GPU of "
+                           "compute capability 8.0 or newer (Ampere and later)")
+    from torch.sparse import to_sparse_semi_structured
+
+    for name, layer in layers:
+        weight = layer.masked_weight() if isinstance(layer, DPFLayer) else layer.weight
+        layer.weight = nn.Parameter(to_sparse_semi_structured(weight.detach()), requires_grad=False)
+    return [name for name, _ in layers]

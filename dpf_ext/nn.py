@@ -28,6 +28,7 @@ from torch import nn
 
 from . import ops
 from .channels import clip_pruned_gradient
+from .patterns import decay_pruned
 from .distributed import is_sharded, local_weight_and_mask
 
 log = logging.getLogger("dpf_ext")
@@ -80,6 +81,7 @@ class DPFLayer:
         self.register_buffer("mask", torch.ones_like(self.dense_weight, dtype=torch.bool))
         self.feedback = True
         self.feedback_clip = None
+        self.pruned_decay = None
         # state_dict() warns while the masks prune anything (UnfinalizedWarning)
         self._register_state_dict_hook(_warn_unfinalized)
 
@@ -93,6 +95,8 @@ class DPFLayer:
         weight = self.dense_weight
         if self.feedback and self.feedback_clip is not None:
             weight = clip_pruned_gradient(weight, self.mask, self.feedback_clip)
+        if self.feedback and self.pruned_decay:
+            weight = decay_pruned(weight, self.mask, self.pruned_decay)
         return ops.masked_weight(weight, self.mask, self.feedback)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -351,6 +355,7 @@ def unsparsify(model: nn.Module) -> nn.Module:
             del module._buffers["mask"]
             del module.feedback
             del module.feedback_clip
+            del module.pruned_decay
             for key in [k for k, hook in module._state_dict_hooks.items() if hook is _warn_unfinalized]:
                 del module._state_dict_hooks[key]
         if type(module) in plain_for:

@@ -14,7 +14,8 @@ from .distributed import Shards, check_same_on_all_ranks, is_sharded, local_weig
 from .nn import coverage, dpf_layers, unsparsify
 from .ops.bits import HIGH_BINS, NONFINITE_BIN, SUPPORTED_DTYPES
 from .report import LayerReport, SparsityReport
-from .schedules import Cubic, Schedule, check_sparsity
+from .patterns import NMPattern
+from .schedules import Cubic, OneShot, Schedule, check_sparsity
 
 SCOPES = ("global", "layer", "filter")
 THRESHOLDS = ("exact", "approx")
@@ -107,6 +108,15 @@ class DPF:
             :func:`dpf_ext.channels.clip_pruned_gradient`); ``None`` (default) leaves the
             paper's estimator as it is. A guard for channels left with one or two weights
             at 99% sparsity; ``1.0`` is the measured setting.
+        pattern: ``"N:M"`` (e.g. ``"2:4"``) for N:M structured sparsity instead of a
+            magnitude threshold: every update keeps the N largest of each M consecutive
+            weights along a layer's reduction dimension (see :mod:`dpf_ext.patterns`), with
+            feedback. The schedule then says when: a target of 0 keeps the layers dense, any
+            other the pattern; the default is the pattern from step 0 (pass
+            ``schedule=OneShot(1 - N/M, t)`` for dense training until step ``t``).
+            Excludes ``scope`` and the channel floor (every channel keeps N of each M).
+        pruned_decay: with feedback, add ``pruned_decay * w`` to the gradient of pruned
+            weights (SR-STE's decay); ``None`` (default) leaves the estimator as it is.
         replace: take over layers that another live, unfinalized pruner manages (that
             pruner stops: its :meth:`step` raises). Without it, that is an error: two
             pruners would overwrite each other's masks.
@@ -135,6 +145,8 @@ class DPF:
         feedback_clip: float | None = None,
         watch: bool = True,
         replace: bool = False,
+        pattern: str | None = None,
+        pruned_decay: float | None = None,
     ):
         self.layers = dpf_layers(model)
         if not self.layers:
@@ -162,6 +174,27 @@ class DPF:
                 "model with torch.distributed.fsdp.fully_shard (FSDP2) instead"
             )
         self.model = model
+        self.pattern = None if pattern is None else NMPattern.parse(pattern)
+        if self.pattern is not None:
+            if scope != "global" or channel_floor:
+                raise ValueError("pattern= chooses the masks by itself: it excludes scope= and "
+                                 "channel_floor=")
+            self.pattern.check(self.layers)
+            channel_floor, watch = False, False
+            if schedule is None:
+                if sparsity is not None and abs(float(sparsity) - self.pattern.sparsity) > 1e-9:
+                    raise ValueError(f"sparsity={sparsity} disagrees with pattern {self.pattern} "
+                                     f"({self.pattern.sparsity:.4g}); pass one of them")
+                sparsity, total_steps = None, None
+                schedule = OneShot(self.pattern.sparsity, 0)
+            elif abs(schedule.final - self.pattern.sparsity) > 1e-9:
+                raise ValueError(f"the schedule's final sparsity {schedule.final} is not pattern "
+                                 f"{self.pattern}'s {self.pattern.sparsity:.4g}")
+        if pruned_decay is not None and (isinstance(pruned_decay, bool)
+                                         or not isinstance(pruned_decay, (int, float))
+                                         or pruned_decay < 0):
+            raise ValueError(f"pruned_decay must be a non-negative number or None, got {pruned_decay!r}")
+        self.pruned_decay = None if pruned_decay is None else float(pruned_decay)
         self.schedule = self._resolve_schedule(sparsity, schedule, total_steps)
         if not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive int, got {update_every!r}")
@@ -209,6 +242,7 @@ class DPF:
         for _, layer in self.layers:
             layer.feedback = feedback
             layer.feedback_clip = self.feedback_clip
+            layer.pruned_decay = self.pruned_decay
         self.update_masks()
         if freeze_at == 0:
             self.freeze()
@@ -302,6 +336,8 @@ class DPF:
         exact = self.threshold == "exact"
         if not self.feedback:
             self._zero_pruned()  # momentum may have moved them since the last update
+        if self.pattern is not None:
+            return self._update_pattern(sparsity, shards)
         if self.channel_floor:
             self._floor.check_reachable(sparsity, self.scope, kept_count)
         floor = self.channel_floor
@@ -362,6 +398,32 @@ class DPF:
             self._watch.check(self.step_count, sparsity, row_max, layer_taus,
                               None if floor else [~e for e in emptied])
         self._warn_empty_layers(stats[:, 0])
+
+    def _update_pattern(self, sparsity: float, shards: Shards) -> None:
+        """The N:M update: the pattern where the schedule's target is not 0, else dense."""
+        if sparsity == 0:
+            stats = torch.stack([torch.stack([m.numel() + 0 * m.sum(), (~m).sum()])
+                                 for m in shards.masks])
+            for m in shards.masks:
+                m.fill_(True)
+        else:
+            stats = self.pattern.update(shards.weights, shards.masks, self.layers)
+            if not bool((stats[:, 2] == 0).all()):
+                bad = [name for (name, _), s in zip(self.layers, stats[:, 2].tolist()) if s]
+                raise ValueError(f"non-finite (NaN or Inf) weights in {bad} at step "
+                                 f"{self.step_count}; masks left unchanged")
+            stats = stats[:, :2]
+        stats = shards.reduce(torch.cat([stats, torch.zeros_like(stats[:, :1])], dim=1))
+        shards.assemble_masks()
+        if not self.feedback:
+            self._zero_pruned()
+        self.reactivated_last = stats[:, 1]
+        self.reactivated_total += stats[:, 1]
+        self.forced_last = stats[:, 2]
+        self.target_sparsity = sparsity
+        numels = [layer.dense_weight.numel() for _, layer in self.layers]
+        self.target_kept = sum(numels) if sparsity == 0 else sum(k // self.pattern.m * self.pattern.n
+                                                                for k in numels)
 
     def _channel_major(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of the layers' weights (or masks) with the output channels first, as the
@@ -441,14 +503,16 @@ class DPF:
             for i, (name, layer) in enumerate(self.layers)
         ]
         return SparsityReport(self.step_count, self.target_sparsity, self.target_kept,
-                              self.frozen, rows, coverage(self.model))
+                              self.frozen, rows, coverage(self.model),
+                              str(self.pattern) if self.pattern else None)
 
     def _config(self) -> dict:
         return {
             "schedule": repr(self.schedule), "update_every": self.update_every,
             "scope": self.scope, "feedback": self.feedback, "threshold": self.threshold,
             "freeze_at": self.freeze_at, "channel_floor": self.channel_floor,
-            "feedback_clip": self.feedback_clip,
+            "feedback_clip": self.feedback_clip, "pattern": str(self.pattern) if self.pattern else None,
+            "pruned_decay": self.pruned_decay,
             "layers": [name for name, _ in self.layers],
         }
 

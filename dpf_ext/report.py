@@ -41,6 +41,8 @@ class SparsityReport:
     layers: list[LayerReport]
     coverage: object | None = None
     """The model's :class:`~dpf_ext.nn.Coverage`: what DPF prunes and what stays dense."""
+    pattern: str | None = None
+    """The N:M pattern (``"2:4"``) the masks follow, if any."""
 
     @property
     def params(self) -> int:
@@ -99,6 +101,7 @@ class SparsityReport:
             c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
         )
         title = (f"step {self.step}: target sparsity {self.target_sparsity:.2%}"
+                 f"{f' (pattern {self.pattern})' if self.pattern else ''}"
                  f"{' (mask frozen)' if self.frozen else ''}")
         tail = [str(self.coverage)] if self.coverage is not None else []
         return "\n".join([title, line(header), *map(line, rows), *tail])

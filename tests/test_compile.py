@@ -68,6 +68,8 @@ def test_opcheck_all_ops(namespace):
         (params, grads, bufs, [True, False], 0.1, 0.9, 0.0, True, 1e-4, False, masks, out, hist,
          [torch.zeros_like(r) for r in rows]),
     )
+    torch.library.opcheck(lib.nm_masks.default,
+                          ([torch.randn(6, 8, generator=g)], 2, 4, [torch.zeros(6, 8, dtype=torch.bool)]))
     states = [[torch.zeros_like(w) for w in weights] for _ in range(3)]
     torch.library.opcheck(
         lib.feedback_adamw_step.default,

@@ -248,3 +248,23 @@ def test_feedback_adamw_step_matches(compiled, dtype, settings):
             [p.cpu() for p in dev["p"]], None, written_rows))
         for got, exp in zip(dev_rows, written_rows):
             assert torch.equal(got.cpu(), exp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nm", [(2, 4), (1, 3), (3, 8), (5, 16)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_nm_masks_match(compiled, dtype, nm):
+    n, m = nm
+    g = torch.Generator().manual_seed(16)
+    weights = [torch.randn(33, m * 7, generator=g).to(dtype), torch.randn(m, generator=g).to(dtype),
+               torch.randint(-2, 3, (5, m * 3), generator=g).to(dtype),  # ties
+               torch.zeros(4, m, dtype=dtype),  # all tied at zero
+               torch.randn(m * 4101, generator=g).to(dtype)[m:],  # many chunks, misaligned
+               torch.tensor([float("nan"), 1.0, float("inf"), -2.0] * m).to(dtype)]
+    masks = [torch.rand(w.shape, generator=g) < 0.5 for w in weights]
+    expected_masks = [mk.clone() for mk in masks]
+    expected = reference.nm_masks(weights, n, m, expected_masks)
+    got_masks = _on(compiled, masks)
+    got = ops.nm_masks(_on(compiled, weights), n, m, got_masks)
+    assert torch.equal(got.cpu(), expected)
+    for a, b in zip(got_masks, expected_masks):
+        assert torch.equal(a.cpu(), b)
