@@ -17,7 +17,8 @@ import torch
 from .data import DATASETS, load_dataset
 from .methods import METHODS
 from .models import MODELS, build_model
-from .nn import sparsify
+from .nn import dpf_layers, sparsify
+from .patterns import NMPattern, reduction
 from .pruner import SCOPES, THRESHOLDS
 from .train import RunResult, TrainConfig, train
 
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "metrics.json)")
     p.add_argument("--no-channel-floor", action="store_true",
                    help="DPF without the channel floor (the paper's unguarded algorithm)")
+    p.add_argument("--pattern", default=None,
+                   help="N:M structured sparsity (e.g. 2:4) instead of --sparsity: dpf keeps "
+                        "updating the N:M masks with feedback, oneshot prunes once and retrains "
+                        "(both dense until --oneshot-at); layers whose reduction dimension is not "
+                        "a multiple of M stay dense")
     p.add_argument("--feedback-clip", type=float, default=None,
                    help="bound pruned weights' feedback gradient to this multiple of the "
                         "largest kept one per layer (1.0 is the measured setting; default off)")
@@ -168,6 +174,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--lr, --momentum and --weight-decay must be non-negative")
     if args.feedback_clip is not None and not args.feedback_clip > 0:
         parser.error(f"--feedback-clip must be positive, got {args.feedback_clip}")
+    if args.pattern is not None:
+        try:
+            args.nm = NMPattern.parse(args.pattern)
+        except ValueError as exc:
+            parser.error(f"--pattern: {exc}")
+        if args.method == "gradual" and not args.compare:
+            parser.error("--pattern: gradual pruning has no N:M form; use --method dpf or oneshot")
+        if args.scope != "global":
+            parser.error("--pattern chooses the masks by itself: leave --scope global")
+        args.sparsity = args.nm.sparsity
     if args.data == "cifar10" and not args.data_dir:
         parser.error("--data cifar10 needs --data-dir DIR holding CIFAR-10's python batches "
                      "(dpf_ext never downloads data)")
@@ -202,16 +218,27 @@ def main(argv: list[str] | None = None) -> int:
             sparsify(build_model(args.model, data.input_shape, data.num_classes), exclude=args.exclude)
         except ValueError as exc:
             parser.error(f"--exclude: {exc}")
+    if args.pattern is not None:  # layers the pattern does not fit stay dense, and we say so
+        probe = sparsify(build_model(args.model, data.input_shape, data.num_classes), exclude=args.exclude)
+        unfit = [name for name, layer in dpf_layers(probe) if reduction(layer) % args.nm.m]
+        if unfit:
+            print(f"pattern {args.nm}: {unfit} keep dense (reduction dimension not a multiple of "
+                  f"{args.nm.m})")
+            args.exclude = [*args.exclude, *unfit]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     base = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
             if hasattr(args, f.name) and f.name not in ("method", "exclude", "seed")}
     methods = METHODS if args.compare else (args.method,)
+    if args.pattern is not None and args.compare:
+        methods = ("dense", "oneshot", "dpf")
     configs = [TrainConfig(method=m, exclude=tuple(args.exclude), seed=args.seed + i,
                            channel_floor=not args.no_channel_floor, **base)
                for m in methods for i in range(args.seeds)]
     print(f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
-          f"model {args.model}, target sparsity {args.sparsity:.0%}, {args.epochs} epochs, "
+          f"model {args.model}, target "
+          f"{f'pattern {args.pattern}' if args.pattern else f'sparsity {args.sparsity:.0%}'}, "
+          f"{args.epochs} epochs, "
           f"{torch.get_num_threads()} threads")
     results = []
     for config in configs:

@@ -38,6 +38,8 @@ class TrainConfig:
     """DPF's channel floor (the baselines run without it)."""
     feedback_clip: float | None = None
     """DPF's feedback clip (see :class:`dpf_ext.DPF`)."""
+    pattern: str | None = None
+    """An N:M pattern (``"2:4"``) instead of ``sparsity`` (see :func:`dpf_ext.methods.make_pruner`)."""
     seed: int = 0
     device: str = "cpu"
 
@@ -104,6 +106,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
         config.method, model, config.sparsity, total_steps,
         prune_at=round(config.oneshot_at * total_steps), update_every=config.update_every,
         scope=config.scope, threshold=config.threshold, channel_floor=config.channel_floor,
+        pattern=config.pattern,
         **({"feedback_clip": config.feedback_clip} if config.method == "dpf" else {}),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
