@@ -149,3 +149,25 @@ def test_the_default_job_learns(tmp_path):
     assert run["sparsity"] == pytest.approx(0.9, abs=1e-4)
     assert run["accuracy"] > 0.9  # chance is 0.1
     assert (tmp_path / "model-dpf.pt").exists()
+
+
+def test_cli_pattern_compares_nm_dpf_with_one_shot_and_retraining(tmp_path, capsys):
+    assert main(["--pattern", "2:4", "--compare", "--model", "cnn", "--epochs", "2", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "['0'] keep dense" in out and "pattern 2:4" in out  # the first conv: 1 x 3 x 3
+    runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
+    assert [r["config"]["method"] for r in runs] == ["dense", "oneshot", "dpf"]
+    assert runs[1]["sparsity"] == runs[2]["sparsity"] == pytest.approx(0.5)
+    assert runs[1]["reactivations"] == 0 and runs[2]["reactivations"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pattern", "4:2"], "need 0 < N < M"),
+    (["--pattern", "2:4", "--method", "gradual"], "no N:M form"),
+    (["--pattern", "2:4", "--scope", "layer"], "leave --scope global"),
+])
+def test_cli_bad_patterns(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "mlp", "--epochs", "1", "--no-progress", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
