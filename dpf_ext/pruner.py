@@ -385,15 +385,7 @@ class DPF:
             emptied = [below(r, t) for r, t in zip(row_max, layer_taus)]
             if floor:
                 forced = torch.stack([e.sum() for e in emptied]).reshape(-1, 1)
-        stats = shards.reduce(torch.cat([stats, forced], dim=1))
-        shards.assemble_masks()
-        if not self.feedback:
-            self._zero_pruned()
-        self.reactivated_last = stats[:, 1]
-        self.reactivated_total += stats[:, 1]
-        self.forced_last = stats[:, 2]
-        self.target_sparsity = sparsity
-        self.target_kept = target_kept
+        stats = self._commit(torch.cat([stats, forced], dim=1), shards, sparsity, target_kept)
         if self._watch is not None and row_max is not None:
             self._watch.check(self.step_count, sparsity, row_max, layer_taus,
                               None if floor else [~e for e in emptied])
@@ -413,7 +405,18 @@ class DPF:
                 raise ValueError(f"non-finite (NaN or Inf) weights in {bad} at step "
                                  f"{self.step_count}; masks left unchanged")
             stats = stats[:, :2]
-        stats = shards.reduce(torch.cat([stats, torch.zeros_like(stats[:, :1])], dim=1))
+        numels = [layer.dense_weight.numel() for _, layer in self.layers]
+        target_kept = sum(numels) if sparsity == 0 else sum(k // self.pattern.m * self.pattern.n
+                                                           for k in numels)
+        self._commit(torch.cat([stats, torch.zeros_like(stats[:, :1])], dim=1), shards, sparsity,
+                     target_kept)
+
+    def _commit(self, stats: torch.Tensor, shards: Shards, sparsity: float,
+                target_kept: int) -> torch.Tensor:
+        """Finish a mask update: sum the per-layer ``[kept, reactivated, forced]`` counts
+        over the ranks, make the masks whole, zero pruned weights without feedback, and
+        record the update. Returns the summed counts."""
+        stats = shards.reduce(stats)
         shards.assemble_masks()
         if not self.feedback:
             self._zero_pruned()
@@ -421,9 +424,8 @@ class DPF:
         self.reactivated_total += stats[:, 1]
         self.forced_last = stats[:, 2]
         self.target_sparsity = sparsity
-        numels = [layer.dense_weight.numel() for _, layer in self.layers]
-        self.target_kept = sum(numels) if sparsity == 0 else sum(k // self.pattern.m * self.pattern.n
-                                                                for k in numels)
+        self.target_kept = target_kept
+        return stats
 
     def _channel_major(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of the layers' weights (or masks) with the output channels first, as the

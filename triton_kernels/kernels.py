@@ -88,6 +88,17 @@ def _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t):
 
 
 @triton.jit
+def _count_updated(new, offs, valid, hist_ptr, row_max_addr_ptr, row_len_ptr, t,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """An optimizer step's hand-off to the pruner: the histogram of the new |p| and, with
+    ROWS, each row's largest key."""
+    mag = _magnitude_bits(new)
+    tl.atomic_add(hist_ptr + (mag >> 16), tl.full((BLOCK,), 1, tl.int64), mask=valid)
+    if ROWS:
+        _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)
+
+
+@triton.jit
 def update_masks_kernel(addr_ptr, mask_addr_ptr, numel_ptr, block_start_ptr, tau_bits_ptr,
                         stats_ptr, row_max_addr_ptr, row_len_ptr, T, T_PAD: tl.constexpr,
                         DTYPE: tl.constexpr, SHRINK_ONLY: tl.constexpr, ROWS: tl.constexpr,
@@ -161,10 +172,7 @@ def sgd_kernel(p_addr_ptr, g_addr_ptr, buf_addr_ptr, fresh_ptr, mask_addr_ptr, o
         m = tl.load(m_ptr + offs, mask=valid, other=0)
         tl.store(o_ptr + offs, (new.to(tl.float32) * m.to(tl.float32)).to(DTYPE), mask=valid)
     if HAS_HIST:
-        mag = _magnitude_bits(new)
-        tl.atomic_add(hist_ptr + (mag >> 16), tl.full((BLOCK,), 1, tl.int64), mask=valid)
-        if ROWS:
-            _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)
+        _count_updated(new, offs, valid, hist_ptr, row_max_addr_ptr, row_len_ptr, t, ROWS, BLOCK)
 
 
 @triton.jit
@@ -201,10 +209,7 @@ def adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, vmax_addr_ptr, 
     tl.store(m_ptr + offs, _round_to(m, DTYPE), mask=valid)
     tl.store(v_ptr + offs, _round_to(v, DTYPE), mask=valid)
     if HAS_HIST:
-        mag = _magnitude_bits(new)
-        tl.atomic_add(hist_ptr + (mag >> 16), tl.full((BLOCK,), 1, tl.int64), mask=valid)
-        if ROWS:
-            _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)
+        _count_updated(new, offs, valid, hist_ptr, row_max_addr_ptr, row_len_ptr, t, ROWS, BLOCK)
 
 
 @triton.jit
