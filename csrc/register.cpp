@@ -13,7 +13,9 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(dpf, m) {
-  m.def("magnitude_histogram(Tensor[] weights, Tensor? prefix, Tensor(a!)[] row_max) -> Tensor");
+  m.def(
+      "magnitude_histogram(Tensor[] weights, Tensor? prefix, Tensor(a!)[] row_max, Tensor(b!)? window, "
+      "Tensor? window_start) -> Tensor");
   m.def(
       "update_masks(Tensor[] weights, Tensor taus, Tensor(a!)[] masks, bool shrink_only, "
       "Tensor[] row_max) -> Tensor");

@@ -68,6 +68,36 @@ class HistogramRequest:
         return not self._pending
 
 
+class WarmStart:
+    """The previous thresholds, as the guess that lets an exact threshold take one pass.
+
+    The first pass also histograms at full resolution the window of high bins around the
+    previous threshold (3 bins, widened to twice the last move, at most 9); when the new
+    threshold lands there, no second pass is needed. A performance hint only: the result is
+    the same with or without it, so it is not part of the pruner's state."""
+
+    def __init__(self):
+        self.taus: torch.Tensor | None = None
+        self.window = 3
+
+    def near(self, i: int) -> torch.Tensor | None:
+        """The previous threshold of position ``i`` (global scope: 0), if finite."""
+        if self.taus is None or not bool(torch.isfinite(self.taus[i])):
+            return None
+        return self.taus[i]
+
+    def record(self, taus: torch.Tensor) -> None:
+        """Remember this update's thresholds and size the next window by how far they moved."""
+        taus = taus.detach().float().reshape(-1)
+        if self.taus is not None and self.taus.shape == taus.shape:
+            both = torch.isfinite(self.taus) & torch.isfinite(taus)
+            if bool(both.any()):
+                bins = lambda t: t[both].abs().view(torch.int32) >> 16  # noqa: E731
+                moved = int((bins(taus) - bins(self.taus)).abs().max())
+                self.window = min(2 * max(moved, 1) + 1, 9)
+        self.taus = taus.clone()
+
+
 class DPF:
     """Dynamic Pruning with Feedback on the DPF layers of ``model``.
 
@@ -239,6 +269,7 @@ class DPF:
         self.forced_last = torch.zeros_like(self.reactivated_last)
         self._empty: set[str] = set()
         self._request: HistogramRequest | None = None
+        self._warm = WarmStart()
         for _, layer in self.layers:
             layer.feedback = feedback
             layer.feedback_clip = self.feedback_clip
@@ -353,20 +384,22 @@ class DPF:
                 row_max = new_row_max(weights)
             taus = self._threshold(weights, target_kept - sum(rows), exact, reduce,
                                    row_max if floor else None,
-                                   histogram=request.histogram if ready else None)
+                                   histogram=request.histogram if ready else None,
+                                   near=self._warm.near(0))
         elif self.scope == "layer":
             ks = [kept_count(sparsity, w.numel()) for w in full_weights]
             target_kept = sum(ks)
             row_max = new_row_max(weights) if floor else [None] * len(weights)
             taus = torch.stack([self._threshold([w], k - r, exact, reduce,
-                                                  None if m is None else [m])
-                                for w, k, r, m in zip(weights, ks, rows, row_max)])
+                                                  None if m is None else [m], near=self._warm.near(i))
+                                for i, (w, k, r, m) in enumerate(zip(weights, ks, rows, row_max))])
             row_max = row_max if floor else None
         else:
             scores = [filter_scores(w) for w in weights]
             target_kept = kept_count(sparsity, sum(self._floor.rows))
             taus = ops.global_threshold(scores, target_kept, exact, reduce=reduce)
             weights = [s.view(-1, *[1] * (w.dim() - 1)).expand_as(w) for s, w in zip(scores, weights)]
+        self._warm.record(taus)
         if bool(torch.isnan(taus).any()):  # +Inf: the channel floor keeps only its own
             bad = [name for (name, _), w in zip(self.layers, shards.weights)
                    if not torch.isfinite(w).all()]
@@ -433,11 +466,12 @@ class DPF:
         return [t.movedim(layer.channel_dim, 0) if layer.channel_dim else t
                 for t, (_, layer) in zip(tensors, self.layers)]
 
-    @staticmethod
-    def _threshold(weights, k, exact, reduce, row_max, histogram=None) -> torch.Tensor:
+    def _threshold(self, weights, k, exact, reduce, row_max, histogram=None,
+                   near=None) -> torch.Tensor:
         """The threshold over ``weights`` less each row's largest (recorded into
         ``row_max``), keeping ``k`` of the others; +Inf (the forced weights alone) for
-        ``k == 0``."""
+        ``k == 0``. ``near`` (the previous threshold) lets the exact search finish in one
+        pass when the threshold moved little (see :class:`WarmStart`)."""
         if k < 1:
             if histogram is None:  # the pass still records the rows and meets any NaN
                 histogram = ops.magnitude_histogram(weights, row_max=row_max)
@@ -445,8 +479,11 @@ class DPF:
             nonfinite = nonfinite[NONFINITE_BIN:].sum() > 0
             inf = torch.full((), float("inf"), device=weights[0].device)
             return torch.where(nonfinite, torch.full_like(inf, float("nan")), inf)
-        return ops.global_threshold(weights, k, exact, histogram=histogram, reduce=reduce,
-                                    row_max=row_max)
+        if near is None or histogram is not None or not exact:
+            return ops.global_threshold(weights, k, exact, histogram=histogram, reduce=reduce,
+                                        row_max=row_max)
+        return ops.global_threshold(weights, k, exact, reduce=reduce, row_max=row_max, near=near,
+                                    window=self._warm.window)
 
     def _warn_empty_layers(self, kept: torch.Tensor) -> None:
         emptied = [name for (name, _), k in zip(self.layers, kept.tolist())

@@ -201,3 +201,24 @@ def test_masked_weight_rejects_bad_masks():
         ops.masked_weight(w, torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool tensor of shape"):
         ops.masked_weight(w, torch.ones(6, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_warm_started_exact_threshold_is_the_exact_one(device, dtype):
+    """A guess anywhere (the window hit, missed above or below, at its edges, zero, huge)
+    changes the work, never the result."""
+    for name, weights in weight_cases(dtype).items():
+        n = sum(w.numel() for w in weights)
+        on_device = _on(device, weights)
+        for k in ks_for(n):
+            exact = ops.global_threshold(on_device, k)
+            if not torch.isfinite(exact):
+                continue
+            step = 2.0 ** -7  # one high bin, relatively
+            for near in (exact, exact * (1 + step), exact * (1 - step), exact * (1 + 3 * step),
+                         exact * 4, exact / 4, torch.zeros(()), torch.full((), 3e38)):
+                for window in (1, 3, 9):
+                    got = ops.global_threshold(on_device, k, near=near.to(device), window=window)
+                    assert _bits(got) == _bits(exact), (name, k, float(near), window)
+    with pytest.raises(ValueError, match="window"):
+        ops.global_threshold(_on(device, [torch.randn(10)]), 3, near=torch.tensor(1.0), window=0)

@@ -268,3 +268,23 @@ def test_nm_masks_match(compiled, dtype, nm):
     assert torch.equal(got.cpu(), expected)
     for a, b in zip(got_masks, expected_masks):
         assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_first_pass_window_matches(compiled, dtype):
+    for name, weights in _cases(dtype).items():
+        high = reference.magnitude_histogram(weights, None)
+        occupied = torch.nonzero(high[:NONFINITE_BIN]).flatten().tolist()
+        for start in {occupied[0] - 1, occupied[len(occupied) // 2], occupied[-1]}:
+            for width in (1, 3):
+                expected = torch.zeros(width * 65536, dtype=torch.int64)
+                reference.magnitude_histogram(weights, None, [], expected, torch.tensor(start))
+                got = torch.zeros(width * 65536, dtype=torch.int64, device=compiled)
+                got_high = ops.backend_for(compiled).magnitude_histogram(
+                    _on(compiled, weights), None, [], got, torch.tensor(start, device=compiled))
+                assert torch.equal(_nan_folded(got_high.cpu()), _nan_folded(high)), name
+                assert torch.equal(got.cpu(), expected), (name, start, width)
+                for slot in range(width):  # each slice is the second pass of its bin
+                    if 0 <= start + slot < NONFINITE_BIN:
+                        assert torch.equal(expected[slot * 65536:(slot + 1) * 65536],
+                                           reference.magnitude_histogram(weights, torch.tensor(start + slot)))

@@ -60,8 +60,9 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def histogram_kernel(addr_ptr, numel_ptr, block_start_ptr, hist_ptr, prefix_ptr,
-                     row_max_addr_ptr, row_len_ptr, T, T_PAD: tl.constexpr, DTYPE: tl.constexpr,
-                     LOW: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                     row_max_addr_ptr, row_len_ptr, window_ptr, window_start_ptr, window_bins, T,
+                     T_PAD: tl.constexpr, DTYPE: tl.constexpr, LOW: tl.constexpr,
+                     ROWS: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr):
     """hist[top 16 bits of |w|] += 1 (and with ROWS each row's largest key into its
     row_max), or with LOW the low 16 bits of the elements whose top 16 bits equal
     *prefix_ptr."""
@@ -76,6 +77,12 @@ def histogram_kernel(addr_ptr, numel_ptr, block_start_ptr, hist_ptr, prefix_ptr,
         bins = mag >> 16
         if ROWS:
             _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)
+        if WINDOW:  # the second pass's histograms of window_bins high bins, in this pass
+            slot = bins - tl.load(window_start_ptr).to(tl.int32)
+            inside = valid & (slot >= 0) & (slot < window_bins)
+            cell = slot.to(tl.int64) * 65536 + (mag & 0xFFFF)
+            tl.atomic_add(window_ptr + tl.where(inside, cell, 0), tl.full((BLOCK,), 1, tl.int64),
+                          mask=inside)
     tl.atomic_add(hist_ptr + bins, tl.full((BLOCK,), 1, tl.int64), mask=valid)
 
 

@@ -63,7 +63,8 @@ def _row_tables(ws: list[torch.Tensor], row_max: list[torch.Tensor], idx: list[i
 
 
 def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None,
-                        row_max: list[torch.Tensor]) -> torch.Tensor:
+                        row_max: list[torch.Tensor], window: torch.Tensor | None = None,
+                        window_start: torch.Tensor | None = None) -> torch.Tensor:
     device = weights[0].device
     hist = torch.zeros(HIGH_BINS if prefix is None else LOW_BINS, dtype=torch.int64, device=device)
     prefix_t = hist if prefix is None else prefix.to(device=device, dtype=torch.int64).reshape(1)
@@ -71,10 +72,13 @@ def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None
         ws = _contiguous([weights[i] for i in idx])
         numels, starts, blocks = _blocks(ws, device)
         row_addr, row_len = _row_tables(ws, row_max, idx, numels)
+        start = numels if window is None else window_start.to(device=device, dtype=torch.int64).reshape(1)
         kernels.histogram_kernel[(blocks,)](
-            _table(ws, device), numels, starts, hist, prefix_t, row_addr, row_len, len(ws),
+            _table(ws, device), numels, starts, hist, prefix_t, row_addr, row_len,
+            numels if window is None else window, start,
+            0 if window is None else window.numel() // LOW_BINS, len(ws),
             T_PAD=_pad(len(ws)), DTYPE=_TL_DTYPE[dtype], LOW=prefix is not None,
-            ROWS=bool(row_max), BLOCK=BLOCK)
+            ROWS=bool(row_max), WINDOW=window is not None, BLOCK=BLOCK)
     return hist
 
 

@@ -73,16 +73,32 @@ class ForcedColumn {
   int64_t column_ = -1;
 };
 
-// hist[high_bin(|w|)] += 1 over w[begin, end), and the rows' keys into row_max (may be
-// null; rows of row_len elements).
+// The second pass's histograms of `width` consecutive high bins from `start`, counted in
+// the first pass: window[(high - start) * kLowBins + low] += 1, atomically (few elements
+// fall in a window, so threads seldom meet). A null window counts nothing.
+struct Window {
+  int64_t* counts;
+  uint32_t start;
+  uint32_t width;
+
+  void add(uint32_t mag) const {
+    const uint32_t slot = high_bin(mag) - start;  // wraps around below start
+    if (counts && slot < width)
+      __atomic_fetch_add(counts + int64_t(slot) * kLowBins + low_bin(mag), 1, __ATOMIC_RELAXED);
+  }
+};
+
+// hist[high_bin(|w|)] += 1 over w[begin, end), the rows' keys into row_max (may be null;
+// rows of row_len elements) and the window's low bins.
 template <typename T>
 void histogram_high(const T* w, int64_t begin, int64_t end, int32_t* hist, int64_t* row_max,
-                    int64_t row_len) {
+                    int64_t row_len, const Window& window = {nullptr, 0, 0}) {
   RowMax rows(row_max, row_len);
   for (int64_t i = begin; i < end; ++i) {
     const uint32_t mag = magnitude_bits(w[i]);
     ++hist[high_bin(mag)];
     rows.add(i, mag);
+    window.add(mag);
   }
 }
 

@@ -94,6 +94,13 @@ std::vector<int64_t> row_lengths(const std::vector<at::Tensor>& ws, at::TensorLi
   return lens;
 }
 
+// The first pass's window of second-pass histograms (none without `window`).
+cpu::Window window_of(const std::optional<at::Tensor>& window, const std::optional<at::Tensor>& start) {
+  if (!window.has_value()) return {nullptr, 0, 0};
+  check_window_args(*window, start);
+  return {window->data_ptr<int64_t>(), uint32_t(start->item<int64_t>()), uint32_t(window->numel() / kLowBins)};
+}
+
 int64_t* row_max_ptr(at::TensorList row_max, int64_t t) {
   return row_max.empty() ? nullptr : row_max[t].data_ptr<int64_t>();
 }
@@ -114,8 +121,10 @@ void for_each_chunk_counting(const std::vector<at::Tensor>& ps, const std::optio
 }
 
 at::Tensor magnitude_histogram_cpu(at::TensorList weights, const std::optional<at::Tensor>& prefix,
-                                   at::TensorList row_max) {
+                                   at::TensorList row_max, const std::optional<at::Tensor>& window,
+                                   const std::optional<at::Tensor>& window_start) {
   check_row_max_args(weights, row_max);
+  const cpu::Window win = window_of(window, window_start);
   const auto ws = contiguous(weights);
   const auto row_len = row_lengths(ws, row_max);
   const bool low = prefix.has_value();
@@ -133,7 +142,7 @@ at::Tensor magnitude_histogram_cpu(at::TensorList weights, const std::optional<a
         cpu::histogram_low(w, c.begin, c.end, pre, hist);
       else
         cpu::histogram_high(w, c.begin, c.end, hist, row_max_ptr(row_max, c.tensor),
-                            row_len[c.tensor]);
+                            row_len[c.tensor], win);
     });
   });
   return sum_histograms(local, tasks, bins);

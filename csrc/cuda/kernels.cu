@@ -121,9 +121,10 @@ __device__ __forceinline__ void max_row(const Rows& rows, int t, int64_t i, uint
 // Pass 1: block-local histograms (in shared memory unless B is kGlobal), merged once per
 // block.
 template <typename T, Bins B>
-__global__ void histogram_high_kernel(Table tab, Rows rows, unsigned long long* hist) {
+__global__ void histogram_high_kernel(Table tab, Rows rows, unsigned long long* hist, Window win) {
   extern __shared__ unsigned int bins[];
   BlockHistogram<B> h{bins, hist};
+  const uint32_t start = win.counts ? static_cast<uint32_t>(*win.start) : 0u;
   h.zero();
   for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
     const Span s = chunk_span(tab, c);
@@ -132,6 +133,9 @@ __global__ void histogram_high_kernel(Table tab, Rows rows, unsigned long long* 
       const uint32_t mag = magnitude_bits(w[i]);
       h.add(high_bin(mag));
       if (rows.max) max_row(rows, s.t, i, mag);
+      const uint32_t slot = high_bin(mag) - start;  // wraps around below start
+      if (win.counts && slot < static_cast<uint32_t>(win.width))
+        atomicAdd(&win.counts[static_cast<int64_t>(slot) * kLowBins + low_bin(mag)], 1ull);
     }
     h.chunk_done();
   }
@@ -379,7 +383,7 @@ Bins bins_for(const DeviceInfo& dev) {
 
 cudaError_t magnitude_histogram(const Table& tab, DType dtype, const int64_t* prefix,
                                 unsigned long long* hist, Rows rows, const DeviceInfo& dev,
-                                cudaStream_t stream) {
+                                cudaStream_t stream, Window window) {
   if (tab.chunks == 0) return cudaSuccess;
   const Bins b = bins_for(dev);
   return with_dtype(dtype, [&](auto tag) {
@@ -393,7 +397,7 @@ cudaError_t magnitude_histogram(const Table& tab, DType dtype, const int64_t* pr
       cudaError_t err = allow_shared(histogram_high_kernel<T, B>, B);
       if (err != cudaSuccess) return err;
       histogram_high_kernel<T, B><<<hist_grid(tab.chunks, dev, B), kHistThreads, shared_bytes(B), stream>>>(
-          tab, rows, hist);
+          tab, rows, hist, window);
       return cudaGetLastError();
     });
   });

@@ -48,13 +48,21 @@ struct Rows {
   const int64_t* length;
 };
 
-// hist (int64, 32768 bins) += top-16-bit histogram of |w| over the table, and each row's
-// largest key into rows.max; or, with a non-null device pointer `prefix`, hist (65536
-// bins) += low-16-bit histogram of the elements whose top 16 bits equal *prefix. No host
-// synchronisation.
+// The second pass's histograms of `width` consecutive high bins from the device value
+// *start, counted in the first pass (counts: width * 65536, null for none).
+struct Window {
+  unsigned long long* counts;
+  const int64_t* start;
+  int width;
+};
+
+// hist (int64, 32768 bins) += top-16-bit histogram of |w| over the table, each row's
+// largest key into rows.max and the window's low bins; or, with a non-null device pointer
+// `prefix`, hist (65536 bins) += low-16-bit histogram of the elements whose top 16 bits
+// equal *prefix. No host synchronisation.
 cudaError_t magnitude_histogram(const Table& weights, DType dtype, const int64_t* prefix,
                                 unsigned long long* hist, Rows rows, const DeviceInfo& dev,
-                                cudaStream_t stream);
+                                cudaStream_t stream, Window window = {nullptr, nullptr, 0});
 
 // For every tensor t of the table, with k = index[t] its position in the caller's list:
 // mask = |w| >= taus[k] (and the old mask if shrink_only), or the element is the one its

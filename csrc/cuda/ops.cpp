@@ -145,19 +145,26 @@ const cuda::DeviceInfo& device_info() {
 }
 
 at::Tensor magnitude_histogram_cuda(at::TensorList weights, const std::optional<at::Tensor>& prefix,
-                                    at::TensorList row_max) {
+                                    at::TensorList row_max, const std::optional<at::Tensor>& window,
+                                    const std::optional<at::Tensor>& window_start) {
   check_row_max_args(weights, row_max);
+  if (window.has_value()) check_window_args(*window, window_start);
   const c10::cuda::CUDAGuard guard(weights[0].device());
   const bool low = prefix.has_value();
   at::Tensor hist = at::zeros({low ? kLowBins : kHighBins}, weights[0].options().dtype(at::kLong));
   at::Tensor pre = low ? prefix->to(weights[0].device(), at::kLong).contiguous() : at::Tensor();
+  at::Tensor start = window.has_value() ? window_start->to(weights[0].device(), at::kLong).contiguous() : at::Tensor();
+  const cuda::Window win{
+      window.has_value() ? reinterpret_cast<unsigned long long*>(window->data_ptr<int64_t>()) : nullptr,
+      window.has_value() ? start.const_data_ptr<int64_t>() : nullptr,
+      window.has_value() ? int(window->numel() / kLowBins) : 0};
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, idx] : by_dtype(weights)) {
     const auto ws = contiguous(weights, idx);
     const Launch l = make_launch(ws, row_columns(ws, row_max, idx));
     check_cuda(cuda::magnitude_histogram(l.table, dtype_of(ws[0]), low ? pre.const_data_ptr<int64_t>() : nullptr,
                                          reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
-                                         rows_at(l, 3, !row_max.empty()), device_info(), stream),
+                                         rows_at(l, 3, !row_max.empty()), device_info(), stream, win),
                "magnitude_histogram");
   }
   return hist;

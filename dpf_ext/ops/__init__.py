@@ -137,6 +137,8 @@ def global_threshold(
     histogram: torch.Tensor | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     row_max: list[torch.Tensor] | None = None,
+    near: torch.Tensor | None = None,
+    window: int = 3,
 ) -> torch.Tensor:
     """The k-th largest magnitude over all ``weights`` as a 0-dim float32 tensor.
 
@@ -160,10 +162,19 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
     maxima into ``row_max`` (pass zeros); with it, ``row_max`` must hold the keys recorded
     with that histogram (as :func:`feedback_sgd_step` does).
 
-    If any weight is Inf or NaN the result is NaN. Nothing syncs with the host.
+    ``near`` (exact mode, first pass run here): a guess of the result, such as the previous
+    threshold. The first pass then also histograms at full resolution the ``window`` high
+    bins centred on it; if the result falls there, it comes out of that one pass, and the
+    second pass runs only otherwise. The result is the same either way; deciding costs one
+    host synchronisation.
+
+    If any weight is Inf or NaN the result is NaN. Without ``near``, nothing syncs with the
+    host.
     """
     _check_weights(weights)
     _check_row_max(weights, row_max)
+    if window < 1:
+        raise ValueError(f"window must be at least 1 high bin, got {window}")
     n = sum(w.numel() for w in weights)
     if row_max is not None:
         n -= sum(r.numel() for r, w in zip(row_max, weights) if w.numel())
@@ -171,8 +182,15 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
         raise ValueError(f"k must be in [1, {n}] (the number of weights counted), got {k}")
     reduce = reduce or (lambda hist: hist)
     backend = backend_for(weights[0].device)
+    window_hist = window_start = None
     if histogram is None:
-        hist = backend.magnitude_histogram(weights, None, row_max or [])
+        if exact and near is not None:
+            window_start = ((near.float().abs().reshape(()).view(torch.int32).to(torch.int64) >> 16)
+                            - window // 2).to(weights[0].device)
+            window_hist = torch.zeros(window * LOW_BINS, dtype=torch.int64, device=weights[0].device)
+            hist = backend.magnitude_histogram(weights, None, row_max or [], window_hist, window_start)
+        else:
+            hist = backend.magnitude_histogram(weights, None, row_max or [])
     else:
         hist = histogram.clone()
     if row_max is not None:
@@ -183,7 +201,11 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
     bits = b << 16
     if exact:
         del hist
-        low = backend.magnitude_histogram(weights, b, [])
+        slot = None if window_hist is None else int(b - window_start)  # the host sync
+        if slot is not None and 0 <= slot < window:
+            low = window_hist[slot * LOW_BINS:(slot + 1) * LOW_BINS].clone()
+        else:
+            low = backend.magnitude_histogram(weights, b, [])
         if row_max is not None:
             low -= _row_max_histogram(row_max, b)
         low, _ = _select_bin(reduce(low), rank)

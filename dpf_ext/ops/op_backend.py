@@ -19,8 +19,9 @@ class OpBackend:
     def __repr__(self) -> str:
         return f"OpBackend({self.namespace!r})"
 
-    def magnitude_histogram(self, weights, prefix, row_max):
-        return self.ops.magnitude_histogram([w.detach() for w in weights], prefix, row_max)
+    def magnitude_histogram(self, weights, prefix, row_max, window=None, window_start=None):
+        return self.ops.magnitude_histogram([w.detach() for w in weights], prefix, row_max, window,
+                                            window_start)
 
     def update_masks(self, weights, taus, masks, shrink_only, row_max):
         return self.ops.update_masks([w.detach() for w in weights], taus, masks, shrink_only,
@@ -62,7 +63,7 @@ def register_abstract(namespace: str) -> None:
     """Fake kernels (for tracing) and the gradient of ``masked_weight`` for the ops of
     ``namespace``."""
     torch.library.register_fake(f"{namespace}::magnitude_histogram")(
-        lambda weights, prefix, row_max: weights[0].new_empty(
+        lambda weights, prefix, row_max, window, window_start: weights[0].new_empty(
             HIGH_BINS if prefix is None else LOW_BINS, dtype=torch.int64))
     torch.library.register_fake(f"{namespace}::update_masks")(
         lambda weights, taus, masks, shrink_only, row_max: taus.new_empty(

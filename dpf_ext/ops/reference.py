@@ -28,11 +28,17 @@ def accumulate_row_max(w: torch.Tensor, row_max: torch.Tensor) -> None:
 
 
 def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None,
-                        row_max: list[torch.Tensor] | None = None) -> torch.Tensor:
+                        row_max: list[torch.Tensor] | None = None,
+                        window: torch.Tensor | None = None,
+                        window_start: torch.Tensor | None = None) -> torch.Tensor:
     """Histogram of the float32 bit pattern of ``|w|`` over all ``weights``.
 
     ``prefix is None``: counts of the top 16 bits (``HIGH_BINS`` bins); with ``row_max``
-    (one int64 tensor per weight, one entry per row) also maximises each row's key into it.
+    (one int64 tensor per weight, one entry per row) also maximises each row's key into it;
+    with ``window`` (int64, ``W * LOW_BINS``) and ``window_start`` (0-dim int64, a top-16-bit
+    value) also adds, for the elements whose top 16 bits ``h`` lie in
+    ``[window_start, window_start + W)``, their low 16 bits into the ``h - window_start``-th
+    slice of ``window``: the second pass's histograms of W bins at once.
     ``prefix`` (0-dim int64): counts of the low 16 bits of the elements whose top 16 bits
     equal ``prefix`` (``LOW_BINS`` bins).
     """
@@ -44,6 +50,13 @@ def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None
                 hist += torch.bincount((magnitude_bits(w) >> 16).flatten(), minlength=HIGH_BINS)
             if row_max:
                 accumulate_row_max(w, row_max[i])
+            if window is not None and w.numel():
+                bits = magnitude_bits(w).flatten().to(torch.int64)
+                slot = (bits >> 16) - window_start
+                inside = (slot >= 0) & (slot < window.numel() // LOW_BINS)
+                window += torch.bincount(torch.where(inside, slot * LOW_BINS + (bits & 0xFFFF), 0),
+                                         weights=inside.to(torch.float64),
+                                         minlength=window.numel()).to(torch.int64)
         return hist
     # Elements outside the prefix bin go to an overflow bin that is dropped at the end.
     hist = torch.zeros(LOW_BINS + 1, dtype=torch.int64, device=device)

@@ -23,10 +23,11 @@ except ImportError:  # triton is not installed
 
 if launch is not None:
 
-    @torch.library.custom_op("dpf_triton::magnitude_histogram", mutates_args=("row_max",))
+    @torch.library.custom_op("dpf_triton::magnitude_histogram", mutates_args=("row_max", "window"))
     def _histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None,
-                   row_max: list[torch.Tensor]) -> torch.Tensor:
-        return launch.magnitude_histogram(weights, prefix, row_max)
+                   row_max: list[torch.Tensor], window: torch.Tensor | None,
+                   window_start: torch.Tensor | None) -> torch.Tensor:
+        return launch.magnitude_histogram(weights, prefix, row_max, window, window_start)
 
     @torch.library.custom_op("dpf_triton::update_masks", mutates_args=("masks",))
     def _update_masks(weights: list[torch.Tensor], taus: torch.Tensor, masks: list[torch.Tensor],
