@@ -36,6 +36,24 @@ def dpf_threshold(weights, exact: bool) -> torch.Tensor:
     return ops.global_threshold(weights, keep_count(weights), exact=exact)
 
 
+_previous: dict[int, torch.Tensor] = {}
+
+
+def warm_threshold(weights) -> torch.Tensor:
+    """The exact threshold warm-started from a previous one a third of a bin away (as after
+    a mask update period in training): one pass when it lands in the window."""
+    key = id(weights[0])
+    if key not in _previous:
+        _previous.clear()
+        _previous[key] = dpf_threshold(weights, True) * (1 + 2.0 ** -9)
+    return ops.global_threshold(weights, keep_count(weights), near=_previous[key])
+
+
+def one_read(weights) -> list[torch.Tensor]:
+    """The floor: one read of every weight (a max per tensor)."""
+    return [w.max() for w in weights]
+
+
 def kthvalue_threshold(weights) -> torch.Tensor:
     """What a user writes: concatenate the magnitudes and take the k-th largest."""
     mags = torch.cat([w.abs().flatten() for w in weights])
@@ -66,6 +84,8 @@ def prune_global_unstructured(modules) -> None:
 THRESHOLD_METHODS = {
     "dpf_exact": lambda ws: dpf_threshold(ws, True),
     "dpf_approx": lambda ws: dpf_threshold(ws, False),
+    "dpf_exact_warm": warm_threshold,
+    "torch_one_read": one_read,
     "torch_kthvalue": kthvalue_threshold,
     "torch_topk": topk_threshold,
     "torch_prune_global": lambda ws: prune_global_unstructured(prune_modules(ws)),

@@ -199,6 +199,28 @@ void test_histograms() {
         }
       }
     }
+    // the first pass's window of low histograms, around the fullest bin
+    {
+      int fullest = 0;
+      for (int b = 0; b < 0x7F80; ++b)
+        if (expected[b] > expected[fullest]) fullest = b;
+      for (int width : {1, 3}) {
+        const int64_t start = fullest - 1;
+        std::vector<int32_t> want(size_t(width) * kLowBins, 0);
+        for (int slot = 0; slot < width; ++slot)
+          if (start + slot >= 0)
+            for (auto& t : ts)
+              cpu::histogram_low(t.data(), 0, t.n, uint32_t(start + slot), want.data() + size_t(slot) * kLowBins);
+        std::vector<unsigned long long> window(size_t(width) * kLowBins, 0), hist(kHighBins, 0);
+        check_cuda(cuda::magnitude_histogram(tab.table, dtype_of<T>(), nullptr, hist.data(), {nullptr, nullptr},
+                                             kDevices[1], nullptr, cuda::Window{window.data(), &start, width}),
+                   name + " windowed histogram launch");
+        bool ok = true;
+        for (size_t i = 0; i < window.size(); ++i) ok &= window[i] == (unsigned long long)want[i];
+        for (int b = 0; b < kHighBins; ++b) ok &= hist[b] == (unsigned long long)expected[b];
+        check(ok, name + " first-pass window of " + std::to_string(width) + " bins");
+      }
+    }
     // the low pass: the fullest bin, a bin that is empty and the smallest occupied bin
     int fullest = 0, smallest = -1, empty = -1;
     for (int b = 0; b < 0x7F80; ++b) {
