@@ -47,10 +47,12 @@ def test_opcheck_all_ops(namespace):
     weights = [torch.randn(50, 3, generator=g), torch.randn(7, generator=g)]
     masks = [torch.rand(w.shape, generator=g) < 0.5 for w in weights]
     rows = [torch.zeros(50, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)]
-    torch.library.opcheck(lib.magnitude_histogram.default, (weights, None, []))
-    torch.library.opcheck(lib.magnitude_histogram.default, (weights, None, rows))
+    torch.library.opcheck(lib.magnitude_histogram.default, (weights, None, [], None, None))
+    torch.library.opcheck(lib.magnitude_histogram.default, (weights, None, rows, None, None))
     prefix = torch.tensor(int(weights[0][0, 0].abs().view(torch.int32)) >> 16)
-    torch.library.opcheck(lib.magnitude_histogram.default, (weights, prefix, []))
+    torch.library.opcheck(lib.magnitude_histogram.default, (weights, prefix, [], None, None))
+    torch.library.opcheck(lib.magnitude_histogram.default,
+                          (weights, None, [], torch.zeros(3 * 65536, dtype=torch.int64), prefix - 1))
     for row_max in ([], rows):
         torch.library.opcheck(lib.update_masks.default,
                               (weights, torch.tensor([0.5, 0.7]), masks, False, row_max))
