@@ -171,6 +171,14 @@ template <typename T>
 void sgd_step(T* p, const T* g, T* buf, bool fresh, int64_t begin, int64_t end,
               const SgdParams& s, const bool* mask, T* masked_out, int32_t* hist,
               int64_t* row_max, int64_t row_len) {
+  if (!hist && !masked_out && buf && !fresh) {  // the common case, in a loop the compiler vectorises
+    for (int64_t i = begin; i < end; ++i) {
+      float b = to_float(buf[i]);
+      p[i] = from_float<T>(sgd_update(to_float(p[i]), to_float(g[i]), b, false, s));
+      buf[i] = from_float<T>(b);
+    }
+    return;
+  }
   RowMax rows(row_max, row_len);
   for (int64_t i = begin; i < end; ++i) {
     float b = (buf && !fresh) ? to_float(buf[i]) : 0.f;
