@@ -154,24 +154,21 @@ class BlowUpWatch:
         """``row_max``: each layer's row keys; ``taus``: each layer's threshold for the
         target ``sparsity``; ``kept_by_row``: per layer, whether each channel keeps a weight
         (``None``: all do)."""
-        ratios = [0.0] * len(self.names)
-        if sparsity >= WATCH_FROM:
-            largest = torch.stack([row_max_bits(r).max() if r.numel() else r.new_zeros(())
-                                   for r in row_max]).clamp_(max=FINITE_LIMIT)
-            largest = largest.to(torch.int32).view(torch.float32)
-            ratios = (largest / taus.float().clamp(min=torch.finfo(torch.float32).tiny)).tolist()
-        dead = [[] for _ in self.names]
-        if kept_by_row is not None:
-            for i, alive in enumerate(kept_by_row):
-                if self.names[i] in self.norms and not bool(alive.all()):
-                    dead[i] = torch.nonzero(~alive).flatten().tolist()
+        largest = torch.stack([row_max_bits(r).max() if r.numel() else r.new_zeros(())
+                               for r in row_max]).clamp_(max=FINITE_LIMIT)
+        largest = largest.to(torch.int32).view(torch.float32)
+        ratios = largest / taus.float().clamp(min=torch.finfo(torch.float32).tiny)
+        dead = (torch.stack([(~alive).sum() for alive in kept_by_row]).float()
+                if kept_by_row is not None else torch.zeros_like(ratios))
+        ratios, dead = torch.stack([ratios, dead]).tolist()  # one read-back for all layers
         messages = []
-        for name, ratio, channels_dead in zip(self.names, ratios, dead):
-            if ratio > self.ratio and (name, "ratio") not in self.warned:
+        for i, (name, ratio, dead_count) in enumerate(zip(self.names, ratios, dead)):
+            if sparsity >= WATCH_FROM and ratio > self.ratio and (name, "ratio") not in self.warned:
                 self.warned.add((name, "ratio"))
                 messages.append(f"layer {name!r}: largest dense weight is {ratio:.0f}x the "
                                 f"threshold (warning level {self.ratio:g}x)")
-            if channels_dead and (name, "dead") not in self.warned:
+            if dead_count and name in self.norms and (name, "dead") not in self.warned:
+                channels_dead = torch.nonzero(~kept_by_row[i]).flatten().tolist()
                 self.warned.add((name, "dead"))
                 shown = ", ".join(map(str, channels_dead[:8])) + (" ..." if len(channels_dead) > 8 else "")
                 messages.append(f"layer {name!r}: output channels [{shown}] are entirely pruned "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import struct
 import warnings
 import weakref
 
@@ -68,6 +70,11 @@ class HistogramRequest:
         return not self._pending
 
 
+def _high_bin(x: float) -> int:
+    """The top 16 bits of ``|x|`` as float32 (its first-pass histogram bin)."""
+    return struct.unpack("<I", struct.pack("<f", abs(x)))[0] >> 16
+
+
 class WarmStart:
     """The previous thresholds, as the guess that lets an exact threshold take one pass.
 
@@ -78,24 +85,27 @@ class WarmStart:
 
     def __init__(self):
         self.taus: torch.Tensor | None = None
+        self.host: list[float] = []
         self.window = 3
 
     def near(self, i: int) -> torch.Tensor | None:
         """The previous threshold of position ``i`` (global scope: 0), if finite."""
-        if self.taus is None or not bool(torch.isfinite(self.taus[i])):
+        if self.taus is None or not math.isfinite(self.host[i]):
             return None
         return self.taus[i]
 
-    def record(self, taus: torch.Tensor) -> None:
-        """Remember this update's thresholds and size the next window by how far they moved."""
+    def record(self, taus: torch.Tensor) -> list[float]:
+        """Remember this update's thresholds, size the next window by how far they moved,
+        and return them on the host (the update's one read-back of its thresholds)."""
         taus = taus.detach().float().reshape(-1)
-        if self.taus is not None and self.taus.shape == taus.shape:
-            both = torch.isfinite(self.taus) & torch.isfinite(taus)
-            if bool(both.any()):
-                bins = lambda t: t[both].abs().view(torch.int32) >> 16  # noqa: E731
-                moved = int((bins(taus) - bins(self.taus)).abs().max())
-                self.window = min(2 * max(moved, 1) + 1, 9)
-        self.taus = taus.clone()
+        host = taus.tolist()
+        if len(host) == len(self.host):
+            moves = [abs(_high_bin(a) - _high_bin(b)) for a, b in zip(host, self.host)
+                     if math.isfinite(a) and math.isfinite(b)]
+            if moves:
+                self.window = min(2 * max(max(moves), 1) + 1, 9)
+        self.taus, self.host = taus.clone(), host
+        return host
 
 
 class DPF:
@@ -262,6 +272,7 @@ class DPF:
         self.step_count = 0
         self.frozen = False
         self.finalized = False
+        self._replaced = False
         self.target_sparsity = 0.0
         self.target_kept = sum(layer.dense_weight.numel() for _, layer in self.layers)
         self.reactivated_last = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
@@ -317,7 +328,7 @@ class DPF:
     def step(self) -> None:
         """Advance one optimizer step; update the masks when one is due."""
         if self.finalized:
-            if getattr(self, "_replaced", False):
+            if self._replaced:
                 raise RuntimeError("another DPF pruner took over this model (replace=True)")
             raise RuntimeError("this pruner was finalized; build a new one to keep pruning")
         self.step_count += 1
@@ -378,29 +389,32 @@ class DPF:
             target_kept = kept_count(sparsity, sum(w.numel() for w in full_weights))
             request, self._request = self._request, None
             ready = request is not None and request.step == self.step_count and request.complete
+            histogram = request.histogram if ready else None
             if ready:
                 row_max = request.row_max
-            elif floor:
+            elif floor or self._watch is not None:
                 row_max = new_row_max(weights)
+                histogram = None if floor else ops.magnitude_histogram(weights, row_max=row_max)
             taus = self._threshold(weights, target_kept - sum(rows), exact, reduce,
-                                   row_max if floor else None,
-                                   histogram=request.histogram if ready else None,
+                                   row_max if floor else None, histogram=histogram,
                                    near=self._warm.near(0))
         elif self.scope == "layer":
             ks = [kept_count(sparsity, w.numel()) for w in full_weights]
             target_kept = sum(ks)
-            row_max = new_row_max(weights) if floor else [None] * len(weights)
-            taus = torch.stack([self._threshold([w], k - r, exact, reduce,
-                                                  None if m is None else [m], near=self._warm.near(i))
-                                for i, (w, k, r, m) in enumerate(zip(weights, ks, rows, row_max))])
-            row_max = row_max if floor else None
+            recorded = floor or self._watch is not None
+            row_max = new_row_max(weights) if recorded else None
+            taus = torch.stack([
+                self._threshold([w], k - r, exact, reduce, [row_max[i]] if floor else None,
+                                histogram=ops.magnitude_histogram([w], row_max=[row_max[i]])
+                                if recorded and not floor else None,
+                                near=self._warm.near(i))
+                for i, (w, k, r) in enumerate(zip(weights, ks, rows))])
         else:
             scores = [filter_scores(w) for w in weights]
             target_kept = kept_count(sparsity, sum(self._floor.rows))
             taus = ops.global_threshold(scores, target_kept, exact, reduce=reduce)
             weights = [s.view(-1, *[1] * (w.dim() - 1)).expand_as(w) for s, w in zip(scores, weights)]
-        self._warm.record(taus)
-        if bool(torch.isnan(taus).any()):  # +Inf: the channel floor keeps only its own
+        if any(math.isnan(t) for t in self._warm.record(taus)):  # +Inf: the floor alone
             bad = [name for (name, _), w in zip(self.layers, shards.weights)
                    if not torch.isfinite(w).all()]
             raise ValueError(
@@ -410,9 +424,6 @@ class DPF:
         layer_taus = taus.expand(len(weights))
         stats = ops.update_masks(weights, taus, masks, shrink_only=not self.feedback,
                                  row_max=row_max if floor else None)
-        if row_max is None and self._watch is not None:  # the unguarded run: one more pass
-            row_max = new_row_max(weights)
-            ops.magnitude_histogram(weights, row_max=row_max)
         forced = torch.zeros_like(stats[:, :1])
         if row_max is not None:  # channels entirely below the threshold: forced, or empty
             emptied = [below(r, t) for r, t in zip(row_max, layer_taus)]
@@ -427,8 +438,9 @@ class DPF:
     def _update_pattern(self, sparsity: float, shards: Shards) -> None:
         """The N:M update: the pattern where the schedule's target is not 0, else dense."""
         if sparsity == 0:
-            stats = torch.stack([torch.stack([m.numel() + 0 * m.sum(), (~m).sum()])
-                                 for m in shards.masks])
+            reactivated = torch.stack([(~m).sum() for m in shards.masks])
+            kept = torch.tensor([m.numel() for m in shards.masks], device=reactivated.device)
+            stats = torch.stack([kept, reactivated], dim=1)
             for m in shards.masks:
                 m.fill_(True)
         else:

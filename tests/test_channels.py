@@ -206,3 +206,18 @@ def test_feedback_clip_bounds_the_pruned_gradient_only():
     for bad in (0, -1.0, True, "1"):
         with pytest.raises(ValueError, match="feedback_clip"):
             dpf_ext.DPF(model, schedule=Constant(0.5), feedback_clip=bad)
+
+
+@pytest.mark.parametrize("floor", [True, False], ids=["floor", "unguarded"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_the_floor_and_the_watch_cost_no_extra_pass(floor, scope, monkeypatch):
+    model = _bn_net()
+    pruner = dpf_ext.DPF(model, schedule=Constant(0.5), threshold="approx", scope=scope,
+                         channel_floor=floor, watch=True)
+    backend = ops.backend_for("cpu")
+    passes = []
+    original = backend.magnitude_histogram
+    monkeypatch.setattr(backend, "magnitude_histogram",
+                        lambda *args: passes.append(args[1]) or original(*args))
+    pruner.update_masks()
+    assert passes == [None] * (1 if scope == "global" else len(pruner.layers))  # first passes only
