@@ -228,4 +228,17 @@ DPF_HD float adamw_update(float p, float g, float& m, float& v, float& vmax, con
   return p + (-a.step_size) * (m / denom);
 }
 
+// adamw_update on element i of arrays in storage type T, state written back (vmax: null
+// without amsgrad). Returns the new parameter value.
+template <typename T>
+DPF_HD T adamw_element(T* p, const T* g, T* m, T* v, T* vmax, int64_t i, const AdamwParams& a) {
+  float mi = to_float(m[i]), vi = to_float(v[i]), vmaxi = vmax ? to_float(vmax[i]) : 0.f;
+  const T np = from_float<T>(adamw_update(to_float(p[i]), to_float(g[i]), mi, vi, vmaxi, a));
+  p[i] = np;
+  m[i] = from_float<T>(mi);
+  v[i] = from_float<T>(vi);
+  if (vmax) vmax[i] = from_float<T>(vmaxi);
+  return np;
+}
+
 }  // namespace dpf

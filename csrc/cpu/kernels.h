@@ -201,23 +201,12 @@ template <typename T>
 void adamw_step(T* p, const T* g, T* m, T* v, T* vmax, int64_t begin, int64_t end,
                 const AdamwParams& a, int32_t* hist, int64_t* row_max, int64_t row_len) {
   if (!hist && !vmax) {  // the common case, in a loop the compiler vectorises
-    float unused = 0.f;
-    for (int64_t i = begin; i < end; ++i) {
-      float mi = to_float(m[i]), vi = to_float(v[i]);
-      p[i] = from_float<T>(adamw_update(to_float(p[i]), to_float(g[i]), mi, vi, unused, a));
-      m[i] = from_float<T>(mi);
-      v[i] = from_float<T>(vi);
-    }
+    for (int64_t i = begin; i < end; ++i) adamw_element<T>(p, g, m, v, nullptr, i, a);
     return;
   }
   RowMax rows(row_max, row_len);
   for (int64_t i = begin; i < end; ++i) {
-    float mi = to_float(m[i]), vi = to_float(v[i]), vmaxi = vmax ? to_float(vmax[i]) : 0.f;
-    const T np = from_float<T>(adamw_update(to_float(p[i]), to_float(g[i]), mi, vi, vmaxi, a));
-    p[i] = np;
-    m[i] = from_float<T>(mi);
-    v[i] = from_float<T>(vi);
-    if (vmax) vmax[i] = from_float<T>(vmaxi);
+    const T np = adamw_element(p, g, m, v, vmax, i, a);
     if (hist) {
       const uint32_t mag = magnitude_bits(np);
       ++hist[high_bin(mag)];

@@ -304,12 +304,7 @@ __global__ void adamw_kernel(Table tab, const void* const* grads, void* const* e
     T* v = static_cast<T*>(exp_avg_sqs[s.t]);
     T* vmax = hp.amsgrad ? static_cast<T*>(max_exp_avg_sqs[s.t]) : nullptr;
     for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
-      float mi = to_float(m[i]), vi = to_float(v[i]), vmaxi = vmax ? to_float(vmax[i]) : 0.f;
-      const T np = from_float<T>(adamw_update(to_float(p[i]), to_float(g[i]), mi, vi, vmaxi, hp));
-      p[i] = np;
-      m[i] = from_float<T>(mi);
-      v[i] = from_float<T>(vi);
-      if (vmax) vmax[i] = from_float<T>(vmaxi);
+      const T np = adamw_element(p, g, m, v, vmax, i, hp);
       if (HIST) {
         const uint32_t mag = magnitude_bits(np);
         h.add(high_bin(mag));
