@@ -45,6 +45,7 @@ class DPFCallback(TrainerCallback):
         self.finalize = finalize
         self.dpf_kwargs = dpf_kwargs
         self.pruner = None
+        self.report = None  # the pruner's report before the masks were folded in
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from .pruner import DPF

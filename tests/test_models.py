@@ -87,7 +87,17 @@ def test_real_models_are_covered_pruned_and_reload_strictly(name):
         torch.testing.assert_close(_out(fresh, inputs), sparse_out)
 
 
-def test_attention_fused_path_runs_on_the_masked_weights():
+def _counting(monkeypatch, name):
+    """Count the calls of ``torch.<name>`` (a fused attention kernel)."""
+    calls = []
+    original = getattr(torch, name)
+    monkeypatch.setattr(torch, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_attention_fused_path_runs_on_the_masked_weights(monkeypatch):
+    fused_layer = _counting(monkeypatch, "_transformer_encoder_layer_fwd")
+    fused_attention = _counting(monkeypatch, "_native_multi_head_attention")
     torch.manual_seed(0)
     model, make_inputs = encoder()
     dpf_ext.sparsify(model)
@@ -101,9 +111,13 @@ def test_attention_fused_path_runs_on_the_masked_weights():
     src = make_inputs()["src"]
     with torch.no_grad():  # torch's fused encoder-layer kernel reads the weights directly
         torch.testing.assert_close(model(src), zeroed(src))
+    assert len(fused_layer) == 4  # both models' 2 layers took the fused path
+    attn = model.layers[0].self_attn
+    with torch.no_grad():  # and a lone attention layer its fused kernel
+        torch.testing.assert_close(attn(src, src, src)[0], zeroed.layers[0].self_attn(src, src, src)[0])
+    assert len(fused_attention) == 2
     with torch.enable_grad():
         torch.testing.assert_close(model(src), zeroed(src))
-    attn = model.layers[0].self_attn
     assert attn.mask.shape == attn.in_proj_weight.shape and not attn.mask.all()
     assert not attn.out_proj.mask.all()
 
