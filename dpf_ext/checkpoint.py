@@ -18,22 +18,9 @@ import torch
 from torch import nn
 
 from .nn import DPFLayer, UnfinalizedWarning
+from .ops.bits import pack_bits, unpack_bits
 
 FORMAT = "dpf_ext.sparse/1"
-
-
-def _pack(bits: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as uint8 bytes, eight elements per byte (little-endian bit order)."""
-    flat = bits.reshape(-1)
-    padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8, device=flat.device)
-    padded[:flat.numel()] = flat
-    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
-    return (padded.view(-1, 8) << shifts).sum(1, dtype=torch.uint8)
-
-
-def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8)
-    return ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n].bool()
 
 
 def finalized_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -67,7 +54,7 @@ def save_sparse(model: nn.Module, path: str | Path) -> int:
             values = value[kept]
             packed_bytes = -(-value.numel() // 8) + values.numel() * value.element_size()
             if packed_bytes < value.numel() * value.element_size():
-                sparse[key] = {"shape": list(value.shape), "bits": _pack(kept), "values": values}
+                sparse[key] = {"shape": list(value.shape), "bits": pack_bits(kept), "values": values}
                 continue
         dense[key] = value
     torch.save({"format": FORMAT, "dense": dense, "sparse": sparse}, path)
@@ -85,7 +72,7 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
     kept: dict[str, torch.Tensor] = {}
     for key, entry in data["sparse"].items():
         shape = torch.Size(entry["shape"])
-        bits = _unpack(entry["bits"], shape.numel()).view(shape)
+        bits = unpack_bits(entry["bits"], shape.numel()).view(shape)
         values = entry["values"]
         if int(bits.sum()) != values.numel():  # a damaged file
             raise ValueError(f"{path}: {key} has {values.numel()} values for {int(bits.sum())} kept weights")

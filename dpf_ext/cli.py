@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
     t = torch.tensor(values, dtype=torch.float64)
     return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
 
@@ -88,11 +89,11 @@ def summary_table(results: list[RunResult]) -> str:
     rows = []
     for m in methods:
         runs = [r for r in results if r.config.method == m]
-        acc, spread = _mean_std([100 * r.accuracy for r in runs])
+        acc, spread = mean_std([100 * r.accuracy for r in runs])
         rows.append((m, f"{acc:.2f} ± {spread:.2f}%" if len(runs) > 1 else f"{acc:.2f}%",
-                     f"{_mean_std([r.sparsity for r in runs])[0]:.2%}",
-                     str(round(_mean_std([r.reactivations for r in runs])[0])),
-                     f"{_mean_std([r.wall_time for r in runs])[0]:.1f} s", str(len(runs))))
+                     f"{mean_std([r.sparsity for r in runs])[0]:.2%}",
+                     str(round(mean_std([r.reactivations for r in runs])[0])),
+                     f"{mean_std([r.wall_time for r in runs])[0]:.1f} s", str(len(runs))))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))

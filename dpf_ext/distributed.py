@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .ops.bits import pack_bits, unpack_bits
+
 try:
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -83,7 +85,7 @@ class Shards:
         if self.group is None:
             return
         n = sum(m.numel() for m in self.full_masks)
-        flat = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=self.full_masks[0].device)
+        flat = torch.zeros(n, dtype=torch.bool, device=self.full_masks[0].device)
         base = 0
         for full, local in zip(self.full_masks, self.masks):
             start = base + (local.data_ptr() - full.data_ptr())  # bool: one byte per element
@@ -91,10 +93,9 @@ class Shards:
             base += full.numel()
         # Each bit is set by at most the one rank owning that weight, so summing the packed
         # bytes is a bitwise or (no carries) and works with every backend, NCCL included.
-        shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
-        packed = (flat.view(-1, 8).to(torch.uint8) << shifts).sum(1, dtype=torch.uint8)
+        packed = pack_bits(flat)
         dist.all_reduce(packed, group=self.group)
-        flat = ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:n].bool()
+        flat = unpack_bits(packed, n)
         base = 0
         for full in self.full_masks:
             full.copy_(flat[base:base + full.numel()].view(full.shape))

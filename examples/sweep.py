@@ -17,14 +17,10 @@ from pathlib import Path
 
 import torch
 
+from dpf_ext.cli import mean_std
 from dpf_ext.data import DATASETS, load_dataset
 from dpf_ext.models import MODELS
 from dpf_ext.train import TrainConfig, train
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
 
 
 def main() -> None:

@@ -52,3 +52,19 @@ def row_key(bits: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
 def key_columns(keys: torch.Tensor) -> torch.Tensor:
     """The column each row-max key names (meaningless for a key of 0)."""
     return COLUMN_MASK - (keys & COLUMN_MASK)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bytes, eight elements per byte (little-endian bit order,
+    zero-padded to whole bytes)."""
+    flat = bits.reshape(-1)
+    padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8, device=flat.device)
+    padded[:flat.numel()] = flat
+    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (padded.view(-1, 8) << shifts).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` bools of :func:`pack_bits`' bytes, flat."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n].bool()
