@@ -46,7 +46,7 @@ def warm_threshold(weights) -> torch.Tensor:
     if key not in _previous:
         _previous.clear()
         _previous[key] = dpf_threshold(weights, True) * (1 + 2.0 ** -9)
-    return ops.global_threshold(weights, keep_count(weights), near=_previous[key])
+    return ops.global_threshold(weights, keep_count(weights), window=ops.Window.around(_previous[key]))
 
 
 def one_read(weights) -> list[torch.Tensor]:

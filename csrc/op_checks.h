@@ -44,11 +44,11 @@ inline void check_nm_args(at::TensorList weights, int64_t n, int64_t m, at::Tens
 
 // The first pass's window: a contiguous int64 tensor of whole low histograms and its first
 // high bin.
-inline void check_window_args(const at::Tensor& window, const std::optional<at::Tensor>& start) {
+inline void check_window_args(const char* op, const at::Tensor& window, const std::optional<at::Tensor>& start) {
   TORCH_CHECK(window.scalar_type() == at::kLong && window.is_contiguous() && window.numel() > 0 &&
                   window.numel() % kLowBins == 0,
-              "dpf::magnitude_histogram: window must be a contiguous int64 tensor of whole low histograms");
-  TORCH_CHECK(start.has_value() && start->numel() == 1, "dpf::magnitude_histogram: window needs its window_start");
+              "dpf::", op, ": window must be a contiguous int64 tensor of whole low histograms");
+  TORCH_CHECK(start.has_value() && start->numel() == 1, "dpf::", op, ": window needs its window_start");
 }
 
 inline void check_masked_weight_args(const at::Tensor& weight, const at::Tensor& mask) {

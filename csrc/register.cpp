@@ -25,10 +25,10 @@ TORCH_LIBRARY(dpf, m) {
       "feedback_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "bool[] fresh, float lr, float momentum, float dampening, bool nesterov, float weight_decay, "
       "bool maximize, Tensor[] masks, Tensor(c!)[] masked_out, Tensor(d!)? histogram, "
-      "Tensor(e!)[] row_max) -> ()");
+      "Tensor(e!)[] row_max, Tensor(f!)? window, Tensor? window_start) -> ()");
   m.def(
       "feedback_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, int step, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
-      "Tensor(e!)? histogram, Tensor(f!)[] row_max) -> ()");
+      "Tensor(e!)? histogram, Tensor(f!)[] row_max, Tensor(g!)? window, Tensor? window_start) -> ()");
 }

@@ -27,7 +27,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """Parameters with equal keys go into one launch."""
         return (param.device,)
 
-    def _step_batch(self, group: dict, params: list[torch.Tensor], histogram, row_max) -> None:
+    def _step_batch(self, group: dict, params: list[torch.Tensor], first_pass: dict) -> None:
+        """Step ``params``; ``first_pass``: the ``histogram``, ``row_max`` and ``window``
+        keyword arguments of the fused op (empty: count nothing)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -55,8 +57,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 batches[(*self._batch_key(p), prunable)].append(p)
             for key, params in batches.items():
                 prunable = key[-1]
-                self._step_batch(group, params, request.histogram if prunable else None,
-                                 request.row_max_for(params) if prunable else None)
+                first_pass = dict(histogram=request.histogram, row_max=request.row_max_for(params),
+                                  window=request.window) if prunable else {}
+                self._step_batch(group, params, first_pass)
                 if prunable:
                     request.covered(params)
         return loss
@@ -70,7 +73,8 @@ class DPFSGD(_FusedOptimizer):
     update, the kernel also accumulates the histogram of the updated prunable weights, so
     the global threshold needs no first pass over the weights (``scope="global"`` with
     feedback; other settings compute it as usual); the same pass records each channel's
-    largest weight for the channel floor.
+    largest weight for the channel floor and, for the exact threshold, the window around
+    the previous one, so that an update whose threshold lands there reads no weight again.
     """
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
@@ -88,13 +92,12 @@ class DPFSGD(_FusedOptimizer):
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults, pruner)
 
-    def _step_batch(self, group, params, histogram, row_max):
+    def _step_batch(self, group, params, first_pass):
         bufs = [self.state[p].get("momentum_buffer") for p in params]
         ops.feedback_sgd_step(
             params, [p.grad for p in params], bufs, lr=group["lr"], momentum=group["momentum"],
             dampening=group["dampening"], nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"], maximize=group["maximize"],
-            histogram=histogram, row_max=row_max,
+            weight_decay=group["weight_decay"], maximize=group["maximize"], **first_pass,
         )
         if group["momentum"] != 0:
             for p, b in zip(params, bufs):
@@ -132,7 +135,7 @@ class DPFAdamW(_FusedOptimizer):
         state = self.state[param]
         return (param.device, int(state["step"]) if "step" in state else 0)
 
-    def _step_batch(self, group, params, histogram, row_max):
+    def _step_batch(self, group, params, first_pass):
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if not state:
@@ -149,5 +152,5 @@ class DPFAdamW(_FusedOptimizer):
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
             step=int(states[0]["step"]), lr=float(group["lr"]), beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-            maximize=group["maximize"], histogram=histogram, row_max=row_max,
+            maximize=group["maximize"], **first_pass,
         )

@@ -42,12 +42,14 @@ def filter_scores(weight: torch.Tensor) -> torch.Tensor:
 
 
 class HistogramRequest:
-    """A pruner's request for the histogram of the prunable weights after the next optimizer
-    step: the optimizer adds into ``histogram`` and reports the weights it covered."""
+    """A pruner's request for the first pass over the prunable weights after the next
+    optimizer step: the optimizer adds into ``histogram`` (and ``row_max``, and ``window``
+    when it is not ``None``) and reports the weights it covered."""
 
-    def __init__(self, weights: list[torch.Tensor], step: int):
+    def __init__(self, weights: list[torch.Tensor], step: int, window: ops.Window | None = None):
         self.histogram = torch.zeros(HIGH_BINS, dtype=torch.int64, device=weights[0].device)
         self.row_max = new_row_max(weights)
+        self.window = window
         self.step = step
         self._pending = {id(w) for w in weights}
         self._row_max_of = {id(w): r for w, r in zip(weights, self.row_max)}
@@ -78,21 +80,22 @@ def _high_bin(x: float) -> int:
 class WarmStart:
     """The previous thresholds, as the guess that lets an exact threshold take one pass.
 
-    The first pass also histograms at full resolution the window of high bins around the
-    previous threshold (3 bins, widened to twice the last move, at most 9); when the new
-    threshold lands there, no second pass is needed. A performance hint only: the result is
-    the same with or without it, so it is not part of the pruner's state."""
+    The first pass also histograms at full resolution a :class:`~dpf_ext.ops.Window` of high
+    bins around the previous threshold (3 bins, widened to twice the last move, at most 9);
+    when the new threshold lands there, no second pass is needed. A performance hint only:
+    the result is the same with or without it, so it is not part of the pruner's state."""
 
     def __init__(self):
         self.taus: torch.Tensor | None = None
         self.host: list[float] = []
-        self.window = 3
+        self.width = 3
 
-    def near(self, i: int) -> torch.Tensor | None:
-        """The previous threshold of position ``i`` (global scope: 0), if finite."""
+    def window(self, i: int) -> ops.Window | None:
+        """A fresh window around the previous threshold of position ``i`` (global scope:
+        0), if there is a finite one."""
         if self.taus is None or not math.isfinite(self.host[i]):
             return None
-        return self.taus[i]
+        return ops.Window.around(self.taus[i], self.width)
 
     def record(self, taus: torch.Tensor) -> list[float]:
         """Remember this update's thresholds, size the next window by how far they moved,
@@ -103,7 +106,7 @@ class WarmStart:
             moves = [abs(_high_bin(a) - _high_bin(b)) for a, b in zip(host, self.host)
                      if math.isfinite(a) and math.isfinite(b)]
             if moves:
-                self.window = min(2 * max(max(moves), 1) + 1, 9)
+                self.width = min(2 * max(max(moves), 1) + 1, 9)
         self.taus, self.host = taus.clone(), host
         return host
 
@@ -356,7 +359,9 @@ class DPF:
                 or any(layer.channel_dim for _, layer in self.layers)):
             self._request = None
         else:
-            self._request = HistogramRequest([layer.dense_weight for _, layer in self.layers], next_step)
+            window = self._warm.window(0) if self.threshold == "exact" else None
+            self._request = HistogramRequest([layer.dense_weight for _, layer in self.layers],
+                                             next_step, window)
         return self._request
 
     def update_masks(self) -> None:
@@ -389,26 +394,29 @@ class DPF:
             target_kept = kept_count(sparsity, sum(w.numel() for w in full_weights))
             request, self._request = self._request, None
             ready = request is not None and request.step == self.step_count and request.complete
-            histogram = request.histogram if ready else None
             if ready:
-                row_max = request.row_max
-            elif floor or self._watch is not None:
-                row_max = new_row_max(weights)
-                histogram = None if floor else ops.magnitude_histogram(weights, row_max=row_max)
+                histogram, row_max, window = request.histogram, request.row_max, request.window
+            else:
+                histogram, window = None, self._warm.window(0) if exact else None
+                if floor or self._watch is not None:
+                    row_max = new_row_max(weights)
+                if self._watch is not None and not floor:
+                    histogram = ops.magnitude_histogram(weights, row_max=row_max, window=window)
             taus = self._threshold(weights, target_kept - sum(rows), exact, reduce,
-                                   row_max if floor else None, histogram=histogram,
-                                   near=self._warm.near(0))
+                                   row_max if floor else None, histogram, window)
         elif self.scope == "layer":
             ks = [kept_count(sparsity, w.numel()) for w in full_weights]
             target_kept = sum(ks)
             recorded = floor or self._watch is not None
             row_max = new_row_max(weights) if recorded else None
-            taus = torch.stack([
-                self._threshold([w], k - r, exact, reduce, [row_max[i]] if floor else None,
-                                histogram=ops.magnitude_histogram([w], row_max=[row_max[i]])
-                                if recorded and not floor else None,
-                                near=self._warm.near(i))
-                for i, (w, k, r) in enumerate(zip(weights, ks, rows))])
+            taus = []
+            for i, (w, k, r) in enumerate(zip(weights, ks, rows)):
+                window = self._warm.window(i) if exact else None
+                histogram = (ops.magnitude_histogram([w], row_max=[row_max[i]], window=window)
+                             if recorded and not floor else None)
+                taus.append(self._threshold([w], k - r, exact, reduce,
+                                            [row_max[i]] if floor else None, histogram, window))
+            taus = torch.stack(taus)
         else:
             scores = [filter_scores(w) for w in weights]
             target_kept = kept_count(sparsity, sum(self._floor.rows))
@@ -479,11 +487,12 @@ class DPF:
                 for t, (_, layer) in zip(tensors, self.layers)]
 
     def _threshold(self, weights, k, exact, reduce, row_max, histogram=None,
-                   near=None) -> torch.Tensor:
+                   window=None) -> torch.Tensor:
         """The threshold over ``weights`` less each row's largest (recorded into
         ``row_max``), keeping ``k`` of the others; +Inf (the forced weights alone) for
-        ``k == 0``. ``near`` (the previous threshold) lets the exact search finish in one
-        pass when the threshold moved little (see :class:`WarmStart`)."""
+        ``k == 0``. ``histogram``: the first pass, if already counted (with ``window``);
+        ``window`` lets the exact search finish in that pass when the threshold moved
+        little (see :class:`WarmStart`)."""
         if k < 1:
             if histogram is None:  # the pass still records the rows and meets any NaN
                 histogram = ops.magnitude_histogram(weights, row_max=row_max)
@@ -491,11 +500,8 @@ class DPF:
             nonfinite = nonfinite[NONFINITE_BIN:].sum() > 0
             inf = torch.full((), float("inf"), device=weights[0].device)
             return torch.where(nonfinite, torch.full_like(inf, float("nan")), inf)
-        if near is None or histogram is not None or not exact:
-            return ops.global_threshold(weights, k, exact, histogram=histogram, reduce=reduce,
-                                        row_max=row_max)
-        return ops.global_threshold(weights, k, exact, reduce=reduce, row_max=row_max, near=near,
-                                    window=self._warm.window)
+        return ops.global_threshold(weights, k, exact, histogram=histogram, reduce=reduce,
+                                    row_max=row_max, window=window)
 
     def _warn_empty_layers(self, kept: torch.Tensor) -> None:
         emptied = [name for (name, _), k in zip(self.layers, kept.tolist())

@@ -68,7 +68,7 @@ def test_opcheck_all_ops(namespace):
     torch.library.opcheck(
         lib.feedback_sgd_step.default,
         (params, grads, bufs, [True, False], 0.1, 0.9, 0.0, True, 1e-4, False, masks, out, hist,
-         [torch.zeros_like(r) for r in rows]),
+         [torch.zeros_like(r) for r in rows], torch.zeros(3 * 65536, dtype=torch.int64), prefix - 1),
     )
     torch.library.opcheck(lib.nm_masks.default,
                           ([torch.randn(6, 8, generator=g)], 2, 4, [torch.zeros(6, 8, dtype=torch.bool)]))
@@ -76,5 +76,6 @@ def test_opcheck_all_ops(namespace):
     torch.library.opcheck(
         lib.feedback_adamw_step.default,
         ([w.clone() for w in weights], grads, *states, 3, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True,
-         False, torch.zeros(HIGH_BINS, dtype=torch.int64), [torch.zeros_like(r) for r in rows]),
+         False, torch.zeros(HIGH_BINS, dtype=torch.int64), [torch.zeros_like(r) for r in rows],
+         None, None),
     )

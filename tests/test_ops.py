@@ -217,8 +217,14 @@ def test_warm_started_exact_threshold_is_the_exact_one(device, dtype):
             step = 2.0 ** -7  # one high bin, relatively
             for near in (exact, exact * (1 + step), exact * (1 - step), exact * (1 + 3 * step),
                          exact * 4, exact / 4, torch.zeros(()), torch.full((), 3e38)):
-                for window in (1, 3, 9):
-                    got = ops.global_threshold(on_device, k, near=near.to(device), window=window)
-                    assert _bits(got) == _bits(exact), (name, k, float(near), window)
-    with pytest.raises(ValueError, match="window"):
-        ops.global_threshold(_on(device, [torch.randn(10)]), 3, near=torch.tensor(1.0), window=0)
+                for width in (1, 3, 9):
+                    window = ops.Window.around(near.to(device), width)
+                    got = ops.global_threshold(on_device, k, window=window)
+                    assert _bits(got) == _bits(exact), (name, k, float(near), width)
+    with pytest.raises(ValueError, match="at least 1 high bin"):
+        ops.Window.around(torch.tensor(1.0), 0)
+    with pytest.raises(TypeError, match="dpf_ext.ops.Window"):
+        ops.global_threshold(_on(device, [torch.randn(10)]), 3, window=3)
+    with pytest.raises(ValueError, match="pass it too"):
+        ops.feedback_sgd_step([torch.randn(3)], [torch.randn(3)], [None], lr=0.1,
+                              window=ops.Window.around(torch.tensor(1.0)))

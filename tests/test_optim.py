@@ -69,27 +69,40 @@ def test_bad_arguments():
 @pytest.mark.parametrize("threshold", ["approx", "exact"])
 def test_pruner_uses_the_optimizer_histogram(device, threshold, monkeypatch):
     model = dpf_ext.sparsify(_model()).to(device)
-    pruner = dpf_ext.DPF(model, 0.8, total_steps=40, update_every=4, threshold=threshold)
-    opt = DPFSGD(model.parameters(), lr=0.1, momentum=0.9, pruner=pruner)
+    pruner = dpf_ext.DPF(model, schedule=dpf_ext.schedules.Cubic(0.8, 0, 12), update_every=4,
+                         threshold=threshold)
+    opt = DPFSGD(model.parameters(), lr=0.01, momentum=0.9, pruner=pruner)
     backend = ops.backend_for(device)
     first_passes = []
     in_pruner = [False]
     original = backend.magnitude_histogram
 
-    def counting(weights, prefix, row_max):
-        if prefix is None and in_pruner[0]:
-            first_passes.append(pruner.step_count)
-        return original(weights, prefix, row_max)
+    second_passes = []
+
+    def counting(weights, prefix, *args):
+        if in_pruner[0]:
+            (first_passes if prefix is None else second_passes).append(pruner.step_count)
+        return original(weights, prefix, *args)
 
     monkeypatch.setattr(backend, "magnitude_histogram", counting)
     layers = dpf_ext.nn.dpf_layers(model)
-    for step in range(1, 21):
+    one_pass_updates = 0
+    for step in range(1, 41):
         opt.zero_grad()
         _loss(model, step).backward()
         opt.step()
+        window = pruner._request.window if pruner._request is not None else None
         in_pruner[0] = True
         pruner.step()
         in_pruner[0] = False
+        if step % 4 == 0 and threshold == "exact":
+            # the step counted the window around the last threshold: no second pass over the
+            # weights exactly when the new threshold landed there
+            assert window is not None
+            slot = (pruner._warm.taus[0].view(torch.int32) >> 16) - window.start
+            landed = 0 <= int(slot) < window.width
+            assert (step in second_passes) != landed, (step, int(slot), window.width)
+            one_pass_updates += landed
         if step % 4 == 0:
             # the masks are what a threshold computed from scratch gives (channel floor on)
             weights = [m.weight.detach() for _, m in layers]
@@ -100,8 +113,12 @@ def test_pruner_uses_the_optimizer_histogram(device, threshold, monkeypatch):
             ops.update_masks(weights, tau, expected, row_max=row_max)
             for (_, m), e in zip(layers, expected):
                 assert torch.equal(m.mask, e)
-    # at its five updates the pruner never ran a first histogram pass of its own
+    # at its ten updates the pruner never ran a first histogram pass of its own
     assert first_passes == []
+    if threshold == "exact":
+        assert one_pass_updates >= 3, one_pass_updates
+    else:
+        assert second_passes == []
 
 
 def test_histogram_request_only_when_it_can_serve():
@@ -183,10 +200,10 @@ def test_adamw_hands_the_pruner_its_histogram(monkeypatch):
     first_passes = []
     original = backend.magnitude_histogram
 
-    def counting(weights, prefix, row_max):
+    def counting(weights, prefix, *args):
         if prefix is None:
             first_passes.append(pruner.step_count)
-        return original(weights, prefix, row_max)
+        return original(weights, prefix, *args)
 
     monkeypatch.setattr(backend, "magnitude_histogram", counting)
     for step in range(1, 13):

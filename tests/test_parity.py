@@ -172,6 +172,19 @@ def assert_sgd_close(got, expected, dtype):
         assert (got == expected).float().mean() > 0.99
 
 
+def _assert_first_pass_of(params, hist, row_max, window):
+    """``hist``, ``row_max`` and ``window`` hold what the reference's first pass counts over
+    ``params`` (the values a fused step wrote); the window is not empty."""
+    written = [p.cpu() for p in params]
+    rows = zero_row_max(written)
+    counts = torch.zeros(window.counts.numel(), dtype=torch.int64)
+    assert torch.equal(hist.cpu(), reference.magnitude_histogram(written, None, rows, counts,
+                                                                 window.start.cpu()))
+    for got, exp in zip(row_max, rows):
+        assert torch.equal(got.cpu(), exp)
+    assert torch.equal(window.counts.cpu(), counts) and counts.sum() > 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("settings", [
     dict(lr=0.1, momentum=0.0),
@@ -194,12 +207,14 @@ def test_feedback_sgd_step_matches(compiled, dtype, settings):
         ref_hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
         dev_hist = torch.zeros(HIGH_BINS, dtype=torch.int64, device=compiled)
         ref_rows, dev_rows = zero_row_max(params), zero_row_max(params, compiled)
+        window = ops.Window.around(torch.tensor(0.67, device=compiled))  # |randn|'s median
         kw = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
         kw.update(settings)
         reference.feedback_sgd_step(ref_params, grads, ref_bufs, masks=masks, masked_out=ref_out,
                                     histogram=ref_hist, row_max=ref_rows, **kw)
         ops.feedback_sgd_step(dev_params, _on(compiled, grads), dev_bufs, masks=_on(compiled, masks),
-                              masked_out=dev_out, histogram=dev_hist, row_max=dev_rows, **kw)
+                              masked_out=dev_out, histogram=dev_hist, row_max=dev_rows,
+                              window=window, **kw)
         for a, b in zip(dev_params, ref_params):
             assert_sgd_close(a, b, dtype)
         for a, b in zip(dev_out, ref_out):
@@ -207,12 +222,8 @@ def test_feedback_sgd_step_matches(compiled, dtype, settings):
         if kw["momentum"]:
             for a, b in zip(dev_bufs, ref_bufs):
                 assert_sgd_close(a, b, dtype)
-        # the histogram is of the values the backend wrote
-        written_rows = zero_row_max(params)
-        assert torch.equal(dev_hist.cpu(), reference.magnitude_histogram(
-            [p.cpu() for p in dev_params], None, written_rows))
-        for got, exp in zip(dev_rows, written_rows):  # row maxima of the values written
-            assert torch.equal(got.cpu(), exp)
+        # the histogram, row maxima and window are of the values the backend wrote
+        _assert_first_pass_of(dev_params, dev_hist, dev_rows, window)
         # values that differ by rounding may straddle a bin edge, no more
         assert (dev_hist.cpu() - ref_hist).abs().sum() <= 2 * sum(p.numel() for p in params) * 1e-3
 
@@ -236,18 +247,15 @@ def test_feedback_adamw_step_matches(compiled, dtype, settings):
         ref_hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
         dev_hist = torch.zeros(HIGH_BINS, dtype=torch.int64, device=compiled)
         ref_rows, dev_rows = zero_row_max(params), zero_row_max(params, compiled)
+        window = ops.Window.around(torch.tensor(0.67, device=compiled))
         reference.feedback_adamw_step(ref["p"], grads, ref["m"], ref["v"], ref["vmax"], step=step,
                                       histogram=ref_hist, row_max=ref_rows, **settings)
         ops.feedback_adamw_step(dev["p"], _on(compiled, grads), dev["m"], dev["v"], dev["vmax"], step=step,
-                                histogram=dev_hist, row_max=dev_rows, **settings)
+                                histogram=dev_hist, row_max=dev_rows, window=window, **settings)
         for key in ("p", "m", "v") + (("vmax",) if settings["amsgrad"] else ()):
             for a, b in zip(dev[key], ref[key]):
                 assert_sgd_close(a, b, dtype)
-        written_rows = zero_row_max(params)
-        assert torch.equal(dev_hist.cpu(), reference.magnitude_histogram(
-            [p.cpu() for p in dev["p"]], None, written_rows))
-        for got, exp in zip(dev_rows, written_rows):
-            assert torch.equal(got.cpu(), exp)
+        _assert_first_pass_of(dev["p"], dev_hist, dev_rows, window)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

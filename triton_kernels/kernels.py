@@ -63,27 +63,18 @@ def histogram_kernel(addr_ptr, numel_ptr, block_start_ptr, hist_ptr, prefix_ptr,
                      row_max_addr_ptr, row_len_ptr, window_ptr, window_start_ptr, window_bins, T,
                      T_PAD: tl.constexpr, DTYPE: tl.constexpr, LOW: tl.constexpr,
                      ROWS: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr):
-    """hist[top 16 bits of |w|] += 1 (and with ROWS each row's largest key into its
-    row_max), or with LOW the low 16 bits of the elements whose top 16 bits equal
-    *prefix_ptr."""
+    """The first pass (see ``_count_first_pass``), or with LOW hist[low 16 bits] += 1 for the
+    elements whose top 16 bits equal *prefix_ptr."""
     t, offs, valid = _elements(block_start_ptr, numel_ptr, T, T_PAD, BLOCK)
     w = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
     mag = _magnitude_bits(tl.load(w + offs, mask=valid, other=0.0))
     if LOW:
         prefix = tl.load(prefix_ptr).to(tl.int32)
         valid = valid & ((mag >> 16) == prefix)
-        bins = mag & 0xFFFF
+        tl.atomic_add(hist_ptr + (mag & 0xFFFF), tl.full((BLOCK,), 1, tl.int64), mask=valid)
     else:
-        bins = mag >> 16
-        if ROWS:
-            _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)
-        if WINDOW:  # the second pass's histograms of window_bins high bins, in this pass
-            slot = bins - tl.load(window_start_ptr).to(tl.int32)
-            inside = valid & (slot >= 0) & (slot < window_bins)
-            cell = slot.to(tl.int64) * 65536 + (mag & 0xFFFF)
-            tl.atomic_add(window_ptr + tl.where(inside, cell, 0), tl.full((BLOCK,), 1, tl.int64),
-                          mask=inside)
-    tl.atomic_add(hist_ptr + bins, tl.full((BLOCK,), 1, tl.int64), mask=valid)
+        _count_first_pass(mag, offs, valid, t, hist_ptr, row_max_addr_ptr, row_len_ptr,
+                          window_ptr, window_start_ptr, window_bins, ROWS, WINDOW, BLOCK)
 
 
 @triton.jit
@@ -95,14 +86,22 @@ def _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t):
 
 
 @triton.jit
-def _count_updated(new, offs, valid, hist_ptr, row_max_addr_ptr, row_len_ptr, t,
-                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """An optimizer step's hand-off to the pruner: the histogram of the new |p| and, with
-    ROWS, each row's largest key."""
-    mag = _magnitude_bits(new)
-    tl.atomic_add(hist_ptr + (mag >> 16), tl.full((BLOCK,), 1, tl.int64), mask=valid)
+def _count_first_pass(mag, offs, valid, t, hist_ptr, row_max_addr_ptr, row_len_ptr, window_ptr,
+                      window_start_ptr, window_bins, ROWS: tl.constexpr, WINDOW: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """The first pass over the elements ``offs`` of tensor ``t`` (magnitude bits ``mag``):
+    hist[top 16 bits] += 1; with ROWS each row's largest key into its row_max; with WINDOW
+    the low 16 bits of the elements of the window's high bins into their slice of it."""
+    bins = mag >> 16
+    tl.atomic_add(hist_ptr + bins, tl.full((BLOCK,), 1, tl.int64), mask=valid)
     if ROWS:
         _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)
+    if WINDOW:
+        slot = bins - tl.load(window_start_ptr).to(tl.int32)
+        inside = valid & (slot >= 0) & (slot < window_bins)
+        cell = slot.to(tl.int64) * 65536 + (mag & 0xFFFF)
+        tl.atomic_add(window_ptr + tl.where(inside, cell, 0), tl.full((BLOCK,), 1, tl.int64),
+                      mask=inside)
 
 
 @triton.jit
@@ -145,13 +144,14 @@ def masked_weight_kernel(w_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def sgd_kernel(p_addr_ptr, g_addr_ptr, buf_addr_ptr, fresh_ptr, mask_addr_ptr, out_addr_ptr,
-               numel_ptr, block_start_ptr, hist_ptr, row_max_addr_ptr, row_len_ptr, lr, momentum,
-               dampening, weight_decay, T, T_PAD: tl.constexpr, DTYPE: tl.constexpr,
-               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
-               HAS_BUF: tl.constexpr, HAS_OUT: tl.constexpr, HAS_HIST: tl.constexpr,
-               ROWS: tl.constexpr, BLOCK: tl.constexpr):
+               numel_ptr, block_start_ptr, hist_ptr, row_max_addr_ptr, row_len_ptr, window_ptr,
+               window_start_ptr, window_bins, lr, momentum, dampening, weight_decay, T,
+               T_PAD: tl.constexpr, DTYPE: tl.constexpr, NESTEROV: tl.constexpr,
+               MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_BUF: tl.constexpr,
+               HAS_OUT: tl.constexpr, HAS_HIST: tl.constexpr, ROWS: tl.constexpr,
+               WINDOW: tl.constexpr, BLOCK: tl.constexpr):
     """torch.optim.SGD's update of the dense weights, then optionally the masked copy and
-    the histogram of the new |p| (with ROWS, and each row's largest key)."""
+    the first pass over the new |p| (``_count_first_pass``)."""
     t, offs, valid = _elements(block_start_ptr, numel_ptr, T, T_PAD, BLOCK)
     p_ptr = tl.load(p_addr_ptr + t).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(g_addr_ptr + t).to(tl.pointer_type(DTYPE))
@@ -179,17 +179,20 @@ def sgd_kernel(p_addr_ptr, g_addr_ptr, buf_addr_ptr, fresh_ptr, mask_addr_ptr, o
         m = tl.load(m_ptr + offs, mask=valid, other=0)
         tl.store(o_ptr + offs, (new.to(tl.float32) * m.to(tl.float32)).to(DTYPE), mask=valid)
     if HAS_HIST:
-        _count_updated(new, offs, valid, hist_ptr, row_max_addr_ptr, row_len_ptr, t, ROWS, BLOCK)
+        _count_first_pass(_magnitude_bits(new), offs, valid, t, hist_ptr, row_max_addr_ptr,
+                          row_len_ptr, window_ptr, window_start_ptr, window_bins, ROWS, WINDOW,
+                          BLOCK)
 
 
 @triton.jit
 def adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, vmax_addr_ptr, numel_ptr,
-                 block_start_ptr, hist_ptr, row_max_addr_ptr, row_len_ptr, decay, one_minus_beta1,
-                 beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt, T, T_PAD: tl.constexpr,
-                 DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 HAS_HIST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                 block_start_ptr, hist_ptr, row_max_addr_ptr, row_len_ptr, window_ptr,
+                 window_start_ptr, window_bins, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
+                 step_size, bias_correction2_sqrt, T, T_PAD: tl.constexpr, DTYPE: tl.constexpr,
+                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_HIST: tl.constexpr,
+                 ROWS: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr):
     """torch.optim.AdamW's update of the dense weights (csrc/dpf_math.h's adamw_update),
-    then optionally the histogram of the new |p| (with ROWS, and each row's largest key)."""
+    then optionally the first pass over the new |p| (``_count_first_pass``)."""
     t, offs, valid = _elements(block_start_ptr, numel_ptr, T, T_PAD, BLOCK)
     p_ptr = tl.load(p_addr_ptr + t).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(g_addr_ptr + t).to(tl.pointer_type(DTYPE))
@@ -216,7 +219,9 @@ def adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, vmax_addr_ptr, 
     tl.store(m_ptr + offs, _round_to(m, DTYPE), mask=valid)
     tl.store(v_ptr + offs, _round_to(v, DTYPE), mask=valid)
     if HAS_HIST:
-        _count_updated(new, offs, valid, hist_ptr, row_max_addr_ptr, row_len_ptr, t, ROWS, BLOCK)
+        _count_first_pass(_magnitude_bits(new), offs, valid, t, hist_ptr, row_max_addr_ptr,
+                          row_len_ptr, window_ptr, window_start_ptr, window_bins, ROWS, WINDOW,
+                          BLOCK)
 
 
 @triton.jit

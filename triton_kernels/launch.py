@@ -62,6 +62,14 @@ def _row_tables(ws: list[torch.Tensor], row_max: list[torch.Tensor], idx: list[i
     return _table(rows, ws[0].device), torch.tensor(lengths, dtype=torch.int64, device=ws[0].device)
 
 
+def _window_args(window: torch.Tensor | None, window_start: torch.Tensor | None, unused):
+    """(counts, start, high bins) of the first pass's window, or ``unused`` twice and 0."""
+    if window is None:
+        return unused, unused, 0
+    return (window, window_start.to(device=window.device, dtype=torch.int64).reshape(1),
+            window.numel() // LOW_BINS)
+
+
 def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None,
                         row_max: list[torch.Tensor], window: torch.Tensor | None = None,
                         window_start: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,11 +80,9 @@ def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None
         ws = _contiguous([weights[i] for i in idx])
         numels, starts, blocks = _blocks(ws, device)
         row_addr, row_len = _row_tables(ws, row_max, idx, numels)
-        start = numels if window is None else window_start.to(device=device, dtype=torch.int64).reshape(1)
         kernels.histogram_kernel[(blocks,)](
             _table(ws, device), numels, starts, hist, prefix_t, row_addr, row_len,
-            numels if window is None else window, start,
-            0 if window is None else window.numel() // LOW_BINS, len(ws),
+            *_window_args(window, window_start, numels), len(ws),
             T_PAD=_pad(len(ws)), DTYPE=_TL_DTYPE[dtype], LOW=prefix is not None,
             ROWS=bool(row_max), WINDOW=window is not None, BLOCK=BLOCK)
     return hist
@@ -121,7 +127,8 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def feedback_sgd_step(params, grads, bufs, fresh, lr, momentum, dampening, nesterov,
-                      weight_decay, maximize, masks, masked_out, histogram, row_max) -> None:
+                      weight_decay, maximize, masks, masked_out, histogram, row_max, window=None,
+                      window_start=None) -> None:
     device = params[0].device
     has_buf, has_out = momentum != 0, bool(masked_out)
     for dtype, idx in _by_dtype(params):
@@ -141,10 +148,11 @@ def feedback_sgd_step(params, grads, bufs, fresh, lr, momentum, dampening, neste
             fresh_flags, _table(ms, device) if has_out else unused,
             _table(outs, device) if has_out else unused, numels, starts,
             histogram if histogram is not None else unused, row_addr, row_len,
-            lr, momentum, dampening, weight_decay, len(idx), T_PAD=_pad(len(idx)),
-            DTYPE=_TL_DTYPE[dtype], NESTEROV=nesterov, MAXIMIZE=maximize,
-            HAS_WEIGHT_DECAY=weight_decay != 0, HAS_BUF=has_buf, HAS_OUT=has_out,
-            HAS_HIST=histogram is not None, ROWS=bool(row_max), BLOCK=BLOCK)
+            *_window_args(window, window_start, unused), lr, momentum, dampening, weight_decay,
+            len(idx), T_PAD=_pad(len(idx)), DTYPE=_TL_DTYPE[dtype], NESTEROV=nesterov,
+            MAXIMIZE=maximize, HAS_WEIGHT_DECAY=weight_decay != 0, HAS_BUF=has_buf,
+            HAS_OUT=has_out, HAS_HIST=histogram is not None, ROWS=bool(row_max),
+            WINDOW=window is not None, BLOCK=BLOCK)
         for j, i in enumerate(idx):
             if ps[j] is not params[i]:
                 params[i].copy_(ps[j])
@@ -153,7 +161,8 @@ def feedback_sgd_step(params, grads, bufs, fresh, lr, momentum, dampening, neste
 
 
 def feedback_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, beta1,
-                        beta2, eps, weight_decay, amsgrad, maximize, histogram, row_max) -> None:
+                        beta2, eps, weight_decay, amsgrad, maximize, histogram, row_max,
+                        window=None, window_start=None) -> None:
     device = params[0].device
     c = adamw_coefficients(lr, beta1, beta2, eps, weight_decay, step)
     for dtype, idx in _by_dtype(params):
@@ -170,10 +179,11 @@ def feedback_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
             _table(ps, device), _table(gs, device), _table(ms, device), _table(vs, device),
             _table(vmaxs, device) if amsgrad else unused, numels, starts,
             histogram if histogram is not None else unused, row_addr, row_len,
-            c["decay"], c["one_minus_beta1"], c["beta2"], c["one_minus_beta2"], c["eps"],
+            *_window_args(window, window_start, unused), c["decay"], c["one_minus_beta1"], c["beta2"], c["one_minus_beta2"], c["eps"],
             c["step_size"], c["bias_correction2_sqrt"], len(idx), T_PAD=_pad(len(idx)),
             DTYPE=_TL_DTYPE[dtype], AMSGRAD=amsgrad, MAXIMIZE=maximize,
-            HAS_HIST=histogram is not None, ROWS=bool(row_max), BLOCK=BLOCK)
+            HAS_HIST=histogram is not None, ROWS=bool(row_max), WINDOW=window is not None,
+            BLOCK=BLOCK)
         for j, i in enumerate(idx):
             for src, dst in ((ps, params), (ms, exp_avgs), (vs, exp_avg_sqs), (vmaxs, max_exp_avg_sqs)):
                 if src and src[j] is not dst[i]:

@@ -88,8 +88,8 @@ struct Window {
   }
 };
 
-// hist[high_bin(|w|)] += 1 over w[begin, end), the rows' keys into row_max (may be null;
-// rows of row_len elements) and the window's low bins.
+// The first pass over w[begin, end): hist[high_bin(|w|)] += 1, the rows' keys into row_max
+// (may be null; rows of row_len elements) and the window's low bins.
 template <typename T>
 void histogram_high(const T* w, int64_t begin, int64_t end, int32_t* hist, int64_t* row_max,
                     int64_t row_len, const Window& window = {nullptr, 0, 0}) {
@@ -164,55 +164,41 @@ void masked_weight(const T* w, const bool* mask, int64_t n, T* out) {
 }
 
 // The fused feedback SGD step over p[begin, end): updates p (and buf when momentum != 0;
-// `fresh` means buf is not initialised yet), then optionally writes out = p * mask and adds
-// the high-bits histogram of the new |p| to hist, with the rows' keys into row_max (may be
-// null; rows of row_len elements).
+// `fresh` means buf is not initialised yet), then optionally writes out = p * mask and runs
+// the first pass (histogram_high) over the new p while the range is in cache.
 template <typename T>
 void sgd_step(T* p, const T* g, T* buf, bool fresh, int64_t begin, int64_t end,
               const SgdParams& s, const bool* mask, T* masked_out, int32_t* hist,
-              int64_t* row_max, int64_t row_len) {
-  if (!hist && !masked_out && buf && !fresh) {  // the common case, in a loop the compiler vectorises
+              int64_t* row_max, int64_t row_len, const Window& window = {nullptr, 0, 0}) {
+  if (buf && !fresh) {  // the common case, in a loop the compiler vectorises
     for (int64_t i = begin; i < end; ++i) {
       float b = to_float(buf[i]);
       p[i] = from_float<T>(sgd_update(to_float(p[i]), to_float(g[i]), b, false, s));
       buf[i] = from_float<T>(b);
     }
-    return;
-  }
-  RowMax rows(row_max, row_len);
-  for (int64_t i = begin; i < end; ++i) {
-    float b = (buf && !fresh) ? to_float(buf[i]) : 0.f;
-    const T np = from_float<T>(sgd_update(to_float(p[i]), to_float(g[i]), b, fresh, s));
-    p[i] = np;
-    if (buf) buf[i] = from_float<T>(b);
-    if (masked_out) masked_out[i] = from_float<T>(to_float(np) * float(mask[i]));
-    if (hist) {
-      const uint32_t mag = magnitude_bits(np);
-      ++hist[high_bin(mag)];
-      rows.add(i, mag);
+  } else {
+    for (int64_t i = begin; i < end; ++i) {
+      float b = 0.f;
+      p[i] = from_float<T>(sgd_update(to_float(p[i]), to_float(g[i]), b, fresh, s));
+      if (buf) buf[i] = from_float<T>(b);
     }
   }
+  if (masked_out) masked_weight(p + begin, mask + begin, end - begin, masked_out + begin);
+  if (hist) histogram_high(p, begin, end, hist, row_max, row_len, window);
 }
 
 // The fused AdamW step over p[begin, end): updates p, m and v (and vmax with amsgrad; may
-// be null otherwise), then optionally adds the high-bits histogram of the new |p| to hist
-// with the rows' keys into row_max (may be null; rows of row_len elements).
+// be null otherwise), then optionally runs the first pass (histogram_high) over the new p.
 template <typename T>
 void adamw_step(T* p, const T* g, T* m, T* v, T* vmax, int64_t begin, int64_t end,
-                const AdamwParams& a, int32_t* hist, int64_t* row_max, int64_t row_len) {
-  if (!hist && !vmax) {  // the common case, in a loop the compiler vectorises
+                const AdamwParams& a, int32_t* hist, int64_t* row_max, int64_t row_len,
+                const Window& window = {nullptr, 0, 0}) {
+  if (vmax) {
+    for (int64_t i = begin; i < end; ++i) adamw_element(p, g, m, v, vmax, i, a);
+  } else {  // the common case, in a loop the compiler vectorises
     for (int64_t i = begin; i < end; ++i) adamw_element<T>(p, g, m, v, nullptr, i, a);
-    return;
   }
-  RowMax rows(row_max, row_len);
-  for (int64_t i = begin; i < end; ++i) {
-    const T np = adamw_element(p, g, m, v, vmax, i, a);
-    if (hist) {
-      const uint32_t mag = magnitude_bits(np);
-      ++hist[high_bin(mag)];
-      rows.add(i, mag);
-    }
-  }
+  if (hist) histogram_high(p, begin, end, hist, row_max, row_len, window);
 }
 
 }  // namespace cpu

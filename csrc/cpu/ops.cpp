@@ -95,9 +95,10 @@ std::vector<int64_t> row_lengths(const std::vector<at::Tensor>& ws, at::TensorLi
 }
 
 // The first pass's window of second-pass histograms (none without `window`).
-cpu::Window window_of(const std::optional<at::Tensor>& window, const std::optional<at::Tensor>& start) {
+cpu::Window window_of(const char* op, const std::optional<at::Tensor>& window,
+                      const std::optional<at::Tensor>& start) {
   if (!window.has_value()) return {nullptr, 0, 0};
-  check_window_args(*window, start);
+  check_window_args(op, *window, start);
   return {window->data_ptr<int64_t>(), uint32_t(start->item<int64_t>()), uint32_t(window->numel() / kLowBins)};
 }
 
@@ -124,7 +125,7 @@ at::Tensor magnitude_histogram_cpu(at::TensorList weights, const std::optional<a
                                    at::TensorList row_max, const std::optional<at::Tensor>& window,
                                    const std::optional<at::Tensor>& window_start) {
   check_row_max_args(weights, row_max);
-  const cpu::Window win = window_of(window, window_start);
+  const cpu::Window win = window_of("magnitude_histogram", window, window_start);
   const auto ws = contiguous(weights);
   const auto row_len = row_lengths(ws, row_max);
   const bool low = prefix.has_value();
@@ -234,14 +235,16 @@ void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            const c10::List<bool>& fresh_list, double lr, double momentum, double dampening,
                            bool nesterov, double weight_decay, bool maximize, at::TensorList masks,
                            at::TensorList masked_out, const std::optional<at::Tensor>& histogram,
-                           at::TensorList row_max) {
+                           at::TensorList row_max, const std::optional<at::Tensor>& window,
+                           const std::optional<at::Tensor>& window_start) {
   const int64_t n = int64_t(params.size());
   const bool use_buf = momentum != 0.0;
   const bool write_masked = !masked_out.empty();
   check_sgd_args(params, grads, momentum_buffers, fresh_list.size(), use_buf, masks, masked_out);
   check_row_max_args(params, row_max);
-  TORCH_CHECK(row_max.empty() || histogram.has_value(),
-              "dpf::feedback_sgd_step: row_max is recorded with the histogram");
+  TORCH_CHECK((row_max.empty() && !window.has_value()) || histogram.has_value(),
+              "dpf::feedback_sgd_step: row_max and window are counted with the histogram");
+  const cpu::Window win = window_of("feedback_sgd_step", window, window_start);
   std::vector<char> fresh(fresh_list.begin(), fresh_list.end());
   std::vector<at::Tensor> ps, gs, bs, ms, outs;
   for (int64_t i = 0; i < n; ++i) {
@@ -265,7 +268,7 @@ void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
       const bool* m = write_masked ? ms[t].const_data_ptr<bool>() : nullptr;
       T* o = write_masked ? static_cast<T*>(outs[t].data_ptr()) : nullptr;
       cpu::sgd_step(p, g, b, use_buf && fresh[t], c.begin, c.end, s, m, o, h,
-                    row_max_ptr(row_max, t), row_len[t]);
+                    row_max_ptr(row_max, t), row_len[t], win);
     });
   });
   for (int64_t i = 0; i < n; ++i) {
@@ -279,12 +282,14 @@ void feedback_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Te
                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, int64_t step,
                              double lr, double beta1, double beta2, double eps, double weight_decay,
                              bool amsgrad, bool maximize, const std::optional<at::Tensor>& histogram,
-                             at::TensorList row_max) {
+                             at::TensorList row_max, const std::optional<at::Tensor>& window,
+                             const std::optional<at::Tensor>& window_start) {
   const int64_t n = int64_t(params.size());
   check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
   check_row_max_args(params, row_max);
-  TORCH_CHECK(row_max.empty() || histogram.has_value(),
-              "dpf::feedback_adamw_step: row_max is recorded with the histogram");
+  TORCH_CHECK((row_max.empty() && !window.has_value()) || histogram.has_value(),
+              "dpf::feedback_adamw_step: row_max and window are counted with the histogram");
+  const cpu::Window win = window_of("feedback_adamw_step", window, window_start);
   const AdamwParams a = adamw_params(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, step);
   std::vector<at::Tensor> ps, gs, ms, vs, vmaxs;
   for (int64_t i = 0; i < n; ++i) {
@@ -302,7 +307,7 @@ void feedback_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Te
       cpu::adamw_step(static_cast<T*>(ps[t].data_ptr()), static_cast<const T*>(gs[t].const_data_ptr()),
                       static_cast<T*>(ms[t].data_ptr()), static_cast<T*>(vs[t].data_ptr()),
                       amsgrad ? static_cast<T*>(vmaxs[t].data_ptr()) : nullptr, c.begin, c.end, a, h,
-                      row_max_ptr(row_max, t), row_len[t]);
+                      row_max_ptr(row_max, t), row_len[t], win);
     });
   });
   for (int64_t i = 0; i < n; ++i) {

@@ -118,28 +118,48 @@ __device__ __forceinline__ void max_row(const Rows& rows, int t, int64_t i, uint
   if (key > *reinterpret_cast<volatile long long*>(slot)) atomicMax(slot, key);
 }
 
+// The first pass of a block: the histogram of the elements' high bins in the layout B,
+// each row's largest key into rows.max (if not null) and the window's low bins (if any).
+template <Bins B>
+struct FirstPass {
+  BlockHistogram<B> h;
+  Rows rows;
+  Window win;
+  uint32_t win_start = 0;
+
+  // Called once by every thread of the block before counting.
+  __device__ __forceinline__ void begin() {
+    if (win.counts) win_start = static_cast<uint32_t>(*win.start);
+    h.zero();
+  }
+
+  // Element i of tensor t, of magnitude bits mag.
+  __device__ __forceinline__ void add(int t, int64_t i, uint32_t mag) {
+    h.add(high_bin(mag));
+    if (rows.max) max_row(rows, t, i, mag);
+    const uint32_t slot = high_bin(mag) - win_start;  // wraps around below the start
+    if (win.counts && slot < static_cast<uint32_t>(win.width))
+      atomicAdd(&win.counts[static_cast<int64_t>(slot) * kLowBins + low_bin(mag)], 1ull);
+  }
+
+  __device__ __forceinline__ void chunk_done() { h.chunk_done(); }
+  __device__ __forceinline__ void end() { h.flush(false); }
+};
+
 // Pass 1: block-local histograms (in shared memory unless B is kGlobal), merged once per
 // block.
 template <typename T, Bins B>
 __global__ void histogram_high_kernel(Table tab, Rows rows, unsigned long long* hist, Window win) {
   extern __shared__ unsigned int bins[];
-  BlockHistogram<B> h{bins, hist};
-  const uint32_t start = win.counts ? static_cast<uint32_t>(*win.start) : 0u;
-  h.zero();
+  FirstPass<B> first{{bins, hist}, rows, win};
+  first.begin();
   for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
     const Span s = chunk_span(tab, c);
     const T* w = static_cast<const T*>(tab.data[s.t]);
-    for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
-      const uint32_t mag = magnitude_bits(w[i]);
-      h.add(high_bin(mag));
-      if (rows.max) max_row(rows, s.t, i, mag);
-      const uint32_t slot = high_bin(mag) - start;  // wraps around below start
-      if (win.counts && slot < static_cast<uint32_t>(win.width))
-        atomicAdd(&win.counts[static_cast<int64_t>(slot) * kLowBins + low_bin(mag)], 1ull);
-    }
-    h.chunk_done();
+    for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) first.add(s.t, i, magnitude_bits(w[i]));
+    first.chunk_done();
   }
-  h.flush(false);
+  first.end();
 }
 
 // Pass 2: only the elements of one high bin count, straight into global memory.
@@ -236,10 +256,10 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 template <typename T, bool HIST, Bins B>
 __global__ void sgd_kernel(Table tab, const void* const* grads, void* const* bufs,
                            const int64_t* fresh, const bool* const* masks, void* const* outs,
-                           SgdParams hp, unsigned long long* hist, Rows rows) {
+                           SgdParams hp, unsigned long long* hist, Rows rows, Window win) {
   extern __shared__ unsigned int bins[];
-  BlockHistogram<B> h{bins, hist};
-  if (HIST) h.zero();
+  FirstPass<B> first{{bins, hist}, rows, win};
+  if (HIST) first.begin();
   constexpr int V = 16 / sizeof(T);
   for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
     const Span s = chunk_span(tab, c);
@@ -255,11 +275,7 @@ __global__ void sgd_kernel(Table tab, const void* const* grads, void* const* buf
       pi = from_float<T>(sgd_update(to_float(pi), to_float(gi), bf, is_fresh, hp));
       if (bi) *bi = from_float<T>(bf);
       if (o) o[i] = from_float<T>(to_float(pi) * float(m[i]));
-      if (HIST) {
-        const uint32_t mag = magnitude_bits(pi);
-        h.add(high_bin(mag));
-        if (rows.max) max_row(rows, s.t, i, mag);
-      }
+      if (HIST) first.add(s.t, i, magnitude_bits(pi));
     };
 
     int64_t tail = s.begin;
@@ -282,9 +298,9 @@ __global__ void sgd_kernel(Table tab, const void* const* grads, void* const* buf
     }
     for (int64_t i = tail + threadIdx.x; i < s.end; i += blockDim.x)
       update(i, p[i], g[i], b ? b + i : nullptr);
-    if (HIST) h.chunk_done();
+    if (HIST) first.chunk_done();
   }
-  if (HIST) h.flush(false);
+  if (HIST) first.end();
 }
 
 // The fused AdamW step, one element per thread and iteration. With HIST, the histogram of
@@ -292,10 +308,10 @@ __global__ void sgd_kernel(Table tab, const void* const* grads, void* const* buf
 template <typename T, bool HIST, Bins B>
 __global__ void adamw_kernel(Table tab, const void* const* grads, void* const* exp_avgs,
                              void* const* exp_avg_sqs, void* const* max_exp_avg_sqs, AdamwParams hp,
-                             unsigned long long* hist, Rows rows) {
+                             unsigned long long* hist, Rows rows, Window win) {
   extern __shared__ unsigned int bins[];
-  BlockHistogram<B> h{bins, hist};
-  if (HIST) h.zero();
+  FirstPass<B> first{{bins, hist}, rows, win};
+  if (HIST) first.begin();
   for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
     const Span s = chunk_span(tab, c);
     T* p = static_cast<T*>(const_cast<void*>(tab.data[s.t]));
@@ -305,15 +321,11 @@ __global__ void adamw_kernel(Table tab, const void* const* grads, void* const* e
     T* vmax = hp.amsgrad ? static_cast<T*>(max_exp_avg_sqs[s.t]) : nullptr;
     for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
       const T np = adamw_element(p, g, m, v, vmax, i, hp);
-      if (HIST) {
-        const uint32_t mag = magnitude_bits(np);
-        h.add(high_bin(mag));
-        if (rows.max) max_row(rows, s.t, i, mag);
-      }
+      if (HIST) first.add(s.t, i, magnitude_bits(np));
     }
-    if (HIST) h.chunk_done();
+    if (HIST) first.chunk_done();
   }
-  if (HIST) h.flush(false);
+  if (HIST) first.end();
 }
 
 int grid_for(int64_t chunks, int cap) {
@@ -435,14 +447,14 @@ cudaError_t masked_weight(const void* w, const bool* mask, void* out, int64_t n,
 cudaError_t sgd_step(const Table& tab, DType dtype, const void* const* grads, void* const* bufs,
                      const int64_t* fresh, const bool* const* masks, void* const* outs,
                      const SgdParams& hp, unsigned long long* hist, Rows rows,
-                     const DeviceInfo& dev, cudaStream_t stream) {
+                     const DeviceInfo& dev, cudaStream_t stream, Window window) {
   if (tab.chunks == 0) return cudaSuccess;
   const Bins b = bins_for(dev);
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (!hist) {
       sgd_kernel<T, false, Bins::kGlobal><<<grid_for(tab.chunks, dev.num_sms * 8), kThreads, 0, stream>>>(
-          tab, grads, bufs, fresh, masks, outs, hp, nullptr, Rows{nullptr, nullptr});
+          tab, grads, bufs, fresh, masks, outs, hp, nullptr, Rows{nullptr, nullptr}, Window{nullptr, nullptr, 0});
       return cudaGetLastError();
     }
     return with_bins(b, [&](auto layout) {
@@ -450,7 +462,7 @@ cudaError_t sgd_step(const Table& tab, DType dtype, const void* const* grads, vo
       cudaError_t err = allow_shared(sgd_kernel<T, true, B>, B);
       if (err != cudaSuccess) return err;
       sgd_kernel<T, true, B><<<hist_grid(tab.chunks, dev, B), kHistThreads, shared_bytes(B), stream>>>(
-          tab, grads, bufs, fresh, masks, outs, hp, hist, rows);
+          tab, grads, bufs, fresh, masks, outs, hp, hist, rows, window);
       return cudaGetLastError();
     });
   });
@@ -458,14 +470,16 @@ cudaError_t sgd_step(const Table& tab, DType dtype, const void* const* grads, vo
 
 cudaError_t adamw_step(const Table& tab, DType dtype, const void* const* grads, void* const* exp_avgs,
                        void* const* exp_avg_sqs, void* const* max_exp_avg_sqs, const AdamwParams& hp,
-                       unsigned long long* hist, Rows rows, const DeviceInfo& dev, cudaStream_t stream) {
+                       unsigned long long* hist, Rows rows, const DeviceInfo& dev, cudaStream_t stream,
+                       Window window) {
   if (tab.chunks == 0) return cudaSuccess;
   const Bins b = bins_for(dev);
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (!hist) {
       adamw_kernel<T, false, Bins::kGlobal><<<grid_for(tab.chunks, dev.num_sms * 8), kThreads, 0, stream>>>(
-          tab, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp, nullptr, Rows{nullptr, nullptr});
+          tab, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp, nullptr, Rows{nullptr, nullptr},
+          Window{nullptr, nullptr, 0});
       return cudaGetLastError();
     }
     return with_bins(b, [&](auto layout) {
@@ -473,7 +487,7 @@ cudaError_t adamw_step(const Table& tab, DType dtype, const void* const* grads, 
       cudaError_t err = allow_shared(adamw_kernel<T, true, B>, B);
       if (err != cudaSuccess) return err;
       adamw_kernel<T, true, B><<<hist_grid(tab.chunks, dev, B), kHistThreads, shared_bytes(B), stream>>>(
-          tab, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp, hist, rows);
+          tab, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp, hist, rows, window);
       return cudaGetLastError();
     });
   });

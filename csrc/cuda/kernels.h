@@ -86,19 +86,21 @@ cudaError_t masked_weight(const void* w, const bool* mask, void* out, int64_t n,
 // of per-tensor pointers: grads, bufs (null when momentum == 0), fresh flags (non-zero: the
 // buffer is not initialised yet; null likewise), masks and outs (null unless the masked
 // copy is wanted). hist (int64, 32768 bins, may be null) accumulates the histogram of the
-// new |p|, and rows.max (with hist only) each row's largest key.
+// new |p|, and with hist only, rows.max each row's largest key and the window its low bins
+// (as magnitude_histogram).
 cudaError_t sgd_step(const Table& params, DType dtype, const void* const* grads,
                      void* const* bufs, const int64_t* fresh, const bool* const* masks,
                      void* const* outs, const SgdParams& hp, unsigned long long* hist,
-                     Rows rows, const DeviceInfo& dev, cudaStream_t stream);
+                     Rows rows, const DeviceInfo& dev, cudaStream_t stream,
+                     Window window = {nullptr, nullptr, 0});
 
 // One fused AdamW step over the table of params (see dpf_math.h's adamw_update). Device
 // arrays of per-tensor pointers: grads, exp_avgs, exp_avg_sqs and max_exp_avg_sqs (null
-// without amsgrad). hist and rows as in sgd_step.
+// without amsgrad). hist, rows and window as in sgd_step.
 cudaError_t adamw_step(const Table& params, DType dtype, const void* const* grads,
                        void* const* exp_avgs, void* const* exp_avg_sqs, void* const* max_exp_avg_sqs,
                        const AdamwParams& hp, unsigned long long* hist, Rows rows,
-                       const DeviceInfo& dev, cudaStream_t stream);
+                       const DeviceInfo& dev, cudaStream_t stream, Window window = {nullptr, nullptr, 0});
 
 }  // namespace cuda
 }  // namespace dpf

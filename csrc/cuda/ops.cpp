@@ -144,20 +144,30 @@ const cuda::DeviceInfo& device_info() {
   return it->second;
 }
 
+// The first pass's window on the device (none without `window`); `start` keeps the device
+// copy of its first bin alive.
+cuda::Window window_of(const char* op, const std::optional<at::Tensor>& window,
+                       const std::optional<at::Tensor>& window_start, const at::Device& device,
+                       at::Tensor& start) {
+  if (!window.has_value()) return {nullptr, nullptr, 0};
+  check_window_args(op, *window, window_start);
+  TORCH_CHECK(window->device() == device, "dpf::", op, ": the window is on ", window->device(),
+              ", the weights on ", device);
+  start = window_start->to(device, at::kLong).contiguous();
+  return {reinterpret_cast<unsigned long long*>(window->data_ptr<int64_t>()), start.const_data_ptr<int64_t>(),
+          int(window->numel() / kLowBins)};
+}
+
 at::Tensor magnitude_histogram_cuda(at::TensorList weights, const std::optional<at::Tensor>& prefix,
                                     at::TensorList row_max, const std::optional<at::Tensor>& window,
                                     const std::optional<at::Tensor>& window_start) {
   check_row_max_args(weights, row_max);
-  if (window.has_value()) check_window_args(*window, window_start);
   const c10::cuda::CUDAGuard guard(weights[0].device());
   const bool low = prefix.has_value();
   at::Tensor hist = at::zeros({low ? kLowBins : kHighBins}, weights[0].options().dtype(at::kLong));
   at::Tensor pre = low ? prefix->to(weights[0].device(), at::kLong).contiguous() : at::Tensor();
-  at::Tensor start = window.has_value() ? window_start->to(weights[0].device(), at::kLong).contiguous() : at::Tensor();
-  const cuda::Window win{
-      window.has_value() ? reinterpret_cast<unsigned long long*>(window->data_ptr<int64_t>()) : nullptr,
-      window.has_value() ? start.const_data_ptr<int64_t>() : nullptr,
-      window.has_value() ? int(window->numel() / kLowBins) : 0};
+  at::Tensor start;
+  const cuda::Window win = window_of("magnitude_histogram", window, window_start, weights[0].device(), start);
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, idx] : by_dtype(weights)) {
     const auto ws = contiguous(weights, idx);
@@ -235,15 +245,18 @@ void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             const c10::List<bool>& fresh, double lr, double momentum, double dampening,
                             bool nesterov, double weight_decay, bool maximize, at::TensorList masks,
                             at::TensorList masked_out, const std::optional<at::Tensor>& histogram,
-                            at::TensorList row_max) {
+                            at::TensorList row_max, const std::optional<at::Tensor>& window,
+                            const std::optional<at::Tensor>& window_start) {
   if (params.empty()) return;
   const bool use_buf = momentum != 0.0;
   const bool write_masked = !masked_out.empty();
   check_sgd_args(params, grads, momentum_buffers, fresh.size(), use_buf, masks, masked_out);
   check_row_max_args(params, row_max);
-  TORCH_CHECK(row_max.empty() || histogram.has_value(),
-              "dpf::feedback_sgd_step: row_max is recorded with the histogram");
+  TORCH_CHECK((row_max.empty() && !window.has_value()) || histogram.has_value(),
+              "dpf::feedback_sgd_step: row_max and window are counted with the histogram");
   const c10::cuda::CUDAGuard guard(params[0].device());
+  at::Tensor start;
+  const cuda::Window win = window_of("feedback_sgd_step", window, window_start, params[0].device(), start);
   const SgdParams hp{float(lr), float(momentum), float(dampening), float(weight_decay), nesterov, maximize};
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, idx] : by_dtype(params)) {
@@ -276,7 +289,7 @@ void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                        write_masked ? l.arrays->as<const bool* const*>(6) : nullptr,
                        write_masked ? l.arrays->as<void* const*>(7) : nullptr, hp,
                        histogram ? reinterpret_cast<unsigned long long*>(histogram->data_ptr<int64_t>()) : nullptr,
-                       rows_at(l, 8, !row_max.empty()), device_info(), stream),
+                       rows_at(l, 8, !row_max.empty()), device_info(), stream, win),
         "feedback_sgd_step");
     for (size_t j = 0; j < idx.size(); ++j) {
       const int64_t i = idx[j];
@@ -291,13 +304,16 @@ void feedback_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::T
                               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, int64_t step,
                               double lr, double beta1, double beta2, double eps, double weight_decay,
                               bool amsgrad, bool maximize, const std::optional<at::Tensor>& histogram,
-                              at::TensorList row_max) {
+                              at::TensorList row_max, const std::optional<at::Tensor>& window,
+                              const std::optional<at::Tensor>& window_start) {
   if (params.empty()) return;
   check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
   check_row_max_args(params, row_max);
-  TORCH_CHECK(row_max.empty() || histogram.has_value(),
-              "dpf::feedback_adamw_step: row_max is recorded with the histogram");
+  TORCH_CHECK((row_max.empty() && !window.has_value()) || histogram.has_value(),
+              "dpf::feedback_adamw_step: row_max and window are counted with the histogram");
   const c10::cuda::CUDAGuard guard(params[0].device());
+  at::Tensor start;
+  const cuda::Window win = window_of("feedback_adamw_step", window, window_start, params[0].device(), start);
   const AdamwParams hp = adamw_params(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, step);
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, idx] : by_dtype(params)) {
@@ -321,7 +337,7 @@ void feedback_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::T
                          l.arrays->as<void* const*>(4), l.arrays->as<void* const*>(5),
                          amsgrad ? l.arrays->as<void* const*>(6) : nullptr, hp,
                          histogram ? reinterpret_cast<unsigned long long*>(histogram->data_ptr<int64_t>()) : nullptr,
-                         rows_at(l, 7, !row_max.empty()), device_info(), stream),
+                         rows_at(l, 7, !row_max.empty()), device_info(), stream, win),
         "feedback_adamw_step");
     for (size_t j = 0; j < idx.size(); ++j) {
       const int64_t i = idx[j];

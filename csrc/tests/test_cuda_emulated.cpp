@@ -169,6 +169,32 @@ std::vector<std::vector<Tensor<T>>> cases() {
   return out;
 }
 
+// The fullest finite bin of a high histogram.
+int fullest_bin(const std::vector<int32_t>& hist) {
+  int fullest = 0;
+  for (int b = 0; b < 0x7F80; ++b)
+    if (hist[b] > hist[fullest]) fullest = b;
+  return fullest;
+}
+
+// What a first pass's window of `width` bins from `start` holds for the tensors ts: the low
+// histograms of those bins, computed by the CPU's second pass.
+template <typename T>
+std::vector<int32_t> expected_window(std::vector<Tensor<T>>& ts, int64_t start, int width) {
+  std::vector<int32_t> want(size_t(width) * kLowBins, 0);
+  for (int slot = 0; slot < width; ++slot)
+    if (start + slot >= 0)
+      for (auto& t : ts)
+        cpu::histogram_low(t.data(), 0, t.n, uint32_t(start + slot), want.data() + size_t(slot) * kLowBins);
+  return want;
+}
+
+bool same_counts(const std::vector<unsigned long long>& got, const std::vector<int32_t>& want) {
+  bool ok = got.size() == want.size();
+  for (size_t i = 0; ok && i < got.size(); ++i) ok &= got[i] == (unsigned long long)want[i];
+  return ok;
+}
+
 template <typename T>
 void test_histograms() {
   int idx = 0;
@@ -201,22 +227,14 @@ void test_histograms() {
     }
     // the first pass's window of low histograms, around the fullest bin
     {
-      int fullest = 0;
-      for (int b = 0; b < 0x7F80; ++b)
-        if (expected[b] > expected[fullest]) fullest = b;
+      const int fullest = fullest_bin(expected);
       for (int width : {1, 3}) {
         const int64_t start = fullest - 1;
-        std::vector<int32_t> want(size_t(width) * kLowBins, 0);
-        for (int slot = 0; slot < width; ++slot)
-          if (start + slot >= 0)
-            for (auto& t : ts)
-              cpu::histogram_low(t.data(), 0, t.n, uint32_t(start + slot), want.data() + size_t(slot) * kLowBins);
         std::vector<unsigned long long> window(size_t(width) * kLowBins, 0), hist(kHighBins, 0);
         check_cuda(cuda::magnitude_histogram(tab.table, dtype_of<T>(), nullptr, hist.data(), {nullptr, nullptr},
                                              kDevices[1], nullptr, cuda::Window{window.data(), &start, width}),
                    name + " windowed histogram launch");
-        bool ok = true;
-        for (size_t i = 0; i < window.size(); ++i) ok &= window[i] == (unsigned long long)want[i];
+        bool ok = same_counts(window, expected_window(ts, start, width));
         for (int b = 0; b < kHighBins; ++b) ok &= hist[b] == (unsigned long long)expected[b];
         check(ok, name + " first-pass window of " + std::to_string(width) + " bins");
       }
@@ -405,11 +423,14 @@ void test_sgd(const cuda::DeviceInfo& dev, const std::string& label) {
           mp.push_back(reinterpret_cast<const bool*>(masks[t].data()));
           op.push_back(outs[t].data());
         }
-        std::vector<unsigned long long> hist(kHighBins, 0);
+        // with the histogram, a window of 3 bins from the one under the updated weights' fullest
+        const int64_t start = fullest_bin(cpu_hist) - 1;
+        std::vector<unsigned long long> hist(kHighBins, 0), window(3 * kLowBins, 0);
         check_cuda(cuda::sgd_step(tab.table, dtype_of<T>(), gp.data(), with_buf ? bp.data() : nullptr,
                                   with_buf ? fresh.data() : nullptr, with_out ? mp.data() : nullptr,
                                   with_out ? op.data() : nullptr, hp, with_hist ? hist.data() : nullptr,
-                                  with_hist ? rows.rows() : cuda::Rows{nullptr, nullptr}, dev, nullptr),
+                                  with_hist ? rows.rows() : cuda::Rows{nullptr, nullptr}, dev, nullptr,
+                                  with_hist ? cuda::Window{window.data(), &start, 3} : cuda::Window{nullptr, nullptr, 0}),
                    name + " sgd launch");
         bool ok = true;
         for (size_t t = 0; t < ps.size(); ++t) {
@@ -424,6 +445,7 @@ void test_sgd(const cuda::DeviceInfo& dev, const std::string& label) {
           for (int b = 0; b < kHighBins; ++b) ok &= hist[b] == (unsigned long long)cpu_hist[b];
           for (size_t t = 0; t < ps.size(); ++t)
             for (size_t r = 0; r < rows.keys[t].size(); ++r) ok &= same_key(rows.keys[t][r], cpu_rows.keys[t][r]);
+          ok &= same_counts(window, expected_window(cpu_ps, start, 3));
         }
         check(ok, name + " sgd lr " + std::to_string(hp.lr) + " variant " + std::to_string(variant));
       }
@@ -464,10 +486,12 @@ void test_adamw(const cuda::DeviceInfo& dev, const std::string& label) {
           vp.push_back(vs[t].data());
           vmaxp.push_back(vmaxs[t].data());
         }
-        std::vector<unsigned long long> hist(kHighBins, 0);
+        const int64_t start = fullest_bin(cpu_hist) - 1;
+        std::vector<unsigned long long> hist(kHighBins, 0), window(3 * kLowBins, 0);
         check_cuda(cuda::adamw_step(tab.table, dtype_of<T>(), gp.data(), mp.data(), vp.data(),
                                     hp.amsgrad ? vmaxp.data() : nullptr, hp, with_hist ? hist.data() : nullptr,
-                                    with_hist ? rows.rows() : cuda::Rows{nullptr, nullptr}, dev, nullptr),
+                                    with_hist ? rows.rows() : cuda::Rows{nullptr, nullptr}, dev, nullptr,
+                                    with_hist ? cuda::Window{window.data(), &start, 3} : cuda::Window{nullptr, nullptr, 0}),
                    name + " adamw launch");
         bool ok = true;
         for (size_t t = 0; t < ps.size(); ++t) {
@@ -482,6 +506,7 @@ void test_adamw(const cuda::DeviceInfo& dev, const std::string& label) {
           for (int b = 0; b < kHighBins; ++b) ok &= hist[b] == (unsigned long long)cpu_hist[b];
           for (size_t t = 0; t < ps.size(); ++t)
             for (size_t r = 0; r < rows.keys[t].size(); ++r) ok &= same_key(rows.keys[t][r], cpu_rows.keys[t][r]);
+          ok &= same_counts(window, expected_window(cpu_ps, start, 3));
         }
         check(ok, name + " adamw" + (hp.amsgrad ? " amsgrad" : "") + (with_hist ? " histogram" : ""));
       }

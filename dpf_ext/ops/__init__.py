@@ -5,11 +5,14 @@ Each op validates its input, picks a backend for the tensors' device (see
 :mod:`dpf_ext.ops.reference` defines them.
 
 - :func:`global_threshold`: the k-th largest ``|w|`` over many tensors, exact or within one
-  histogram bin, as a 0-dim tensor on the weights' device (no host synchronisation).
+  histogram bin, as a 0-dim tensor on the weights' device (no host synchronisation); a
+  :class:`Window` around a guess lets the exact one take a single pass.
 - :func:`update_masks`: ``mask = |w| >= tau`` with kept and reactivation counts.
 - :func:`nm_masks`: N:M masks (the n largest of every m consecutive weights) with counts.
-- The channel floor: :func:`magnitude_histogram` (first pass) and :func:`feedback_sgd_step`
-  can also record each row's largest magnitude (``row_max``, see
+- The first pass (:func:`magnitude_histogram`, or :func:`feedback_sgd_step` and
+  :func:`feedback_adamw_step` counting it as they update the weights) can also fill a
+  :class:`Window`.
+- The channel floor: the first pass can also record each row's largest magnitude (``row_max``, see
   :func:`~dpf_ext.ops.bits.row_key`) at no extra pass; :func:`global_threshold` then
   counts the other weights only and :func:`update_masks` keeps each row's largest.
 - :func:`masked_weight`: ``w ⊙ mask`` whose backward is the feedback (straight-through)
@@ -28,9 +31,11 @@ import torch
 from .bits import (FINITE_LIMIT, HIGH_BINS, LOW_BINS, MAX_GROUP, NONFINITE_BIN, SUPPORTED_DTYPES,
                    bits_to_float)
 from .dispatch import available_backends, backend_for
+from .window import Window
 from . import triton, compiled  # noqa: F401, I001  (register the backends built; last preferred)
 
 __all__ = [
+    "Window",
     "available_backends",
     "backend_for",
     "feedback_adamw_step",
@@ -73,10 +78,23 @@ def _check_row_max(weights: list[torch.Tensor], row_max: list[torch.Tensor] | No
             )
 
 
+def _check_window(window: Window | None, device: torch.device) -> tuple:
+    """The ``(counts, start)`` tensors the backends take for ``window`` (``None`` twice
+    without one)."""
+    if window is None:
+        return None, None
+    if not isinstance(window, Window):
+        raise TypeError(f"window must be a dpf_ext.ops.Window, got {type(window).__name__}")
+    if window.device != device:
+        raise ValueError(f"the window counts on {window.device}, the weights are on {device}")
+    return window.counts, window.start
+
+
 def magnitude_histogram(
     weights: list[torch.Tensor],
     prefix: torch.Tensor | None = None,
     row_max: list[torch.Tensor] | None = None,
+    window: Window | None = None,
 ) -> torch.Tensor:
     """Histogram (int64) of the float32 bit pattern of ``|w|`` summed over ``weights``.
 
@@ -88,12 +106,17 @@ def magnitude_histogram(
     ``row_max`` (first pass only): one int64 tensor per weight with one entry per row (the
     rows being equal slices of the flattened weight); the same pass maximises each row's
     :func:`~dpf_ext.ops.bits.row_key` into it (start from zeros).
+
+    ``window`` (first pass only): also adds into ``window.counts`` the low histograms of the
+    window's high bins.
     """
     _check_weights(weights)
     _check_row_max(weights, row_max)
-    if row_max is not None and prefix is not None:
-        raise ValueError("row_max is recorded by the first pass only (prefix=None)")
-    return backend_for(weights[0].device).magnitude_histogram(weights, prefix, row_max or [])
+    if (row_max is not None or window is not None) and prefix is not None:
+        raise ValueError("row_max and window are counted by the first pass only (prefix=None)")
+    counts, start = _check_window(window, weights[0].device)
+    return backend_for(weights[0].device).magnitude_histogram(weights, prefix, row_max or [],
+                                                              counts, start)
 
 
 def _row_max_histogram(row_max: list[torch.Tensor], prefix: torch.Tensor | None) -> torch.Tensor:
@@ -137,8 +160,7 @@ def global_threshold(
     histogram: torch.Tensor | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     row_max: list[torch.Tensor] | None = None,
-    near: torch.Tensor | None = None,
-    window: int = 3,
+    window: Window | None = None,
 ) -> torch.Tensor:
     """The k-th largest magnitude over all ``weights`` as a 0-dim float32 tensor.
 
@@ -162,19 +184,19 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
     maxima into ``row_max`` (pass zeros); with it, ``row_max`` must hold the keys recorded
     with that histogram (as :func:`feedback_sgd_step` does).
 
-    ``near`` (exact mode, first pass run here): a guess of the result, such as the previous
-    threshold. The first pass then also histograms at full resolution the ``window`` high
-    bins centred on it; if the result falls there, it comes out of that one pass, and the
-    second pass runs only otherwise. The result is the same either way; deciding costs one
-    host synchronisation.
+    ``window`` (exact mode): a fresh :class:`Window` around a guess of the result, such as
+    ``Window.around(previous_threshold)``. Without ``histogram`` the first pass run here
+    fills it; with ``histogram``, it must be the window counted with that histogram (as
+    :func:`feedback_sgd_step` does). If the result falls in the window it comes out of the
+    first pass, and the second pass runs only otherwise. The result is the same either way;
+    deciding costs one host synchronisation.
 
-    If any weight is Inf or NaN the result is NaN. Without ``near``, nothing syncs with the
+    If any weight is Inf or NaN the result is NaN. Without ``window``, nothing syncs with the
     host.
     """
     _check_weights(weights)
     _check_row_max(weights, row_max)
-    if window < 1:
-        raise ValueError(f"window must be at least 1 high bin, got {window}")
+    counts, start = _check_window(window, weights[0].device)
     n = sum(w.numel() for w in weights)
     if row_max is not None:
         n -= sum(r.numel() for r, w in zip(row_max, weights) if w.numel())
@@ -182,15 +204,10 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
         raise ValueError(f"k must be in [1, {n}] (the number of weights counted), got {k}")
     reduce = reduce or (lambda hist: hist)
     backend = backend_for(weights[0].device)
-    window_hist = window_start = None
     if histogram is None:
-        if exact and near is not None:
-            window_start = ((near.float().abs().reshape(()).view(torch.int32).to(torch.int64) >> 16)
-                            - window // 2).to(weights[0].device)
-            window_hist = torch.zeros(window * LOW_BINS, dtype=torch.int64, device=weights[0].device)
-            hist = backend.magnitude_histogram(weights, None, row_max or [], window_hist, window_start)
-        else:
-            hist = backend.magnitude_histogram(weights, None, row_max or [])
+        if not exact:
+            counts = start = window = None  # nothing to count it for
+        hist = backend.magnitude_histogram(weights, None, row_max or [], counts, start)
     else:
         hist = histogram.clone()
     if row_max is not None:
@@ -201,11 +218,9 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
     bits = b << 16
     if exact:
         del hist
-        slot = None if window_hist is None else int(b - window_start)  # the host sync
-        if slot is not None and 0 <= slot < window:
-            low = window_hist[slot * LOW_BINS:(slot + 1) * LOW_BINS].clone()
-        else:
-            low = backend.magnitude_histogram(weights, b, [])
+        low = None if window is None else window.low_histogram(b)  # the host sync
+        if low is None:
+            low = backend.magnitude_histogram(weights, b, [], None, None)
         if row_max is not None:
             low -= _row_max_histogram(row_max, b)
         low, _ = _select_bin(reduce(low), rank)
@@ -288,6 +303,7 @@ def feedback_sgd_step(
     masked_out: list[torch.Tensor] | None = None,
     histogram: torch.Tensor | None = None,
     row_max: list[torch.Tensor] | None = None,
+    window: Window | None = None,
 ) -> None:
     """One SGD step (torch.optim.SGD semantics, float32 math) on the dense ``params``.
 
@@ -295,7 +311,9 @@ def feedback_sgd_step(
     ``masked_out``, writes ``param ⊙ mask`` for the next forward; with ``histogram`` (int64,
     32768 bins), adds the high-bits histogram of the updated ``|param|`` to it, so the next
     approximate threshold needs no extra pass over the weights, and with ``row_max`` also
-    maximises the rows' keys of the updated params into it (as :func:`magnitude_histogram`).
+    maximises the rows' keys of the updated params into it, and with ``window`` also fills
+    the window (as :func:`magnitude_histogram`): an exact :func:`global_threshold` on that
+    histogram and window then needs no pass over the weights when it lands in the window.
     """
     if not params:
         return
@@ -307,14 +325,16 @@ def feedback_sgd_step(
     if histogram is not None and (histogram.dtype != torch.int64 or histogram.numel() != HIGH_BINS):
         raise ValueError(f"histogram must be an int64 tensor of {HIGH_BINS} bins")
     _check_row_max(params, row_max)
-    if row_max is not None and histogram is None:
-        raise ValueError("row_max is recorded with the histogram: pass both")
+    if (row_max is not None or window is not None) and histogram is None:
+        raise ValueError("row_max and window are counted with the histogram: pass it too")
+    counts, start = _check_window(window, params[0].device)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     backend_for(params[0].device).feedback_sgd_step(
         params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
         nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, masks=masks,
-        masked_out=masked_out, histogram=histogram, row_max=row_max or [],
+        masked_out=masked_out, histogram=histogram, row_max=row_max or [], window=counts,
+        window_start=start,
     )
 
 
@@ -335,12 +355,13 @@ def feedback_adamw_step(
     maximize: bool = False,
     histogram: torch.Tensor | None = None,
     row_max: list[torch.Tensor] | None = None,
+    window: Window | None = None,
 ) -> None:
     """One AdamW step (torch.optim.AdamW semantics, float32 math) on the dense ``params``,
     all at optimizer step ``step`` (counted from 1, after this step's increment).
 
     The state tensors (``exp_avgs``, ``exp_avg_sqs``, with ``amsgrad`` ``max_exp_avg_sqs``)
-    exist and are updated in place. ``histogram`` and ``row_max`` as in
+    exist and are updated in place. ``histogram``, ``row_max`` and ``window`` as in
     :func:`feedback_sgd_step`.
     """
     if not params:
@@ -355,10 +376,12 @@ def feedback_adamw_step(
     if histogram is not None and (histogram.dtype != torch.int64 or histogram.numel() != HIGH_BINS):
         raise ValueError(f"histogram must be an int64 tensor of {HIGH_BINS} bins")
     _check_row_max(params, row_max)
-    if row_max is not None and histogram is None:
-        raise ValueError("row_max is recorded with the histogram: pass both")
+    if (row_max is not None or window is not None) and histogram is None:
+        raise ValueError("row_max and window are counted with the histogram: pass it too")
+    counts, start = _check_window(window, params[0].device)
     backend_for(params[0].device).feedback_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], step=step, lr=lr,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-        maximize=maximize, histogram=histogram, row_max=row_max or [],
+        maximize=maximize, histogram=histogram, row_max=row_max or [], window=counts,
+        window_start=start,
     )

@@ -35,7 +35,7 @@ class OpBackend:
 
     def feedback_sgd_step(self, params, grads, momentum_buffers, *, lr, momentum, dampening,
                           nesterov, weight_decay, maximize, masks, masked_out, histogram,
-                          row_max):
+                          row_max, window=None, window_start=None):
         fresh: list[bool] = []
         if momentum != 0:  # the kernel initialises a fresh buffer with the first update
             fresh = [b is None for b in momentum_buffers]
@@ -45,17 +45,17 @@ class OpBackend:
         self.ops.feedback_sgd_step(
             [p.detach() for p in params], [g.detach() for g in grads],
             momentum_buffers if momentum != 0 else [], fresh, lr, momentum, dampening, nesterov,
-            weight_decay, maximize, masks or [], masked_out or [], histogram, row_max,
+            weight_decay, maximize, masks or [], masked_out or [], histogram, row_max, window,
+            window_start,
         )
-
 
     def feedback_adamw_step(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step,
                             lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, histogram,
-                            row_max):
+                            row_max, window=None, window_start=None):
         self.ops.feedback_adamw_step(
             [p.detach() for p in params], [g.detach() for g in grads], exp_avgs, exp_avg_sqs,
             max_exp_avg_sqs if amsgrad else [], step, lr, beta1, beta2, eps, weight_decay,
-            amsgrad, maximize, histogram, row_max or [],
+            amsgrad, maximize, histogram, row_max or [], window, window_start,
         )
 
 

@@ -154,13 +154,16 @@ def feedback_sgd_step(
     masked_out: list[torch.Tensor] | None,
     histogram: torch.Tensor | None,
     row_max: list[torch.Tensor] | None = None,
+    window: torch.Tensor | None = None,
+    window_start: torch.Tensor | None = None,
 ) -> None:
     """SGD on the dense weights, with torch.optim.SGD's semantics and float32 math.
 
     Creates missing momentum buffers in ``momentum_buffers`` (in place, like torch.optim.SGD
     does on its first step). Writes ``param ⊙ mask`` into ``masked_out`` and adds the
     high-bits histogram of the updated ``|param|`` to ``histogram`` when they are given,
-    maximising the rows' keys of the updated params into ``row_max`` with it.
+    maximising the rows' keys of the updated params into ``row_max`` and counting the
+    ``window`` with it (as :func:`magnitude_histogram`).
     """
     for i, param in enumerate(params):
         p = param.detach()
@@ -183,7 +186,8 @@ def feedback_sgd_step(
         if masked_out is not None:
             masked_out[i].copy_(p * masks[i])
     if histogram is not None:
-        histogram += magnitude_histogram([p.detach() for p in params], None, row_max)
+        histogram += magnitude_histogram([p.detach() for p in params], None, row_max, window,
+                                         window_start)
 
 
 def adamw_coefficients(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -212,9 +216,11 @@ def feedback_adamw_step(
     maximize: bool,
     histogram: torch.Tensor | None,
     row_max: list[torch.Tensor] | None = None,
+    window: torch.Tensor | None = None,
+    window_start: torch.Tensor | None = None,
 ) -> None:
     """AdamW on the dense weights, with torch.optim.AdamW's semantics and float32 math, at
-    optimizer step ``step`` (counted from 1); the histogram and row keys as
+    optimizer step ``step`` (counted from 1); the histogram, row keys and window as
     :func:`feedback_sgd_step`."""
     c = {k: torch.tensor(v, dtype=torch.float32, device=params[0].device)  # float32 scalars
          for k, v in adamw_coefficients(lr, beta1, beta2, eps, weight_decay, step).items()}
@@ -236,4 +242,5 @@ def feedback_adamw_step(
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
     if histogram is not None:
-        histogram += magnitude_histogram([p.detach() for p in params], None, row_max)
+        histogram += magnitude_histogram([p.detach() for p in params], None, row_max, window,
+                                         window_start)

@@ -44,28 +44,32 @@ if launch is not None:
 
     @torch.library.custom_op(
         "dpf_triton::feedback_sgd_step",
-        mutates_args=("params", "momentum_buffers", "masked_out", "histogram", "row_max"),
+        mutates_args=("params", "momentum_buffers", "masked_out", "histogram", "row_max",
+                      "window"),
     )
     def _sgd(params: list[torch.Tensor], grads: list[torch.Tensor],
              momentum_buffers: list[torch.Tensor], fresh: list[bool], lr: float, momentum: float,
              dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
              masks: list[torch.Tensor], masked_out: list[torch.Tensor],
-             histogram: torch.Tensor | None, row_max: list[torch.Tensor]) -> None:
+             histogram: torch.Tensor | None, row_max: list[torch.Tensor],
+             window: torch.Tensor | None, window_start: torch.Tensor | None) -> None:
         launch.feedback_sgd_step(params, grads, momentum_buffers, fresh, lr, momentum, dampening,
                                  nesterov, weight_decay, maximize, masks, masked_out, histogram,
-                                 row_max)
+                                 row_max, window, window_start)
 
     @torch.library.custom_op(
         "dpf_triton::feedback_adamw_step",
-        mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "histogram", "row_max"),
+        mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "histogram", "row_max",
+                      "window"),
     )
     def _adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], step: int,
                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
-               maximize: bool, histogram: torch.Tensor | None, row_max: list[torch.Tensor]) -> None:
+               maximize: bool, histogram: torch.Tensor | None, row_max: list[torch.Tensor],
+               window: torch.Tensor | None, window_start: torch.Tensor | None) -> None:
         launch.feedback_adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr,
                                    beta1, beta2, eps, weight_decay, amsgrad, maximize, histogram,
-                                   row_max)
+                                   row_max, window, window_start)
 
     register_abstract("dpf_triton")
     devices = (("cuda",) if torch.cuda.is_available() else ()) + (
