@@ -40,22 +40,33 @@ def machine_name() -> str:
 
 def case_name(bench: dict) -> str:
     params = bench.get("params") or {}
-    return "-".join(str(v) for k, v in params.items() if k != "size") or bench["name"].removeprefix("test_")
+    named = "-".join(str(v) for k, v in params.items() if k not in ("size", "group"))
+    return named or bench["name"].removeprefix("test_").split("[")[0]
+
+
+def per_step(bench: dict) -> float:
+    """The median time of one step of a case: cases timing several steps (``steps`` in
+    their extra_info) are divided by that count."""
+    return bench["stats"]["median"] / bench.get("extra_info", {}).get("steps", 1)
 
 
 def table(benchmarks: list[dict]) -> str:
-    """Per group: each case's median time, peak extra memory where measured, and the
-    speed-up of every dpf_ext case over every torch baseline of the group."""
+    """Per group: each case's median time (per step where a case times several), as a
+    multiple of one read of the weights where the group times one, peak extra memory where
+    measured, and the speed-up of every dpf_ext case over every torch baseline of the
+    group."""
     groups: dict[str, list[dict]] = {}
     for b in benchmarks:
         groups.setdefault(b["group"], []).append(b)
     lines = []
     for group, cases in groups.items():
         lines.append(f"\n{group}")
-        baselines = [c for c in cases if BASELINE.search(case_name(c))]
+        reads = [c for c in cases if "one_read" in case_name(c)]
+        baselines = [c for c in cases if BASELINE.search(case_name(c)) and c not in reads]
         for c in cases:
-            med = c["stats"]["median"]
+            med = per_step(c)
             extra = c.get("extra_info", {})
+            floor = f"  {med / per_step(reads[0]):6.2f} reads" if reads else ""
             mem = ""
             if "peak_extra_bytes" in extra:
                 mem = (f"  peak extra {extra['peak_extra_bytes'] / 2**20:7.1f} MiB "
@@ -64,12 +75,15 @@ def table(benchmarks: list[dict]) -> str:
                 mem += f"  ({extra['bandwidth_GBps']:.0f} GB/s)"
             if "interleaved_ratio" in extra:
                 mem += f"  interleaved with the baseline: {extra['interleaved_ratio']:.3f}x its time"
+            if "window_landed" in extra:
+                mem += f"  (window: {extra['window_landed']})"
             ratios = ""
-            if c not in baselines:
+            if c not in baselines and c not in reads:
                 ratios = "  " + ", ".join(
-                    f"{base['stats']['median'] / med:.2f}x vs {case_name(base)}" for base in baselines
+                    f"{per_step(base) / med:.2f}x vs {case_name(base)}" for base in baselines
                 )
-            lines.append(f"  {case_name(c):<32} {med * 1e3:10.2f} ms{mem}{ratios}")
+            unit = " ms/step" if "steps" in extra else " ms"
+            lines.append(f"  {case_name(c):<32} {med * 1e3:10.2f}{unit}{floor}{mem}{ratios}")
     return "\n".join(lines)
 
 

@@ -211,7 +211,9 @@ def test_feedback_sgd_step_matches(compiled, dtype, settings):
         kw = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
         kw.update(settings)
         reference.feedback_sgd_step(ref_params, grads, ref_bufs, masks=masks, masked_out=ref_out,
-                                    histogram=ref_hist, row_max=ref_rows, **kw)
+                                    histogram=ref_hist, row_max=ref_rows,
+                                    window=torch.zeros(window.counts.numel(), dtype=torch.int64),
+                                    window_start=window.start.cpu(), **kw)
         ops.feedback_sgd_step(dev_params, _on(compiled, grads), dev_bufs, masks=_on(compiled, masks),
                               masked_out=dev_out, histogram=dev_hist, row_max=dev_rows,
                               window=window, **kw)
@@ -285,13 +287,25 @@ def test_first_pass_window_matches(compiled, dtype):
         occupied = torch.nonzero(high[:NONFINITE_BIN]).flatten().tolist()
         for start in {occupied[0] - 1, occupied[len(occupied) // 2], occupied[-1]}:
             for width in (1, 3):
+                start = min(start, NONFINITE_BIN - width)  # a window holds finite bins only
                 expected = torch.zeros(width * 65536, dtype=torch.int64)
-                reference.magnitude_histogram(weights, None, [], expected, torch.tensor(start))
+                summary = reference.magnitude_histogram(weights, None, [], expected,
+                                                        torch.tensor(start))
                 got = torch.zeros(width * 65536, dtype=torch.int64, device=compiled)
                 got_high = ops.backend_for(compiled).magnitude_histogram(
                     _on(compiled, weights), None, [], got, torch.tensor(start, device=compiled))
-                assert torch.equal(_nan_folded(got_high.cpu()), _nan_folded(high)), name
+                assert torch.equal(_nan_folded(got_high.cpu()), _nan_folded(summary)), name
                 assert torch.equal(got.cpu(), expected), (name, start, width)
+                # the summary: the window's bins and the non-finite ones as they are, the
+                # rest folded into the bins beside the window
+                outside = torch.ones(len(high), dtype=torch.bool)
+                outside[start:start + width] = False
+                outside[NONFINITE_BIN:] = False
+                assert torch.equal(summary[~outside], high[~outside]), name
+                if start > 0:
+                    assert summary[start - 1] == high[:start].sum(), name
+                if start + width < NONFINITE_BIN:
+                    assert summary[start + width] == high[start + width:NONFINITE_BIN].sum(), name
                 for slot in range(width):  # each slice is the second pass of its bin
                     if 0 <= start + slot < NONFINITE_BIN:
                         assert torch.equal(expected[slot * 65536:(slot + 1) * 65536],

@@ -91,17 +91,27 @@ def _count_first_pass(mag, offs, valid, t, hist_ptr, row_max_addr_ptr, row_len_p
                       BLOCK: tl.constexpr):
     """The first pass over the elements ``offs`` of tensor ``t`` (magnitude bits ``mag``):
     hist[top 16 bits] += 1; with ROWS each row's largest key into its row_max; with WINDOW
-    the low 16 bits of the elements of the window's high bins into their slice of it."""
+    the low 16 bits of the elements of the window's high bins into their slice of it, and
+    the histogram summarised around it (the finite elements below the window in the bin
+    under it, those above in the bin over it: two sums instead of per-element atomics)."""
     bins = mag >> 16
-    tl.atomic_add(hist_ptr + bins, tl.full((BLOCK,), 1, tl.int64), mask=valid)
-    if ROWS:
-        _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)
+    counted = valid
     if WINDOW:
-        slot = bins - tl.load(window_start_ptr).to(tl.int32)
+        start = tl.load(window_start_ptr).to(tl.int32)
+        slot = bins - start
         inside = valid & (slot >= 0) & (slot < window_bins)
         cell = slot.to(tl.int64) * 65536 + (mag & 0xFFFF)
         tl.atomic_add(window_ptr + tl.where(inside, cell, 0), tl.full((BLOCK,), 1, tl.int64),
                       mask=inside)
+        finite = mag < INF_BITS
+        below = tl.sum((valid & finite & (slot < 0)).to(tl.int64), axis=0)
+        above = tl.sum((valid & finite & (slot >= window_bins)).to(tl.int64), axis=0)
+        tl.atomic_add(hist_ptr + tl.maximum(start - 1, 0), below, mask=below > 0)
+        tl.atomic_add(hist_ptr + start + window_bins, above, mask=above > 0)
+        counted = valid & (inside | ~finite)
+    tl.atomic_add(hist_ptr + bins, tl.full((BLOCK,), 1, tl.int64), mask=counted)
+    if ROWS:
+        _max_rows(mag, offs, valid, row_max_addr_ptr, row_len_ptr, t)
 
 
 @triton.jit

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "../dpf_math.h"
 
@@ -16,38 +17,6 @@ inline void atomic_max(int64_t* p, int64_t v) {
   while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
 }
-
-// The largest row_key of each row of a tensor seen through consecutive element indices
-// (rows of row_len elements), merged into row_max[row] once per row touched. A null
-// row_max makes it a no-op.
-class RowMax {
- public:
-  RowMax(int64_t* row_max, int64_t row_len) : row_max_(row_max), row_len_(row_len) {}
-  ~RowMax() { flush(); }
-
-  // Element i of the tensor has magnitude bits mag; i increases between calls.
-  void add(int64_t i, uint32_t mag) {
-    if (!row_max_) return;
-    if (i >= row_end_) {
-      flush();
-      row_ = i / row_len_;
-      row_end_ = (row_ + 1) * row_len_;
-    }
-    const int64_t key = row_key(mag, i - (row_end_ - row_len_));
-    if (key > best_) best_ = key;
-  }
-
- private:
-  void flush() {
-    if (best_ > 0) atomic_max(row_max_ + row_, best_);
-    best_ = 0;
-  }
-  int64_t* row_max_;
-  int64_t row_len_;
-  int64_t row_ = 0;
-  int64_t row_end_ = 0;
-  int64_t best_ = 0;
-};
 
 // The column of its row that the channel floor keeps for element i (rows of row_len
 // elements, keys in row_max), or -1; a null row_max forces nothing.
@@ -73,33 +42,118 @@ class ForcedColumn {
   int64_t column_ = -1;
 };
 
-// The second pass's histograms of `width` consecutive high bins from `start`, counted in
-// the first pass: window[(high - start) * kLowBins + low] += 1, atomically (few elements
-// fall in a window, so threads seldom meet). A null window counts nothing.
+// The second pass's histograms of `width` consecutive finite high bins from `start` (which
+// may be negative; start + width <= the first non-finite bin), counted in the first pass:
+// window[(high - start) * kLowBins + low] += 1, atomically (few elements fall in a window,
+// so threads seldom meet). A null window counts nothing.
 struct Window {
   int64_t* counts;
-  uint32_t start;
+  int64_t start;
   uint32_t width;
 
   void add(uint32_t mag) const {
-    const uint32_t slot = high_bin(mag) - start;  // wraps around below start
+    const uint64_t slot = uint64_t(int64_t(high_bin(mag)) - start);  // wraps around below start
     if (counts && slot < width)
       __atomic_fetch_add(counts + int64_t(slot) * kLowBins + low_bin(mag), 1, __ATOMIC_RELAXED);
   }
 };
 
-// The first pass over w[begin, end): hist[high_bin(|w|)] += 1, the rows' keys into row_max
-// (may be null; rows of row_len elements) and the window's low bins.
+// Four magnitudes (magnitude_bits, all below 2^31) in the lanes of a 16-byte vector, which
+// GCC and Clang map to SSE2/NEON registers: the first pass's counting loops run four
+// elements per instruction.
+using Lanes = int32_t __attribute__((vector_size(16)));
+
+template <typename T>
+inline Lanes magnitudes4(const T* w) {
+  Lanes v;
+  for (int j = 0; j < 4; ++j) v[j] = int32_t(magnitude_bits(w[j]));
+  return v;
+}
+template <>
+inline Lanes magnitudes4<float>(const float* w) {
+  Lanes v;
+  std::memcpy(&v, w, sizeof(v));
+  return v & 0x7FFFFFFF;
+}
+
+inline bool any_lane(Lanes v) {
+  uint64_t halves[2];
+  std::memcpy(halves, &v, sizeof(halves));
+  return (halves[0] | halves[1]) != 0;
+}
+
+inline int64_t sum_lanes(Lanes v) { return int64_t(v[0]) + v[1] + v[2] + v[3]; }
+
+// row_max[row] = max(it, the row's largest row_key over w[begin, end)), rows of row_len
+// elements: each row's largest magnitude first, then the first column holding it.
+template <typename T>
+void record_rows(const T* w, int64_t begin, int64_t end, int64_t* row_max, int64_t row_len) {
+  for (int64_t a = begin; a < end;) {
+    const int64_t row = a / row_len, row_begin = row * row_len;
+    const int64_t b = end < row_begin + row_len ? end : row_begin + row_len;
+    Lanes lanes = {0, 0, 0, 0};
+    int64_t i = a;
+    for (; i + 4 <= b; i += 4) {
+      const Lanes m = magnitudes4(w + i), larger = m > lanes;
+      lanes = (m & larger) | (lanes & ~larger);
+    }
+    int32_t best = 0;
+    for (int j = 0; j < 4; ++j) best = lanes[j] > best ? lanes[j] : best;
+    for (; i < b; ++i) best = int32_t(magnitude_bits(w[i])) > best ? int32_t(magnitude_bits(w[i])) : best;
+    int64_t first = a;
+    while (first + 4 <= b && !any_lane(magnitudes4(w + first) == best)) first += 4;
+    while (int32_t(magnitude_bits(w[first])) != best) ++first;
+    atomic_max(row_max + row, row_key(uint32_t(best), first - row_begin));
+    a = b;
+  }
+}
+
+// The first pass over w[begin, end): hist[high_bin(|w|)] += 1 and the rows' keys into
+// row_max (may be null; rows of row_len elements). With a window, its low bins, and the
+// high histogram summarised around it: the finite elements below the window count in bin
+// start - 1, those above in bin start + width, the others (the window's, the non-finite)
+// in their own bins. Counting two numbers four lanes at a time instead of scattering every
+// element into 32768 bins, the summarised pass is the cheap one.
 template <typename T>
 void histogram_high(const T* w, int64_t begin, int64_t end, int32_t* hist, int64_t* row_max,
                     int64_t row_len, const Window& window = {nullptr, 0, 0}) {
-  RowMax rows(row_max, row_len);
-  for (int64_t i = begin; i < end; ++i) {
-    const uint32_t mag = magnitude_bits(w[i]);
-    ++hist[high_bin(mag)];
-    rows.add(i, mag);
-    window.add(mag);
+  if (row_max) record_rows(w, begin, end, row_max, row_len);
+  if (!window.counts) {
+    for (int64_t i = begin; i < end; ++i) ++hist[high_bin(magnitude_bits(w[i]))];
+    return;
   }
+  constexpr int32_t kInf = 0x7F800000;
+  const int32_t lo = window.start > 0 ? int32_t(window.start << 16) : 0;
+  const int32_t hi = int32_t((window.start + window.width) << 16);  // <= kInf
+  auto count_one = [&](int32_t mag) {
+    if (mag >= lo && (mag < hi || mag >= kInf)) {  // the window's, or non-finite
+      ++hist[high_bin(uint32_t(mag))];
+      window.add(uint32_t(mag));
+    }
+  };
+  Lanes below = {0, 0, 0, 0}, above = {0, 0, 0, 0};
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    Lanes rare = {0, 0, 0, 0};
+    for (int j = 0; j < 16; j += 4) {
+      const Lanes m = magnitudes4(w + i + j);
+      const Lanes under = m < lo, over = (m >= hi) & (m < kInf);
+      below -= under;  // comparisons give -1 for true
+      above -= over;
+      rare |= ~(under | over);
+    }
+    if (any_lane(rare))
+      for (int j = 0; j < 16; ++j) count_one(int32_t(magnitude_bits(w[i + j])));
+  }
+  int64_t n_below = sum_lanes(below), n_above = sum_lanes(above);
+  for (; i < end; ++i) {
+    const int32_t mag = int32_t(magnitude_bits(w[i]));
+    n_below += mag < lo;
+    n_above += (mag >= hi) & (mag < kInf);
+    count_one(mag);
+  }
+  if (n_below) hist[window.start - 1] += int32_t(n_below);
+  if (n_above) hist[window.start + window.width] += int32_t(n_above);
 }
 
 // hist[low_bin(|w|)] += 1 over the elements of w[begin, end) whose high bin is `prefix`.

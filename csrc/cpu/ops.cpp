@@ -99,7 +99,7 @@ cpu::Window window_of(const char* op, const std::optional<at::Tensor>& window,
                       const std::optional<at::Tensor>& start) {
   if (!window.has_value()) return {nullptr, 0, 0};
   check_window_args(op, *window, start);
-  return {window->data_ptr<int64_t>(), uint32_t(start->item<int64_t>()), uint32_t(window->numel() / kLowBins)};
+  return {window->data_ptr<int64_t>(), start->item<int64_t>(), uint32_t(window->numel() / kLowBins)};
 }
 
 int64_t* row_max_ptr(at::TensorList row_max, int64_t t) {

@@ -119,31 +119,53 @@ __device__ __forceinline__ void max_row(const Rows& rows, int t, int64_t i, uint
 }
 
 // The first pass of a block: the histogram of the elements' high bins in the layout B,
-// each row's largest key into rows.max (if not null) and the window's low bins (if any).
+// each row's largest key into rows.max (if not null) and, with a window, its low bins and
+// the histogram summarised around it (as the CPU's histogram_high): each thread counts the
+// finite elements under and over the window in two registers, summed once per block.
 template <Bins B>
 struct FirstPass {
   BlockHistogram<B> h;
   Rows rows;
   Window win;
-  uint32_t win_start = 0;
+  int64_t win_start = 0;
+  unsigned long long below = 0, above = 0;
 
   // Called once by every thread of the block before counting.
   __device__ __forceinline__ void begin() {
-    if (win.counts) win_start = static_cast<uint32_t>(*win.start);
+    if (win.counts) win_start = *win.start;
     h.zero();
   }
 
   // Element i of tensor t, of magnitude bits mag.
   __device__ __forceinline__ void add(int t, int64_t i, uint32_t mag) {
-    h.add(high_bin(mag));
     if (rows.max) max_row(rows, t, i, mag);
-    const uint32_t slot = high_bin(mag) - win_start;  // wraps around below the start
-    if (win.counts && slot < static_cast<uint32_t>(win.width))
-      atomicAdd(&win.counts[static_cast<int64_t>(slot) * kLowBins + low_bin(mag)], 1ull);
+    if (win.counts) {
+      const int64_t slot = static_cast<int64_t>(high_bin(mag)) - win_start;
+      const bool finite = mag < 0x7F800000u;
+      if (finite && slot < 0) {
+        ++below;
+        return;
+      }
+      if (finite && slot >= win.width) {
+        ++above;
+        return;
+      }
+      if (slot >= 0 && slot < win.width) atomicAdd(&win.counts[slot * kLowBins + low_bin(mag)], 1ull);
+    }
+    h.add(high_bin(mag));
   }
 
   __device__ __forceinline__ void chunk_done() { h.chunk_done(); }
-  __device__ __forceinline__ void end() { h.flush(false); }
+
+  // Called once by every thread of the block after counting.
+  __device__ __forceinline__ void end() {
+    h.flush(false);
+    if (win.counts) {
+      const unsigned long long under = block_sum(below), over = block_sum(above);
+      if (threadIdx.x == 0 && under) atomicAdd(&h.hist[win_start - 1], under);
+      if (threadIdx.x == 0 && over) atomicAdd(&h.hist[win_start + win.width], over);
+    }
+  }
 };
 
 // Pass 1: block-local histograms (in shared memory unless B is kGlobal), merged once per

@@ -48,8 +48,8 @@ struct Rows {
   const int64_t* length;
 };
 
-// The second pass's histograms of `width` consecutive high bins from the device value
-// *start, counted in the first pass (counts: width * 65536, null for none).
+// The second pass's histograms of `width` consecutive finite high bins from the device
+// value *start, counted in the first pass (counts: width * 65536, null for none).
 struct Window {
   unsigned long long* counts;
   const int64_t* start;
@@ -57,7 +57,9 @@ struct Window {
 };
 
 // hist (int64, 32768 bins) += top-16-bit histogram of |w| over the table, each row's
-// largest key into rows.max and the window's low bins; or, with a non-null device pointer
+// largest key into rows.max and the window's low bins, the histogram then summarised
+// around the window (the finite elements under it in bin *start - 1, those over it in bin
+// *start + width; *start + width <= 0x7F80); or, with a non-null device pointer
 // `prefix`, hist (65536 bins) += low-16-bit histogram of the elements whose top 16 bits
 // equal *prefix. No host synchronisation.
 cudaError_t magnitude_histogram(const Table& weights, DType dtype, const int64_t* prefix,

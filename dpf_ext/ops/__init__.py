@@ -30,6 +30,7 @@ import torch
 
 from .bits import (FINITE_LIMIT, HIGH_BINS, LOW_BINS, MAX_GROUP, NONFINITE_BIN, SUPPORTED_DTYPES,
                    bits_to_float)
+from . import reference
 from .dispatch import available_backends, backend_for
 from .window import Window
 from . import triton, compiled  # noqa: F401, I001  (register the backends built; last preferred)
@@ -119,15 +120,19 @@ def magnitude_histogram(
                                                               counts, start)
 
 
-def _row_max_histogram(row_max: list[torch.Tensor], prefix: torch.Tensor | None) -> torch.Tensor:
+def _row_max_histogram(row_max: list[torch.Tensor], prefix: torch.Tensor | None,
+                       window: Window | None = None) -> torch.Tensor:
     """The histogram of the finite row maxima, as :func:`magnitude_histogram` would count
-    those elements alone (empty rows, keys of 0, count nothing). Non-finite maxima are
-    left out so that the non-finite bins still show them."""
+    those elements alone (empty rows, keys of 0, count nothing; summarised around
+    ``window`` if given). Non-finite maxima are left out so that the non-finite bins still
+    show them."""
     keys = torch.cat([k.flatten() for k in row_max])
     bits = keys >> 32
     counted = (keys > 0) & (bits < FINITE_LIMIT)
     if prefix is None:
         bins, idx = HIGH_BINS, bits >> 16
+        if window is not None:
+            idx = reference.summarise_bins(idx, window.start, window.width)
     else:
         bins, idx = LOW_BINS, bits & 0xFFFF
         counted &= (bits >> 16) == prefix
@@ -186,10 +191,10 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
 
     ``window`` (exact mode): a fresh :class:`Window` around a guess of the result, such as
     ``Window.around(previous_threshold)``. Without ``histogram`` the first pass run here
-    fills it; with ``histogram``, it must be the window counted with that histogram (as
-    :func:`feedback_sgd_step` does). If the result falls in the window it comes out of the
-    first pass, and the second pass runs only otherwise. The result is the same either way;
-    deciding costs one host synchronisation.
+    fills it; with ``histogram``, it must be the window counted with that (summarised)
+    histogram, as :func:`feedback_sgd_step` does. If the result falls in the window it comes
+    out of that one cheap pass; otherwise a full first pass and the second pass run. The
+    result is the same either way; deciding costs one host synchronisation.
 
     If any weight is Inf or NaN the result is NaN. Without ``window``, nothing syncs with the
     host.
@@ -208,17 +213,29 @@ under float32's smallest normal, 1.2e-38), which keeps every weight of that bin:
         if not exact:
             counts = start = window = None  # nothing to count it for
         hist = backend.magnitude_histogram(weights, None, row_max or [], counts, start)
+    elif window is not None and not exact:
+        raise ValueError("a histogram counted with a window serves the exact threshold only")
     else:
         hist = histogram.clone()
-    if row_max is not None:
-        hist -= _row_max_histogram(row_max, None)
-    hist = reduce(hist)
-    nonfinite = hist[NONFINITE_BIN:].sum() > 0
-    b, rank = _select_bin(hist, k)
+
+    def select(hist, window):
+        """(bin, rank in it, any non-finite weight) from a first pass's histogram."""
+        if row_max is not None:
+            hist -= _row_max_histogram(row_max, None, window)
+        hist = reduce(hist)
+        nonfinite = hist[NONFINITE_BIN:].sum() > 0
+        return (*_select_bin(hist, k), nonfinite)
+
+    b, rank, nonfinite = select(hist, window)
+    del hist
+    low = None
+    if window is not None:
+        low = window.low_histogram(b)  # the host sync
+        if low is None:  # the threshold left the window: the full first pass (rows are known)
+            b, rank, nonfinite = select(backend.magnitude_histogram(weights, None, [], None, None),
+                                        None)
     bits = b << 16
     if exact:
-        del hist
-        low = None if window is None else window.low_histogram(b)  # the host sync
         if low is None:
             low = backend.magnitude_histogram(weights, b, [], None, None)
         if row_max is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .bits import HIGH_BINS, LOW_BINS, key_columns, magnitude_bits, row_key
+from .bits import HIGH_BINS, LOW_BINS, NONFINITE_BIN, key_columns, magnitude_bits, row_key
 
 
 def _rows(w: torch.Tensor, rows: int) -> torch.Tensor:
@@ -27,6 +27,13 @@ def accumulate_row_max(w: torch.Tensor, row_max: torch.Tensor) -> None:
     torch.maximum(row_max, row_key(bits, columns).amax(dim=1), out=row_max)
 
 
+def summarise_bins(high: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
+    """The bins a first pass with a window of ``width`` high bins from ``start`` counts the
+    high bins ``high`` (int64) in: finite ones clamped to ``[start - 1, start + width]``."""
+    clamped = torch.minimum(torch.maximum(high, start - 1), start + width)
+    return torch.where(high < NONFINITE_BIN, clamped, high)
+
+
 def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None,
                         row_max: list[torch.Tensor] | None = None,
                         window: torch.Tensor | None = None,
@@ -34,11 +41,14 @@ def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None
     """Histogram of the float32 bit pattern of ``|w|`` over all ``weights``.
 
     ``prefix is None``: counts of the top 16 bits (``HIGH_BINS`` bins); with ``row_max``
-    (one int64 tensor per weight, one entry per row) also maximises each row's key into it;
-    with ``window`` (int64, ``W * LOW_BINS``) and ``window_start`` (0-dim int64, a top-16-bit
-    value) also adds, for the elements whose top 16 bits ``h`` lie in
-    ``[window_start, window_start + W)``, their low 16 bits into the ``h - window_start``-th
-    slice of ``window``: the second pass's histograms of W bins at once.
+    (one int64 tensor per weight, one entry per row) also maximises each row's key into it.
+    With ``window`` (int64, ``W * LOW_BINS``) and ``window_start`` (0-dim int64, a
+    top-16-bit value ``s`` with ``s + W <= NONFINITE_BIN``) it adds, for the elements whose
+    top 16 bits ``h`` lie in ``[s, s + W)``, their low 16 bits into the ``h - s``-th slice of
+    ``window`` (the second pass's histograms of W bins at once), and the high histogram is
+    summarised around the window: a finite element counts in bin ``clamp(h, s - 1, s + W)``
+    (everything below the window in the bin under it, everything above in the bin over it);
+    non-finite elements keep their bins.
     ``prefix`` (0-dim int64): counts of the low 16 bits of the elements whose top 16 bits
     equal ``prefix`` (``LOW_BINS`` bins).
     """
@@ -46,17 +56,21 @@ def magnitude_histogram(weights: list[torch.Tensor], prefix: torch.Tensor | None
     if prefix is None:
         hist = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
         for i, w in enumerate(weights):
-            if w.numel():
-                hist += torch.bincount((magnitude_bits(w) >> 16).flatten(), minlength=HIGH_BINS)
             if row_max:
                 accumulate_row_max(w, row_max[i])
-            if window is not None and w.numel():
-                bits = magnitude_bits(w).flatten().to(torch.int64)
-                slot = (bits >> 16) - window_start
-                inside = (slot >= 0) & (slot < window.numel() // LOW_BINS)
+            if not w.numel():
+                continue
+            bits = magnitude_bits(w).flatten().to(torch.int64)
+            high = bits >> 16
+            if window is not None:
+                width = window.numel() // LOW_BINS
+                slot = high - window_start
+                inside = (slot >= 0) & (slot < width)
                 window += torch.bincount(torch.where(inside, slot * LOW_BINS + (bits & 0xFFFF), 0),
                                          weights=inside.to(torch.float64),
                                          minlength=window.numel()).to(torch.int64)
+                high = summarise_bins(high, window_start, width)
+            hist += torch.bincount(high, minlength=HIGH_BINS)
         return hist
     # Elements outside the prefix bin go to an overflow bin that is dropped at the end.
     hist = torch.zeros(LOW_BINS + 1, dtype=torch.int64, device=device)

@@ -11,25 +11,28 @@ from __future__ import annotations
 
 import torch
 
-from .bits import LOW_BINS
+from .bits import LOW_BINS, NONFINITE_BIN
 
 
 class Window:
-    """The low-16-bit histograms of ``width`` consecutive high bins from ``start``.
+    """The low-16-bit histograms of ``width`` consecutive finite high bins from ``start``.
 
-    ``start`` is a 0-dim int64 tensor on the weights' device (a top-16-bit value); ``counts``
-    an int64 tensor of ``width * LOW_BINS`` zeros that the first pass adds into, slice
-    ``j`` for high bin ``start + j``. Counts of disjoint sets of weights add up, like the
+    ``start`` is a 0-dim int64 tensor on the weights' device (a top-16-bit value, moved down
+    where needed so that the window holds finite bins only); ``counts`` an int64 tensor of
+    ``width * LOW_BINS`` zeros that the first pass adds into, slice ``j`` for high bin
+    ``start + j``. A first pass with a window only needs to tell the rest apart coarsely,
+    so its high histogram is summarised (see :func:`~dpf_ext.ops.magnitude_histogram`),
+    which is what makes it cheap. Counts of disjoint sets of weights add up, like the
     histograms'. Build one with :meth:`around`.
     """
 
     def __init__(self, start: torch.Tensor, width: int):
-        if width < 1:
-            raise ValueError(f"a window spans at least 1 high bin, got {width}")
+        if not 1 <= width <= 64:
+            raise ValueError(f"a window spans 1 to 64 high bins, got {width}")
         if start.dtype != torch.int64 or start.numel() != 1:
             raise ValueError(f"window start must be a one-element int64 tensor, got {start.dtype} "
                              f"{tuple(start.shape)}")
-        self.start = start.reshape(())
+        self.start = start.reshape(()).clamp(max=NONFINITE_BIN - width)
         self.counts = torch.zeros(width * LOW_BINS, dtype=torch.int64, device=start.device)
 
     @classmethod
