@@ -75,6 +75,9 @@ def table(benchmarks: list[dict]) -> str:
                 mem += f"  ({extra['bandwidth_GBps']:.0f} GB/s)"
             if "interleaved_ratio" in extra:
                 mem += f"  interleaved with the baseline: {extra['interleaved_ratio']:.3f}x its time"
+            if "interleaved" in extra:
+                mem += "  interleaved: " + ", ".join(
+                    f"{ratio:.2f}x {what}" for what, ratio in extra["interleaved"].items())
             if "window_landed" in extra:
                 mem += f"  (window: {extra['window_landed']})"
             ratios = ""

@@ -1,5 +1,6 @@
 """Global threshold at 90% sparsity over ~50 tensors: dpf_ext (exact, exact warm-started from
-the previous threshold, approximate) against one read of the weights (the floor),
+the previous threshold, approximate) against one read of the weights (the floor; the dpf
+cases are also timed interleaved with it),
 torch.kthvalue and torch.topk on the concatenated magnitudes (concatenation included) and
 torch.nn.utils.prune.global_unstructured. Peak extra memory goes into extra_info."""
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from memory import measure
-from workloads import THRESHOLD_METHODS, prune_global_unstructured, prune_modules, weight_set
+from workloads import (THRESHOLD_METHODS, interleaved_medians, one_read, prune_global_unstructured,
+                       prune_modules, weight_set)
 
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "25M": 25_000_000}
 _weights = {}
@@ -34,6 +36,10 @@ def test_threshold(benchmark, size, method):
                            rounds=rounds, warmup_rounds=1)
     else:
         fn = THRESHOLD_METHODS[method]
+        if method.startswith("dpf"):
+            medians = interleaved_medians({"dpf": lambda: fn(weights),
+                                           "read": lambda: one_read(weights)}, rounds=rounds)
+            benchmark.extra_info["interleaved"] = {"one read": medians["dpf"] / medians["read"]}
         result = benchmark.pedantic(fn, args=(weights,), rounds=rounds, warmup_rounds=1)
         if method in ("dpf_exact", "dpf_exact_warm"):
             assert torch.equal(result, THRESHOLD_METHODS["torch_kthvalue"](weights))

@@ -5,15 +5,13 @@ A shared 2-core machine drifts by several percent between test cases, more than 
 overhead being measured, so each DPF case also times dense and DPF rounds interleaved and
 records the ratio of their medians (``extra_info["interleaved_ratio"]``)."""
 
-import statistics
-import time
-
 import pytest
 import torch
 from torch import nn
 
 import dpf_ext
 from dpf_ext.models import ResNet
+from workloads import interleaved_medians
 
 STEPS = 16
 INTERLEAVED_ROUNDS = 4
@@ -50,16 +48,9 @@ def _trainer(method):
 
 
 def _interleaved_ratio(method) -> float:
-    runs = {"dense": _trainer("dense"), method: _trainer(method)}
-    times = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()  # warm-up
-    for _ in range(INTERLEAVED_ROUNDS):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return statistics.median(times[method]) / statistics.median(times["dense"])
+    medians = interleaved_medians({"dense": _trainer("dense"), method: _trainer(method)},
+                                  INTERLEAVED_ROUNDS)
+    return medians[method] / medians["dense"]
 
 
 @pytest.mark.parametrize("method", ["dense", "dpf", "dpf_approx"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 from torch import nn
 from torch.nn.utils import prune
@@ -47,6 +50,21 @@ def warm_threshold(weights) -> torch.Tensor:
         _previous.clear()
         _previous[key] = dpf_threshold(weights, True) * (1 + 2.0 ** -9)
     return ops.global_threshold(weights, keep_count(weights), window=ops.Window.around(_previous[key]))
+
+
+def interleaved_medians(fns: dict, rounds: int = 5) -> dict[str, float]:
+    """The median time of each of ``fns`` (name -> callable without arguments), timed in
+    interleaved rounds after one warm-up call each: a shared machine that drifts between
+    cases drifts alike for all of them, so their ratios hold where separate timings do not."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def one_read(weights) -> list[torch.Tensor]:

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "../dpf_math.h"
 
@@ -17,30 +19,6 @@ inline void atomic_max(int64_t* p, int64_t v) {
   while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
 }
-
-// The column of its row that the channel floor keeps for element i (rows of row_len
-// elements, keys in row_max), or -1; a null row_max forces nothing.
-class ForcedColumn {
- public:
-  ForcedColumn(const int64_t* row_max, int64_t row_len) : row_max_(row_max), row_len_(row_len) {}
-
-  // Whether element i is its row's forced one; i increases between calls.
-  bool forced(int64_t i) {
-    if (!row_max_) return false;
-    if (i >= row_end_) {
-      const int64_t row = i / row_len_;
-      row_end_ = (row + 1) * row_len_;
-      column_ = key_column(row_max_[row]);
-    }
-    return i - (row_end_ - row_len_) == column_;
-  }
-
- private:
-  const int64_t* row_max_;
-  int64_t row_len_;
-  int64_t row_end_ = 0;
-  int64_t column_ = -1;
-};
 
 // The second pass's histograms of `width` consecutive finite high bins from `start` (which
 // may be negative; start + width <= the first non-finite bin), counted in the first pass:
@@ -165,21 +143,44 @@ void histogram_low(const T* w, int64_t begin, int64_t end, uint32_t prefix, int3
   }
 }
 
+// Calls fn(i) for the element each row's key in row_max names inside [begin, end) (rows of
+// row_len elements; a key of 0 names none).
+template <typename F>
+void for_each_forced(const int64_t* row_max, int64_t row_len, int64_t begin, int64_t end, const F& fn) {
+  for (int64_t row = begin / row_len; row * row_len < end; ++row) {
+    const int64_t column = key_column(row_max[row]);
+    const int64_t i = row * row_len + column;
+    if (column >= 0 && i >= begin && i < end) fn(i);
+  }
+}
+
 // mask = |w| >= tau (and the old mask if shrink_only), or the element is its row's forced
-// one (row_max may be null); over w[begin, end); counts kept and reactivated.
+// one (row_max may be null); over w[begin, end); counts kept and reactivated. The
+// threshold's loop is branch-free (the compiler vectorises it); the few forced elements
+// are set after it, from their old values saved before it.
 template <typename T>
 void update_mask(const T* w, int64_t begin, int64_t end, uint32_t tau_bits, bool shrink_only,
                  const int64_t* row_max, int64_t row_len, bool* mask, int64_t* kept,
                  int64_t* reactivated) {
-  int64_t k = 0, r = 0;
-  ForcedColumn forced(row_max, row_len);
+  std::vector<std::pair<int64_t, uint8_t>> forced;  // (element, old mask)
+  uint8_t* m = reinterpret_cast<uint8_t*>(mask);
+  if (row_max && row_len > 0) for_each_forced(row_max, row_len, begin, end, [&](int64_t i) { forced.emplace_back(i, m[i]); });
+  const uint8_t any_old = shrink_only ? 0 : 1;  // now = keep && (old || !shrink_only)
+  uint32_t k = 0, r = 0;  // at most kChunk-sized ranges
   for (int64_t i = begin; i < end; ++i) {
-    const bool old = mask[i];
-    const bool now =
-        (keep(magnitude_bits(w[i]), tau_bits) && (old || !shrink_only)) || forced.forced(i);
-    mask[i] = now;
+    const uint32_t mag = magnitude_bits(w[i]);
+    const uint8_t old = m[i];
+    const uint8_t now = uint8_t(keep(mag, tau_bits)) & (old | any_old);
+    m[i] = now;
     k += now;
-    r += now && !old;
+    r += now & (old ^ 1);
+  }
+  for (const auto& [i, old] : forced) {
+    if (!m[i]) {
+      m[i] = 1;
+      ++k;
+      r += old ^ 1;
+    }
   }
   *kept += k;
   *reactivated += r;
