@@ -63,9 +63,24 @@ inline bool any_lane(Lanes v) {
 inline int64_t sum_lanes(Lanes v) { return int64_t(v[0]) + v[1] + v[2] + v[3]; }
 
 // row_max[row] = max(it, the row's largest row_key over w[begin, end)), rows of row_len
-// elements: each row's largest magnitude first, then the first column holding it.
+// elements: each row's largest magnitude first, then the first column holding it; short
+// rows key every element instead.
 template <typename T>
 void record_rows(const T* w, int64_t begin, int64_t end, int64_t* row_max, int64_t row_len) {
+  if (row_len < 64) {
+    for (int64_t row = begin / row_len; row * row_len < end; ++row) {
+      const int64_t row_begin = row * row_len;
+      const int64_t a = begin > row_begin ? begin : row_begin;
+      const int64_t b = end < row_begin + row_len ? end : row_begin + row_len;
+      int64_t best = 0;
+      for (int64_t i = a; i < b; ++i) {
+        const int64_t key = row_key(magnitude_bits(w[i]), i - row_begin);
+        best = key > best ? key : best;
+      }
+      atomic_max(row_max + row, best);
+    }
+    return;
+  }
   for (int64_t a = begin; a < end;) {
     const int64_t row = a / row_len, row_begin = row * row_len;
     const int64_t b = end < row_begin + row_len ? end : row_begin + row_len;
