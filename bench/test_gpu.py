@@ -1,11 +1,9 @@
 """GPU benchmarks (skipped without CUDA): the global threshold at N = 25.6M (ResNet-50's
 size) and 100M against torch.kthvalue, torch.topk and prune.global_unstructured on the
-GPU, next to one read of the weights (the bandwidth floor); the fused DPF step against
-torch.optim.SGD(fused=True); a ResNet-50 training step with DPF against dense. Each case is
+GPU, next to one read of the weights (the bandwidth floor), exact, exact warm-started and
+approximate; the fused DPF step, plain and counting the next threshold's first pass,
+against torch.optim.SGD(fused=True); a ResNet-50 training step with DPF against dense. Each case is
 timed with the device synchronised, over CUDA events."""
-
-import statistics
-import time
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ from torch import nn
 import dpf_ext
 from dpf_ext import ops
 from dpf_ext.models import resnet50
-from workloads import THRESHOLD_METHODS, prune_global_unstructured, prune_modules, weight_set
+from workloads import (THRESHOLD_METHODS, first_pass_args, interleaved_medians,
+                       prune_global_unstructured, prune_modules, weight_set)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SIZES = {"25.6M": 25_557_032, "100M": 100_000_000}
@@ -47,7 +46,8 @@ def _peak_extra(fn, *args) -> int:
 
 
 CASES = {
-    **{f"{name}[{b}]": (name, b) for name in ("dpf_exact", "dpf_approx") for b in ("cuda", "triton")},
+    **{f"{name}[{b}]": (name, b) for name in ("dpf_exact", "dpf_exact_warm", "dpf_approx")
+       for b in ("cuda", "triton")},
     **{name: (name, None) for name in ("torch_kthvalue", "torch_topk", "torch_prune_global")},
     "torch_one_read": ("one_read", None),
 }
@@ -79,15 +79,16 @@ def test_gpu_threshold(benchmark, monkeypatch, size, case):
     fn = THRESHOLD_METHODS[name]
     benchmark.extra_info["peak_extra_bytes"] = _peak_extra(fn, weights)
     result = benchmark.pedantic(_synced(fn), args=(weights,), rounds=20, warmup_rounds=3)
-    if name == "dpf_exact":
+    if name in ("dpf_exact", "dpf_exact_warm"):
         assert torch.equal(result, THRESHOLD_METHODS["torch_kthvalue"](weights))
 
 
 HP = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["dpf_fused[cuda]", "dpf_fused[triton]", "dpf_fused_histogram[cuda]",
-                                     "torch_sgd_fused"])
+@pytest.mark.parametrize("variant", [f"dpf_{kind}[{backend}]" for backend in ("cuda", "triton")
+                                     for kind in ("fused", "fused_histogram", "fused_first_pass_exact")]
+                         + ["torch_sgd_fused"])
 def test_gpu_step(benchmark, monkeypatch, variant):
     params = [p.clone() for p in _get(SIZES["25.6M"])]
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -105,12 +106,11 @@ def test_gpu_step(benchmark, monkeypatch, variant):
             pytest.skip(f"backend {backend!r} was not built")
         monkeypatch.setenv("DPF_EXT_BACKEND", backend)
         bufs = [None] * len(params)
-        hist = (torch.zeros(1 << 15, dtype=torch.int64, device="cuda")
-                if "histogram" in variant else None)
+        counted = first_pass_args(params, variant.removeprefix("dpf_"))
 
         def step():
-            ops.feedback_sgd_step(params, grads, bufs, histogram=hist, dampening=0.0,
-                                  maximize=False, **HP)
+            ops.feedback_sgd_step(params, grads, bufs, dampening=0.0, maximize=False, **counted,
+                                  **HP)
     step()
     benchmark.pedantic(_synced(step), rounds=20, warmup_rounds=3)
 
@@ -147,15 +147,6 @@ def test_gpu_resnet50_training_steps(benchmark, method):
     benchmark.group = "GPU ResNet-50 training, 16 steps (batch 64, bf16 autocast)"
     run = _resnet50_steps(method)
     if method == "dpf":
-        dense = _resnet50_steps("dense")
-        times = {"dense": [], "dpf": []}
-        for fn in (dense, run):
-            fn()
-        for _ in range(5):
-            for name, fn in (("dense", dense), ("dpf", run)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        benchmark.extra_info["interleaved_ratio"] = (
-            statistics.median(times["dpf"]) / statistics.median(times["dense"]))
+        medians = interleaved_medians({"dense": _resnet50_steps("dense"), "dpf": run})
+        benchmark.extra_info["interleaved_ratio"] = medians["dpf"] / medians["dense"]
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)

@@ -10,7 +10,8 @@ import torch
 
 from dpf_ext import ops
 from dpf_ext.ops.bits import HIGH_BINS
-from workloads import interleaved_medians, keep_count, one_read, weight_set
+from workloads import (first_pass_args, interleaved_medians, keep_count, one_read, row_max_per_tensor,
+                       weight_set)
 
 N = 10_000_000
 HP = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -25,23 +26,6 @@ def problem():
     return params, grads, masks
 
 
-def _row_max(params) -> list[torch.Tensor]:
-    """The channel floor's row maxima, one row per (flat) benchmark tensor."""
-    return [torch.zeros(1, dtype=torch.int64) for _ in params]
-
-
-def _first_pass(params, variant: str) -> dict:
-    """The keyword arguments that make a fused step count what ``variant`` names; the
-    window is centred on the weights' threshold now, as the pruner's on the previous one."""
-    if variant == "fused":
-        return {}
-    counted = dict(histogram=torch.zeros(HIGH_BINS, dtype=torch.int64))
-    if variant == "fused_first_pass_exact":  # what the default pruner asks for
-        tau = ops.global_threshold(params, keep_count(params))
-        counted.update(row_max=_row_max(params), window=ops.Window.around(tau))
-    return counted
-
-
 def _sgd_step(problem, variant: str):
     """A fused SGD step on its own copy of the weights (momentum buffers made), and a
     function re-centring its window (``None`` without one)."""
@@ -49,7 +33,7 @@ def _sgd_step(problem, variant: str):
     params = [p.clone() for p in params]
     bufs = [None] * len(params)
     out = [torch.empty_like(p) for p in params]
-    counted = _first_pass(params, variant)
+    counted = first_pass_args(params, variant)
 
     def step():
         ops.feedback_sgd_step(params, grads, bufs, masks=masks, masked_out=out, dampening=0.0,
@@ -59,7 +43,7 @@ def _sgd_step(problem, variant: str):
     recentre = None
     if "window" in counted:
         def recentre():
-            counted.update(_first_pass(params, variant))
+            counted.update(first_pass_args(params, variant))
     return step, recentre
 
 
@@ -68,7 +52,7 @@ def _adamw_step(problem, variant: str):
     params, grads, _ = problem
     params = [p.clone() for p in params]
     state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-    counted = _first_pass(params, variant)
+    counted = first_pass_args(params, variant)
     count = [0]
 
     def step():
@@ -78,7 +62,7 @@ def _adamw_step(problem, variant: str):
     recentre = None
     if "window" in counted:
         def recentre():
-            counted.update(_first_pass(params, variant))
+            counted.update(first_pass_args(params, variant))
     return step, recentre
 
 
@@ -186,7 +170,7 @@ def _period(problem, variant: str):
     out = [torch.empty_like(p) for p in params]
 
     def first_pass():
-        return dict(row_max=_row_max(params), window=ops.Window.around(taus[-1]))
+        return dict(row_max=row_max_per_tensor(params), window=ops.Window.around(taus[-1]))
 
     def period():
         counted = {}

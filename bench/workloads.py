@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from dpf_ext import ops
+from dpf_ext.ops.bits import HIGH_BINS
 
 SPARSITY = 0.9
 N_TENSORS = 50
@@ -50,6 +51,26 @@ def warm_threshold(weights) -> torch.Tensor:
         _previous.clear()
         _previous[key] = dpf_threshold(weights, True) * (1 + 2.0 ** -9)
     return ops.global_threshold(weights, keep_count(weights), window=ops.Window.around(_previous[key]))
+
+
+def row_max_per_tensor(params) -> list[torch.Tensor]:
+    """The channel floor's row maxima, one row per (flat) benchmark tensor."""
+    return [torch.zeros(1, dtype=torch.int64, device=p.device) for p in params]
+
+
+def first_pass_args(params, variant: str) -> dict:
+    """The keyword arguments that make a fused step count what ``variant`` names: nothing
+    (``fused``), the histogram for an approximate threshold (``fused_histogram``), or what
+    the default pruner asks for an exact one (``fused_first_pass_exact``: also the row
+    maxima and a window centred on the weights' threshold now, as the pruner's is on the
+    previous one)."""
+    if variant.startswith("fused_histogram"):
+        return dict(histogram=torch.zeros(HIGH_BINS, dtype=torch.int64, device=params[0].device))
+    if variant.startswith("fused_first_pass_exact"):
+        tau = ops.global_threshold(params, keep_count(params))
+        return dict(histogram=torch.zeros(HIGH_BINS, dtype=torch.int64, device=params[0].device),
+                    row_max=row_max_per_tensor(params), window=ops.Window.around(tau))
+    return {}
 
 
 def interleaved_medians(fns: dict, rounds: int = 5) -> dict[str, float]:

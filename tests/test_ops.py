@@ -223,8 +223,38 @@ def test_warm_started_exact_threshold_is_the_exact_one(device, dtype):
                     assert _bits(got) == _bits(exact), (name, k, float(near), width)
     with pytest.raises(ValueError, match="1 to 64 high bins"):
         ops.Window.around(torch.tensor(1.0), 0)
+    with pytest.raises(ValueError, match="exact threshold only"):
+        w = _on(device, [torch.randn(10)])
+        window = ops.Window.around(torch.tensor(1.0, device=device))
+        ops.global_threshold(w, 3, exact=False, histogram=ops.magnitude_histogram(w, window=window),
+                             window=window)
     with pytest.raises(TypeError, match="dpf_ext.ops.Window"):
         ops.global_threshold(_on(device, [torch.randn(10)]), 3, window=3)
     with pytest.raises(ValueError, match="pass it too"):
         ops.feedback_sgd_step([torch.randn(3)], [torch.randn(3)], [None], lr=0.1,
                               window=ops.Window.around(torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_warm_threshold_with_the_channel_floor_and_a_counted_pass(device, dtype):
+    """With the rows' maxima left out, and from a first pass counted beforehand (as a fused
+    step counts it), a window anywhere gives the exact threshold."""
+    g = torch.Generator().manual_seed(21)
+    weights = _on(device, [torch.randn(40, 9, generator=g).to(dtype), torch.randn(3, 700, generator=g).to(dtype),
+                           torch.randint(-3, 4, (16, 16), generator=g).to(dtype)])  # ties
+    rows = sum(w.shape[0] for w in weights)
+    n = sum(w.numel() for w in weights) - rows
+    for k in (1, n // 10, n // 2, n):
+        zero_rows = lambda: [torch.zeros(w.shape[0], dtype=torch.int64, device=device) for w in weights]  # noqa: E731
+        exact = ops.global_threshold(weights, k, row_max=zero_rows())
+        step = 2.0 ** -7
+        for guess in (exact, exact * (1 + step), exact * (1 - 2 * step), exact * 8, torch.zeros(())):
+            for width in (1, 3):
+                window = ops.Window.around(guess.to(device), width)
+                got = ops.global_threshold(weights, k, row_max=zero_rows(), window=window)
+                assert _bits(got) == _bits(exact), (k, float(guess), width)
+                rows_max, window = zero_rows(), ops.Window.around(guess.to(device), width)
+                counted = ops.magnitude_histogram(weights, row_max=rows_max, window=window)
+                got = ops.global_threshold(weights, k, histogram=counted, row_max=rows_max,
+                                           window=window)
+                assert _bits(got) == _bits(exact), (k, float(guess), width, "counted")

@@ -91,6 +91,17 @@ def _check_window(window: Window | None, device: torch.device) -> tuple:
     return window.counts, window.start
 
 
+def _check_first_pass(params, histogram, row_max, window) -> tuple:
+    """Checks what a fused step counts of the threshold's first pass; returns the window's
+    ``(counts, start)`` as :func:`_check_window` does."""
+    if histogram is not None and (histogram.dtype != torch.int64 or histogram.numel() != HIGH_BINS):
+        raise ValueError(f"histogram must be an int64 tensor of {HIGH_BINS} bins")
+    _check_row_max(params, row_max)
+    if (row_max is not None or window is not None) and histogram is None:
+        raise ValueError("row_max and window are counted with the histogram: pass it too")
+    return _check_window(window, params[0].device)
+
+
 def magnitude_histogram(
     weights: list[torch.Tensor],
     prefix: torch.Tensor | None = None,
@@ -339,12 +350,7 @@ def feedback_sgd_step(
         raise ValueError("params, grads and momentum_buffers must have the same length")
     if (masked_out is None) != (masks is None):
         raise ValueError("masks and masked_out go together")
-    if histogram is not None and (histogram.dtype != torch.int64 or histogram.numel() != HIGH_BINS):
-        raise ValueError(f"histogram must be an int64 tensor of {HIGH_BINS} bins")
-    _check_row_max(params, row_max)
-    if (row_max is not None or window is not None) and histogram is None:
-        raise ValueError("row_max and window are counted with the histogram: pass it too")
-    counts, start = _check_window(window, params[0].device)
+    counts, start = _check_first_pass(params, histogram, row_max, window)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     backend_for(params[0].device).feedback_sgd_step(
@@ -390,12 +396,7 @@ def feedback_adamw_step(
         raise ValueError("amsgrad needs one max_exp_avg_sq per param")
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be a positive int, got {step!r}")
-    if histogram is not None and (histogram.dtype != torch.int64 or histogram.numel() != HIGH_BINS):
-        raise ValueError(f"histogram must be an int64 tensor of {HIGH_BINS} bins")
-    _check_row_max(params, row_max)
-    if (row_max is not None or window is not None) and histogram is None:
-        raise ValueError("row_max and window are counted with the histogram: pass it too")
-    counts, start = _check_window(window, params[0].device)
+    counts, start = _check_first_pass(params, histogram, row_max, window)
     backend_for(params[0].device).feedback_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], step=step, lr=lr,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
