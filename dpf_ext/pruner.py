@@ -14,7 +14,7 @@ from . import ops
 from .channels import BlowUpWatch, ChannelFloor, below, new_row_max
 from .distributed import Shards, check_same_on_all_ranks, is_sharded, local_weight_and_mask
 from .nn import coverage, dpf_layers, unsparsify
-from .ops.bits import HIGH_BINS, NONFINITE_BIN, SUPPORTED_DTYPES
+from .ops.bits import HIGH_BINS, LOW_BINS, NONFINITE_BIN, SUPPORTED_DTYPES
 from .report import LayerReport, SparsityReport
 from .patterns import NMPattern
 from .schedules import Cubic, OneShot, Schedule, check_sparsity
@@ -82,7 +82,9 @@ class WarmStart:
 
     The first pass also histograms at full resolution a :class:`~dpf_ext.ops.Window` of high
     bins around the previous threshold (3 bins, widened to twice the last move, at most 9);
-    when the new threshold lands there, no second pass is needed. A performance hint only:
+    when the new threshold lands there, no second pass is needed. Only where that pays (see
+    :meth:`pays`: a small model's, or a small layer's, second pass costs less than a
+    window). A performance hint only:
     the result is the same with or without it, so it is not part of the pruner's state."""
 
     def __init__(self):
@@ -90,12 +92,18 @@ class WarmStart:
         self.host: list[float] = []
         self.width = 3
 
-    def window(self, i: int) -> ops.Window | None:
+    def window(self, i: int, weights: list[torch.Tensor]) -> ops.Window | None:
         """A fresh window around the previous threshold of position ``i`` (global scope:
-        0), if there is a finite one."""
-        if self.taus is None or not math.isfinite(self.host[i]):
+        0) for a first pass over ``weights``, if there is a finite one and it pays."""
+        if self.taus is None or not math.isfinite(self.host[i]) or not self.pays(weights):
             return None
         return ops.Window.around(self.taus[i], self.width)
+
+    def pays(self, weights: list[torch.Tensor]) -> bool:
+        """Whether the second pass a window saves (a read of ``weights``) costs more than
+        the window itself (zeroing its counts, copying a slice, one host synchronisation):
+        from about half a million float32 weights with 3 bins."""
+        return sum(w.numel() * w.element_size() for w in weights) >= (self.width + 1) * LOW_BINS * 8
 
     def record(self, taus: torch.Tensor) -> list[float]:
         """Remember this update's thresholds, size the next window by how far they moved,
@@ -359,9 +367,9 @@ class DPF:
                 or any(layer.channel_dim for _, layer in self.layers)):
             self._request = None
         else:
-            window = self._warm.window(0) if self.threshold == "exact" else None
-            self._request = HistogramRequest([layer.dense_weight for _, layer in self.layers],
-                                             next_step, window)
+            weights = [layer.dense_weight for _, layer in self.layers]
+            window = self._warm.window(0, weights) if self.threshold == "exact" else None
+            self._request = HistogramRequest(weights, next_step, window)
         return self._request
 
     def update_masks(self) -> None:
@@ -397,7 +405,7 @@ class DPF:
             if ready:
                 histogram, row_max, window = request.histogram, request.row_max, request.window
             else:
-                histogram, window = None, self._warm.window(0) if exact else None
+                histogram, window = None, self._warm.window(0, weights) if exact else None
                 if floor or self._watch is not None:
                     row_max = new_row_max(weights)
                 if self._watch is not None and not floor:
@@ -411,7 +419,7 @@ class DPF:
             row_max = new_row_max(weights) if recorded else None
             taus = []
             for i, (w, k, r) in enumerate(zip(weights, ks, rows)):
-                window = self._warm.window(i) if exact else None
+                window = self._warm.window(i, [w]) if exact else None
                 histogram = (ops.magnitude_histogram([w], row_max=[row_max[i]], window=window)
                              if recorded and not floor else None)
                 taus.append(self._threshold([w], k - r, exact, reduce,

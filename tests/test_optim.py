@@ -7,6 +7,7 @@ from torch import nn
 import dpf_ext
 from dpf_ext.channels import new_row_max
 from dpf_ext import DPFSGD, ops
+from dpf_ext.pruner import WarmStart
 
 
 def _model(seed=0):
@@ -68,6 +69,8 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("threshold", ["approx", "exact"])
 def test_pruner_uses_the_optimizer_histogram(device, threshold, monkeypatch):
+    # the test model is far below the size from which a window pays; its path is tested
+    monkeypatch.setattr(WarmStart, "pays", lambda self, weights: True)
     model = dpf_ext.sparsify(_model()).to(device)
     pruner = dpf_ext.DPF(model, schedule=dpf_ext.schedules.Cubic(0.8, 0, 12), update_every=4,
                          threshold=threshold)
@@ -210,9 +213,9 @@ def test_adamw_hands_the_pruner_its_histogram(monkeypatch):
         _loss(model, step).backward()
         opt.step()
         pruner.step()
-    # no pass of the pruner's own; an exact update's first pass only where the threshold
-    # left the step's window, with its second pass
-    assert passes[None] == passes["second"]
+    # the exact updates run no first pass of their own, only their second pass (the model
+    # is too small for a window)
+    assert passes == {None: [], "second": [4, 8, 12]}
     assert pruner.report().sparsity > 0.3
     approx = dpf_ext.DPF(model, 0.8, total_steps=40, update_every=4, threshold="approx",
                          replace=True)
@@ -245,3 +248,12 @@ def test_a_step_skipped_by_grad_scaler_still_counts_for_the_pruner():
             assert torch.equal(model[0].weight, before)
     assert pruner.step_count == 8 and torch.isfinite(model[0].weight).all()
     assert pruner.report().sparsity == pytest.approx(0.5, abs=1e-2)
+
+
+def test_a_window_only_where_it_saves_more_than_it_costs():
+    warm = WarmStart()
+    warm.record(torch.tensor([0.5]))
+    assert warm.window(0, [torch.empty(10_000)]) is None  # zeroing 2 MiB would cost more
+    window = warm.window(0, [torch.empty(600_000)])
+    assert window is not None and window.width == 3
+    assert warm.window(0, [torch.empty(600_000, dtype=torch.bfloat16)]) is None
