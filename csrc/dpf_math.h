@@ -168,6 +168,25 @@ DPF_HD bool nm_keep(const uint32_t* mags, int m, int j, int n) {
   return rank < n;
 }
 
+// One N:M group, the m elements of w and their mask: keeps the n largest (nm_keep) and
+// adds the kept, reactivated (mask was 0) and non-finite elements to the counts.
+template <typename T, typename Count>
+DPF_HD void nm_group(const T* w, bool* mask, int n, int m, Count& kept, Count& reactivated,
+                     Count& nonfinite) {
+  uint32_t mags[kMaxGroup];
+  for (int j = 0; j < m; ++j) {
+    mags[j] = magnitude_bits(w[j]);
+    nonfinite += mags[j] >= 0x7F800000u;
+  }
+  for (int j = 0; j < m; ++j) {
+    const bool old = mask[j];
+    const bool now = nm_keep(mags, m, j, n);
+    mask[j] = now;
+    kept += now;
+    reactivated += now && !old;
+  }
+}
+
 // Hyper-parameters of the SGD step, as torch.optim.SGD names them.
 struct SgdParams {
   float lr;

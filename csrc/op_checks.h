@@ -51,6 +51,15 @@ inline void check_window_args(const char* op, const at::Tensor& window, const st
   TORCH_CHECK(start.has_value() && start->numel() == 1, "dpf::", op, ": window needs its window_start");
 }
 
+// What a fused step counts of the threshold's first pass: row_max and a window only with
+// the histogram.
+inline void check_first_pass_args(const char* op, at::TensorList params, const std::optional<at::Tensor>& histogram,
+                                  at::TensorList row_max, const std::optional<at::Tensor>& window) {
+  check_row_max_args(params, row_max);
+  TORCH_CHECK((row_max.empty() && !window.has_value()) || histogram.has_value(), "dpf::", op,
+              ": row_max and window are counted with the histogram");
+}
+
 inline void check_masked_weight_args(const at::Tensor& weight, const at::Tensor& mask) {
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == weight.sizes(),
               "dpf::masked_weight: mask must be a bool tensor of the weight's shape");

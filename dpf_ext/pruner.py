@@ -84,8 +84,8 @@ class WarmStart:
     bins around the previous threshold (3 bins, widened to twice the last move, at most 9);
     when the new threshold lands there, no second pass is needed. Only where that pays (see
     :meth:`pays`: a small model's, or a small layer's, second pass costs less than a
-    window). A performance hint only:
-    the result is the same with or without it, so it is not part of the pruner's state."""
+    window). A performance hint only: the result is the same with or without it, so it is
+    not part of the pruner's state."""
 
     def __init__(self):
         self.taus: torch.Tensor | None = None

@@ -207,21 +207,7 @@ template <typename T>
 void nm_mask(const T* w, int64_t g_begin, int64_t g_end, int n, int m, bool* mask, int64_t* kept,
              int64_t* reactivated, int64_t* nonfinite) {
   int64_t k = 0, r = 0, bad = 0;
-  uint32_t mags[kMaxGroup];
-  for (int64_t g = g_begin; g < g_end; ++g) {
-    const int64_t base = g * m;
-    for (int j = 0; j < m; ++j) {
-      mags[j] = magnitude_bits(w[base + j]);
-      bad += mags[j] >= 0x7F800000u;
-    }
-    for (int j = 0; j < m; ++j) {
-      const bool old = mask[base + j];
-      const bool now = nm_keep(mags, m, j, n);
-      mask[base + j] = now;
-      k += now;
-      r += now && !old;
-    }
-  }
+  for (int64_t g = g_begin; g < g_end; ++g) nm_group(w + g * m, mask + g * m, n, m, k, r, bad);
   *kept += k;
   *reactivated += r;
   *nonfinite += bad;

@@ -241,9 +241,7 @@ void feedback_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   const bool use_buf = momentum != 0.0;
   const bool write_masked = !masked_out.empty();
   check_sgd_args(params, grads, momentum_buffers, fresh_list.size(), use_buf, masks, masked_out);
-  check_row_max_args(params, row_max);
-  TORCH_CHECK((row_max.empty() && !window.has_value()) || histogram.has_value(),
-              "dpf::feedback_sgd_step: row_max and window are counted with the histogram");
+  check_first_pass_args("feedback_sgd_step", params, histogram, row_max, window);
   const cpu::Window win = window_of("feedback_sgd_step", window, window_start);
   std::vector<char> fresh(fresh_list.begin(), fresh_list.end());
   std::vector<at::Tensor> ps, gs, bs, ms, outs;
@@ -286,9 +284,7 @@ void feedback_adamw_step_cpu(at::TensorList params, at::TensorList grads, at::Te
                              const std::optional<at::Tensor>& window_start) {
   const int64_t n = int64_t(params.size());
   check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
-  check_row_max_args(params, row_max);
-  TORCH_CHECK((row_max.empty() && !window.has_value()) || histogram.has_value(),
-              "dpf::feedback_adamw_step: row_max and window are counted with the histogram");
+  check_first_pass_args("feedback_adamw_step", params, histogram, row_max, window);
   const cpu::Window win = window_of("feedback_adamw_step", window, window_start);
   const AdamwParams a = adamw_params(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, step);
   std::vector<at::Tensor> ps, gs, ms, vs, vmaxs;

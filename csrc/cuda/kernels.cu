@@ -236,21 +236,8 @@ __global__ void nm_masks_kernel(Table tab, bool* const* masks, const int64_t* in
   bool* mk = masks[s.t];
   const int64_t k = index[s.t];
   unsigned long long kept = 0, back = 0, bad = 0;
-  for (int64_t g = s.begin + threadIdx.x; g < s.end; g += blockDim.x) {
-    uint32_t mags[kMaxGroup];
-    const int64_t base = g * m;
-    for (int j = 0; j < m; ++j) {
-      mags[j] = magnitude_bits(w[base + j]);
-      bad += mags[j] >= 0x7F800000u;
-    }
-    for (int j = 0; j < m; ++j) {
-      const bool old = mk[base + j];
-      const bool now = nm_keep(mags, m, j, n);
-      mk[base + j] = now;
-      kept += now;
-      back += now && !old;
-    }
-  }
+  for (int64_t g = s.begin + threadIdx.x; g < s.end; g += blockDim.x)
+    nm_group(w + g * m, mk + g * m, n, m, kept, back, bad);
   kept = block_sum(kept);
   back = block_sum(back);
   bad = block_sum(bad);

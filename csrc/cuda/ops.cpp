@@ -251,9 +251,7 @@ void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   const bool use_buf = momentum != 0.0;
   const bool write_masked = !masked_out.empty();
   check_sgd_args(params, grads, momentum_buffers, fresh.size(), use_buf, masks, masked_out);
-  check_row_max_args(params, row_max);
-  TORCH_CHECK((row_max.empty() && !window.has_value()) || histogram.has_value(),
-              "dpf::feedback_sgd_step: row_max and window are counted with the histogram");
+  check_first_pass_args("feedback_sgd_step", params, histogram, row_max, window);
   const c10::cuda::CUDAGuard guard(params[0].device());
   at::Tensor start;
   const cuda::Window win = window_of("feedback_sgd_step", window, window_start, params[0].device(), start);
@@ -308,9 +306,7 @@ void feedback_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::T
                               const std::optional<at::Tensor>& window_start) {
   if (params.empty()) return;
   check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
-  check_row_max_args(params, row_max);
-  TORCH_CHECK((row_max.empty() && !window.has_value()) || histogram.has_value(),
-              "dpf::feedback_adamw_step: row_max and window are counted with the histogram");
+  check_first_pass_args("feedback_adamw_step", params, histogram, row_max, window);
   const c10::cuda::CUDAGuard guard(params[0].device());
   at::Tensor start;
   const cuda::Window win = window_of("feedback_adamw_step", window, window_start, params[0].device(), start);
