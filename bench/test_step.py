@@ -26,54 +26,50 @@ def problem():
     return params, grads, masks
 
 
-def _sgd_step(problem, variant: str):
-    """A fused SGD step on its own copy of the weights (momentum buffers made), and a
-    function re-centring its window (``None`` without one)."""
+def _sgd_step(problem, counted: dict):
+    """A fused SGD step counting ``counted`` (first_pass_args) on ``problem``'s weights
+    (momentum buffers made)."""
     params, grads, masks = problem
-    params = [p.clone() for p in params]
     bufs = [None] * len(params)
     out = [torch.empty_like(p) for p in params]
-    counted = first_pass_args(params, variant)
 
     def step():
         ops.feedback_sgd_step(params, grads, bufs, masks=masks, masked_out=out, dampening=0.0,
                               maximize=False, **counted, **HP)
 
     step()  # momentum buffers exist from here on, as in training
-    recentre = None
-    if "window" in counted:
-        def recentre():
-            counted.update(first_pass_args(params, variant))
-    return step, recentre
+    return step
 
 
-def _adamw_step(problem, variant: str):
-    """A fused AdamW step on its own copy of the weights, and a window re-centring function."""
+def _adamw_step(problem, counted: dict):
+    """A fused AdamW step counting ``counted`` on ``problem``'s weights."""
     params, grads, _ = problem
-    params = [p.clone() for p in params]
     state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-    counted = first_pass_args(params, variant)
     count = [0]
 
     def step():
         count[0] += 1
         ops.feedback_adamw_step(params, grads, *state, step=count[0], **counted, **ADAMW)
 
+    return step
+
+
+def _time_step(benchmark, problem, make, variant: str) -> None:
+    """Benchmark ``variant``'s step on a copy of the weights, its window re-centred on their
+    threshold before every timed step; for a counting variant, also the ratios to the plain
+    step and to one read timed interleaved with it."""
+    params = [p.clone() for p in problem[0]]
+    counted = first_pass_args(params, variant)
+    step = make((params, *problem[1:]), counted)
     recentre = None
     if "window" in counted:
         def recentre():
             counted.update(first_pass_args(params, variant))
-    return step, recentre
-
-
-def _time_step(benchmark, problem, make, variant: str) -> None:
-    """Benchmark ``variant``'s step; for a counting variant, also the ratios to the plain
-    step and to one read timed interleaved with it."""
-    step, recentre = make(problem, variant)
     if variant != "fused":
-        plain, _ = make(problem, "fused")
+        plain = make(([p.clone() for p in problem[0]], *problem[1:]), {})
         read = lambda: one_read(problem[0])  # noqa: E731
-        medians = interleaved_medians({"plain": plain, "counting": step, "read": read}, rounds=7)
+        medians = interleaved_medians({"plain": plain, "counting": step, "read": read}, rounds=7,
+                                      setups={"counting": recentre} if recentre else None)
         benchmark.extra_info["interleaved"] = {
             "the step without it": medians["counting"] / medians["plain"],
             "one read": medians["counting"] / medians["read"]}

@@ -73,15 +73,19 @@ def first_pass_args(params, variant: str) -> dict:
     return {}
 
 
-def interleaved_medians(fns: dict, rounds: int = 5) -> dict[str, float]:
+def interleaved_medians(fns: dict, rounds: int = 5, setups: dict | None = None) -> dict[str, float]:
     """The median time of each of ``fns`` (name -> callable without arguments), timed in
     interleaved rounds after one warm-up call each: a shared machine that drifts between
-    cases drifts alike for all of them, so their ratios hold where separate timings do not."""
+    cases drifts alike for all of them, so their ratios hold where separate timings do not.
+    ``setups`` (name -> callable) run untimed before each call of the same name."""
+    setups = setups or {}
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     for _ in range(rounds):
         for name, fn in fns.items():
+            if name in setups:
+                setups[name]()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
