@@ -102,7 +102,8 @@ class WarmStart:
     def pays(self, weights: list[torch.Tensor]) -> bool:
         """Whether the second pass a window saves (a read of ``weights``) costs more than
         the window itself (zeroing its counts, copying a slice, one host synchronisation):
-        from about half a million float32 weights with 3 bins."""
+        from about half a million float32 weights with 3 bins. Pass whole (unsharded)
+        weights, so that every rank decides alike."""
         return sum(w.numel() * w.element_size() for w in weights) >= (self.width + 1) * LOW_BINS * 8
 
     def record(self, taus: torch.Tensor) -> list[float]:
@@ -405,7 +406,7 @@ class DPF:
             if ready:
                 histogram, row_max, window = request.histogram, request.row_max, request.window
             else:
-                histogram, window = None, self._warm.window(0, weights) if exact else None
+                histogram, window = None, self._warm.window(0, full_weights) if exact else None
                 if floor or self._watch is not None:
                     row_max = new_row_max(weights)
                 if self._watch is not None and not floor:
@@ -419,7 +420,7 @@ class DPF:
             row_max = new_row_max(weights) if recorded else None
             taus = []
             for i, (w, k, r) in enumerate(zip(weights, ks, rows)):
-                window = self._warm.window(i, [w]) if exact else None
+                window = self._warm.window(i, full_weights[i:i + 1]) if exact else None
                 histogram = (ops.magnitude_histogram([w], row_max=[row_max[i]], window=window)
                              if recorded and not floor else None)
                 taus.append(self._threshold([w], k - r, exact, reduce,

@@ -122,6 +122,39 @@ def test_sharded_threshold_equals_single_process(tmp_path, world):
             assert report == pruner.report().to_dict(), (settings, rank)
 
 
+def _rescaled(model, pruner):
+    """The masks after the weights grow by 0.1% and the pruner updates again."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.001)
+    pruner.update_masks()
+    return _masks(model)
+
+
+def _sharded_warm_masks(rank, world):
+    from dpf_ext.pruner import WarmStart
+    WarmStart.pays = lambda self, weights: True  # windows for the small model (this process)
+    out = []
+    for settings in SETTINGS:
+        if settings["threshold"] == "exact" and settings["scope"] != "filter":
+            model = _shard(dpf_ext.sparsify(_model()))
+            out.append(_rescaled(model, _pruner(model, settings)))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:.*entirely pruned")
+def test_sharded_warm_started_threshold_equals_single_process(tmp_path):
+    """The second update starts from the first's threshold: each rank counts the window
+    around it and the summarised histogram, summed over the ranks."""
+    results = run_ranks(_sharded_warm_masks, 2, tmp_path)
+    exact = [s for s in SETTINGS if s["threshold"] == "exact" and s["scope"] != "filter"]
+    for i, settings in enumerate(exact):
+        model = dpf_ext.sparsify(_model())
+        expected = _rescaled(model, _pruner(model, settings))  # no window: too small to pay
+        for per_setting in results:
+            assert all(torch.equal(a, b) for a, b in zip(per_setting[i], expected)), settings
+
+
 def _fsdp_train_and_resume(rank, world, ckpt_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
