@@ -40,6 +40,9 @@ def _entry(rank, world, port, out_dir, fn, args):
         dist.barrier()  # no rank tears down its connections while another still uses them
     finally:
         dist.destroy_process_group()
+    # The work is done and saved: leave without the interpreter's finalization, where gloo's
+    # background threads sometimes abort the process (std::terminate on a joinable thread).
+    os._exit(0)
 
 
 def run_ranks(fn, world, tmp_path, *args):
