@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .nn import DPFLayer, UnfinalizedWarning
+from .nn import PRUNED_SUFFIX, DPFLayer, UnfinalizedWarning
 from .ops.bits import pack_bits, unpack_bits
 
 FORMAT = "dpf_ext.sparse/1"
@@ -31,7 +31,7 @@ def finalized_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     for key, value in model.state_dict(keep_vars=False).items():
         owner, _, leaf = key.rpartition(".")
         layer = layers.get(owner)
-        if layer is not None and leaf == "mask":
+        if layer is not None and leaf in ("mask", layer.weight_name + PRUNED_SUFFIX):
             continue
         if layer is not None and leaf == layer.weight_name:
             masks[key] = layer.mask.detach().cpu()
@@ -81,9 +81,10 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
         state[key], kept[key] = full, bits
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, DPFLayer)}
+    extra = {f"{name}.{m.weight_name}{PRUNED_SUFFIX}".lstrip(".") for name, m in layers.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnfinalizedWarning)
-        expected = model.state_dict()
+        expected = {k: v for k, v in model.state_dict().items() if k not in extra}  # either form
     for name, layer in layers.items():
         weight_key = f"{name}.{layer.weight_name}" if name else layer.weight_name
         mask_key = f"{name}.mask" if name else "mask"

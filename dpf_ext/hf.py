@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
+from transformers.trainer_callback import ExportableState
 
-from .nn import DPFLayer
+from .nn import DPFLayer, dpf_layers, set_state_dict_form
+from .pruner import DPF
 
 
 class DPFConv1D(DPFLayer, Conv1D):
@@ -26,7 +28,29 @@ class DPFConv1D(DPFLayer, Conv1D):
         return out.reshape(*x.shape[:-1], self.nf)
 
 
-class DPFCallback(TrainerCallback):
+def _to_json(state):
+    """``state`` (nested dicts and lists of numbers, strings and tensors) as JSON values."""
+    if isinstance(state, torch.Tensor):
+        return {"tensor": state.tolist(), "dtype": str(state.dtype).removeprefix("torch.")}
+    if isinstance(state, dict):
+        return {k: _to_json(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_to_json(v) for v in state]
+    return state
+
+
+def _from_json(state):
+    """The inverse of :func:`_to_json`."""
+    if isinstance(state, dict):
+        if state.keys() == {"tensor", "dtype"}:
+            return torch.tensor(state["tensor"], dtype=getattr(torch, state["dtype"]))
+        return {k: _from_json(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_from_json(v) for v in state]
+    return state
+
+
+class DPFCallback(TrainerCallback, ExportableState):
     """Runs DPF inside transformers' ``Trainer``: builds the pruner when training begins
     (``total_steps`` from the Trainer's ``max_steps``), steps it after every optimizer step,
     adds ``sparsity`` and ``reactivations`` to the logs, and at the end of training folds the
@@ -36,6 +60,17 @@ class DPFCallback(TrainerCallback):
 
     ``sparsify`` the model before building the Trainer; the other keyword arguments go to
     :class:`dpf_ext.DPF`. The pruner is ``callback.pruner`` once training has begun.
+
+    Checkpoints and resuming: the Trainer's checkpoints hold the model in the sparse
+    state-dict form (:func:`dpf_ext.nn.set_state_dict_form`): ``from_pretrained`` on a
+    ``checkpoint-N`` folder gives the SPARSE model of step N (its load report lists the
+    ``mask`` and ``weight_pruned`` entries as unexpected: they are what resuming needs), and
+    the pruner's state is in the folder's ``trainer_state.json``. ``trainer.train(
+    resume_from_checkpoint=...)`` restores the dense weights, the masks and the pruner's
+    schedule position, statistics and warm start, so the run continues exactly as if never
+    stopped. Resuming from a checkpoint without that state (saved without this callback) is
+    a ``ValueError``. The Trainer's ``restore_callback_states_from_checkpoint=True`` would
+    replace this object by a copy: it is refused.
     """
 
     def __init__(self, sparsity: float, finalize: str | None = "unwrap", **dpf_kwargs):
@@ -47,14 +82,52 @@ class DPFCallback(TrainerCallback):
         self.pruner = None
         self.report = None  # the pruner's report before the masks were folded in
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from .pruner import DPF
+    def state(self) -> dict:
+        """What the Trainer keeps in each checkpoint's ``trainer_state.json``: the pruner's
+        state (the masks and weights are in the model's files)."""
+        pruner = None if self.pruner is None else _to_json(self.pruner.state_dict())
+        return {"args": {"sparsity": self.sparsity, "finalize": self.finalize},
+                "attributes": {"pruner_state": pruner}}
 
-        if self.pruner is None:
-            kwargs = dict(self.dpf_kwargs)
-            if "schedule" not in kwargs:
-                kwargs["total_steps"] = state.max_steps
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.restore_callback_states_from_checkpoint:
+            raise ValueError(
+                "DPFCallback restores the pruner from the checkpoint by itself; "
+                "restore_callback_states_from_checkpoint=True would replace the callback by a "
+                "copy built from its arguments alone: set it to False"
+            )
+        resuming = state.global_step > 0
+        if self.pruner is not None and not self.pruner.finalized and not resuming:
+            return  # a further train() of the same run
+        saved = None
+        if resuming:
+            saved = (state.stateful_callbacks.get(type(self).__name__) or {}).get("attributes", {})
+            saved = saved.get("pruner_state")
+            if saved is None:
+                raise ValueError(
+                    f"resuming at step {state.global_step} from a checkpoint without the DPF "
+                    "pruner's state (saved without DPFCallback): the schedule and the masks "
+                    "cannot continue. Start a new training from its weights instead"
+                )
+            if saved["step_count"] != state.global_step:
+                raise ValueError(f"the checkpoint's pruner is at step {saved['step_count']}, the "
+                                 f"Trainer at step {state.global_step}")
+        kwargs = dict(self.dpf_kwargs)
+        if "schedule" not in kwargs:
+            kwargs["total_steps"] = state.max_steps
+        set_state_dict_form(model, "sparse")
+        if saved is None:
             self.pruner = DPF(model, self.sparsity, **kwargs)
+            return
+        # the model holds the checkpoint's weights and masks: keep them through construction
+        layers = [layer for _, layer in dpf_layers(model)]
+        loaded = [(layer.dense_weight.detach().clone(), layer.mask.clone()) for layer in layers]
+        self.pruner = DPF(model, self.sparsity, replace=True, **kwargs)
+        with torch.no_grad():
+            for layer, (weight, mask) in zip(layers, loaded):
+                layer.dense_weight.copy_(weight)
+                layer.mask.copy_(mask)
+        self.pruner.load_state_dict(_from_json(saved))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.pruner.step()

@@ -40,18 +40,62 @@ class UnfinalizedWarning(UserWarning):
     exporting the sparse model."""
 
 
-def _warn_unfinalized(module, state_dict, prefix, local_metadata) -> None:
-    """State-dict hook of the DPF layers: the :class:`UnfinalizedWarning`."""
-    if not bool(module.mask.all()):
+STATE_DICT_FORMS = ("dense", "sparse")
+PRUNED_SUFFIX = "_pruned"
+"""In the sparse state-dict form, ``<weight><PRUNED_SUFFIX>`` holds the dense values of the
+pruned weights (zeros where kept)."""
+
+
+def _state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
+    """State-dict hook of the DPF layers: writes the sparse form (see
+    :func:`set_state_dict_form`), or warns (:class:`UnfinalizedWarning`) that the dense form
+    holds the dense weights."""
+    name = prefix + module.weight_name
+    if module.state_dict_form == "sparse":
+        weight, mask = state_dict[name].detach(), state_dict[prefix + "mask"]
+        if is_sharded(weight):
+            raise NotImplementedError("the sparse state-dict form does not support sharded "
+                                      "(fully_shard) weights; use the dense form")
+        zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+        state_dict[name] = torch.where(mask, weight, zero)
+        state_dict[name + PRUNED_SUFFIX] = torch.where(mask, zero, weight)
+    elif not bool(module.mask.all()):
         warnings.warn(
             "state_dict of a DPF model whose masks are not folded in: it holds the DENSE "
             "weights plus the masks. That resumes training (load it into a sparsified model, "
             "with the pruner's state), but a plain model loading it (strict=False, "
             "from_pretrained) gets the dense model. For the sparse model call "
-            "pruner.finalize(unwrap=True) (or dpf_ext.unsparsify) before saving; silence this "
-            "for checkpoints with warnings.simplefilter('ignore', dpf_ext.nn.UnfinalizedWarning)",
+            "pruner.finalize(unwrap=True) (or dpf_ext.unsparsify) before saving, or "
+            "dpf_ext.nn.set_state_dict_form(model, 'sparse') for checkpoints that do both; "
+            "silence this with warnings.simplefilter('ignore', dpf_ext.nn.UnfinalizedWarning)",
             UnfinalizedWarning, stacklevel=4,
         )
+
+
+def set_state_dict_form(model: nn.Module, form: str) -> nn.Module:
+    """Choose what the DPF layers of ``model`` write into ``state_dict()``; returns ``model``.
+
+    - ``"dense"`` (the default): the dense weight under its usual name, and the ``mask``.
+      Loaded by a plain model (``strict=False``, ``from_pretrained``) it gives the DENSE
+      model, hence the :class:`UnfinalizedWarning`.
+    - ``"sparse"``: the pruned weight ``mask ⊙ weight`` under the usual name, the ``mask``,
+      and ``<weight>_pruned``, the dense values at the pruned positions (zeros elsewhere).
+      A plain model loading it gets the SPARSE model (the two extra keys are reported as
+      unexpected); a sparsified model loading it gets the dense weights and the masks back
+      exactly, so training resumes as if never stopped. It costs one more weight-sized
+      tensor per layer on disk. :class:`dpf_ext.hf.DPFCallback` uses this form for the
+      Trainer's checkpoints.
+
+    Either form loads into a sparsified model.
+    """
+    if form not in STATE_DICT_FORMS:
+        raise ValueError(f"form must be one of {STATE_DICT_FORMS}, got {form!r}")
+    layers = [m for m in model.modules() if isinstance(m, DPFLayer)]
+    if not layers:
+        raise ValueError("the model has no DPF layer: call dpf_ext.sparsify(model) first")
+    for m in layers:
+        m.state_dict_form = form
+    return model
 
 
 class DPFLayer:
@@ -64,7 +108,8 @@ class DPFLayer:
     Attributes: ``mask`` (bool buffer, all ones until a pruner writes it), ``feedback``
     (whether pruned weights receive gradient) and ``feedback_clip`` (``None``, or the bound
     on pruned weights' gradient relative to the largest kept one, see
-    :func:`dpf_ext.channels.clip_pruned_gradient`).
+    :func:`dpf_ext.channels.clip_pruned_gradient`) and ``state_dict_form`` (see
+    :func:`set_state_dict_form`).
     """
 
     weight_name: ClassVar[str] = "weight"
@@ -82,8 +127,8 @@ class DPFLayer:
         self.feedback = True
         self.feedback_clip = None
         self.pruned_decay = None
-        # state_dict() warns while the masks prune anything (UnfinalizedWarning)
-        self._register_state_dict_hook(_warn_unfinalized)
+        self.state_dict_form = "dense"
+        self._register_state_dict_hook(_state_dict_hook)
 
     @property
     def dense_weight(self) -> nn.Parameter:
@@ -100,9 +145,14 @@ class DPFLayer:
         return ops.masked_weight(weight, self.mask, self.feedback)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        name, mask = prefix + self.weight_name, prefix + "mask"
+        pruned = state_dict.pop(name + PRUNED_SUFFIX, None)
+        if pruned is not None and name in state_dict and mask in state_dict:
+            # the sparse form: the dense weight is the kept values plus the pruned ones
+            state_dict[name] = torch.where(state_dict[mask].to(pruned.device), state_dict[name], pruned)
         # A dense checkpoint (no mask) loads into a DPF layer as "nothing pruned".
-        if prefix + self.weight_name in state_dict and prefix + "mask" not in state_dict:
-            state_dict[prefix + "mask"] = torch.ones_like(self.mask)
+        if name in state_dict and mask not in state_dict:
+            state_dict[mask] = torch.ones_like(self.mask)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -356,7 +406,8 @@ def unsparsify(model: nn.Module) -> nn.Module:
             del module.feedback
             del module.feedback_clip
             del module.pruned_decay
-            for key in [k for k, hook in module._state_dict_hooks.items() if hook is _warn_unfinalized]:
+            del module.state_dict_form
+            for key in [k for k, hook in module._state_dict_hooks.items() if hook is _state_dict_hook]:
                 del module._state_dict_hooks[key]
         if type(module) in plain_for:
             module.__class__ = plain_for[type(module)]

@@ -84,8 +84,9 @@ class WarmStart:
     bins around the previous threshold (3 bins, widened to twice the last move, at most 9);
     when the new threshold lands there, no second pass is needed. Only where that pays (see
     :meth:`pays`: a small model's, or a small layer's, second pass costs less than a
-    window). A performance hint only: the result is the same with or without it, so it is
-    not part of the pruner's state."""
+    window). A performance hint only: the thresholds are the same with or without it; it is
+    in the pruner's state so that a resumed run reads the weights as the uninterrupted one
+    would."""
 
     def __init__(self):
         self.taus: torch.Tensor | None = None
@@ -118,6 +119,17 @@ class WarmStart:
                 self.width = min(2 * max(max(moves), 1) + 1, 9)
         self.taus, self.host = taus.clone(), host
         return host
+
+    def state_dict(self) -> dict:
+        """The previous thresholds (``None`` before the first update) and the window width."""
+        return {"taus": None if self.taus is None else list(self.host), "width": self.width}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """Restore :meth:`state_dict`, the thresholds onto ``device``."""
+        self.width = state["width"]
+        self.host = [] if state["taus"] is None else list(state["taus"])
+        self.taus = (None if state["taus"] is None
+                     else torch.tensor(self.host, dtype=torch.float32, device=device))
 
 
 class DPF:
@@ -593,6 +605,7 @@ class DPF:
             "reactivated_last": self.reactivated_last.clone(),
             "reactivated_total": self.reactivated_total.clone(),
             "forced_last": self.forced_last.clone(),
+            "warm_start": self._warm.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -609,6 +622,8 @@ class DPF:
         self.reactivated_total.copy_(state["reactivated_total"])
         if "forced_last" in state:
             self.forced_last.copy_(state["forced_last"])
+        if "warm_start" in state:
+            self._warm.load_state_dict(state["warm_start"], self.reactivated_last.device)
         self.frozen = False
         for _, layer in self.layers:
             layer.feedback = self.feedback

@@ -34,6 +34,11 @@ def test_round_trip_reproduces_the_finalized_model_bit_for_bit(tmp_path):
     path = tmp_path / "sparse.pt"
     dpf_ext.save_sparse(model, path)  # from the DPF model, which stays as it was
     assert all(torch.equal(m.mask, masks[n]) for n, m in dpf_ext.nn.dpf_layers(model))
+    sparse_form = tmp_path / "form" / "sparse.pt"  # the model's state-dict form changes nothing
+    sparse_form.parent.mkdir()
+    dpf_ext.save_sparse(dpf_ext.nn.set_state_dict_form(model, "sparse"), sparse_form)
+    assert sparse_form.read_bytes() == path.read_bytes()
+    dpf_ext.nn.set_state_dict_form(model, "dense")
     plain = dpf_ext.load_sparse(path, build_model("resnet20", (1, 8, 8), 10))
     pruner.finalize(unwrap=True)
     expected = model.state_dict()
@@ -42,7 +47,8 @@ def test_round_trip_reproduces_the_finalized_model_bit_for_bit(tmp_path):
     for key in expected:
         assert torch.equal(bits(got[key]), bits(expected[key])), key
     # into a sparsified model: the masks come back too
-    again = dpf_ext.load_sparse(path, dpf_ext.sparsify(build_model("resnet20", (1, 8, 8), 10)))
+    again = dpf_ext.sparsify(build_model("resnet20", (1, 8, 8), 10))
+    again = dpf_ext.load_sparse(path, dpf_ext.nn.set_state_dict_form(again, "sparse"))
     for name, layer in dpf_ext.nn.dpf_layers(again):
         assert torch.equal(layer.mask, masks[name]), name
     # and a finalized plain model saves to the same file contents

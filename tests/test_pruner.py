@@ -227,6 +227,17 @@ def test_resume_continues_exactly():
     assert p1.report().to_dict() == p2.report().to_dict()
 
 
+def test_state_dict_carries_the_warm_start():
+    model, pruner, opt = setup(sparsity=0.9, total_steps=40, update_every=5)
+    train_steps(model, pruner, opt, batches(12))
+    saved = pruner.state_dict()
+    assert saved["warm_start"]["taus"] is not None
+    _, other, _ = setup(seed=1, sparsity=0.9, total_steps=40, update_every=5)
+    assert other.state_dict()["warm_start"] != saved["warm_start"]
+    other.load_state_dict(copy.deepcopy(saved))
+    assert other.state_dict()["warm_start"] == saved["warm_start"]
+
+
 def test_load_state_dict_rejects_other_settings():
     _, pruner, _ = setup(sparsity=0.9, total_steps=100)
     _, other, _ = setup(sparsity=0.8, total_steps=100, scope="layer")
