@@ -1,6 +1,6 @@
-"""Output channels under DPF: the channel floor that keeps every channel alive, the
-feedback clip for channels left with very few weights, and the watch that warns before a
-channel's feedback gradient blows up.
+"""Output channels under DPF: the channel floor that keeps every channel alive and the watch
+that warns before a channel's feedback gradient blows up (the feedback clip, for channels
+left with very few weights, is an estimator: :func:`dpf_ext.estimators.clip_pruned_gradient`).
 
 A channel is a row of a prunable weight: an output feature of a Linear, an output filter of
 a ConvNd (``weight.shape[0]`` rows). Both objects work from each row's largest magnitude,
@@ -64,54 +64,30 @@ class ChannelFloor:
         self.rows = [channels(w) for w in weights]
         self.sizes = [w.numel() for w in weights]
 
-    def check_reachable(self, sparsity: float, scope: str, kept_count) -> None:
+    def check_reachable(self, sparsity: float, groups) -> None:
         """Raise ``ValueError`` if keeping one weight per channel exceeds the budget of
-        ``sparsity`` (``scope`` ``"global"``: over the model; ``"layer"``: in each layer)."""
-        if scope == "global":
-            n, rows = sum(self.sizes), sum(self.rows)
-            if kept_count(sparsity, n) < rows:
+        ``sparsity`` split into ``groups`` (``(layer indices, kept)`` pairs, see
+        :mod:`dpf_ext.budgets`)."""
+        if len(groups) == 1 and len(groups[0][0]) == len(self.rows):
+            k, n, rows = groups[0][1], sum(self.sizes), sum(self.rows)
+            if k < rows:
                 raise ValueError(
-                    f"sparsity {sparsity} keeps {kept_count(sparsity, n)} weights but the "
-                    f"channel floor keeps one in each of the {rows} output channels: the "
-                    f"highest reachable sparsity is {1 - rows / n:.6f}; lower the sparsity "
-                    "or pass channel_floor=False"
+                    f"sparsity {sparsity} keeps {k} weights but the channel floor keeps one in "
+                    f"each of the {rows} output channels: the highest reachable sparsity is "
+                    f"{1 - rows / n:.6f}; lower the sparsity or pass channel_floor=False"
                 )
             return
-        bad = [(name, 1 - r / n) for name, r, n in zip(self.names, self.rows, self.sizes)
-               if n and kept_count(sparsity, n) < r]
+        bad = [(idx, 1 - sum(self.rows[i] for i in idx) / sum(self.sizes[i] for i in idx))
+               for idx, k in groups if sum(self.sizes[i] for i in idx)
+               and k < sum(self.rows[i] for i in idx)]
         if bad:
             worst = min(s for _, s in bad)
             raise ValueError(
                 f"sparsity {sparsity} in every layer leaves fewer weights than output channels "
-                f"in {[name for name, _ in bad]}: with the channel floor the highest reachable "
-                f"layer sparsity is {worst:.6f}; lower the sparsity or pass channel_floor=False"
+                f"in {[self.names[i] for idx, _ in bad for i in idx]}: with the channel floor "
+                f"the highest reachable layer sparsity is {worst:.6f}; lower the sparsity or "
+                "pass channel_floor=False"
             )
-
-
-class _ClipPrunedGradient(torch.autograd.Function):
-    """Identity forward; backward clips the gradient of pruned weights to ``ratio`` times the
-    largest gradient magnitude among the layer's kept weights."""
-
-    @staticmethod
-    def forward(ctx, weight, mask, ratio):
-        ctx.save_for_backward(mask)
-        ctx.ratio = ratio
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        bound = ctx.ratio * torch.where(mask, grad, 0).abs().amax()
-        return torch.where(mask, grad, torch.minimum(torch.maximum(grad, -bound), bound)), None, None
-
-
-def clip_pruned_gradient(weight: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
-    """``weight`` whose gradient reaches the pruned coordinates clipped to ``ratio`` times the
-    largest kept one of the layer (the feedback clip). A channel left with one or two small
-    weights can still get a gradient hundreds of times the others' through the
-    normalisation behind it; the kept weights absorb it by growing (which restores the
-    channel's variance), but pruned ones do not affect the output and would keep growing."""
-    return _ClipPrunedGradient.apply(weight, mask, ratio)
 
 
 def _norm_after(model: nn.Module, layer_names: list[str]) -> dict[str, str]:

@@ -15,12 +15,18 @@ from pathlib import Path
 import torch
 
 from .data import DATASETS, load_dataset
-from .methods import METHODS
+from .budgets import BUDGETS
+from .methods import METHODS, method_options
 from .models import MODELS, build_model
 from .nn import dpf_layers, sparsify
 from .patterns import NMPattern, reduction
-from .pruner import SCOPES, THRESHOLDS
+from .methods.magnitude import THRESHOLDS
+from .pruner import SCOPES
 from .train import RunResult, TrainConfig, train
+
+
+COMPARED = ("dense", "oneshot", "gradual", "dpf")
+"""What ``--compare`` alone trains."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a sparse network in one pass with Dynamic Pruning with Feedback "
                     "(or a baseline) and report accuracy, sparsity and reactivations.",
     )
-    p.add_argument("--method", choices=METHODS, default=defaults.method)
-    p.add_argument("--compare", action="store_true",
-                   help="train dense, oneshot, gradual and dpf with the same budget; one table")
+    p.add_argument("--method", choices=["dense", *METHODS], default=defaults.method)
+    p.add_argument("--compare", nargs="?", const=",".join(COMPARED), default=None,
+                   metavar="METHODS",
+                   help="train these methods (comma-separated; alone: "
+                        f"{','.join(COMPARED)}) with the same budget; one table")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the method (repeatable; the value is read as JSON, "
+                        "else as a string), e.g. --option drop_fraction=0.5")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default=None,
+                   help="the layer-wise budget (default: the method's; DPF: global, "
+                        "RigL/SET/static: erk)")
     p.add_argument("--model", choices=sorted(MODELS), default="resnet20")
     p.add_argument("--data", choices=DATASETS, default="digits",
                    help="digits (bundled), gratings (generated, harder) or cifar10 (--data-dir)")
@@ -45,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=defaults.momentum)
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument("--update-every", type=int, default=defaults.update_every,
-                   help="steps between mask updates")
+                   help="steps between mask updates (default: the method's; dpf: 16, "
+                        "rigl/set: 100)")
     p.add_argument("--scope", choices=SCOPES, default=defaults.scope)
     p.add_argument("--threshold", choices=THRESHOLDS, default=defaults.threshold)
     p.add_argument("--oneshot-at", type=float, default=defaults.oneshot_at,
@@ -165,7 +180,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if not 0.0 <= args.sparsity < 1.0:
         parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
     for name in ("epochs", "batch_size", "update_every", "seeds"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
@@ -175,12 +190,33 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--lr, --momentum and --weight-decay must be non-negative")
     if args.feedback_clip is not None and not args.feedback_clip > 0:
         parser.error(f"--feedback-clip must be positive, got {args.feedback_clip}")
+    args.methods = [args.method] if args.compare is None else [
+        m.strip() for m in args.compare.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m != "dense" and m not in METHODS]
+    if unknown or not args.methods:
+        parser.error(f"--compare: unknown methods {unknown}; choose from "
+                     f"{['dense', *METHODS]}")
+    args.options = {}
+    for item in args.option:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            parser.error(f"--option {item!r}: write KEY=VALUE")
+        try:
+            args.options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            args.options[key] = value
+    valid = {o for m in args.methods if m != "dense" for o in method_options(m)}
+    bad = sorted(set(args.options) - valid)
+    if bad:
+        parser.error(f"--option {bad}: {', '.join(args.methods)} take {sorted(valid) or 'no options'}")
+    if args.scope == "filter" and set(args.methods) - {"dense", "dpf", "gradual"}:
+        parser.error("--scope filter prunes with dpf or gradual only")
     if args.pattern is not None:
         try:
             args.nm = NMPattern.parse(args.pattern)
         except ValueError as exc:
             parser.error(f"--pattern: {exc}")
-        if args.method == "gradual" and not args.compare:
+        if args.method == "gradual" and args.compare is None:
             parser.error("--pattern: gradual pruning has no N:M form; use --method dpf or oneshot")
         if args.scope != "global":
             parser.error("--pattern chooses the masks by itself: leave --scope global")
@@ -229,12 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     base = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-            if hasattr(args, f.name) and f.name not in ("method", "exclude", "seed")}
-    methods = METHODS if args.compare else (args.method,)
-    if args.pattern is not None and args.compare:
-        methods = ("dense", "oneshot", "dpf")
+            if hasattr(args, f.name) and f.name not in ("method", "exclude", "seed", "options")}
+    methods = args.methods
+    if args.pattern is not None and args.compare is not None:
+        methods = [m for m in methods if m in ("dense", "oneshot", "dpf")]
     configs = [TrainConfig(method=m, exclude=tuple(args.exclude), seed=args.seed + i,
-                           channel_floor=not args.no_channel_floor, **base)
+                           channel_floor=not args.no_channel_floor,
+                           options={k: v for k, v in args.options.items()
+                                    if m != "dense" and k in method_options(m)}, **base)
                for m in methods for i in range(args.seeds)]
     print(f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
           f"model {args.model}, target "
@@ -244,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for config in configs:
         results.append(train(config, data, progress=not args.no_progress))
-        if not args.compare and args.seeds == 1 and results[-1].report:
+        if args.compare is None and args.seeds == 1 and results[-1].report:
             print(results[-1].report)
     print(summary_table(results))
     if args.out:

@@ -3,9 +3,8 @@
 A DPF layer is its torch layer plus a bool ``mask`` buffer of its prunable weight's shape.
 The dense weight stays the real ``nn.Parameter`` under its usual name, so optimizers,
 ``state_dict`` and distributed wrappers see a normal model; the forward uses
-``mask ⊙ weight`` through :func:`dpf_ext.ops.masked_weight`, whose backward hands the full
-gradient to the dense weight (``feedback=True``, the DPF estimator) or the masked gradient
-(``feedback=False``).
+``mask ⊙ weight`` through its estimator (:mod:`dpf_ext.estimators`), whose backward hands
+the full gradient to the dense weight (the DPF estimator) or the masked gradient.
 
 Which module types become DPF layers is a registry (:func:`register_prunable`): Linear,
 Conv1d/2d/3d, ``nn.MultiheadAttention`` (its packed input projection and its output
@@ -27,9 +26,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .channels import clip_pruned_gradient
-from .patterns import decay_pruned
 from .distributed import is_sharded, local_weight_and_mask
+from .estimators import Estimator, GradientTap, StraightThrough
 
 log = logging.getLogger("dpf_ext")
 
@@ -105,18 +103,18 @@ class DPFLayer:
     parameter, ``"weight"``) and ``channel_dim`` (the dimension of its output channels, 0;
     the channel floor keeps one weight per channel).
 
-    Attributes: ``mask`` (bool buffer, all ones until a pruner writes it), ``feedback``
-    (whether pruned weights receive gradient) and ``feedback_clip`` (``None``, or the bound
-    on pruned weights' gradient relative to the largest kept one, see
-    :func:`dpf_ext.channels.clip_pruned_gradient`) and ``state_dict_form`` (see
-    :func:`set_state_dict_form`).
+    Attributes: ``mask`` (bool buffer, all ones until a pruner writes it), ``estimator``
+    (the :class:`~dpf_ext.estimators.Estimator` that passes the gradient of ``mask ⊙ w`` to
+    ``w``; the pruner's method sets it), ``grad_tap`` (a
+    :class:`~dpf_ext.estimators.GradientTap`, for methods that grow weights by their dense
+    gradient) and ``state_dict_form`` (see :func:`set_state_dict_form`).
     """
 
     weight_name: ClassVar[str] = "weight"
     channel_dim: ClassVar[int] = 0
     mask: torch.Tensor
-    feedback: bool
-    feedback_clip: float | None
+    estimator: Estimator
+    grad_tap: GradientTap
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -124,9 +122,8 @@ class DPFLayer:
 
     def _init_mask(self) -> None:
         self.register_buffer("mask", torch.ones_like(self.dense_weight, dtype=torch.bool))
-        self.feedback = True
-        self.feedback_clip = None
-        self.pruned_decay = None
+        self.estimator = StraightThrough()
+        self.grad_tap = GradientTap()
         self.state_dict_form = "dense"
         self._register_state_dict_hook(_state_dict_hook)
 
@@ -135,14 +132,14 @@ class DPFLayer:
         """The prunable parameter (``getattr(self, self.weight_name)``)."""
         return getattr(self, self.weight_name)
 
+    @property
+    def feedback(self) -> bool:
+        """Whether pruned weights receive gradient (the estimator's)."""
+        return self.estimator.feedback
+
     def masked_weight(self) -> torch.Tensor:
-        """The weight the forward uses: ``weight ⊙ mask`` with the DPF gradient."""
-        weight = self.dense_weight
-        if self.feedback and self.feedback_clip is not None:
-            weight = clip_pruned_gradient(weight, self.mask, self.feedback_clip)
-        if self.feedback and self.pruned_decay:
-            weight = decay_pruned(weight, self.mask, self.pruned_decay)
-        return ops.masked_weight(weight, self.mask, self.feedback)
+        """The weight the forward uses: ``weight ⊙ mask`` with the estimator's gradient."""
+        return self.grad_tap(self.estimator.masked_weight(self.dense_weight, self.mask))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         name, mask = prefix + self.weight_name, prefix + "mask"
@@ -403,9 +400,8 @@ def unsparsify(model: nn.Module) -> nn.Module:
                     weight, mask = local_weight_and_mask(module.dense_weight, module.mask)
                     weight.masked_fill_(~mask, 0)
             del module._buffers["mask"]
-            del module.feedback
-            del module.feedback_clip
-            del module.pruned_decay
+            del module.estimator
+            del module.grad_tap
             del module.state_dict_form
             for key in [k for k, hook in module._state_dict_hooks.items() if hook is _state_dict_hook]:
                 del module._state_dict_hooks[key]

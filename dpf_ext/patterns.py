@@ -84,24 +84,3 @@ def gemm_view(t: torch.Tensor, layer) -> torch.Tensor:
     lowering (a copy where the layout needs one)."""
     moved = t.movedim(layer.channel_dim, 0) if layer.channel_dim else t
     return moved.reshape(moved.shape[0], -1) if moved.dim() else moved
-
-
-class _DecayPruned(torch.autograd.Function):
-    """Identity forward; backward adds ``decay * w`` to the gradient of pruned weights."""
-
-    @staticmethod
-    def forward(ctx, weight, mask, decay):
-        ctx.save_for_backward(weight, mask)
-        ctx.decay = decay
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, mask = ctx.saved_tensors
-        return grad + ctx.decay * torch.where(mask, 0, weight.detach()), None, None
-
-
-def decay_pruned(weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
-    """``weight`` whose pruned coordinates get ``decay * w`` added to their gradient (SR-STE's
-    refinement: pruned weights drift toward zero unless the loss pulls them back)."""
-    return _DecayPruned.apply(weight, mask, decay)

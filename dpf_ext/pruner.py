@@ -1,26 +1,31 @@
-"""The DPF controller: when masks change, to what sparsity, over which weights."""
+"""The controller: when masks change, to what sparsity, over which layers; the method
+(:mod:`dpf_ext.methods`) decides which weights."""
 
 from __future__ import annotations
 
-import math
-import struct
+import inspect
 import warnings
 import weakref
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from . import ops
-from .channels import BlowUpWatch, ChannelFloor, below, new_row_max
+from .budgets import Budget, Global, Uniform, make_budget
 from .distributed import Shards, check_same_on_all_ranks, is_sharded, local_weight_and_mask
+from .estimators import MaskedGradient
+from .first_pass import HistogramRequest
+from .methods.base import Method, Update
+from .methods.filter import FilterMagnitude
+from .methods.magnitude import THRESHOLDS, Magnitude
+from .methods.nm import NM
 from .nn import coverage, dpf_layers, unsparsify
-from .ops.bits import HIGH_BINS, LOW_BINS, NONFINITE_BIN, SUPPORTED_DTYPES
+from .ops.bits import SUPPORTED_DTYPES
+from .optimizer_state import check_resettable, reset_state
 from .report import LayerReport, SparsityReport
-from .patterns import NMPattern
-from .schedules import Cubic, OneShot, Schedule, check_sparsity
+from .schedules import Cubic, Schedule, check_sparsity
 
 SCOPES = ("global", "layer", "filter")
-THRESHOLDS = ("exact", "approx")
 RAMP_FRACTION = 0.75
 """The default cubic schedule reaches its final sparsity at this fraction of training (the
 paper's second learning-rate milestone)."""
@@ -30,106 +35,28 @@ _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDi
 """The pruner managing each DPF layer (weakly: neither is kept alive by this)."""
 
 
-def kept_count(sparsity: float, n: int) -> int:
-    """How many of ``n`` weights a target ``sparsity`` keeps: ``n - round(sparsity * n)``,
-    and at least one."""
-    return max(n - round(sparsity * n), 1)
-
-
-def filter_scores(weight: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each output filter (row of a linear layer) in float32."""
-    return weight.detach().float().flatten(1).norm(dim=1)
-
-
-class HistogramRequest:
-    """A pruner's request for the first pass over the prunable weights after the next
-    optimizer step: the optimizer adds into ``histogram`` (and ``row_max``, and ``window``
-    when it is not ``None``) and reports the weights it covered."""
-
-    def __init__(self, weights: list[torch.Tensor], step: int, window: ops.Window | None = None):
-        self.histogram = torch.zeros(HIGH_BINS, dtype=torch.int64, device=weights[0].device)
-        self.row_max = new_row_max(weights)
-        self.window = window
-        self.step = step
-        self._pending = {id(w) for w in weights}
-        self._row_max_of = {id(w): r for w, r in zip(weights, self.row_max)}
-
-    def wants(self, param: torch.Tensor) -> bool:
-        """Whether ``param`` is one of the prunable weights."""
-        return id(param) in self._row_max_of
-
-    def row_max_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The ``row_max`` tensors the optimizer fills with the histogram for ``params``."""
-        return [self._row_max_of[id(p)] for p in params]
-
-    def covered(self, params: list[torch.Tensor]) -> None:
-        """Record that ``histogram`` now includes the updated ``params``."""
-        self._pending.difference_update(id(p) for p in params)
-
-    @property
-    def complete(self) -> bool:
-        """Whether every prunable weight was counted."""
-        return not self._pending
-
-
-def _high_bin(x: float) -> int:
-    """The top 16 bits of ``|x|`` as float32 (its first-pass histogram bin)."""
-    return struct.unpack("<I", struct.pack("<f", abs(x)))[0] >> 16
-
-
-class WarmStart:
-    """The previous thresholds, as the guess that lets an exact threshold take one pass.
-
-    The first pass also histograms at full resolution a :class:`~dpf_ext.ops.Window` of high
-    bins around the previous threshold (3 bins, widened to twice the last move, at most 9);
-    when the new threshold lands there, no second pass is needed. Only where that pays (see
-    :meth:`pays`: a small model's, or a small layer's, second pass costs less than a
-    window). A performance hint only: the thresholds are the same with or without it; it is
-    in the pruner's state so that a resumed run reads the weights as the uninterrupted one
-    would."""
-
-    def __init__(self):
-        self.taus: torch.Tensor | None = None
-        self.host: list[float] = []
-        self.width = 3
-
-    def window(self, i: int, weights: list[torch.Tensor]) -> ops.Window | None:
-        """A fresh window around the previous threshold of position ``i`` (global scope:
-        0) for a first pass over ``weights``, if there is a finite one and it pays."""
-        if self.taus is None or not math.isfinite(self.host[i]) or not self.pays(weights):
-            return None
-        return ops.Window.around(self.taus[i], self.width)
-
-    def pays(self, weights: list[torch.Tensor]) -> bool:
-        """Whether the second pass a window saves (a read of ``weights``) costs more than
-        the window itself (zeroing its counts, copying a slice, one host synchronisation):
-        from about half a million float32 weights with 3 bins. Pass whole (unsharded)
-        weights, so that every rank decides alike."""
-        return sum(w.numel() * w.element_size() for w in weights) >= (self.width + 1) * LOW_BINS * 8
-
-    def record(self, taus: torch.Tensor) -> list[float]:
-        """Remember this update's thresholds, size the next window by how far they moved,
-        and return them on the host (the update's one read-back of its thresholds)."""
-        taus = taus.detach().float().reshape(-1)
-        host = taus.tolist()
-        if len(host) == len(self.host):
-            moves = [abs(_high_bin(a) - _high_bin(b)) for a, b in zip(host, self.host)
-                     if math.isfinite(a) and math.isfinite(b)]
-            if moves:
-                self.width = min(2 * max(max(moves), 1) + 1, 9)
-        self.taus, self.host = taus.clone(), host
-        return host
-
-    def state_dict(self) -> dict:
-        """The previous thresholds (``None`` before the first update) and the window width."""
-        return {"taus": None if self.taus is None else list(self.host), "width": self.width}
-
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        """Restore :meth:`state_dict`, the thresholds onto ``device``."""
-        self.width = state["width"]
-        self.host = [] if state["taus"] is None else list(state["taus"])
-        self.taus = (None if state["taus"] is None
-                     else torch.tensor(self.host, dtype=torch.float32, device=device))
+def dpf_method(scope: str = "global", feedback: bool = True, threshold: str = "exact",
+               channel_floor: bool | None = None, feedback_clip: float | None = None,
+               watch: bool = True, pattern: str | None = None,
+               pruned_decay: float | None = None) -> Method:
+    """The magnitude method that :class:`DPF`'s own arguments describe (``scope`` picks the
+    filter method for ``"filter"``; ``pattern`` the N:M method)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+    if pattern is not None:
+        if scope != "global" or channel_floor:
+            raise ValueError("pattern= chooses the masks by itself: it excludes scope= and "
+                             "channel_floor=")
+        return NM(pattern, pruned_decay, feedback)
+    if scope == "filter":
+        if channel_floor:
+            raise ValueError("channel_floor applies to the global and layer scopes; the filter "
+                             "scope prunes whole channels by design")
+        return FilterMagnitude(feedback, threshold, feedback_clip, pruned_decay)
+    floor = True if channel_floor is None else channel_floor
+    return Magnitude(feedback, threshold, floor, feedback_clip, pruned_decay, watch)
 
 
 class DPF:
@@ -148,7 +75,8 @@ class DPF:
             ``schedule`` it gives the default schedule: cubic from 0 at step 0 to
             ``sparsity`` at ``0.75 * total_steps``.
         schedule: a :class:`~dpf_ext.schedules.Schedule`; overrides the default one.
-        update_every: steps between mask updates (the paper uses 16).
+        update_every: steps between mask updates (DPF's default and the paper's: 16; RigL and
+            SET: 100).
         scope: ``"global"`` (one magnitude threshold over all prunable weights), ``"layer"``
             (the same sparsity in every layer) or ``"filter"`` (whole output filters by L2
             norm, one threshold over all filters; sparsity counts filters).
@@ -189,6 +117,24 @@ class DPF:
             :data:`~dpf_ext.channels.BLOWUP_RATIO` times the threshold, or an output channel
             entirely pruned in front of a normalisation layer.
 
+        method: the mask-choosing method (see :mod:`dpf_ext.methods`): a name from
+            :data:`dpf_ext.methods.METHODS` (``"rigl"``, ``"set"``, ``"snip"``, ``"static"``,
+            ...) or a :class:`~dpf_ext.methods.Method`. ``None`` (default): DPF's magnitude
+            method built from ``scope``, ``feedback``, ``threshold``, ``channel_floor``,
+            ``feedback_clip``, ``watch``, ``pattern`` and ``pruned_decay``, which must keep
+            their defaults when a method is given (they are its options).
+        method_options: keyword arguments of the named ``method``.
+        budget: how the sparsity is shared among layers (see :mod:`dpf_ext.budgets`):
+            ``"global"``, ``"uniform"``, ``"erk"``, ``"er"`` or a
+            :class:`~dpf_ext.budgets.Budget`; default: the method's (``scope="layer"`` is
+            ``"uniform"``).
+        optimizer: the optimizer, for methods that grow weights from zero: their state is
+            reset at the grown positions.
+        end_step: the last step at which the masks may change (default: the method's;
+            RigL and SET: 75% of ``total_steps``).
+        seed: seeds the random choices of a method (by seed, step and layer: the same on
+            every rank and in a resumed run).
+
     Construction applies the schedule's step-0 target. To resume, build the model, the
     optimizer and the pruner, then load the state dicts of all three (the masks live in the
     model's).
@@ -199,7 +145,7 @@ class DPF:
         model: nn.Module,
         sparsity: float | None = None,
         schedule: Schedule | None = None,
-        update_every: int = 16,
+        update_every: int | None = None,
         scope: str = "global",
         feedback: bool = True,
         threshold: str = "exact",
@@ -211,6 +157,12 @@ class DPF:
         replace: bool = False,
         pattern: str | None = None,
         pruned_decay: float | None = None,
+        method: str | Method | None = None,
+        method_options: dict | None = None,
+        budget: str | Budget | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        end_step: int | None = None,
+        seed: int = 0,
     ):
         self.layers = dpf_layers(model)
         if not self.layers:
@@ -238,57 +190,45 @@ class DPF:
                 "model with torch.distributed.fsdp.fully_shard (FSDP2) instead"
             )
         self.model = model
-        self.pattern = None if pattern is None else NMPattern.parse(pattern)
-        if self.pattern is not None:
-            if scope != "global" or channel_floor:
-                raise ValueError("pattern= chooses the masks by itself: it excludes scope= and "
-                                 "channel_floor=")
-            self.pattern.check(self.layers)
-            channel_floor, watch = False, False
-            if schedule is None:
-                if sparsity is not None and abs(float(sparsity) - self.pattern.sparsity) > 1e-9:
-                    raise ValueError(f"sparsity={sparsity} disagrees with pattern {self.pattern} "
-                                     f"({self.pattern.sparsity:.4g}); pass one of them")
-                sparsity, total_steps = None, None
-                schedule = OneShot(self.pattern.sparsity, 0)
-            elif abs(schedule.final - self.pattern.sparsity) > 1e-9:
-                raise ValueError(f"the schedule's final sparsity {schedule.final} is not pattern "
-                                 f"{self.pattern}'s {self.pattern.sparsity:.4g}")
-        if pruned_decay is not None and (isinstance(pruned_decay, bool)
-                                         or not isinstance(pruned_decay, (int, float))
-                                         or pruned_decay < 0):
-            raise ValueError(f"pruned_decay must be a non-negative number or None, got {pruned_decay!r}")
-        self.pruned_decay = None if pruned_decay is None else float(pruned_decay)
-        self.schedule = self._resolve_schedule(sparsity, schedule, total_steps)
-        if not isinstance(update_every, int) or update_every < 1:
+        self.names = [name for name, _ in self.layers]
+        self.shapes = [tuple(w.shape) for w in self.channel_major(self.full_weights())]
+        self.method = self._resolve_method(method, method_options, dict(
+            scope=scope, feedback=feedback, threshold=threshold, channel_floor=channel_floor,
+            feedback_clip=feedback_clip, watch=watch, pattern=pattern, pruned_decay=pruned_decay))
+        defaults = self.method.defaults(sparsity, total_steps)
+        self.schedule = self._resolve_schedule(sparsity, schedule or defaults.get("schedule"),
+                                               total_steps)
+        update_every = defaults.get("update_every", 16) if update_every is None else update_every
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive int, got {update_every!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-        if threshold not in THRESHOLDS:
-            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+        freeze_at = defaults.get("freeze_at") if freeze_at is None else freeze_at
         if freeze_at is not None and freeze_at < 0:
             raise ValueError(f"freeze_at must be >= 0 or None, got {freeze_at}")
-        if channel_floor is None:
-            channel_floor = scope != "filter"
-        if feedback_clip is not None and (isinstance(feedback_clip, bool)
-                                          or not isinstance(feedback_clip, (int, float))
-                                          or not feedback_clip > 0):
-            raise ValueError(f"feedback_clip must be a positive number or None, got {feedback_clip!r}")
-        if channel_floor and scope == "filter":
-            raise ValueError("channel_floor applies to the global and layer scopes; the filter "
-                             "scope prunes whole channels by design")
+        end_step = defaults.get("end_step") if end_step is None else end_step
+        if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int)
+                                     or end_step < 0):
+            raise ValueError(f"end_step must be a non-negative int or None, got {end_step!r}")
+        if scope == "layer" and budget is not None:
+            raise ValueError("scope='layer' is budget='uniform': pass one of them")
+        self.budget = make_budget(budget if budget is not None else
+                                  Uniform() if scope == "layer" else defaults.get("budget", Global()))
+        self.scope = ("filter" if isinstance(self.method, FilterMagnitude) else
+                      {"global": "global", "uniform": "layer"}.get(self.budget.name, self.budget.name))
         self.update_every = update_every
-        self.scope = scope
-        self.feedback = feedback
-        self.threshold = threshold
         self.freeze_at = freeze_at
-        self.channel_floor = bool(channel_floor)
-        self.feedback_clip = None if feedback_clip is None else float(feedback_clip)
-        names = [name for name, _ in self.layers]
-        self._floor = ChannelFloor(names, self._channel_major([l.dense_weight for _, l in self.layers]))
-        if self.channel_floor:
-            self._floor.check_reachable(self.schedule.final, scope, kept_count)
-        self._watch = BlowUpWatch(model, names) if watch and feedback and scope != "filter" else None
+        self.end_step = end_step
+        self.seed = int(seed)
+        self.optimizer = optimizer
+        if self.method.grows_from_zero:
+            if optimizer is None:
+                raise ValueError(f"{self.method.name} grows weights from zero and resets their "
+                                 "optimizer state: pass optimizer=")
+            check_resettable(optimizer, self.method.name)
+        if (self.method.needs_gradient or self.method.grows_from_zero) and is_sharded(
+                self.layers[0][1].dense_weight):
+            raise ValueError(f"{self.method.name} does not support sharded (fully_shard) weights")
+        self.estimator = self.method.estimator()
+        self.method.check(self)
         check_same_on_all_ranks(self._config())
         self._take_over(replace)
 
@@ -302,16 +242,35 @@ class DPF:
         self.reactivated_last = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
         self.reactivated_total = torch.zeros_like(self.reactivated_last)
         self.forced_last = torch.zeros_like(self.reactivated_last)
+        self.dropped_last = torch.zeros_like(self.reactivated_last)
+        self.regrown_last = torch.zeros_like(self.reactivated_last)
         self._empty: set[str] = set()
         self._request: HistogramRequest | None = None
-        self._warm = WarmStart()
         for _, layer in self.layers:
-            layer.feedback = feedback
-            layer.feedback_clip = self.feedback_clip
-            layer.pruned_decay = self.pruned_decay
-        self.update_masks()
+            layer.estimator = self.estimator
+        self._update_masks(initial=True)
         if freeze_at == 0:
             self.freeze()
+        self._arm_taps()
+
+    @staticmethod
+    def _resolve_method(method, options, legacy: dict) -> Method:
+        if method is None:
+            if options:
+                raise ValueError("method_options need a method=")
+            return dpf_method(**legacy)
+        defaults = inspect.signature(dpf_method).parameters
+        changed = [k for k, v in legacy.items() if v != defaults[k].default]
+        if changed:
+            raise ValueError(f"{changed} are options of DPF's own method; with method= pass a "
+                             "method's options in method_options=")
+        if isinstance(method, Method):
+            if options:
+                raise ValueError("method_options go with a method name; this method is built")
+            return method
+        from .methods import make_method
+
+        return make_method(method, **(options or {}))
 
     def _take_over(self, replace: bool) -> None:
         """Register as the pruner of every layer, refusing (unless ``replace``) layers that
@@ -328,6 +287,16 @@ class DPF:
             other._replaced = True
         for _, layer in self.layers:
             _OWNERS[layer] = weakref.ref(self)
+
+    def full_weights(self) -> list[torch.Tensor]:
+        """The prunable weights (whole: DTensors where sharded), in layer order."""
+        return [layer.dense_weight for _, layer in self.layers]
+
+    def channel_major(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of the layers' weights (or masks) with the output channels first, as the
+        channel floor and the filter method count them."""
+        return [t.movedim(layer.channel_dim, 0) if layer.channel_dim else t
+                for t, (_, layer) in zip(tensors, self.layers)]
 
     @staticmethod
     def _resolve_schedule(sparsity, schedule, total_steps) -> Schedule:
@@ -363,26 +332,35 @@ class DPF:
             self.update_masks()
         if freezing:
             self.freeze()
+        self._arm_taps()
 
     def _due(self, step: int) -> bool:
         """Whether the masks update at ``step``: every ``update_every`` steps, and at the
-        step where the schedule reaches its final sparsity."""
+        step where the schedule reaches its final sparsity, up to ``end_step``."""
+        if self.end_step is not None and step > self.end_step:
+            return False
         return step % self.update_every == 0 or step == self.schedule.final_step
+
+    def _arm_taps(self) -> None:
+        """Have the layers record the dense gradient of the next step if the method needs
+        it there."""
+        if self.method.needs_gradient and not self.frozen:
+            due = self._due(self.step_count + 1) or self.step_count + 1 == self.freeze_at
+            for _, layer in self.layers:
+                layer.grad_tap.armed = due
 
     def histogram_request(self) -> HistogramRequest | None:
         """Called by a fused optimizer before its step: a request for the histogram of the
         updated prunable weights if the following :meth:`step` updates the masks with a
-        global threshold, else ``None``."""
+        global magnitude threshold, else ``None``."""
         next_step = self.step_count + 1
         due = self._due(next_step) or next_step == self.freeze_at
-        if (self.finalized or self.frozen or not due or self.scope != "global"
-                or not self.feedback or is_sharded(self.layers[0][1].dense_weight)
+        window = False
+        if not (self.finalized or self.frozen or not due or is_sharded(self.layers[0][1].dense_weight)
                 or any(layer.channel_dim for _, layer in self.layers)):
-            self._request = None
-        else:
-            weights = [layer.dense_weight for _, layer in self.layers]
-            window = self._warm.window(0, weights) if self.threshold == "exact" else None
-            self._request = HistogramRequest(weights, next_step, window)
+            window = self.method.histogram_window(self)
+        self._request = None if window is False else HistogramRequest(
+            self.full_weights(), next_step, window)
         return self._request
 
     def update_masks(self) -> None:
@@ -393,136 +371,67 @@ class DPF:
         with torch.no_grad():
             self._update_masks()
 
-    def _update_masks(self) -> None:
+    def _dense_gradients(self, shards: Shards) -> list[torch.Tensor]:
+        """This step's dense gradients from the layers' taps, averaged over the ranks."""
+        gradients = [layer.grad_tap.take() for _, layer in self.layers]
+        missing = [name for name, g in zip(self.names, gradients) if g is None]
+        if missing:
+            raise RuntimeError(
+                f"{self.method.name} needs the dense gradient of step {self.step_count}, and "
+                f"layers {missing} recorded none: call loss.backward(), then optimizer.step(), "
+                "then pruner.step(), with every layer in the forward"
+            )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for g in gradients:
+                dist.all_reduce(g)
+                g.div_(dist.get_world_size())
+        return self.channel_major(gradients)
+
+    @torch.no_grad()
+    def _update_masks(self, initial: bool = False) -> None:
         sparsity = self.schedule.sparsity_at(self.step_count)
         check_sparsity(sparsity, f"scheduled sparsity at step {self.step_count}")
-        full_weights = [layer.dense_weight for _, layer in self.layers]
-        shards = Shards([name for name, _ in self.layers], full_weights,
-                        [layer.mask for _, layer in self.layers])
-        weights, masks = self._channel_major(shards.weights), self._channel_major(shards.masks)
-        reduce = shards.reduce if shards.group is not None else None
-        exact = self.threshold == "exact"
-        if not self.feedback:
+        full_weights = self.full_weights()
+        shards = Shards(self.names, full_weights, [layer.mask for _, layer in self.layers])
+        gradients = (self._dense_gradients(shards) if self.method.needs_gradient and not initial
+                     else None)
+        request, self._request = self._request, None
+        ready = request is not None and request.step == self.step_count and request.complete
+        u = Update(self.step_count, sparsity, self.names, [layer for _, layer in self.layers],
+                   self.channel_major(shards.weights), self.channel_major(shards.masks),
+                   full_weights, self.budget, shards.reduce if shards.group is not None else None,
+                   self.seed, initial, gradients, request if ready else None, self.end_step,
+                   self.shapes)
+        if not self.estimator.feedback:
             self._zero_pruned()  # momentum may have moved them since the last update
-        if self.pattern is not None:
-            return self._update_pattern(sparsity, shards)
-        if self.channel_floor:
-            self._floor.check_reachable(sparsity, self.scope, kept_count)
-        floor = self.channel_floor
-        rows = self._floor.rows if floor else [0] * len(weights)
-        row_max = None  # each channel's largest weight, when recorded
-        if self.scope == "global":
-            target_kept = kept_count(sparsity, sum(w.numel() for w in full_weights))
-            request, self._request = self._request, None
-            ready = request is not None and request.step == self.step_count and request.complete
-            if ready:
-                histogram, row_max, window = request.histogram, request.row_max, request.window
-            else:
-                histogram, window = None, self._warm.window(0, full_weights) if exact else None
-                if floor or self._watch is not None:
-                    row_max = new_row_max(weights)
-                if self._watch is not None and not floor:
-                    histogram = ops.magnitude_histogram(weights, row_max=row_max, window=window)
-            taus = self._threshold(weights, target_kept - sum(rows), exact, reduce,
-                                   row_max if floor else None, histogram, window)
-        elif self.scope == "layer":
-            ks = [kept_count(sparsity, w.numel()) for w in full_weights]
-            target_kept = sum(ks)
-            recorded = floor or self._watch is not None
-            row_max = new_row_max(weights) if recorded else None
-            taus = []
-            for i, (w, k, r) in enumerate(zip(weights, ks, rows)):
-                window = self._warm.window(i, full_weights[i:i + 1]) if exact else None
-                histogram = (ops.magnitude_histogram([w], row_max=[row_max[i]], window=window)
-                             if recorded and not floor else None)
-                taus.append(self._threshold([w], k - r, exact, reduce,
-                                            [row_max[i]] if floor else None, histogram, window))
-            taus = torch.stack(taus)
-        else:
-            scores = [filter_scores(w) for w in weights]
-            target_kept = kept_count(sparsity, sum(self._floor.rows))
-            taus = ops.global_threshold(scores, target_kept, exact, reduce=reduce)
-            weights = [s.view(-1, *[1] * (w.dim() - 1)).expand_as(w) for s, w in zip(scores, weights)]
-        if any(math.isnan(t) for t in self._warm.record(taus)):  # +Inf: the floor alone
-            bad = [name for (name, _), w in zip(self.layers, shards.weights)
-                   if not torch.isfinite(w).all()]
-            raise ValueError(
-                f"non-finite (NaN or Inf) weights in {bad or 'another rank'} at step "
-                f"{self.step_count}; masks left unchanged"
-            )
-        layer_taus = taus.expand(len(weights))
-        stats = ops.update_masks(weights, taus, masks, shrink_only=not self.feedback,
-                                 row_max=row_max if floor else None)
-        forced = torch.zeros_like(stats[:, :1])
-        if row_max is not None:  # channels entirely below the threshold: forced, or empty
-            emptied = [below(r, t) for r, t in zip(row_max, layer_taus)]
-            if floor:
-                forced = torch.stack([e.sum() for e in emptied]).reshape(-1, 1)
-        stats = self._commit(torch.cat([stats, forced], dim=1), shards, sparsity, target_kept)
-        if self._watch is not None and row_max is not None:
-            self._watch.check(self.step_count, sparsity, row_max, layer_taus,
-                              None if floor else [~e for e in emptied])
-        self._warn_empty_layers(stats[:, 0])
-
-    def _update_pattern(self, sparsity: float, shards: Shards) -> None:
-        """The N:M update: the pattern where the schedule's target is not 0, else dense."""
-        if sparsity == 0:
-            reactivated = torch.stack([(~m).sum() for m in shards.masks])
-            kept = torch.tensor([m.numel() for m in shards.masks], device=reactivated.device)
-            stats = torch.stack([kept, reactivated], dim=1)
-            for m in shards.masks:
-                m.fill_(True)
-        else:
-            stats = self.pattern.update(shards.weights, shards.masks, self.layers)
-            if not bool((stats[:, 2] == 0).all()):
-                bad = [name for (name, _), s in zip(self.layers, stats[:, 2].tolist()) if s]
-                raise ValueError(f"non-finite (NaN or Inf) weights in {bad} at step "
-                                 f"{self.step_count}; masks left unchanged")
-            stats = stats[:, :2]
-        numels = [layer.dense_weight.numel() for _, layer in self.layers]
-        target_kept = sum(numels) if sparsity == 0 else sum(k // self.pattern.m * self.pattern.n
-                                                           for k in numels)
-        self._commit(torch.cat([stats, torch.zeros_like(stats[:, :1])], dim=1), shards, sparsity,
-                     target_kept)
-
-    def _commit(self, stats: torch.Tensor, shards: Shards, sparsity: float,
-                target_kept: int) -> torch.Tensor:
-        """Finish a mask update: sum the per-layer ``[kept, reactivated, forced]`` counts
-        over the ranks, make the masks whole, zero pruned weights without feedback, and
-        record the update. Returns the summed counts."""
-        stats = shards.reduce(stats)
+        kept_before = torch.stack([m.sum() for m in shards.masks])
+        before = ([m.clone() for m in shards.masks]
+                  if self.method.grows_from_zero and not initial else None)
+        stats = self.method.update(u)
+        if before is not None:
+            self._start_grown_from_zero(shards, before)
+        dropped = kept_before + stats[:, 1] - stats[:, 0]
+        stats = shards.reduce(torch.cat([stats, dropped.reshape(-1, 1)], dim=1))
         shards.assemble_masks()
-        if not self.feedback:
+        if not self.estimator.feedback:
             self._zero_pruned()
         self.reactivated_last = stats[:, 1]
         self.reactivated_total += stats[:, 1]
         self.forced_last = stats[:, 2]
+        self.regrown_last = stats[:, 3]
+        self.dropped_last = stats[:, 4]
         self.target_sparsity = sparsity
-        self.target_kept = target_kept
-        return stats
+        self.target_kept = u.target_kept if u.target_kept is not None else sum(
+            k for _, k in u.groups())
+        self._warn_empty_layers(stats[:, 0])
 
-    def _channel_major(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Views of the layers' weights (or masks) with the output channels first, as the
-        channel floor and the filter scope count them."""
-        return [t.movedim(layer.channel_dim, 0) if layer.channel_dim else t
-                for t, (_, layer) in zip(tensors, self.layers)]
-
-    def _threshold(self, weights, k, exact, reduce, row_max, histogram=None,
-                   window=None) -> torch.Tensor:
-        """The threshold over ``weights`` less each row's largest (recorded into
-        ``row_max``), keeping ``k`` of the others; +Inf (the forced weights alone) for
-        ``k == 0``. ``histogram``: the first pass, if already counted (with ``window``);
-        ``window`` lets the exact search finish in that pass when the threshold moved
-        little (see :class:`WarmStart`)."""
-        if k < 1:
-            if histogram is None:  # the pass still records the rows and meets any NaN
-                histogram = ops.magnitude_histogram(weights, row_max=row_max)
-            nonfinite = reduce(histogram.clone()) if reduce else histogram
-            nonfinite = nonfinite[NONFINITE_BIN:].sum() > 0
-            inf = torch.full((), float("inf"), device=weights[0].device)
-            return torch.where(nonfinite, torch.full_like(inf, float("nan")), inf)
-        return ops.global_threshold(weights, k, exact, histogram=histogram, reduce=reduce,
-                                    row_max=row_max, window=window)
+    def _start_grown_from_zero(self, shards: Shards, before: list[torch.Tensor]) -> None:
+        """Weights grown at this update (pruned before, kept now) start at 0 with their
+        optimizer state reset; dropped and regrown at once keep both."""
+        for (_, layer), weight, mask, old in zip(self.layers, shards.weights, shards.masks, before):
+            grown = mask & ~old
+            weight.masked_fill_(grown, 0)
+            reset_state(self.optimizer, layer.dense_weight, grown)
 
     def _warn_empty_layers(self, kept: torch.Tensor) -> None:
         emptied = [name for (name, _), k in zip(self.layers, kept.tolist())
@@ -548,7 +457,8 @@ class DPF:
         """Keep the masks fixed from now on and mask the gradient (retraining)."""
         self.frozen = True
         for _, layer in self.layers:
-            layer.feedback = False
+            layer.estimator = MaskedGradient()
+            layer.grad_tap.armed = False
 
     def finalize(self, unwrap: bool = False) -> nn.Module:
         """Fold the masks into the weights (``w ← mask ⊙ w``) and return the model.
@@ -570,28 +480,29 @@ class DPF:
         return 1.0 - kept / sum(layer.mask.numel() for _, layer in self.layers)
 
     def report(self) -> SparsityReport:
-        """Per-layer table of shapes, kept weights, sparsity, reactivations and the weights
-        the channel floor forced at the last update."""
+        """Per-layer table of shapes, kept weights, sparsity, reactivations (grown weights),
+        dropped and regrown-at-once weights and the weights the channel floor forced at the
+        last update."""
         kept = torch.stack([layer.mask.sum() for _, layer in self.layers])
-        kept, last, total, forced = torch.stack(
-            [kept, self.reactivated_last, self.reactivated_total, self.forced_last]).tolist()
+        kept, last, total, forced, dropped, regrown = torch.stack(
+            [kept, self.reactivated_last, self.reactivated_total, self.forced_last,
+             self.dropped_last, self.regrown_last]).tolist()
         rows = [
             LayerReport(name, tuple(layer.dense_weight.shape), layer.dense_weight.numel(), kept[i],
-                        last[i], total[i], forced[i])
+                        last[i], total[i], forced[i], dropped[i], regrown[i])
             for i, (name, layer) in enumerate(self.layers)
         ]
+        pattern = getattr(self.method, "pattern", None)
         return SparsityReport(self.step_count, self.target_sparsity, self.target_kept,
                               self.frozen, rows, coverage(self.model),
-                              str(self.pattern) if self.pattern else None)
+                              str(pattern) if pattern else None, self.method.name)
 
     def _config(self) -> dict:
         return {
-            "schedule": repr(self.schedule), "update_every": self.update_every,
-            "scope": self.scope, "feedback": self.feedback, "threshold": self.threshold,
-            "freeze_at": self.freeze_at, "channel_floor": self.channel_floor,
-            "feedback_clip": self.feedback_clip, "pattern": str(self.pattern) if self.pattern else None,
-            "pruned_decay": self.pruned_decay,
-            "layers": [name for name, _ in self.layers],
+            "method": self.method.name, **self.method.config(), "schedule": repr(self.schedule),
+            "update_every": self.update_every, "end_step": self.end_step,
+            "freeze_at": self.freeze_at, "scope": self.scope, "budget": repr(self.budget),
+            "seed": self.seed, "layers": self.names,
         }
 
     def state_dict(self) -> dict:
@@ -605,7 +516,9 @@ class DPF:
             "reactivated_last": self.reactivated_last.clone(),
             "reactivated_total": self.reactivated_total.clone(),
             "forced_last": self.forced_last.clone(),
-            "warm_start": self._warm.state_dict(),
+            "dropped_last": self.dropped_last.clone(),
+            "regrown_last": self.regrown_last.clone(),
+            "method": self.method.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -618,14 +531,14 @@ class DPF:
         self.step_count = state["step_count"]
         self.target_sparsity = state["target_sparsity"]
         self.target_kept = state["target_kept"]
-        self.reactivated_last.copy_(state["reactivated_last"])
-        self.reactivated_total.copy_(state["reactivated_total"])
-        if "forced_last" in state:
-            self.forced_last.copy_(state["forced_last"])
-        if "warm_start" in state:
-            self._warm.load_state_dict(state["warm_start"], self.reactivated_last.device)
+        for key in ("reactivated_last", "reactivated_total", "forced_last", "dropped_last",
+                    "regrown_last"):
+            if key in state:
+                getattr(self, key).copy_(torch.as_tensor(state[key]))
+        self.method.load_state_dict(state.get("method", {}), self.reactivated_last.device)
         self.frozen = False
         for _, layer in self.layers:
-            layer.feedback = self.feedback
+            layer.estimator = self.estimator
         if state["frozen"]:
             self.freeze()
+        self._arm_taps()

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One prunable layer: its shape, weights kept and the feedback it saw."""
+    """One prunable layer: its shape, weights kept and the feedback it saw (weights grown
+    back: ``reactivated_*``)."""
 
     name: str
     shape: tuple[int, ...]
@@ -18,6 +19,10 @@ class LayerReport:
     forced: int = 0
     """Weights the channel floor kept at the last update: its channels whose every weight
     fell below the threshold."""
+    dropped_last: int = 0
+    """Weights kept before the last update and pruned by it."""
+    regrown_last: int = 0
+    """Weights the last update dropped and grew again at once (they keep their value)."""
 
     @property
     def sparsity(self) -> float:
@@ -43,6 +48,8 @@ class SparsityReport:
     """The model's :class:`~dpf_ext.nn.Coverage`: what DPF prunes and what stays dense."""
     pattern: str | None = None
     """The N:M pattern (``"2:4"``) the masks follow, if any."""
+    method: str | None = None
+    """The name of the method that chose the masks."""
 
     @property
     def params(self) -> int:
@@ -75,6 +82,16 @@ class SparsityReport:
         otherwise have been emptied)."""
         return sum(r.forced for r in self.layers)
 
+    @property
+    def dropped_last(self) -> int:
+        """Weights the last update pruned that were kept before."""
+        return sum(r.dropped_last for r in self.layers)
+
+    @property
+    def regrown_last(self) -> int:
+        """Weights the last update dropped and grew again at once."""
+        return sum(r.regrown_last for r in self.layers)
+
     def to_dict(self) -> dict:
         """Plain data (JSON-serialisable), totals included."""
         out = asdict(self)
@@ -83,24 +100,28 @@ class SparsityReport:
             row["sparsity"] = layer.sparsity
         out.update(params=self.params, kept=self.kept, sparsity=self.sparsity,
                    reactivated_last=self.reactivated_last,
-                   reactivated_total=self.reactivated_total, forced=self.forced)
+                   reactivated_total=self.reactivated_total, forced=self.forced,
+                   dropped_last=self.dropped_last, regrown_last=self.regrown_last)
         return out
 
     def __str__(self) -> str:
         header = ("layer", "shape", "params", "kept", "sparsity", "react. last", "react. total",
-                  "forced")
+                  "forced", "dropped", "regrown")
         rows = [
             (r.name, "x".join(map(str, r.shape)), str(r.params), str(r.kept),
-             f"{r.sparsity:.2%}", str(r.reactivated_last), str(r.reactivated_total), str(r.forced))
+             f"{r.sparsity:.2%}", str(r.reactivated_last), str(r.reactivated_total), str(r.forced),
+             str(r.dropped_last), str(r.regrown_last))
             for r in self.layers
         ]
         rows.append(("total", "", str(self.params), str(self.kept), f"{self.sparsity:.2%}",
-                     str(self.reactivated_last), str(self.reactivated_total), str(self.forced)))
+                     str(self.reactivated_last), str(self.reactivated_total), str(self.forced),
+                     str(self.dropped_last), str(self.regrown_last)))
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         line = lambda row: "  ".join(  # noqa: E731
             c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
         )
-        title = (f"step {self.step}: target sparsity {self.target_sparsity:.2%}"
+        title = (f"step {self.step}: {self.method + ', ' if self.method else ''}target sparsity "
+                 f"{self.target_sparsity:.2%}"
                  f"{f' (pattern {self.pattern})' if self.pattern else ''}"
                  f"{' (mask frozen)' if self.frozen else ''}")
         tail = [str(self.coverage)] if self.coverage is not None else []

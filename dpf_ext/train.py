@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .data import Dataset, augment_batch
-from .methods import make_pruner
+from .methods import METHODS, make_pruner, method_options
 from .models import build_model
 from .nn import sparsify
 from .report import SparsityReport
@@ -28,7 +28,8 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    update_every: int = 16
+    update_every: int | None = None
+    """Steps between mask updates; ``None``: the method's (DPF: 16, RigL and SET: 100)."""
     scope: str = "global"
     threshold: str = "exact"
     oneshot_at: float = 0.1
@@ -40,6 +41,11 @@ class TrainConfig:
     """DPF's feedback clip (see :class:`dpf_ext.DPF`)."""
     pattern: str | None = None
     """An N:M pattern (``"2:4"``) instead of ``sparsity`` (see :func:`dpf_ext.methods.make_pruner`)."""
+    budget: str | None = None
+    """The layer-wise budget (``"global"``, ``"uniform"``, ``"erk"``, ``"er"``); ``None``: the
+    method's."""
+    options: dict = field(default_factory=dict)
+    """The method's options (see :func:`dpf_ext.methods.method_options`)."""
     seed: int = 0
     device: str = "cpu"
 
@@ -102,18 +108,28 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
     total_steps = config.epochs * steps_per_epoch
     if config.method != "dense":
         sparsify(model, exclude=config.exclude)
-    pruner = make_pruner(
-        config.method, model, config.sparsity, total_steps,
-        prune_at=round(config.oneshot_at * total_steps), update_every=config.update_every,
-        scope=config.scope, threshold=config.threshold, channel_floor=config.channel_floor,
-        pattern=config.pattern,
-        **({"feedback_clip": config.feedback_clip} if config.method == "dpf" else {}),
-    )
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.momentum > 0, weight_decay=config.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    first = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(config.seed))
+    first = first[:config.batch_size]  # the batch that SNIP scores the weights on
+    controller = {k: v for k, v in (("update_every", config.update_every),
+                                    ("budget", config.budget)) if v is not None}
+    takes = method_options(config.method) if config.method in METHODS else []
+    for key in ("threshold", "feedback_clip"):  # the magnitude methods' settings
+        if key in takes:
+            controller[key] = getattr(config, key)
+    pruner = make_pruner(
+        config.method, model, config.sparsity, total_steps,
+        prune_at=round(config.oneshot_at * total_steps), scope=config.scope,
+        channel_floor=config.channel_floor, pattern=config.pattern, optimizer=optimizer,
+        seed=config.seed,
+        batch_loss=lambda m: loss_fn(m(data.x_train[first].to(device)),
+                                     data.y_train[first].to(device)),
+        options=config.options, **controller,
+    )
     milestones = [total_steps // 2, total_steps * 3 // 4]
     lr_schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    loss_fn = nn.CrossEntropyLoss()
 
     history = []
     start = time.perf_counter()

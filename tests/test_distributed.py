@@ -135,7 +135,7 @@ def _rescaled(model, pruner):
 
 
 def _sharded_warm_masks(rank, world):
-    from dpf_ext.pruner import WarmStart
+    from dpf_ext.first_pass import WarmStart
     WarmStart.pays = lambda self, weights: True  # windows for the small model (this process)
     out = []
     for settings in SETTINGS:

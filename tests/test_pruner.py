@@ -231,11 +231,11 @@ def test_state_dict_carries_the_warm_start():
     model, pruner, opt = setup(sparsity=0.9, total_steps=40, update_every=5)
     train_steps(model, pruner, opt, batches(12))
     saved = pruner.state_dict()
-    assert saved["warm_start"]["taus"] is not None
+    assert saved["method"]["warm_start"]["taus"] is not None
     _, other, _ = setup(seed=1, sparsity=0.9, total_steps=40, update_every=5)
-    assert other.state_dict()["warm_start"] != saved["warm_start"]
+    assert other.state_dict()["method"]["warm_start"] != saved["method"]["warm_start"]
     other.load_state_dict(copy.deepcopy(saved))
-    assert other.state_dict()["warm_start"] == saved["warm_start"]
+    assert other.state_dict()["method"]["warm_start"] == saved["method"]["warm_start"]
 
 
 def test_load_state_dict_rejects_other_settings():

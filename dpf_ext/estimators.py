@@ -1,0 +1,145 @@
+"""Gradient estimators: how a layer's forward weight ``mask ⊙ w`` hands its gradient back to
+the dense ``w``. A DPF layer holds one (``layer.estimator``); the pruner's method chooses it.
+
+- :class:`StraightThrough`: ``d(m ⊙ w)/dw := I``, DPF's feedback: pruned weights keep
+  training. Optionally with the feedback clip and SR-STE's pruned-weight decay.
+- :class:`MaskedGradient`: ``d(m ⊙ w)/dw = m``: pruned weights get no gradient (gradual
+  pruning, retraining, the sparse-from-scratch methods).
+
+Independently, a layer's :class:`GradientTap`, when armed, records the dense gradient (the
+gradient with respect to ``m ⊙ w`` at every position) for methods that grow weights by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from . import ops
+
+
+class _ClipPrunedGradient(torch.autograd.Function):
+    """Identity forward; backward clips the gradient of pruned weights to ``ratio`` times the
+    largest gradient magnitude among the layer's kept weights."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, ratio):
+        ctx.save_for_backward(mask)
+        ctx.ratio = ratio
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        bound = ctx.ratio * torch.where(mask, grad, 0).abs().amax()
+        return torch.where(mask, grad, torch.minimum(torch.maximum(grad, -bound), bound)), None, None
+
+
+def clip_pruned_gradient(weight: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``weight`` whose gradient reaches the pruned coordinates clipped to ``ratio`` times the
+    largest kept one of the layer (the feedback clip). A channel left with one or two small
+    weights can still get a gradient hundreds of times the others' through the
+    normalisation behind it; the kept weights absorb it by growing (which restores the
+    channel's variance), but pruned ones do not affect the output and would keep growing."""
+    return _ClipPrunedGradient.apply(weight, mask, ratio)
+
+
+class _DecayPruned(torch.autograd.Function):
+    """Identity forward; backward adds ``decay * w`` to the gradient of pruned weights."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, decay):
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mask = ctx.saved_tensors
+        return grad + ctx.decay * torch.where(mask, 0, weight.detach()), None, None
+
+
+def decay_pruned(weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+    """``weight`` whose pruned coordinates get ``decay * w`` added to their gradient (SR-STE's
+    refinement: pruned weights drift toward zero unless the loss pulls them back)."""
+    return _DecayPruned.apply(weight, mask, decay)
+
+
+class Estimator:
+    """Base class: :meth:`masked_weight` is the weight a layer's forward uses."""
+
+    feedback: ClassVar[bool]
+    """Whether pruned weights receive gradient."""
+
+    def masked_weight(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``weight ⊙ mask`` with this estimator's gradient."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class StraightThrough(Estimator):
+    """DPF's estimator: the full gradient reaches the dense weights. ``clip``: bound the
+    pruned weights' gradient (see :func:`clip_pruned_gradient`); ``decay``: add
+    ``decay * w`` to it (see :func:`decay_pruned`)."""
+
+    clip: float | None = None
+    decay: float | None = None
+    feedback: ClassVar[bool] = True
+
+    def masked_weight(self, weight, mask):
+        if self.clip is not None:
+            weight = clip_pruned_gradient(weight, mask, self.clip)
+        if self.decay:
+            weight = decay_pruned(weight, mask, self.decay)
+        return ops.masked_weight(weight, mask, True)
+
+
+@dataclass(frozen=True)
+class MaskedGradient(Estimator):
+    """The masked gradient: pruned weights get none."""
+
+    feedback: ClassVar[bool] = False
+
+    def masked_weight(self, weight, mask):
+        return ops.masked_weight(weight, mask, False)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity forward; backward adds the incoming gradient into ``tap.gradient``."""
+
+    @staticmethod
+    def forward(ctx, masked, tap):
+        ctx.tap = tap
+        return masked.view_as(masked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.tap.add(grad)
+        return grad, None
+
+
+class GradientTap:
+    """Records a layer's dense gradient (with respect to ``mask ⊙ w``, every position) while
+    :attr:`armed`, summed over the backward passes until :meth:`take`."""
+
+    def __init__(self):
+        self.armed = False
+        self.gradient: torch.Tensor | None = None
+
+    def __call__(self, masked: torch.Tensor) -> torch.Tensor:
+        """``masked`` itself, recorded in the backward when armed."""
+        if not self.armed or not torch.is_grad_enabled():
+            return masked
+        return _Tap.apply(masked, self)
+
+    def add(self, grad: torch.Tensor) -> None:
+        """Accumulate one backward pass's gradient."""
+        grad = grad.detach()
+        self.gradient = grad.clone() if self.gradient is None else self.gradient.add_(grad)
+
+    def take(self) -> torch.Tensor | None:
+        """The recorded gradient (``None`` if none was), disarming the tap."""
+        gradient, self.gradient, self.armed = self.gradient, None, False
+        return gradient

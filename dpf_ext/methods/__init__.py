@@ -1,0 +1,133 @@
+"""Mask-choosing methods, by name: DPF and the methods it is compared with, all through the
+same :class:`dpf_ext.DPF` controller (``DPF(model, 0.9, method="rigl", ...)``).
+
+============  ==============================================================================
+``dpf``       global magnitude, straight-through feedback, cubic schedule (the default)
+``gradual``   Zhu & Gupta's gradual magnitude pruning (no feedback)
+``oneshot``   magnitude pruning once, then the mask frozen
+``dnw``       straight-through magnitude, mask every step (DNW, jaxpruner's magnitude_ste)
+``rigl``      RigL: drop smallest magnitudes, grow largest dense gradients, ERK
+``set``       SET: RigL's machinery with random growth
+``snip``      SNIP: ``|g ⊙ w|`` on one batch before training, mask fixed
+``static``    a random mask (ERK by default), fixed
+============  ==============================================================================
+
+A method is one file: a :class:`~dpf_ext.methods.base.Method` subclass with ``update``,
+registered with :func:`register_method`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+from .base import Method, Update
+from .presets import dnw, dpf, gradual, oneshot
+from .rigl import RigL
+from .sparse_evolutionary import SET
+from .snip import SNIP
+from .static import Static
+
+METHODS: dict[str, Callable[..., Method]] = {
+    "dpf": dpf, "gradual": gradual, "oneshot": oneshot, "dnw": dnw,
+    "rigl": RigL, "set": SET, "snip": SNIP, "static": Static,
+}
+"""The registry: name -> factory of the method (its keyword arguments are the options)."""
+
+
+def register_method(name: str, factory: Callable[..., Method]) -> None:
+    """Make ``factory`` (a :class:`Method` subclass or a function returning one) available
+    as ``DPF(method=name)`` and ``dpf-train --method name``."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a method name must be an identifier, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {factory!r}")
+    METHODS[name] = factory
+
+
+def method_options(name: str) -> list[str]:
+    """The options (keyword arguments) of the method ``name``."""
+    return [p for p in inspect.signature(METHODS[name]).parameters if p != "self"]
+
+
+def make_method(name: str, **options) -> Method:
+    """The method ``name`` built with ``options``; an unknown name or option is a
+    ``ValueError`` listing the valid ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    valid = method_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"method {name!r} takes no option {unknown}; its options are {valid}")
+    method = METHODS[name](**options)
+    if not isinstance(method, Method):
+        raise TypeError(f"the factory of {name!r} returned {type(method).__name__}, not a Method")
+    return method
+
+
+def make_pruner(method: str, model: nn.Module, sparsity: float, total_steps: int,
+                prune_at: int = 0, channel_floor: bool = True, pattern: str | None = None,
+                optimizer=None, batch_loss=None, seed: int = 0, options: dict | None = None,
+                **controller):
+    """The pruner of ``method`` for ``model`` (``None`` for ``dense``), as ``dpf-train``
+    builds it.
+
+    ``prune_at``: the one-shot pruning step; ``channel_floor``: DPF's (the baselines run
+    without it, as published); ``options``: the method's options; ``controller``
+    (``update_every``, ``scope``, ``threshold``, ``budget``) go to :class:`dpf_ext.DPF`.
+    ``optimizer`` is needed by methods that grow weights from zero, ``batch_loss`` by snip.
+
+    With an N:M ``pattern`` (``"2:4"``), ``sparsity`` is the pattern's and both ``dpf`` and
+    ``oneshot`` train dense until ``prune_at``: ``oneshot`` then prunes to the pattern once
+    and retrains with the mask frozen (the recipe of NVIDIA's ASP), ``dpf`` keeps updating
+    the N:M masks with feedback. The other methods have no N:M form.
+    """
+    from ..pruner import DPF
+    from ..patterns import NMPattern
+    from ..schedules import OneShot
+
+    if method == "dense":
+        return None
+    options = dict(options or {})
+    if pattern is not None:
+        controller.pop("threshold", None)
+        if controller.get("scope", "global") != "global":
+            raise ValueError("an N:M pattern chooses the masks by itself: leave scope global")
+        controller.pop("scope", None)
+        schedule = OneShot(NMPattern.parse(pattern).sparsity, prune_at)
+        if method == "oneshot":
+            return DPF(model, schedule=schedule, pattern=pattern, feedback=False,
+                       freeze_at=prune_at, **controller)
+        if method == "dpf":
+            return DPF(model, schedule=schedule, pattern=pattern, **controller)
+        raise ValueError(f"method {method!r} has no N:M form; use dpf or oneshot with a pattern")
+    scope = controller.pop("scope", "global")
+    if scope == "filter":
+        if method not in ("dpf", "gradual"):
+            raise ValueError(f"the filter scope prunes with dpf or gradual, not {method!r}")
+        return DPF(model, sparsity, total_steps=total_steps, scope="filter",
+                   feedback=method == "dpf", **controller)
+    if scope == "layer":
+        controller.setdefault("budget", "uniform")
+    valid = method_options(method) if method in METHODS else []
+    for key, default in (("threshold", "exact"), ("feedback_clip", None)):
+        value = controller.pop(key, default)
+        if key in valid:
+            options.setdefault(key, value)
+        elif value != default:
+            raise ValueError(f"method {method!r} takes no option {key!r}; its options are {valid}")
+    if method == "dpf":
+        options.setdefault("channel_floor", channel_floor)
+    if method == "oneshot":
+        options.setdefault("at_step", prune_at)
+    if method == "snip":
+        options.setdefault("batch_loss", batch_loss)
+    built = make_method(method, **options)
+    return DPF(model, sparsity, total_steps=total_steps, method=built,
+               optimizer=optimizer if built.grows_from_zero else None, seed=seed, **controller)
+
+
+__all__ = ["METHODS", "Method", "RigL", "SET", "SNIP", "Static", "Update", "make_method",
+           "make_pruner", "method_options", "register_method"]

@@ -1,0 +1,90 @@
+"""RigL, "Rigging the Lottery" (Evci et al., ICML 2020; google-research/rigl,
+``sparse_optimizers_base.py``): sparse from the start; every ``update_every`` steps each layer
+drops its smallest active magnitudes and grows as many positions of largest dense-gradient
+magnitude."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..budgets import ERK
+from ..schedules import Constant
+from .base import Method, Update, random_masks, select_top, write_masks
+from .magnitude import raise_nonfinite
+
+
+class RigL(Method):
+    """RigL's drop and growth, per layer, at constant sparsity.
+
+    At construction, a random mask with the budget's per-layer counts (ERK by default). At
+    each update of step ``t`` (every 100 steps by default, until ``end_step``: 75% of
+    ``total_steps``), in each layer with ``n`` active weights, ``k = int(n * f(t))`` with
+    ``f(t) = drop_fraction / 2 * (1 + cos(pi * min(t, T) / T))``, ``T = end_step``:
+
+    - drop: the ``k`` active weights of smallest ``|w|``;
+    - grow: the ``k`` positions of largest ``|g|`` (this step's dense gradient, all-reduced
+      across ranks) among all positions not kept by the drop, the just-dropped included.
+
+    A position dropped and grown in the same update keeps its value and optimizer state
+    (counted as ``regrown``); a truly new one starts at 0 with its optimizer state (SGD
+    momentum, Adam's moments) reset. Ties at either threshold are drawn at random, seeded by
+    the pruner's seed, the step and the layer (RigL adds noise of standard deviation 1e-5 to
+    the scores instead, which also reorders near-ties). The optimizer step of an update step
+    is applied, unlike RigL's own code, which skips it (the pruner runs after it).
+    """
+
+    name = "rigl"
+    needs_gradient = True
+    grows_from_zero = True
+
+    def __init__(self, drop_fraction: float = 0.3):
+        if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not (
+                0 < drop_fraction <= 1):
+            raise ValueError(f"drop_fraction must be in (0, 1], got {drop_fraction!r}")
+        self.drop_fraction = float(drop_fraction)
+        self._end: int | None = None
+
+    def defaults(self, sparsity, total_steps):
+        if sparsity is None:
+            raise ValueError(f"{self.name} needs the target sparsity: pass sparsity=")
+        out = {"schedule": Constant(sparsity), "update_every": 100, "budget": ERK()}
+        if total_steps is not None:
+            out["end_step"] = max(1, round(0.75 * total_steps))
+        return out
+
+    def check(self, pruner) -> None:
+        if pruner.end_step is None:
+            raise ValueError(f"{self.name}'s drop fraction decays to its last update step: pass "
+                             "total_steps= (the last update at 75% of it) or end_step=")
+        self._end = max(pruner.end_step, 1)
+
+    def drop_fraction_at(self, step: int) -> float:
+        """The fraction of each layer's active weights replaced at ``step`` (cosine decay)."""
+        return 0.5 * self.drop_fraction * (1 + math.cos(math.pi * min(step, self._end) / self._end))
+
+    def grow_scores(self, u: Update, i: int, generator: torch.Generator) -> torch.Tensor:
+        """Non-negative growth scores of layer ``i`` (RigL: the dense gradient's magnitude)."""
+        return u.gradients[i].abs()
+
+    def update(self, u: Update) -> torch.Tensor:
+        if u.initial:
+            return write_masks(u, random_masks(u))
+        fraction = self.drop_fraction_at(u.step)
+        new, regrown = [], []
+        for i, (w, m) in enumerate(zip(u.weights, u.masks)):
+            generator = u.generator(i)
+            active = int(m.sum())
+            k = int(active * fraction)
+            try:
+                (keep,) = select_top([w.abs()], active - k, [m], generator)
+                (grow,) = select_top([self.grow_scores(u, i, generator)], k, [~keep], generator)
+            except ValueError:
+                raise_nonfinite(u)
+            new.append(keep | grow)
+            regrown.append(grow & m)
+        return write_masks(u, new, regrown)
+
+    def config(self) -> dict:
+        return {"drop_fraction": self.drop_fraction}

@@ -1,0 +1,25 @@
+"""Static sparse training: a random mask drawn once at initialisation from a layer-wise
+distribution (uniform, ER or ERK: the budget), never updated."""
+
+from __future__ import annotations
+
+import torch
+
+from ..budgets import ERK
+from ..schedules import Constant
+from .base import Method, Update, random_masks, write_masks
+
+
+class Static(Method):
+    """A random mask with the budget's per-layer counts (ERK by default), fixed for all of
+    training; the gradient is masked. The baseline every dynamic method has to beat."""
+
+    name = "static"
+
+    def defaults(self, sparsity, total_steps):
+        if sparsity is None:
+            raise ValueError(f"{self.name} needs the target sparsity: pass sparsity=")
+        return {"schedule": Constant(sparsity), "end_step": 0, "budget": ERK()}
+
+    def update(self, u: Update) -> torch.Tensor:
+        return write_masks(u, random_masks(u))

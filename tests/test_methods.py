@@ -1,0 +1,339 @@
+"""The mask-choosing methods beside DPF: each rule on small hand-checked cases (which
+positions drop and grow, counts, zero init, optimizer state reset, regrowth at once), the
+budgets against a direct solve, constant sparsity, exact resume, a method written in this
+file run through DPF, and bad input."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dpf_ext
+from dpf_ext.budgets import ERK, Global, PerLayer, Uniform, erk_densities
+from dpf_ext.methods import METHODS, Method, make_method, register_method
+from dpf_ext.methods.base import select_top, write_masks
+from dpf_ext.schedules import Constant
+
+
+def linear(weight, mask=None):
+    """A DPF Linear without bias holding ``weight``."""
+    weight = torch.tensor(weight)
+    layer = dpf_ext.sparsify(nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False)))
+    with torch.no_grad():
+        layer[0].weight.copy_(weight)
+    return layer
+
+
+def set_state(model, weight, mask):
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor(weight))
+        model[0].mask.copy_(torch.tensor(mask))
+
+
+def grow_step(model, optimizer, pruner, gradient):
+    """One step whose dense gradient (with respect to ``mask ⊙ w``) is ``gradient``."""
+    (model[0].masked_weight() * torch.tensor(gradient)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    pruner.step()
+
+
+W = [[0.9, -0.1, 0.5, 0.0], [0.2, -0.8, 0.05, 0.3]]
+M = [[True, True, False, False], [False, True, False, True]]
+G = [[0.01, 5.0, 0.02, 0.03], [0.04, 0.05, -4.0, 0.06]]
+
+
+def rigl(model, optimizer, **kwargs):
+    # drop fraction 0.6 at step 1 of 10: 0.3 * (1 + cos(pi / 10)) = 0.585 of 4 active -> 2
+    return dpf_ext.DPF(model, 0.5, method="rigl", method_options={"drop_fraction": 0.6},
+                       update_every=1, end_step=10, budget="uniform", optimizer=optimizer, **kwargs)
+
+
+def test_rigl_drops_the_smallest_and_grows_the_largest_gradients():
+    model = linear(W)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    pruner = rigl(model, optimizer)
+    set_state(model, W, M)
+    grow_step(model, optimizer, pruner, G)
+    # dropped: -0.1 (0,1) and 0.3 (1,3), the smallest active; grown: the largest |g| among
+    # the rest: (0,1), just dropped (regrown at once, keeps -0.1), and (1,2), new (starts 0)
+    assert model[0].mask.tolist() == [[True, True, False, False], [False, True, True, False]]
+    assert torch.equal(model[0].weight, torch.tensor([[0.9, -0.1, 0.0, 0.0], [0.0, -0.8, 0.0, 0.0]]))
+    row = pruner.report().layers[0]
+    assert (row.kept, row.reactivated_last, row.regrown_last, row.dropped_last) == (4, 1, 1, 1)
+    assert pytest.approx(pruner.method.drop_fraction_at(1)) == 0.3 * (1 + math.cos(math.pi / 10))
+
+
+@pytest.mark.parametrize("make_optimizer, keys", [
+    (lambda p: torch.optim.SGD(p, lr=0.0, momentum=0.9), ["momentum_buffer"]),
+    (lambda p: torch.optim.AdamW(p, lr=0.0, amsgrad=True), ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]),
+    (lambda p: dpf_ext.DPFSGD(p, lr=0.0, momentum=0.9), ["momentum_buffer"]),
+])
+def test_rigl_resets_the_optimizer_state_of_new_weights_only(make_optimizer, keys):
+    model = linear(W)
+    optimizer = make_optimizer(model.parameters())
+    pruner = rigl(model, optimizer)
+    set_state(model, W, M)
+    (model[0].masked_weight() * torch.tensor(G)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    for key in keys:
+        optimizer.state[model[0].weight][key].fill_(1.0)
+    pruner.step()
+    new = torch.tensor([[False, False, False, False], [False, False, True, False]])
+    for key in keys:
+        state = optimizer.state[model[0].weight][key]
+        assert torch.equal(state == 0, new), key  # (0,1), regrown at once, keeps its state
+
+
+def test_rigl_breaks_ties_at_random_and_keeps_the_count():
+    # every gradient is 0 (a dead unit): growth draws among the ties, seeded
+    grown = []
+    for seed in (0, 0, 1):
+        model = linear(W)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        pruner = rigl(model, optimizer, seed=seed)
+        set_state(model, W, M)
+        grow_step(model, optimizer, pruner, torch.zeros(2, 4).tolist())
+        assert int(model[0].mask.sum()) == 4
+        grown.append(model[0].mask.clone())
+    assert torch.equal(grown[0], grown[1])
+
+
+def test_set_grows_at_random_positions_with_zero_weights():
+    masks = []
+    for seed in (0, 0, 1, 2):
+        model = linear(W)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        pruner = dpf_ext.DPF(model, 0.5, method="set", method_options={"drop_fraction": 0.6},
+                             update_every=1, end_step=10, optimizer=optimizer, seed=seed)
+        set_state(model, W, M)
+        optimizer.step()
+        pruner.step()  # no gradient needed
+        mask = model[0].mask
+        assert int(mask.sum()) == 4 and mask[0, 0] and mask[1, 1]  # the two largest stay
+        was = torch.tensor(M)
+        assert (model[0].weight[mask & ~was] == 0).all()
+        masks.append(mask.clone())
+    assert torch.equal(masks[0], masks[1])
+    assert any(not torch.equal(masks[0], m) for m in masks[2:])
+
+
+def test_snip_keeps_the_largest_connection_sensitivity():
+    w = [[1.0, -2.0, 0.5], [0.1, 3.0, -1.0]]
+    g = torch.tensor([[0.1, 0.1, 4.0], [10.0, -0.01, 0.2]])
+    # |g w| = [[0.1, 0.2, 2.0], [1.0, 0.03, 0.2]]: the two largest are (0,2) and (1,0)
+    model = linear(w)
+    pruner = dpf_ext.DPF(model, 4 / 6, method="snip", method_options={
+        "batch_loss": lambda m: (m[0].masked_weight() * g).sum()})
+    assert model[0].mask.tolist() == [[False, False, True], [True, False, False]]
+    assert model[0].weight[~model[0].mask].abs().sum() == 0  # pruned weights zeroed
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        pruner.step()
+    assert model[0].mask.tolist() == [[False, False, True], [True, False, False]]  # fixed
+
+
+def test_snip_puts_normalisation_in_inference_mode_and_restores_it():
+    model = dpf_ext.sparsify(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)))
+    modes = []
+
+    def loss(m):
+        modes.append(m.training)
+        return m(torch.randn(16, 4)).pow(2).sum()
+
+    dpf_ext.DPF(model, 0.5, method="snip", method_options={"batch_loss": loss})
+    assert modes == [False] and model.training
+
+
+def test_static_masks_follow_the_budget_and_never_change():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
+    model = dpf_ext.sparsify(net)
+    pruner = dpf_ext.DPF(model, 0.9, method="static", seed=3)
+    shapes = [tuple(layer.weight.shape) for _, layer in pruner.layers]
+    groups = ERK().split(pruner.names, shapes, 0.9)
+    assert [int(layer.mask.sum()) for _, layer in pruner.layers] == [k for _, k in groups]
+    first = [layer.mask.clone() for _, layer in pruner.layers]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(20):
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        optimizer.step()
+        pruner.step()
+    assert all(torch.equal(a, layer.mask) for a, (_, layer) in zip(first, pruner.layers))
+    other = dpf_ext.DPF(dpf_ext.sparsify(copy.deepcopy(net)), 0.9, method="static", seed=4)
+    assert any(not torch.equal(a, layer.mask) for a, (_, layer) in zip(first, other.layers))
+
+
+def _direct_erk(shapes, density):
+    """Densities min(1, eps * raw) with eps found by bisection: the water-filling solution
+    the re-solve loop must reach."""
+    sizes = [math.prod(s) for s in shapes]
+    raw = [sum(s) / math.prod(s) for s in shapes]
+    lo, hi = 0.0, 1e9
+    for _ in range(200):
+        eps = (lo + hi) / 2
+        kept = sum(min(1.0, eps * r) * n for r, n in zip(raw, sizes))
+        lo, hi = (eps, hi) if kept < density * sum(sizes) else (lo, eps)
+    return [min(1.0, eps * r) for r in raw]
+
+
+@pytest.mark.parametrize("density", [0.5, 0.2, 0.05])
+def test_erk_densities_match_a_direct_solve(density):
+    shapes = [(16, 3, 3, 3), (32, 16, 3, 3), (64, 32, 3, 3), (10, 64), (3, 2)]
+    got = erk_densities(shapes, density)
+    assert got == pytest.approx(_direct_erk(shapes, density), rel=1e-6)
+    assert sum(d * math.prod(s) for d, s in zip(got, shapes)) == pytest.approx(
+        density * sum(map(math.prod, shapes)))
+    assert got[-1] == 1.0  # the tiny layer is dense: the re-solve was needed
+    assert max(got) <= 1.0
+
+
+def test_budgets_split_the_target():
+    names, shapes = ["a", "b", "c"], [(10, 10), (20, 5), (4, 25)]
+    assert Global().split(names, shapes, 0.9) == [([0, 1, 2], 30)]
+    assert Uniform().split(names, shapes, 0.9) == [([0], 10), ([1], 10), ([2], 10)]
+    per = PerLayer({"a": 0.0}, rest=Uniform()).split(names, shapes, 0.5)
+    assert per == [([0], 100), ([1], 50), ([2], 50)]
+    with pytest.raises(ValueError, match=r"\['z\*'\] match no prunable layer"):
+        PerLayer({"z*": 0.5}).split(names, shapes, 0.5)
+    with pytest.raises(ValueError, match=r"sparsity of 'a'"):
+        PerLayer({"a": 1.5})
+
+
+def test_select_top_is_exact_under_ties():
+    scores = [torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0]), torch.tensor([1.0, 2.0])]
+    g = torch.Generator().manual_seed(0)
+    chosen = select_top(scores, 4, None, g)
+    assert sum(int(c.sum()) for c in chosen) == 4
+    assert chosen[0][0] and chosen[1][1] and not chosen[0][4]
+    eligible = [torch.tensor([False, True, True, True, True]), torch.tensor([False, False])]
+    chosen = select_top(scores, 10, eligible, g)  # fewer eligible than asked
+    assert [c.tolist() for c in chosen] == [[False, True, True, True, True], [False, False]]
+    with pytest.raises(ValueError, match="non-finite"):
+        select_top([torch.tensor([1.0, float("nan")])], 1, None, g)
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _data(n):
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(n):
+        x = torch.randn(16, 12, generator=g)
+        out.append((x, (x[:, :3]).argmax(1)))
+    return out
+
+
+def _build(method, model, optimizer, total):
+    x, y = _data(1)[0]
+    options = {"batch_loss": lambda m: nn.functional.cross_entropy(m(x), y)} if method == "snip" else {}
+    return dpf_ext.DPF(model, 0.8, method=method, method_options=options, total_steps=total,
+                       update_every=3, optimizer=optimizer, seed=1)
+
+
+def _train(method, data, start=0, state=None, total=24):
+    model = dpf_ext.sparsify(_mlp())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner = _build(method, model, optimizer, total)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        pruner.load_state_dict(state["pruner"])
+    kept, snapshot = [], None
+    for i, (x, y) in enumerate(data[start:], start=start):
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+        kept.append([int(layer.mask.sum()) for _, layer in pruner.layers])
+        if i == 10:
+            snapshot = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "pruner": pruner.state_dict()})
+    return model, pruner, kept, snapshot
+
+
+SPARSE_FROM_SCRATCH = ["rigl", "set", "snip", "static"]
+
+
+@pytest.mark.filterwarnings("ignore::dpf_ext.nn.UnfinalizedWarning")
+@pytest.mark.parametrize("method", SPARSE_FROM_SCRATCH + ["dpf", "gradual", "dnw"])
+def test_every_method_resumes_exactly(method):
+    data = _data(24)
+    model, pruner, kept, snapshot = _train(method, data)
+    resumed, resumed_pruner, _, _ = _train(method, data, start=11, state=snapshot)
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b), method
+    assert pruner.report().to_dict() == resumed_pruner.report().to_dict()
+    if method in SPARSE_FROM_SCRATCH:  # constant sparsity at every step, every layer
+        assert all(k == kept[0] for k in kept), method
+        assert abs(pruner.report().sparsity - 0.8) < 0.01
+    if method in ("rigl", "set"):  # masks changed, with dropped and grown weights
+        assert pruner.report().reactivated_total > 0
+
+
+class KeepLargestPerRow(Method):
+    """A method written by a user: keep the largest weights of every row."""
+
+    name = "per_row"
+
+    def update(self, u):
+        new = []
+        for w in u.weights:
+            k = max(1, round((1 - u.sparsity) * w.shape[1]))
+            top = w.abs().topk(k, dim=1).indices
+            new.append(torch.zeros_like(w, dtype=torch.bool).scatter_(1, top, True))
+        return write_masks(u, new)
+
+
+def test_a_method_in_one_file_runs_through_the_controller_and_the_cli(capsys):
+    register_method("per_row", KeepLargestPerRow)
+    try:
+        model = dpf_ext.sparsify(_mlp())
+        pruner = dpf_ext.DPF(model, 0.75, method="per_row", total_steps=20)
+        assert pruner.report().sparsity == 0.0  # the cubic ramp starts dense
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in _data(20):
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            pruner.step()
+        assert all((layer.mask.sum(1) == layer.mask.shape[1] // 4).all() for _, layer in pruner.layers)
+        from dpf_ext.cli import main
+
+        assert main(["--method", "per_row", "--model", "mlp", "--epochs", "1", "--no-progress"]) == 0
+        assert "per_row" in capsys.readouterr().out
+    finally:
+        METHODS.pop("per_row")
+
+
+def test_bad_input_is_a_clear_error_before_training():
+    model = dpf_ext.sparsify(_mlp())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    masks = [layer.mask.clone() for _, layer in dpf_ext.nn.dpf_layers(model)]
+    with pytest.raises(ValueError, match=r"unknown method 'rig'; choose from \[.*'rigl'"):
+        dpf_ext.DPF(model, 0.9, method="rig", total_steps=10)
+    with pytest.raises(ValueError, match=r"takes no option \['drop'\]; its options are \['drop_fraction'\]"):
+        make_method("rigl", drop=0.3)
+    with pytest.raises(ValueError, match="snip scores the weights on one batch"):
+        dpf_ext.DPF(model, 0.9, method="snip")
+    with pytest.raises(ValueError, match="pass optimizer="):
+        dpf_ext.DPF(model, 0.9, method="rigl", total_steps=10)
+    with pytest.raises(TypeError, match="RMSprop"):
+        dpf_ext.DPF(model, 0.9, method="rigl", total_steps=10,
+                    optimizer=torch.optim.RMSprop(model.parameters()))
+    with pytest.raises(ValueError, match="end_step"):
+        dpf_ext.DPF(model, 0.9, method="rigl", optimizer=optimizer)
+    with pytest.raises(ValueError, match=r"\['scope'\] are options of DPF's own method"):
+        dpf_ext.DPF(model, 0.9, method="rigl", scope="filter", total_steps=10, optimizer=optimizer)
+    with pytest.raises(ValueError, match="drop_fraction"):
+        make_method("rigl", drop_fraction=1.5)
+    with pytest.raises(ValueError, match="unknown budget 'erk2'"):
+        dpf_ext.DPF(model, 0.9, method="static", budget="erk2")
+    assert all(torch.equal(a, layer.mask) for a, (_, layer) in zip(masks, dpf_ext.nn.dpf_layers(model)))
