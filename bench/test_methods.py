@@ -29,7 +29,9 @@ def _problem(n):
 
 
 def dpf_ext_update(weights, grads, masks):
-    """RigL's update as the library runs it (on copies of the masks)."""
+    """RigL's update as the library runs it (on copies of the masks). It turns the
+    gradients into their magnitudes in place, as it does with the ones it owns in training:
+    repeated calls see the same scores."""
     method = RigL()
     method._end = END
     u = Update(STEP, 1 - DENSITY, [str(i) for i in range(len(weights))], [], weights,

@@ -404,7 +404,7 @@ class DPF:
                    self.shapes)
         if not self.estimator.feedback:
             self._zero_pruned()  # momentum may have moved them since the last update
-        kept_before = torch.stack([m.sum() for m in shards.masks])
+        kept_before = torch.stack([torch.count_nonzero(m) for m in shards.masks])
         before = ([m.clone() for m in shards.masks]
                   if self.method.grows_from_zero and not initial else None)
         stats = self.method.update(u)

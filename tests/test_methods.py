@@ -206,16 +206,32 @@ def test_budgets_split_the_target():
 
 
 def test_select_top_is_exact_under_ties():
-    scores = [torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0]), torch.tensor([1.0, 2.0])]
     g = torch.Generator().manual_seed(0)
-    chosen = select_top(scores, 4, None, g)
-    assert sum(int(c.sum()) for c in chosen) == 4
-    assert chosen[0][0] and chosen[1][1] and not chosen[0][4]
-    eligible = [torch.tensor([False, True, True, True, True]), torch.tensor([False, False])]
-    chosen = select_top(scores, 10, eligible, g)  # fewer eligible than asked
-    assert [c.tolist() for c in chosen] == [[False, True, True, True, True], [False, False]]
+    scores = [torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0]), torch.tensor([1.0, 2.0])]
+    chosen = select_top(scores, 4, g)  # 3 and 2, then two of the four 1.0s
+    assert sum(c.numel() for c in chosen) == 4
+    assert 0 in chosen[0].tolist() and 1 in chosen[1].tolist() and 4 not in chosen[0].tolist()
+    draws = {tuple(sorted(c.tolist())) for _ in range(20) for c in select_top(scores, 4, g)[:1]}
+    assert len(draws) > 1  # the ties are drawn, not taken in order
+    # fewer positive scores than asked: the rest among the zeros that are not excluded
+    zeros = [torch.tensor([0.0, 0.5, 0.0, 0.0])]
+    for _ in range(10):
+        (c,) = select_top(zeros, 3, g, excluded=[torch.tensor([0])])
+        assert sorted(c.tolist())[0] != 0 and 1 in c.tolist() and c.numel() == 3
+    (c,) = select_top([torch.tensor([1e-40, 2e-40, 0.0, 3.0])], 3, g)  # denormals
+    assert sorted(c.tolist()) == [0, 1, 3]
     with pytest.raises(ValueError, match="non-finite"):
-        select_top([torch.tensor([1.0, float("nan")])], 1, None, g)
+        select_top([torch.tensor([1.0, float("nan")])], 1, g)
+
+
+@pytest.mark.parametrize("n, k", [(1000, 1), (1000, 999), (50_000, 4321), (7, 7), (400_000, 150_000)])
+def test_select_top_matches_a_sort(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    scores = [torch.rand(n // 3, generator=g), torch.randn(n - n // 3, generator=g).abs() * 3]
+    chosen = select_top(scores, k, g)
+    got = torch.cat([s[c] for s, c in zip(scores, chosen)]).sort().values
+    expected = torch.cat(scores).topk(k).values.sort().values
+    assert torch.equal(got, expected)
 
 
 def _mlp(seed=0):

@@ -11,7 +11,7 @@ import torch
 
 from ..budgets import ERK
 from ..schedules import Constant
-from .base import Method, Update, random_masks, select_top, write_masks
+from .base import Method, Update, mask_of, random_masks, select_top, top_k, write_masks
 from .magnitude import raise_nonfinite
 
 
@@ -65,26 +65,34 @@ class RigL(Method):
         return 0.5 * self.drop_fraction * (1 + math.cos(math.pi * min(step, self._end) / self._end))
 
     def grow_scores(self, u: Update, i: int, generator: torch.Generator) -> torch.Tensor:
-        """Non-negative growth scores of layer ``i`` (RigL: the dense gradient's magnitude)."""
-        return u.gradients[i].abs()
+        """Non-negative growth scores of layer ``i``, a tensor the update may overwrite (RigL:
+        the dense gradient's magnitude, in place of the gradient, which is the update's)."""
+        return u.gradients[i].abs_()
 
     def update(self, u: Update) -> torch.Tensor:
         if u.initial:
             return write_masks(u, random_masks(u))
         fraction = self.drop_fraction_at(u.step)
-        new, regrown = [], []
+        stats = []
         for i, (w, m) in enumerate(zip(u.weights, u.masks)):
             generator = u.generator(i)
-            active = int(m.sum())
-            k = int(active * fraction)
+            active = m.view(-1).nonzero().view(-1)
+            k = int(active.numel() * fraction)
             try:
-                (keep,) = select_top([w.abs()], active - k, [m], generator)
-                (grow,) = select_top([self.grow_scores(u, i, generator)], k, [~keep], generator)
+                magnitudes = w.reshape(-1)[active].abs()
+                if not bool(torch.isfinite(magnitudes).all()):
+                    raise ValueError("non-finite weights")
+                keep = active[top_k(magnitudes, active.numel() - k, generator)]
+                scores = self.grow_scores(u, i, generator).reshape(-1)
+                scores[keep] = 0
+                (grow,) = select_top([scores], k, generator, excluded=[keep])
             except ValueError:
                 raise_nonfinite(u)
-            new.append(keep | grow)
-            regrown.append(grow & m)
-        return write_masks(u, new, regrown)
+            regrown = m.view(-1)[grow].sum()
+            stats.append(torch.stack([regrown.new_tensor(active.numel()),
+                                      grow.numel() - regrown, torch.zeros_like(regrown), regrown]))
+            m.copy_(mask_of(m, keep, grow))
+        return torch.stack(stats).to(torch.int64)
 
     def config(self) -> dict:
         return {"drop_fraction": self.drop_fraction}

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..budgets import Global
 from ..schedules import Constant
-from .base import Method, Update, select_top, write_masks
+from .base import Method, Update, mask_of, select_top, write_masks
 
 
 class SNIP(Method):
@@ -56,10 +56,10 @@ class SNIP(Method):
         new: list[torch.Tensor] = [None] * len(scores)
         for idx, k in u.groups():
             try:
-                chosen = select_top([scores[i] for i in idx], k, None, u.generator(idx[0]))
+                chosen = select_top([scores[i] for i in idx], k, u.generator(idx[0]))
             except ValueError:
                 raise ValueError(f"snip: non-finite scores (NaN or Inf weights or gradients) in "
                                  f"{[u.names[i] for i in idx]}; masks left unchanged") from None
             for i, c in zip(idx, chosen):
-                new[i] = c
+                new[i] = mask_of(scores[i], c)
         return write_masks(u, new)
