@@ -1,14 +1,14 @@
 """dpf_ext: train sparse networks in one pass with Dynamic Pruning with Feedback.
 
     model = dpf_ext.sparsify(model)
-    pruner = dpf_ext.DPF(model, sparsity=0.9, total_steps=steps)
+    pruner = dpf_ext.DPF(model, sparsity=0.9, total_steps=steps)   # or method="rigl", ...
     for x, y in data:
         loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
         pruner.step()
     sparse_model = pruner.finalize()
 """
 
-from . import ops, schedules
+from . import budgets, estimators, methods, ops, schedules
 from .checkpoint import load_sparse, save_sparse
 from .inference import to_semi_structured, to_sparse_inference
 from .nn import (DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, DPFMultiheadAttention,
@@ -28,6 +28,9 @@ __all__ = [
     "DPFLinear",
     "DPFMultiheadAttention",
     "LayerReport",
+    "budgets",
+    "estimators",
+    "methods",
     "SparsityReport",
     "coverage",
     "ops",

@@ -99,6 +99,11 @@ class ERK(Budget):
         return "erk" if self.kernel else "er"
 
     def split(self, names, shapes, sparsity):
+        total = sum(map(math.prod, shapes))
+        if kept_count(sparsity, total) < len(shapes):
+            raise ValueError(f"{self.name} at sparsity {sparsity} keeps "
+                             f"{kept_count(sparsity, total)} weights, fewer than its "
+                             f"{len(shapes)} layers: no distribution reaches it")
         densities = erk_densities(shapes, 1.0 - sparsity, self.power, self.kernel)
         return [([i], max(min(round(d * math.prod(s)), math.prod(s)), 1))
                 for i, (d, s) in enumerate(zip(densities, shapes))]

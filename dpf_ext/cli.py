@@ -21,7 +21,7 @@ from .models import MODELS, build_model
 from .nn import dpf_layers, sparsify
 from .patterns import NMPattern, reduction
 from .methods.magnitude import THRESHOLDS
-from .pruner import SCOPES
+from .methods.presets import SCOPES
 from .train import RunResult, TrainConfig, train
 
 

@@ -1,31 +1,19 @@
-"""Hugging Face transformers integration: the DPF version of its ``Conv1D`` layer and a
-``Trainer`` callback.
+"""Hugging Face transformers integration: the ``Trainer`` callback (and, from
+:mod:`dpf_ext.conv1d`, the DPF version of transformers' ``Conv1D`` layer).
 
-Importing this module imports transformers; :func:`dpf_ext.sparsify` does so only when the
-user has imported transformers already.
-"""
+Importing this module imports transformers."""
 
 from __future__ import annotations
 
 import torch
 from transformers import TrainerCallback
-from transformers.pytorch_utils import Conv1D
 from transformers.trainer_callback import ExportableState
 
-from .nn import DPFLayer, dpf_layers, set_state_dict_form
+from .conv1d import DPFConv1D
+from .nn import dpf_layers, set_state_dict_form
 from .pruner import DPF
 
-
-class DPFConv1D(DPFLayer, Conv1D):
-    """transformers' ``Conv1D`` (GPT-2's linear layers: ``x @ weight + bias``, weight stored
-    in x out) whose forward uses ``weight ⊙ mask``; its output channels are the weight's
-    columns."""
-
-    channel_dim = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.masked_weight())
-        return out.reshape(*x.shape[:-1], self.nf)
+__all__ = ["DPFCallback", "DPFConv1D"]
 
 
 def _to_json(state):
@@ -59,7 +47,9 @@ class DPFCallback(TrainerCallback, ExportableState):
     leaves the masks in place).
 
     ``sparsify`` the model before building the Trainer; the other keyword arguments go to
-    :class:`dpf_ext.DPF`. The pruner is ``callback.pruner`` once training has begun.
+    :class:`dpf_ext.DPF` (``method="rigl"`` and the other methods included: the Trainer's
+    optimizer is passed for the ones that reset grown weights' state). The pruner is
+    ``callback.pruner`` once training has begun.
 
     Checkpoints and resuming: the Trainer's checkpoints hold the model in the sparse
     state-dict form (:func:`dpf_ext.nn.set_state_dict_form`): ``from_pretrained`` on a
@@ -89,7 +79,7 @@ class DPFCallback(TrainerCallback, ExportableState):
         return {"args": {"sparsity": self.sparsity, "finalize": self.finalize},
                 "attributes": {"pruner_state": pruner}}
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if args.restore_callback_states_from_checkpoint:
             raise ValueError(
                 "DPFCallback restores the pruner from the checkpoint by itself; "
@@ -115,6 +105,8 @@ class DPFCallback(TrainerCallback, ExportableState):
         kwargs = dict(self.dpf_kwargs)
         if "schedule" not in kwargs:
             kwargs["total_steps"] = state.max_steps
+        if "optimizer" not in kwargs:  # for methods that reset the state of grown weights
+            kwargs["optimizer"] = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
         set_state_dict_form(model, "sparse")
         if saved is None:
             self.pruner = DPF(model, self.sparsity, **kwargs)

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import ops
 from .distributed import is_sharded, local_weight_and_mask
+from .ops.bits import SUPPORTED_DTYPES
 from .estimators import Estimator, GradientTap, StraightThrough
 
 log = logging.getLogger("dpf_ext")
@@ -261,10 +262,10 @@ def register_prunable(torch_type: type, dpf_type: type) -> None:
 
 
 def _register_transformers() -> None:
-    """Register transformers' ``Conv1D`` (see :mod:`dpf_ext.hf`) if transformers is already
+    """Register transformers' ``Conv1D`` (see :mod:`dpf_ext.conv1d`) if transformers is already
     imported; never imports it."""
     if "transformers.pytorch_utils" in sys.modules:
-        from .hf import Conv1D, DPFConv1D
+        from .conv1d import Conv1D, DPFConv1D
 
         PRUNABLE.setdefault(Conv1D, DPFConv1D)
 
@@ -422,6 +423,38 @@ def dpf_layers(model: nn.Module) -> list[tuple[str, DPFLayer]]:
             seen.add(id(m.dense_weight))
             out.append((name, m))
     return out
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, "DPFLayer"]]:
+    """:func:`dpf_layers` of ``model``, checked for pruning: at least one, materialized, of a
+    supported dtype, not under FSDP1, sharded only where the channels are dim 0; else a
+    ``ValueError`` or ``TypeError`` naming the problem."""
+    layers = dpf_layers(model)
+    if not layers:
+        raise ValueError(
+            "the model has no prunable layer: DPF prunes the DPF layers that "
+            "dpf_ext.sparsify(model) puts in place of nn.Linear and nn.Conv1d/2d/3d"
+        )
+    for name, layer in layers:
+        if layer.dense_weight.device.type == "meta":
+            raise ValueError(
+                f"layer {name!r} has its weight on the meta device: materialize the model "
+                "first (model.to_empty(device=...) and initialise or load its weights)"
+            )
+        if layer.dense_weight.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"layer {name!r} has {layer.dense_weight.dtype} weights; DPF supports "
+                f"{', '.join(map(str, SUPPORTED_DTYPES))}"
+            )
+    if any(layer.channel_dim and is_sharded(layer.dense_weight) for _, layer in layers):
+        raise ValueError("layers whose output channels are not dim 0 (transformers' Conv1D) "
+                         "cannot be pruned sharded: FSDP2 shards dim 0")
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ValueError(
+            "FSDP1 (FullyShardedDataParallel) flattens the weights DPF prunes; shard the "
+            "model with torch.distributed.fsdp.fully_shard (FSDP2) instead"
+        )
+    return layers
 
 
 @dataclass(frozen=True)

@@ -34,3 +34,23 @@ def reset_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: to
         if key not in RESETTABLE:
             raise TypeError(f"unknown optimizer state {key!r}: cannot reset it for grown weights")
         value.masked_fill_(where, 0)
+
+
+def check_momentum(optimizer: torch.optim.Optimizer, method: str) -> None:
+    """Raise ``ValueError`` if ``optimizer`` keeps no momentum (SGD with ``momentum=0``)."""
+    if isinstance(optimizer, torch.optim.SGD) or type(optimizer).__name__ == "DPFSGD":
+        if any(group.get("momentum", 0) == 0 for group in optimizer.param_groups):
+            raise ValueError(f"{method} grows where the optimizer's momentum is largest, and SGD "
+                             "with momentum=0 keeps none: give it momentum")
+
+
+def momentum(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
+    """``param``'s momentum in ``optimizer``: SGD's momentum buffer, or Adam's first moment
+    over the root of its second (``exp_avg / (sqrt(exp_avg_sq) + 1e-8)``); zeros before the
+    first step."""
+    state = optimizer.state.get(param, {})
+    if "momentum_buffer" in state and state["momentum_buffer"] is not None:
+        return state["momentum_buffer"]
+    if "exp_avg" in state:
+        return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
+    return torch.zeros_like(param)

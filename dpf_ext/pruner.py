@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
 import weakref
 
@@ -15,48 +14,17 @@ from .budgets import Budget, Global, Uniform, make_budget
 from .distributed import Shards, check_same_on_all_ranks, is_sharded, local_weight_and_mask
 from .estimators import MaskedGradient
 from .first_pass import HistogramRequest
+from .methods import resolve_method
 from .methods.base import Method, Update
 from .methods.filter import FilterMagnitude
-from .methods.magnitude import THRESHOLDS, Magnitude
-from .methods.nm import NM
-from .nn import coverage, dpf_layers, unsparsify
-from .ops.bits import SUPPORTED_DTYPES
+from .nn import coverage, prunable_layers, unsparsify
 from .optimizer_state import check_resettable, reset_state
 from .report import LayerReport, SparsityReport
-from .schedules import Cubic, Schedule, check_sparsity
-
-SCOPES = ("global", "layer", "filter")
-RAMP_FRACTION = 0.75
-"""The default cubic schedule reaches its final sparsity at this fraction of training (the
-paper's second learning-rate milestone)."""
+from .schedules import Schedule, check_sparsity, resolve_schedule
 
 
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 """The pruner managing each DPF layer (weakly: neither is kept alive by this)."""
-
-
-def dpf_method(scope: str = "global", feedback: bool = True, threshold: str = "exact",
-               channel_floor: bool | None = None, feedback_clip: float | None = None,
-               watch: bool = True, pattern: str | None = None,
-               pruned_decay: float | None = None) -> Method:
-    """The magnitude method that :class:`DPF`'s own arguments describe (``scope`` picks the
-    filter method for ``"filter"``; ``pattern`` the N:M method)."""
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if threshold not in THRESHOLDS:
-        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
-    if pattern is not None:
-        if scope != "global" or channel_floor:
-            raise ValueError("pattern= chooses the masks by itself: it excludes scope= and "
-                             "channel_floor=")
-        return NM(pattern, pruned_decay, feedback)
-    if scope == "filter":
-        if channel_floor:
-            raise ValueError("channel_floor applies to the global and layer scopes; the filter "
-                             "scope prunes whole channels by design")
-        return FilterMagnitude(feedback, threshold, feedback_clip, pruned_decay)
-    floor = True if channel_floor is None else channel_floor
-    return Magnitude(feedback, threshold, floor, feedback_clip, pruned_decay, watch)
 
 
 class DPF:
@@ -77,52 +45,20 @@ class DPF:
         schedule: a :class:`~dpf_ext.schedules.Schedule`; overrides the default one.
         update_every: steps between mask updates (DPF's default and the paper's: 16; RigL and
             SET: 100).
-        scope: ``"global"`` (one magnitude threshold over all prunable weights), ``"layer"``
-            (the same sparsity in every layer) or ``"filter"`` (whole output filters by L2
-            norm, one threshold over all filters; sparsity counts filters).
-        feedback: ``False`` gives gradual magnitude pruning without feedback: pruned weights
-            get no gradient, are zeroed at every update and never come back.
-        threshold: ``"exact"`` (two histogram passes) or ``"approx"`` (one pass; keeps the
-            whole histogram bin at the threshold, a relative error below 2^-7 in magnitude).
+        scope, feedback, threshold, channel_floor, feedback_clip, watch, pattern,
+            pruned_decay: the options of DPF's own method, when ``method`` is ``None``
+            (see :func:`dpf_ext.methods.presets.dpf_options`): ``scope="layer"`` is the
+            uniform budget, ``"filter"`` whole filters; ``feedback=False`` gradual pruning;
+            ``pattern="2:4"`` N:M sparsity.
         total_steps: length of training in optimizer steps, for the default schedule.
         freeze_at: step at which the mask is updated one last time and then frozen
             (:meth:`freeze`), for retraining or one-shot pruning; ``None`` never freezes.
-        channel_floor: never leave an output channel (row of a Linear, filter of a ConvNd)
-            without a weight: each mask update keeps every channel's largest weight, inside
-            the same budget (the threshold is taken over the other weights). Without it, a
-            channel pruned entirely in front of a BatchNorm gets a gradient scaled by about
-            ``1/sqrt(eps)``, which feedback carries into its dense weights until they
-            dominate the global threshold and empty the other layers. It changes nothing
-            while no channel would be emptied. Default: on for the global and layer scopes
-            (``False`` gives the paper's unguarded algorithm); not used by the filter scope.
-        feedback_clip: bound the feedback gradient of pruned weights, per layer, to this
-            multiple of the largest gradient among the layer's kept weights (see
-            :func:`dpf_ext.channels.clip_pruned_gradient`); ``None`` (default) leaves the
-            paper's estimator as it is. A guard for channels left with one or two weights
-            at 99% sparsity; ``1.0`` is the measured setting.
-        pattern: ``"N:M"`` (e.g. ``"2:4"``) for N:M structured sparsity instead of a
-            magnitude threshold: every update keeps the N largest of each M consecutive
-            weights along a layer's reduction dimension (see :mod:`dpf_ext.patterns`), with
-            feedback. The schedule then says when: a target of 0 keeps the layers dense, any
-            other the pattern; the default is the pattern from step 0 (pass
-            ``schedule=OneShot(1 - N/M, t)`` for dense training until step ``t``).
-            Excludes ``scope`` and the channel floor (every channel keeps N of each M).
-        pruned_decay: with feedback, add ``pruned_decay * w`` to the gradient of pruned
-            weights (SR-STE's decay); ``None`` (default) leaves the estimator as it is.
         replace: take over layers that another live, unfinalized pruner manages (that
             pruner stops: its :meth:`step` raises). Without it, that is an error: two
             pruners would overwrite each other's masks.
-        watch: warn (``RuntimeWarning``, once per layer) at a mask update that shows the
-            signs of a feedback blow-up: a layer's largest dense weight above
-            :data:`~dpf_ext.channels.BLOWUP_RATIO` times the threshold, or an output channel
-            entirely pruned in front of a normalisation layer.
-
         method: the mask-choosing method (see :mod:`dpf_ext.methods`): a name from
             :data:`dpf_ext.methods.METHODS` (``"rigl"``, ``"set"``, ``"snip"``, ``"static"``,
-            ...) or a :class:`~dpf_ext.methods.Method`. ``None`` (default): DPF's magnitude
-            method built from ``scope``, ``feedback``, ``threshold``, ``channel_floor``,
-            ``feedback_clip``, ``watch``, ``pattern`` and ``pruned_decay``, which must keep
-            their defaults when a method is given (they are its options).
+            ...) or a :class:`~dpf_ext.methods.Method`; ``None``: DPF's own (see above).
         method_options: keyword arguments of the named ``method``.
         budget: how the sparsity is shared among layers (see :mod:`dpf_ext.budgets`):
             ``"global"``, ``"uniform"``, ``"erk"``, ``"er"`` or a
@@ -164,41 +100,18 @@ class DPF:
         end_step: int | None = None,
         seed: int = 0,
     ):
-        self.layers = dpf_layers(model)
-        if not self.layers:
-            raise ValueError(
-                "the model has no prunable layer: DPF prunes the DPF layers that "
-                "dpf_ext.sparsify(model) puts in place of nn.Linear and nn.Conv1d/2d/3d"
-            )
-        for name, layer in self.layers:
-            if layer.dense_weight.device.type == "meta":
-                raise ValueError(
-                    f"layer {name!r} has its weight on the meta device: materialize the model "
-                    "first (model.to_empty(device=...) and initialise or load its weights)"
-                )
-            if layer.dense_weight.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(
-                    f"layer {name!r} has {layer.dense_weight.dtype} weights; DPF supports "
-                    f"{', '.join(map(str, SUPPORTED_DTYPES))}"
-                )
-        if any(layer.channel_dim and is_sharded(layer.dense_weight) for _, layer in self.layers):
-            raise ValueError("layers whose output channels are not dim 0 (transformers' Conv1D) "
-                             "cannot be pruned sharded: FSDP2 shards dim 0")
-        if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
-            raise ValueError(
-                "FSDP1 (FullyShardedDataParallel) flattens the weights DPF prunes; shard the "
-                "model with torch.distributed.fsdp.fully_shard (FSDP2) instead"
-            )
+        self.layers = prunable_layers(model)
         self.model = model
         self.names = [name for name, _ in self.layers]
         self.shapes = [tuple(w.shape) for w in self.channel_major(self.full_weights())]
-        self.method = self._resolve_method(method, method_options, dict(
+        self.method = resolve_method(method, method_options, dict(
             scope=scope, feedback=feedback, threshold=threshold, channel_floor=channel_floor,
             feedback_clip=feedback_clip, watch=watch, pattern=pattern, pruned_decay=pruned_decay))
         defaults = self.method.defaults(sparsity, total_steps)
-        self.schedule = self._resolve_schedule(sparsity, schedule or defaults.get("schedule"),
-                                               total_steps)
+        self.schedule = resolve_schedule(sparsity, schedule or defaults.get("schedule"), total_steps)
         update_every = defaults.get("update_every", 16) if update_every is None else update_every
+        if update_every is None:
+            raise ValueError(f"pass update_every=: {self.method.name} has no default period")
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive int, got {update_every!r}")
         freeze_at = defaults.get("freeze_at") if freeze_at is None else freeze_at
@@ -215,18 +128,19 @@ class DPF:
         self.scope = ("filter" if isinstance(self.method, FilterMagnitude) else
                       {"global": "global", "uniform": "layer"}.get(self.budget.name, self.budget.name))
         self.update_every = update_every
+        self.total_steps = total_steps
         self.freeze_at = freeze_at
         self.end_step = end_step
         self.seed = int(seed)
         self.optimizer = optimizer
-        if self.method.grows_from_zero:
+        if self.method.grows_from_zero or self.method.needs_optimizer:
             if optimizer is None:
-                raise ValueError(f"{self.method.name} grows weights from zero and resets their "
-                                 "optimizer state: pass optimizer=")
+                raise ValueError(f"{self.method.name} reads or resets the optimizer's state: "
+                                 "pass optimizer=")
             check_resettable(optimizer, self.method.name)
-        if (self.method.needs_gradient or self.method.grows_from_zero) and is_sharded(
-                self.layers[0][1].dense_weight):
-            raise ValueError(f"{self.method.name} does not support sharded (fully_shard) weights")
+        if not self.method.sharded and is_sharded(self.layers[0][1].dense_weight):
+            raise ValueError(f"{self.method.name} does not support sharded (fully_shard) weights; "
+                             "use DDP")
         self.estimator = self.method.estimator()
         self.method.check(self)
         check_same_on_all_ranks(self._config())
@@ -252,25 +166,6 @@ class DPF:
         if freeze_at == 0:
             self.freeze()
         self._arm_taps()
-
-    @staticmethod
-    def _resolve_method(method, options, legacy: dict) -> Method:
-        if method is None:
-            if options:
-                raise ValueError("method_options need a method=")
-            return dpf_method(**legacy)
-        defaults = inspect.signature(dpf_method).parameters
-        changed = [k for k, v in legacy.items() if v != defaults[k].default]
-        if changed:
-            raise ValueError(f"{changed} are options of DPF's own method; with method= pass a "
-                             "method's options in method_options=")
-        if isinstance(method, Method):
-            if options:
-                raise ValueError("method_options go with a method name; this method is built")
-            return method
-        from .methods import make_method
-
-        return make_method(method, **(options or {}))
 
     def _take_over(self, replace: bool) -> None:
         """Register as the pruner of every layer, refusing (unless ``replace``) layers that
@@ -298,26 +193,6 @@ class DPF:
         return [t.movedim(layer.channel_dim, 0) if layer.channel_dim else t
                 for t, (_, layer) in zip(tensors, self.layers)]
 
-    @staticmethod
-    def _resolve_schedule(sparsity, schedule, total_steps) -> Schedule:
-        if schedule is not None:
-            if sparsity is not None and check_sparsity(sparsity) != schedule.final:
-                raise ValueError(
-                    f"sparsity={sparsity} disagrees with the schedule's final sparsity "
-                    f"{schedule.final}; pass one of them"
-                )
-            return schedule
-        if sparsity is None:
-            raise ValueError("pass a target sparsity or a schedule")
-        if total_steps is None:
-            raise ValueError(
-                "the default cubic schedule needs the length of training: pass total_steps= "
-                "(optimizer steps) or a schedule= from dpf_ext.schedules"
-            )
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive int (optimizer steps), got {total_steps!r}")
-        return Cubic(check_sparsity(sparsity), 0, max(1, round(RAMP_FRACTION * total_steps)))
-
     def step(self) -> None:
         """Advance one optimizer step; update the masks when one is due."""
         if self.finalized:
@@ -325,6 +200,8 @@ class DPF:
                 raise RuntimeError("another DPF pruner took over this model (replace=True)")
             raise RuntimeError("this pruner was finalized; build a new one to keep pruning")
         self.step_count += 1
+        if self.method.zeroes_pruned_weights:
+            self._zero_pruned()
         if self.frozen:
             return
         freezing = self.step_count == self.freeze_at
@@ -339,7 +216,7 @@ class DPF:
         step where the schedule reaches its final sparsity, up to ``end_step``."""
         if self.end_step is not None and step > self.end_step:
             return False
-        return step % self.update_every == 0 or step == self.schedule.final_step
+        return self.method.due(step, self.update_every) or step == self.schedule.final_step
 
     def _arm_taps(self) -> None:
         """Have the layers record the dense gradient of the next step if the method needs
@@ -401,7 +278,7 @@ class DPF:
                    self.channel_major(shards.weights), self.channel_major(shards.masks),
                    full_weights, self.budget, shards.reduce if shards.group is not None else None,
                    self.seed, initial, gradients, request if ready else None, self.end_step,
-                   self.shapes)
+                   self.shapes, optimizer=self.optimizer)
         if not self.estimator.feedback:
             self._zero_pruned()  # momentum may have moved them since the last update
         kept_before = torch.stack([torch.count_nonzero(m) for m in shards.masks])

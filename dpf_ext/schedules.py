@@ -9,6 +9,10 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
+RAMP_FRACTION = 0.75
+"""The default cubic schedule reaches its final sparsity at this fraction of training (the
+DPF paper's second learning-rate milestone)."""
+
 
 def check_sparsity(value: float, name: str = "sparsity") -> float:
     """Return ``value`` as a float if it is a number in ``[0, 1)``, else raise
@@ -112,3 +116,25 @@ class OneShot(Schedule):
 
     def sparsity_at(self, step: int) -> float:
         return self.final if step >= self.at_step else 0.0
+
+
+def resolve_schedule(sparsity, schedule: Schedule | None, total_steps: int | None) -> Schedule:
+    """``schedule`` (checked against ``sparsity`` if both are given), else the default:
+    ``Cubic(sparsity, 0, RAMP_FRACTION * total_steps)``."""
+    if schedule is not None:
+        if sparsity is not None and check_sparsity(sparsity) != schedule.final:
+            raise ValueError(
+                f"sparsity={sparsity} disagrees with the schedule's final sparsity "
+                f"{schedule.final}; pass one of them"
+            )
+        return schedule
+    if sparsity is None:
+        raise ValueError("pass a target sparsity or a schedule")
+    if total_steps is None:
+        raise ValueError(
+            "the default cubic schedule needs the length of training: pass total_steps= "
+            "(optimizer steps) or a schedule= from dpf_ext.schedules"
+        )
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive int (optimizer steps), got {total_steps!r}")
+    return Cubic(check_sparsity(sparsity), 0, max(1, round(RAMP_FRACTION * total_steps)))

@@ -219,6 +219,12 @@ def _ddp_train(rank, world, steps):
     pruner = dpf_ext.DPF(model, 0.8, total_steps=steps, update_every=2)
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
+    return _ddp_steps(model, ddp, opt, pruner, rank, world, steps)
+
+
+def _ddp_steps(model, ddp, opt, pruner, rank, world, steps):
+    """Train ``steps`` steps, each rank on its part of the batch; the masks of every step
+    and the final report."""
     history = []
     for step in range(steps):
         x, y = _batch(step, 16 * world)
@@ -247,6 +253,34 @@ def test_ddp_matches_one_process_with_the_combined_batch(tmp_path):
             assert all(torch.equal(a, b) for a, b in zip(r["history"][step], _masks(model))), step
     for r in results:  # each rank reports the global model once
         assert r["report"] == pruner.report().to_dict()
+
+
+def _ddp_methods(rank, world, steps):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for method in ("rigl", "set", "snip", "static", "snfs", "dsr"):
+        model = dpf_ext.sparsify(_model())
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
+        x0, y0 = _batch(99, 16)
+        options = {"batch_loss": lambda m: nn.functional.cross_entropy(m(x0), y0)} if method == "snip" else {}
+        pruner = dpf_ext.DPF(model, 0.8, method=method, method_options=options, total_steps=steps,
+                             update_every=2, optimizer=opt)
+        out[method] = _ddp_steps(model, ddp, opt, pruner, rank, world, steps)
+    return out
+
+
+def test_every_method_keeps_the_same_masks_on_every_ddp_rank(tmp_path):
+    results = run_ranks(_ddp_methods, 2, tmp_path, 10)
+    for method, r0 in results[0].items():
+        r1 = results[1][method]
+        for step, (a, b) in enumerate(zip(r0["history"], r1["history"])):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), (method, step)
+        assert r0["report"] == r1["report"], method
+        if method in ("rigl", "set", "snfs"):  # the masks moved: updates at steps 2 to 8
+            assert r0["report"]["reactivated_total"] > 0, method
+            assert not all(torch.equal(x, y) for x, y in zip(r0["history"][0], r0["history"][-1]))
 
 
 def _bad_setups(rank, world):

@@ -60,11 +60,12 @@ class Snapshot(transformers.TrainerCallback):
                             for name, layer in self.callback.pruner.layers}
 
 
-def train(out, *extra, resume=None, dpf=True):
+def train(out, *extra, resume=None, dpf=True, method=None):
     """A Trainer run of :func:`bert` (``finalize=None``: the dense weights and masks stay);
     returns the model and the DPF callback."""
     model = bert()
-    callback = DPFCallback(0.8, finalize=None, update_every=UPDATE_EVERY) if dpf else None
+    options = {} if method is None else {"method": method}
+    callback = DPFCallback(0.8, finalize=None, update_every=UPDATE_EVERY, **options) if dpf else None
     callbacks = [c for c in (callback, *(e(callback) if callable(e) else e for e in extra)) if c]
     trainer = transformers.Trainer(
         model=model,
@@ -113,6 +114,16 @@ def test_a_resumed_trainer_run_ends_as_the_uninterrupted_one(uninterrupted, tmp_
     assert callback.pruner.step_count == stop
     assert not (tmp_path / f"checkpoint-{stop}").exists()  # the stop lost steps since the checkpoint
     model, callback = train(tmp_path, resume=str(tmp_path / f"checkpoint-{SAVE_EVERY}"))
+    _same_run(model, callback, ref_model, ref_callback)
+
+
+def test_a_resumed_rigl_run_ends_as_the_uninterrupted_one(tmp_path):
+    ref_model, ref_callback = train(tmp_path / "ref", method="rigl")
+    assert ref_callback.pruner.report().method == "rigl"
+    stop = SAVE_EVERY + UPDATE_EVERY  # a drop-and-grow update between the checkpoint and the stop
+    train(tmp_path / "run", StopAt(stop), method="rigl")
+    model, callback = train(tmp_path / "run", resume=str(tmp_path / "run" / f"checkpoint-{SAVE_EVERY}"),
+                            method="rigl")
     _same_run(model, callback, ref_model, ref_callback)
 
 

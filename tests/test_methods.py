@@ -121,6 +121,72 @@ def test_set_grows_at_random_positions_with_zero_weights():
     assert any(not torch.equal(masks[0], m) for m in masks[2:])
 
 
+def test_redistribution_shares_caps_and_respreads():
+    from dpf_ext.methods.sparse_momentum import redistribute
+
+    assert redistribute(60, [0.5, 0.3, 0.2], [10, 100, 100]) == [10, 30, 20]
+    assert redistribute(3, [0.25, 0.75], [3, 3]) == [1, 2]  # largest remainder: 0.75 vs 0.25
+    assert redistribute(10, [0.9, 0.1], [2, 3]) == [2, 3]  # more than all caps: all of them
+    assert sum(redistribute(7, [1 / 3] * 3, [5, 5, 5])) == 7
+
+
+def test_sparse_momentum_regrows_by_layer_momentum():
+    model = dpf_ext.sparsify(nn.Sequential(nn.Linear(4, 1, bias=False), nn.Linear(1, 4, bias=False)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    pruner = dpf_ext.DPF(model, 0.5, method="snfs", update_every=1, total_steps=10,
+                         method_options={"prune_rate": 0.5, "final_prune_rate": 0.5},
+                         optimizer=optimizer)
+    a, b = model[0], model[1]
+    with torch.no_grad():
+        a.weight.copy_(torch.tensor([[0.9, -0.1, 0.5, 0.2]]))
+        a.mask.copy_(torch.tensor([[True, True, True, False]]))
+        b.weight.copy_(torch.tensor([[0.3], [0.05], [0.0], [0.0]]))
+        b.mask.copy_(torch.tensor([[True], [True], [False], [False]]))
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    optimizer.state[a.weight]["momentum_buffer"].copy_(torch.tensor([[1.0, 1.0, 0.0, 8.0]]))
+    optimizer.state[b.weight]["momentum_buffer"].copy_(torch.tensor([[2.0], [2.0], [3.0], [0.1]]))
+    pruner.step()
+    # dropped: ceil(0.5 * 3) = 2 of a (-0.1, 0.5) and ceil(0.5 * 2) = 1 of b (0.05); mean
+    # momentum over the active weights: a 2/3, b 2, so b regrows 3/4 of the 3: a 1, b 2;
+    # each at its largest momentum among the positions not kept
+    assert a.mask.view(-1).tolist() == [True, False, False, True]
+    assert b.mask.view(-1).tolist() == [True, True, True, False]
+    assert b.weight.view(-1).tolist() == pytest.approx([0.3, 0.05, 0.0, 0.0])  # (1) regrown at once
+    rows = pruner.report().layers
+    assert [(r.kept, r.reactivated_last, r.regrown_last) for r in rows] == [(2, 1, 0), (3, 1, 1)]
+
+
+@pytest.mark.parametrize("prune_target, threshold", [(1, 5e-4), (2, 1e-3), (10, 2e-3)])
+def test_dsr_prunes_under_its_threshold_and_adapts_it(prune_target, threshold):
+    model = dpf_ext.sparsify(nn.Sequential(nn.Linear(8, 1, bias=False), nn.Linear(1, 8, bias=False)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    pruner = dpf_ext.DPF(model, 0.5, method="dsr", update_every=1,
+                         method_options={"prune_target": prune_target})
+    a, b = model[0], model[1]
+    with torch.no_grad():
+        a.weight.copy_(torch.tensor([[0.5, 0.0005, 0.002, -0.0001, 0.3, 0.0, 0.0, 0.0]]))
+        a.mask.copy_(torch.tensor([[True] * 5 + [False] * 3]))
+        b.weight.copy_(torch.tensor([[0.4], [-0.2]] + [[0.0]] * 6))
+        b.mask.copy_(torch.tensor([[True], [True]] + [[False]] * 6))
+    optimizer.step()
+    pruner.step()
+    # pruned: |w| < 1e-3, (0,1) and (0,3) of a; 2 weights regrow, shared by the survivors
+    # (a 3, b 2: 1.2 and 0.8, so one each) at positions empty before the update
+    assert a.mask[0, [0, 2, 4]].all() and not a.mask[0, [1, 3]].any()
+    assert int(a.mask[0, 5:].sum()) == 1 and b.mask[:2].all() and int(b.mask[2:].sum()) == 1
+    # 2 pruned against a target of 1: halved; of 2: kept; of 10: doubled
+    assert pruner.state_dict()["method"]["threshold"] == pytest.approx(threshold)
+    assert pruner.report().reactivated_last == 2 and pruner.report().dropped_last == 2
+
+
+def test_dsr_rewires_on_its_period_schedule():
+    model = dpf_ext.sparsify(_mlp())
+    pruner = dpf_ext.DPF(model, 0.8, method="dsr", method_options={"periods": {0: 2, 6: 3}})
+    due = [step for step in range(1, 13) if pruner.method.due(step, pruner.update_every)]
+    assert due == [2, 4, 6, 9, 12]
+
+
 def test_snip_keeps_the_largest_connection_sensitivity():
     w = [[1.0, -2.0, 0.5], [0.1, 3.0, -1.0]]
     g = torch.tensor([[0.1, 0.1, 4.0], [10.0, -0.01, 0.2]])
@@ -205,6 +271,17 @@ def test_budgets_split_the_target():
         PerLayer({"a": 1.5})
 
 
+def test_dpf_with_the_erk_budget_keeps_each_layers_count():
+    model = dpf_ext.sparsify(_mlp())
+    pruner = dpf_ext.DPF(model, schedule=Constant(0.8), budget="erk", channel_floor=False)
+    shapes = [tuple(layer.weight.shape) for _, layer in pruner.layers]
+    expected = [k for _, k in ERK().split(pruner.names, shapes, 0.8)]
+    assert [int(layer.mask.sum()) for _, layer in pruner.layers] == expected
+    assert len(set(r.sparsity for r in pruner.report().layers)) == 3  # ERK: not uniform
+    with pytest.raises(ValueError, match="fewer than its 3 layers: no distribution reaches it"):
+        ERK().split(["a", "b", "c"], [(2, 2)] * 3, 0.9)
+
+
 def test_select_top_is_exact_under_ties():
     g = torch.Generator().manual_seed(0)
     scores = [torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0]), torch.tensor([1.0, 2.0])]
@@ -276,7 +353,7 @@ def _train(method, data, start=0, state=None, total=24):
     return model, pruner, kept, snapshot
 
 
-SPARSE_FROM_SCRATCH = ["rigl", "set", "snip", "static"]
+SPARSE_FROM_SCRATCH = ["rigl", "set", "snip", "static", "snfs", "dsr"]
 
 
 @pytest.mark.filterwarnings("ignore::dpf_ext.nn.UnfinalizedWarning")
@@ -288,10 +365,11 @@ def test_every_method_resumes_exactly(method):
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b), method
     assert pruner.report().to_dict() == resumed_pruner.report().to_dict()
-    if method in SPARSE_FROM_SCRATCH:  # constant sparsity at every step, every layer
-        assert all(k == kept[0] for k in kept), method
+    if method in SPARSE_FROM_SCRATCH:  # constant sparsity at every step (snfs: in total)
+        per_layer = method not in ("snfs", "dsr")
+        assert all((k == kept[0]) if per_layer else (sum(k) == sum(kept[0])) for k in kept), method
         assert abs(pruner.report().sparsity - 0.8) < 0.01
-    if method in ("rigl", "set"):  # masks changed, with dropped and grown weights
+    if method in ("rigl", "set", "snfs", "dsr"):  # masks changed: dropped and grown weights
         assert pruner.report().reactivated_total > 0
 
 
@@ -348,6 +426,11 @@ def test_bad_input_is_a_clear_error_before_training():
         dpf_ext.DPF(model, 0.9, method="rigl", optimizer=optimizer)
     with pytest.raises(ValueError, match=r"\['scope'\] are options of DPF's own method"):
         dpf_ext.DPF(model, 0.9, method="rigl", scope="filter", total_steps=10, optimizer=optimizer)
+    with pytest.raises(ValueError, match="SGD with momentum=0 keeps none"):
+        dpf_ext.DPF(model, 0.9, method="snfs", total_steps=10, update_every=5, optimizer=optimizer)
+    with pytest.raises(ValueError, match="pass update_every=: snfs has no default period"):
+        dpf_ext.DPF(model, 0.9, method="snfs", total_steps=10,
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     with pytest.raises(ValueError, match="drop_fraction"):
         make_method("rigl", drop_fraction=1.5)
     with pytest.raises(ValueError, match="unknown budget 'erk2'"):

@@ -10,6 +10,8 @@ same :class:`dpf_ext.DPF` controller (``DPF(model, 0.9, method="rigl", ...)``).
 ``set``       SET: RigL's machinery with random growth
 ``snip``      SNIP: ``|g ⊙ w|`` on one batch before training, mask fixed
 ``static``    a random mask (ERK by default), fixed
+``snfs``      sparse momentum: drop smallest magnitudes, regrow by momentum across layers
+``dsr``       DSR: one adaptive global threshold prunes, random regrowth by survivors
 ============  ==============================================================================
 
 A method is one file: a :class:`~dpf_ext.methods.base.Method` subclass with ``update``,
@@ -24,15 +26,18 @@ from typing import Callable
 from torch import nn
 
 from .base import Method, Update
-from .presets import dnw, dpf, gradual, oneshot
+from .dynamic_reparameterization import DSR
+from .presets import dnw, dpf, dpf_options, gradual, oneshot
 from .rigl import RigL
 from .sparse_evolutionary import SET
+from .sparse_momentum import SparseMomentum
 from .snip import SNIP
 from .static import Static
 
 METHODS: dict[str, Callable[..., Method]] = {
     "dpf": dpf, "gradual": gradual, "oneshot": oneshot, "dnw": dnw,
-    "rigl": RigL, "set": SET, "snip": SNIP, "static": Static,
+    "rigl": RigL, "set": SET, "snip": SNIP, "static": Static, "snfs": SparseMomentum,
+    "dsr": DSR,
 }
 """The registry: name -> factory of the method (its keyword arguments are the options)."""
 
@@ -65,6 +70,26 @@ def make_method(name: str, **options) -> Method:
     if not isinstance(method, Method):
         raise TypeError(f"the factory of {name!r} returned {type(method).__name__}, not a Method")
     return method
+
+
+def resolve_method(method, options: dict | None, legacy: dict) -> Method:
+    """The method :class:`dpf_ext.DPF` runs: ``method`` (a name with ``options``, or a built
+    :class:`Method`), else the one its own arguments ``legacy`` describe (which must then
+    keep their defaults)."""
+    if method is None:
+        if options:
+            raise ValueError("method_options need a method=")
+        return dpf_options(**legacy)
+    defaults = inspect.signature(dpf_options).parameters
+    changed = [k for k, v in legacy.items() if v != defaults[k].default]
+    if changed:
+        raise ValueError(f"{changed} are options of DPF's own method; with method= pass a "
+                         "method's options in method_options=")
+    if isinstance(method, Method):
+        if options:
+            raise ValueError("method_options go with a method name; this method is built")
+        return method
+    return make_method(method, **(options or {}))
 
 
 def make_pruner(method: str, model: nn.Module, sparsity: float, total_steps: int,
@@ -126,8 +151,10 @@ def make_pruner(method: str, model: nn.Module, sparsity: float, total_steps: int
         options.setdefault("batch_loss", batch_loss)
     built = make_method(method, **options)
     return DPF(model, sparsity, total_steps=total_steps, method=built,
-               optimizer=optimizer if built.grows_from_zero else None, seed=seed, **controller)
+               optimizer=optimizer if built.grows_from_zero or built.needs_optimizer else None,
+               seed=seed, **controller)
 
 
-__all__ = ["METHODS", "Method", "RigL", "SET", "SNIP", "Static", "Update", "make_method",
-           "make_pruner", "method_options", "register_method"]
+__all__ = ["DSR", "METHODS", "Method", "RigL", "SET", "SNIP", "SparseMomentum", "Static", "Update",
+           "make_method",
+           "make_pruner", "method_options", "register_method", "resolve_method"]

@@ -49,6 +49,7 @@ class Update:
     end_step: int | None = None
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     """The whole weights' shapes, output channels first."""
+    optimizer: torch.optim.Optimizer | None = None
     target_kept: int | None = None
     """What the update aims to keep, for the report; a method that counts otherwise than
     the budget's groups (filters, N:M groups) sets it."""
@@ -79,9 +80,18 @@ class Method:
     name: ClassVar[str] = ""
     needs_gradient: ClassVar[bool] = False
     """Whether :meth:`update` needs the dense gradient of the update step (``Update.gradients``)."""
+    sharded: ClassVar[bool] = False
+    """Whether :meth:`update` works on the rows of sharded (FSDP2) weights, with
+    ``Update.reduce`` summing its counts across the ranks."""
     grows_from_zero: ClassVar[bool] = False
     """Whether weights it grows (pruned before the update, kept after) start at 0 with their
     optimizer state reset (the controller does both)."""
+    needs_optimizer: ClassVar[bool] = False
+    """Whether it needs the optimizer (``Update.optimizer``): to read its state, or because
+    it grows from zero."""
+    zeroes_pruned_weights: ClassVar[bool] = False
+    """Whether pruned weights are set to 0 after every optimizer step (the controller does
+    it in ``step()``), for methods whose gradient is dense but whose pruned weights stay 0."""
 
     def estimator(self) -> Estimator:
         """The gradient estimator the layers use under this method."""
@@ -91,6 +101,11 @@ class Method:
         """Controller settings this method's published form uses where the user gives
         none: ``update_every``, ``end_step``, ``budget``, ``schedule``."""
         return {}
+
+    def due(self, step: int, every: int) -> bool:
+        """Whether the masks update at ``step`` (before ``end_step``); by default every
+        ``every`` (the pruner's ``update_every``) steps."""
+        return step % every == 0
 
     def check(self, pruner) -> None:
         """Raise ``ValueError`` before training if this method cannot run on ``pruner``'s

@@ -23,6 +23,7 @@ class FilterMagnitude(Method):
     whole channels by design)."""
 
     name = "filter"
+    sharded = True
 
     def __init__(self, feedback: bool = True, threshold: str = "exact",
                  feedback_clip: float | None = None, pruned_decay: float | None = None):

@@ -73,6 +73,7 @@ class Magnitude(Method):
     """
 
     name = "magnitude"
+    sharded = True
 
     def __init__(self, feedback: bool = True, threshold: str = "exact", channel_floor: bool = True,
                  feedback_clip: float | None = None, pruned_decay: float | None = None,

@@ -18,6 +18,7 @@ class NM(Method):
     the masked gradient with ``feedback=False`` (one-shot N:M pruning and retraining)."""
 
     name = "nm"
+    sharded = True
 
     def __init__(self, pattern: str | NMPattern = "2:4", pruned_decay: float | None = None,
                  feedback: bool = True):

@@ -4,7 +4,13 @@ pruning and DNW (straight-through magnitude). Each is :class:`Magnitude` with se
 from __future__ import annotations
 
 from ..schedules import Constant, OneShot
-from .magnitude import Magnitude
+from .base import Method
+from .filter import FilterMagnitude
+from .magnitude import THRESHOLDS, Magnitude
+from .nm import NM
+
+SCOPES = ("global", "layer", "filter")
+"""The values of :class:`dpf_ext.DPF`'s ``scope``."""
 
 
 def dpf(threshold: str = "exact", channel_floor: bool = True, feedback_clip: float | None = None,
@@ -58,3 +64,34 @@ def dnw(threshold: str = "exact") -> Magnitude:
     adds the cubic ramp, a 16-step period and one global threshold (DNW's is per layer in
     its paper; here the budget decides, global by default)."""
     return _DNW(True, threshold, False)
+
+
+def dpf_options(scope: str = "global", feedback: bool = True, threshold: str = "exact",
+               channel_floor: bool | None = None, feedback_clip: float | None = None,
+               watch: bool = True, pattern: str | None = None,
+               pruned_decay: float | None = None) -> Method:
+    """The method that :class:`dpf_ext.DPF`'s own arguments describe.
+
+    ``scope``: ``"global"`` (one magnitude threshold over all prunable weights), ``"layer"``
+    (the same sparsity in every layer: the uniform budget) or ``"filter"`` (whole output
+    filters by L2 norm, :class:`~dpf_ext.methods.filter.FilterMagnitude`). ``pattern``
+    (``"2:4"``): N:M sparsity (:class:`~dpf_ext.methods.nm.NM`; excludes ``scope`` and the
+    channel floor). Otherwise :class:`~dpf_ext.methods.magnitude.Magnitude`, whose
+    docstring describes ``feedback``, ``threshold``, ``channel_floor`` (default on),
+    ``feedback_clip``, ``pruned_decay`` and ``watch``."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+    if pattern is not None:
+        if scope != "global" or channel_floor:
+            raise ValueError("pattern= chooses the masks by itself: it excludes scope= and "
+                             "channel_floor=")
+        return NM(pattern, pruned_decay, feedback)
+    if scope == "filter":
+        if channel_floor:
+            raise ValueError("channel_floor applies to the global and layer scopes; the filter "
+                             "scope prunes whole channels by design")
+        return FilterMagnitude(feedback, threshold, feedback_clip, pruned_decay)
+    floor = True if channel_floor is None else channel_floor
+    return Magnitude(feedback, threshold, floor, feedback_clip, pruned_decay, watch)

@@ -1,0 +1,22 @@
+"""transformers' ``Conv1D`` (GPT-2's linear layers) as a DPF layer. Importing this module
+imports transformers; :func:`dpf_ext.sparsify` does so only when the user has imported
+transformers already."""
+
+from __future__ import annotations
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from .nn import DPFLayer
+
+
+class DPFConv1D(DPFLayer, Conv1D):
+    """transformers' ``Conv1D`` (GPT-2's linear layers: ``x @ weight + bias``, weight stored
+    in x out) whose forward uses ``weight ⊙ mask``; its output channels are the weight's
+    columns."""
+
+    channel_dim = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.masked_weight())
+        return out.reshape(*x.shape[:-1], self.nf)
