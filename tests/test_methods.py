@@ -187,6 +187,25 @@ def test_dsr_rewires_on_its_period_schedule():
     assert due == [2, 4, 6, 9, 12]
 
 
+def test_deepr_steps_theta_and_keeps_each_layers_count():
+    model = dpf_ext.sparsify(nn.Sequential(nn.Linear(10, 1, bias=False)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = dpf_ext.DPF(model, 0.7, method="deepr", optimizer=optimizer,
+                         method_options={"l1": 1.0, "noise": 0.0})
+    layer = model[0]
+    active = layer.mask.view(-1).nonzero().view(-1)
+    signs = layer.weight.view(-1)[active].sign()  # the fixed signs the first masks took
+    with torch.no_grad():
+        layer.weight.view(-1)[active] = signs * torch.tensor([0.05, 0.5, 0.2])
+    pruner.step()  # theta - lr * l1: 0.05 -> -0.05 (dormant), 0.5 -> 0.4, 0.2 -> 0.1
+    w, m = layer.weight.view(-1), layer.mask.view(-1)
+    assert int(m.sum()) == 3 and m[active[1:]].all()
+    assert torch.allclose(w[active[1:]], signs[1:] * torch.tensor([0.4, 0.1]))
+    (woken,) = (m & (w.abs() < 1e-6)).nonzero().view(-1).tolist() or [None]
+    assert woken is not None and w[woken].abs().item() == pytest.approx(1e-12)
+    assert all(w[i] == 0 for i in range(10) if not m[i])
+
+
 def test_snip_keeps_the_largest_connection_sensitivity():
     w = [[1.0, -2.0, 0.5], [0.1, 3.0, -1.0]]
     g = torch.tensor([[0.1, 0.1, 4.0], [10.0, -0.01, 0.2]])
@@ -329,7 +348,7 @@ def _build(method, model, optimizer, total):
     x, y = _data(1)[0]
     options = {"batch_loss": lambda m: nn.functional.cross_entropy(m(x), y)} if method == "snip" else {}
     return dpf_ext.DPF(model, 0.8, method=method, method_options=options, total_steps=total,
-                       update_every=3, optimizer=optimizer, seed=1)
+                       update_every=1 if method == "deepr" else 3, optimizer=optimizer, seed=1)
 
 
 def _train(method, data, start=0, state=None, total=24):
@@ -353,11 +372,12 @@ def _train(method, data, start=0, state=None, total=24):
     return model, pruner, kept, snapshot
 
 
-SPARSE_FROM_SCRATCH = ["rigl", "set", "snip", "static", "snfs", "dsr"]
+SPARSE_FROM_SCRATCH = ["rigl", "set", "snip", "static", "snfs", "dsr", "deepr"]
+REWIRING = ["rigl", "set", "snfs", "dsr", "deepr"]
 
 
 @pytest.mark.filterwarnings("ignore::dpf_ext.nn.UnfinalizedWarning")
-@pytest.mark.parametrize("method", SPARSE_FROM_SCRATCH + ["dpf", "gradual", "dnw"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_resumes_exactly(method):
     data = _data(24)
     model, pruner, kept, snapshot = _train(method, data)
@@ -369,7 +389,7 @@ def test_every_method_resumes_exactly(method):
         per_layer = method not in ("snfs", "dsr")
         assert all((k == kept[0]) if per_layer else (sum(k) == sum(kept[0])) for k in kept), method
         assert abs(pruner.report().sparsity - 0.8) < 0.01
-    if method in ("rigl", "set", "snfs", "dsr"):  # masks changed: dropped and grown weights
+    if method in REWIRING:  # masks changed: dropped and grown weights
         assert pruner.report().reactivated_total > 0
 
 

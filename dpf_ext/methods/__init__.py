@@ -12,6 +12,7 @@ same :class:`dpf_ext.DPF` controller (``DPF(model, 0.9, method="rigl", ...)``).
 ``static``    a random mask (ERK by default), fixed
 ``snfs``      sparse momentum: drop smallest magnitudes, regrow by momentum across layers
 ``dsr``       DSR: one adaptive global threshold prunes, random regrowth by survivors
+``deepr``     DeepR: fixed signs, noisy L1 steps, dormant at zero, random wake-ups
 ============  ==============================================================================
 
 A method is one file: a :class:`~dpf_ext.methods.base.Method` subclass with ``update``,
@@ -26,6 +27,7 @@ from typing import Callable
 from torch import nn
 
 from .base import Method, Update
+from .deep_rewiring import DeepR
 from .dynamic_reparameterization import DSR
 from .presets import dnw, dpf, dpf_options, gradual, oneshot
 from .rigl import RigL
@@ -37,7 +39,7 @@ from .static import Static
 METHODS: dict[str, Callable[..., Method]] = {
     "dpf": dpf, "gradual": gradual, "oneshot": oneshot, "dnw": dnw,
     "rigl": RigL, "set": SET, "snip": SNIP, "static": Static, "snfs": SparseMomentum,
-    "dsr": DSR,
+    "dsr": DSR, "deepr": DeepR,
 }
 """The registry: name -> factory of the method (its keyword arguments are the options)."""
 
@@ -155,6 +157,6 @@ def make_pruner(method: str, model: nn.Module, sparsity: float, total_steps: int
                seed=seed, **controller)
 
 
-__all__ = ["DSR", "METHODS", "Method", "RigL", "SET", "SNIP", "SparseMomentum", "Static", "Update",
+__all__ = ["DSR", "DeepR", "METHODS", "Method", "RigL", "SET", "SNIP", "SparseMomentum", "Static", "Update",
            "make_method",
            "make_pruner", "method_options", "register_method", "resolve_method"]
