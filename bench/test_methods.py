@@ -75,3 +75,49 @@ def test_rigl_update(benchmark, size, method):
             "speed-up over torch.topk": medians["topk"] / medians["dpf"]}
     result = benchmark.pedantic(fn, args=(weights, grads, masks), rounds=rounds, warmup_rounds=1)
     assert [int(r.sum()) for r in result] == [int(m.sum()) for m in masks]  # constant count
+
+
+ROUND = 100  # steps per round: one RigL/SET/DSR update, six of DPF's, 100 of DeepR's and DNW's
+
+
+def _method_trainer(method):
+    """A function running ROUND training steps of the small CNN (batch 64, 1x16x16) with
+    ``method`` (``dense``: no pruner), as ``dpf-train`` builds it."""
+    from dpf_ext.methods import make_pruner
+    from dpf_ext.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 16, 16), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    if method != "dense":
+        import dpf_ext
+
+        dpf_ext.sparsify(model)
+    pruner = make_pruner(method, model, 0.9, 10_000, optimizer=opt, seed=0,
+                         batch_loss=lambda m: loss_fn(m(x), y),
+                         **({"update_every": 62} if method == "snfs" else {}))  # an epoch of gratings
+
+    def steps():
+        for _ in range(ROUND):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+            if pruner is not None:
+                pruner.step()
+
+    return steps
+
+
+@pytest.mark.parametrize("method", ["dense", "dpf", "gradual", "dnw", "rigl", "set", "snip",
+                                    "static", "snfs", "dsr", "deepr"])
+def test_method_training_steps(benchmark, method):
+    benchmark.group = f"CNN training, {ROUND} steps, per method"
+    benchmark.extra_info["steps"] = ROUND
+    if method != "dense":
+        medians = interleaved_medians({"dense": _method_trainer("dense"),
+                                       method: _method_trainer(method)}, rounds=2)
+        benchmark.extra_info["interleaved_ratio"] = medians[method] / medians["dense"]
+    benchmark.pedantic(_method_trainer(method), rounds=2, warmup_rounds=0)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .nn import PRUNED_SUFFIX, DPFLayer, UnfinalizedWarning
+from .powerprop import SUFFIX as POWERPROP_SUFFIX
 from .ops.bits import pack_bits, unpack_bits
 
 FORMAT = "dpf_ext.sparse/1"
@@ -31,7 +32,8 @@ def finalized_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     for key, value in model.state_dict(keep_vars=False).items():
         owner, _, leaf = key.rpartition(".")
         layer = layers.get(owner)
-        if layer is not None and leaf in ("mask", layer.weight_name + PRUNED_SUFFIX):
+        if layer is not None and leaf in ("mask", layer.weight_name + PRUNED_SUFFIX,
+                                          layer.weight_name + POWERPROP_SUFFIX):
             continue
         if layer is not None and leaf == layer.weight_name:
             masks[key] = layer.mask.detach().cpu()
@@ -81,7 +83,8 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
         state[key], kept[key] = full, bits
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, DPFLayer)}
-    extra = {f"{name}.{m.weight_name}{PRUNED_SUFFIX}".lstrip(".") for name, m in layers.items()}
+    extra = {f"{name}.{m.weight_name}{suffix}".lstrip(".") for name, m in layers.items()
+             for suffix in (PRUNED_SUFFIX, POWERPROP_SUFFIX)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnfinalizedWarning)
         expected = {k: v for k, v in model.state_dict().items() if k not in extra}  # either form

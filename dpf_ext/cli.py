@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feedback-clip", type=float, default=None,
                    help="bound pruned weights' feedback gradient to this multiple of the "
                         "largest kept one per layer (1.0 is the measured setting; default off)")
+    p.add_argument("--powerprop", type=float, default=None, metavar="ALPHA",
+                   help="Powerpropagation: train the weights as v|v|^(ALPHA-1) (ALPHA >= 1), "
+                        "with any method")
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--out", type=Path, help="folder for metrics.json and the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -188,6 +191,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--oneshot-at is a fraction of training in [0, 1), got {args.oneshot_at}")
     if args.lr < 0 or args.momentum < 0 or args.weight_decay < 0:
         parser.error("--lr, --momentum and --weight-decay must be non-negative")
+    if args.powerprop is not None and not args.powerprop >= 1:
+        parser.error(f"--powerprop must be at least 1, got {args.powerprop}")
     if args.feedback_clip is not None and not args.feedback_clip > 0:
         parser.error(f"--feedback-clip must be positive, got {args.feedback_clip}")
     args.methods = [args.method] if args.compare is None else [

@@ -28,6 +28,8 @@ from torch import nn
 from . import ops
 from .distributed import is_sharded, local_weight_and_mask
 from .ops.bits import SUPPORTED_DTYPES
+from .powerprop import SUFFIX as POWERPROP_SUFFIX
+from .powerprop import check_alpha, effective, parameter
 from .estimators import Estimator, GradientTap, StraightThrough
 
 log = logging.getLogger("dpf_ext")
@@ -50,6 +52,9 @@ def _state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
     :func:`set_state_dict_form`), or warns (:class:`UnfinalizedWarning`) that the dense form
     holds the dense weights."""
     name = prefix + module.weight_name
+    if module.powerprop is not None:  # the effective weight, and the parameter for resuming
+        state_dict[name + POWERPROP_SUFFIX] = state_dict[name].detach()
+        state_dict[name] = effective(state_dict[name].detach(), module.powerprop)
     if module.state_dict_form == "sparse":
         weight, mask = state_dict[name].detach(), state_dict[prefix + "mask"]
         if is_sharded(weight):
@@ -108,7 +113,9 @@ class DPFLayer:
     (the :class:`~dpf_ext.estimators.Estimator` that passes the gradient of ``mask ⊙ w`` to
     ``w``; the pruner's method sets it), ``grad_tap`` (a
     :class:`~dpf_ext.estimators.GradientTap`, for methods that grow weights by their dense
-    gradient) and ``state_dict_form`` (see :func:`set_state_dict_form`).
+    gradient), ``state_dict_form`` (see :func:`set_state_dict_form`) and ``powerprop``
+    (``None``, or the exponent α of :mod:`dpf_ext.powerprop`: the parameter is then ``v`` and
+    the forward's weight ``v · |v|^(α-1)``).
     """
 
     weight_name: ClassVar[str] = "weight"
@@ -126,6 +133,7 @@ class DPFLayer:
         self.estimator = StraightThrough()
         self.grad_tap = GradientTap()
         self.state_dict_form = "dense"
+        self.powerprop: float | None = None
         self._register_state_dict_hook(_state_dict_hook)
 
     @property
@@ -140,7 +148,10 @@ class DPFLayer:
 
     def masked_weight(self) -> torch.Tensor:
         """The weight the forward uses: ``weight ⊙ mask`` with the estimator's gradient."""
-        return self.grad_tap(self.estimator.masked_weight(self.dense_weight, self.mask))
+        weight = self.dense_weight
+        if self.powerprop is not None:
+            weight = effective(weight, self.powerprop)
+        return self.grad_tap(self.estimator.masked_weight(weight, self.mask))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         name, mask = prefix + self.weight_name, prefix + "mask"
@@ -148,6 +159,10 @@ class DPFLayer:
         if pruned is not None and name in state_dict and mask in state_dict:
             # the sparse form: the dense weight is the kept values plus the pruned ones
             state_dict[name] = torch.where(state_dict[mask].to(pruned.device), state_dict[name], pruned)
+        v = state_dict.pop(name + POWERPROP_SUFFIX, None)
+        if self.powerprop is not None and name in state_dict:  # the parameter, exactly if saved
+            state_dict[name] = v if v is not None else parameter(state_dict[name],
+                                                                           self.powerprop)
         # A dense checkpoint (no mask) loads into a DPF layer as "nothing pruned".
         if name in state_dict and mask not in state_dict:
             state_dict[mask] = torch.ones_like(self.mask)
@@ -305,7 +320,8 @@ def _prunable_weight(module: nn.Module) -> torch.Tensor | None:
     return getattr(module, dpf_type.weight_name, None) if dpf_type else None
 
 
-def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense") -> nn.Module:
+def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense",
+             powerprop: float | None = None) -> nn.Module:
     """Make ``model`` sparse-aware in place and return it.
 
     Every module whose type is exactly one of :data:`PRUNABLE` (Linear, Conv1d/2d/3d,
@@ -325,11 +341,18 @@ def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense") -> 
     mask shared by all its users, if all of them are prunable layers; a weight tied to an
     embedding or another module whose forward DPF does not mask is an error then.
 
+    ``powerprop`` (α >= 1): Powerpropagation (:mod:`dpf_ext.powerprop`): each new DPF
+    layer's parameter becomes ``v = sign(w) |w|^(1/α)``, so that its weight ``v |v|^(α-1)``
+    starts equal to the plain one; ``state_dict`` and :func:`unsparsify` give the weight
+    (and, for resuming, ``v`` under ``<weight>_powerprop``).
+
     What stays dense and why is logged (logger ``"dpf_ext"``) and shown by
     :func:`coverage` and the pruner's report. Calling ``sparsify`` again is harmless.
     """
     if tied not in ("dense", "prune"):
         raise ValueError(f"tied must be 'dense' or 'prune', got {tied!r}")
+    alpha = None if powerprop is None else check_alpha(powerprop)
+    reparametrised: set[int] = set()
     _register_transformers()
     modules = dict(model.named_modules())
     candidates = [name for name, module in modules.items()
@@ -378,6 +401,12 @@ def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense") -> 
         cls._init_mask(module)
         if others:  # one mask for every user of the weight
             module._buffers["mask"] = shared_masks.setdefault(id(weight), module.mask)
+        if alpha is not None:
+            module.powerprop = alpha
+            if id(weight) not in reparametrised:  # a tied weight once
+                reparametrised.add(id(weight))
+                with torch.no_grad():
+                    weight.copy_(parameter(weight, alpha))
     for name, module in modules.items():
         if type(module) in WEIGHT_READERS and any(isinstance(m, DPFLayer) for m in module.modules()):
             module.__class__ = WEIGHT_READERS[type(module)]
@@ -399,11 +428,14 @@ def unsparsify(model: nn.Module) -> nn.Module:
                 folded.add(id(module.dense_weight))
                 with torch.no_grad():
                     weight, mask = local_weight_and_mask(module.dense_weight, module.mask)
+                    if module.powerprop is not None:  # the plain layer holds the weight itself
+                        weight.copy_(effective(weight, module.powerprop))
                     weight.masked_fill_(~mask, 0)
             del module._buffers["mask"]
             del module.estimator
             del module.grad_tap
             del module.state_dict_form
+            del module.powerprop
             for key in [k for k, hook in module._state_dict_hooks.items() if hook is _state_dict_hook]:
                 del module._state_dict_hooks[key]
         if type(module) in plain_for:

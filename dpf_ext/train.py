@@ -46,6 +46,8 @@ class TrainConfig:
     method's."""
     options: dict = field(default_factory=dict)
     """The method's options (see :func:`dpf_ext.methods.method_options`)."""
+    powerprop: float | None = None
+    """Powerpropagation's exponent α (see :mod:`dpf_ext.powerprop`); ``None``: off."""
     seed: int = 0
     device: str = "cpu"
 
@@ -107,7 +109,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
     steps_per_epoch = -(-len(data.x_train) // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.method != "dense":
-        sparsify(model, exclude=config.exclude)
+        sparsify(model, exclude=config.exclude, powerprop=config.powerprop)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.momentum > 0, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
