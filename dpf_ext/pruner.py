@@ -160,8 +160,7 @@ class DPF:
         self.regrown_last = torch.zeros_like(self.reactivated_last)
         self._empty: set[str] = set()
         self._request: HistogramRequest | None = None
-        for _, layer in self.layers:
-            layer.estimator = self.estimator
+        self._install_estimators()
         self._update_masks(initial=True)
         if freeze_at == 0:
             self.freeze()
@@ -330,6 +329,11 @@ class DPF:
             weight, mask = local_weight_and_mask(layer.dense_weight, layer.mask)
             weight.masked_fill_(~mask, 0)
 
+    def _install_estimators(self) -> None:
+        """Give every layer the method's gradient estimator."""
+        for i, (_, layer) in enumerate(self.layers):
+            layer.estimator = self.method.layer_estimator(i, self.estimator)
+
     def freeze(self) -> None:
         """Keep the masks fixed from now on and mask the gradient (retraining)."""
         self.frozen = True
@@ -414,8 +418,7 @@ class DPF:
                 getattr(self, key).copy_(torch.as_tensor(state[key]))
         self.method.load_state_dict(state.get("method", {}), self.reactivated_last.device)
         self.frozen = False
-        for _, layer in self.layers:
-            layer.estimator = self.estimator
+        self._install_estimators()
         if state["frozen"]:
             self.freeze()
         self._arm_taps()

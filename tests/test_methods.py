@@ -206,6 +206,28 @@ def test_deepr_steps_theta_and_keeps_each_layers_count():
     assert all(w[i] == 0 for i in range(10) if not m[i])
 
 
+def test_top_kast_forward_set_backward_set_and_penalty():
+    model = linear([[0.9, -0.1, 0.5, 0.3, -0.05, 0.7]])
+    pruner = dpf_ext.DPF(model, 4 / 6, method="topkast",
+                         method_options={"extra": 1 / 6, "penalty": 0.0})
+    layer = model[0]
+    assert layer.mask.tolist() == [[True, False, False, False, False, True]]  # A: 0.9, 0.7
+    x = torch.ones(1, 6)
+    torch.testing.assert_close(model(x), torch.tensor([[0.9 + 0.7]]))
+    g = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    (layer.masked_weight() * g).sum().backward()
+    # B = A and the next largest, 0.5: only B's weights get their gradient
+    assert layer.weight.grad.tolist() == [[1.0, 0.0, 3.0, 0.0, 0.0, 6.0]]
+    with_penalty = linear([[0.9, -0.1, 0.5, 0.3, -0.05, 0.7]])
+    dpf_ext.DPF(with_penalty, 4 / 6, method="topkast",
+                method_options={"extra": 1 / 6, "penalty": 0.1})
+    (with_penalty[0].masked_weight() * 0).sum().backward()
+    # 0.1 * w on A, 0.1 * w / D on B \ A (D = 1/3), nothing elsewhere
+    torch.testing.assert_close(with_penalty[0].weight.grad,
+                               torch.tensor([[0.09, 0.0, 0.15, 0.0, 0.0, 0.07]]))
+    assert pruner.report().sparsity == pytest.approx(4 / 6)
+
+
 def test_snip_keeps_the_largest_connection_sensitivity():
     w = [[1.0, -2.0, 0.5], [0.1, 3.0, -1.0]]
     g = torch.tensor([[0.1, 0.1, 4.0], [10.0, -0.01, 0.2]])
@@ -372,8 +394,8 @@ def _train(method, data, start=0, state=None, total=24):
     return model, pruner, kept, snapshot
 
 
-SPARSE_FROM_SCRATCH = ["rigl", "set", "snip", "static", "snfs", "dsr", "deepr"]
-REWIRING = ["rigl", "set", "snfs", "dsr", "deepr"]
+SPARSE_FROM_SCRATCH = ["rigl", "set", "snip", "static", "snfs", "dsr", "deepr", "topkast"]
+REWIRING = ["rigl", "set", "snfs", "dsr", "deepr", "topkast"]
 
 
 @pytest.mark.filterwarnings("ignore::dpf_ext.nn.UnfinalizedWarning")

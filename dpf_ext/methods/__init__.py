@@ -13,6 +13,7 @@ same :class:`dpf_ext.DPF` controller (``DPF(model, 0.9, method="rigl", ...)``).
 ``snfs``      sparse momentum: drop smallest magnitudes, regrow by momentum across layers
 ``dsr``       DSR: one adaptive global threshold prunes, random regrowth by survivors
 ``deepr``     DeepR: fixed signs, noisy L1 steps, dormant at zero, random wake-ups
+``topkast``   Top-KAST: forward on the top-D, updates on the larger top-(D+M), a penalty
 ============  ==============================================================================
 
 A method is one file: a :class:`~dpf_ext.methods.base.Method` subclass with ``update``,
@@ -35,11 +36,12 @@ from .sparse_evolutionary import SET
 from .sparse_momentum import SparseMomentum
 from .snip import SNIP
 from .static import Static
+from .top_kast import TopKAST
 
 METHODS: dict[str, Callable[..., Method]] = {
     "dpf": dpf, "gradual": gradual, "oneshot": oneshot, "dnw": dnw,
     "rigl": RigL, "set": SET, "snip": SNIP, "static": Static, "snfs": SparseMomentum,
-    "dsr": DSR, "deepr": DeepR,
+    "dsr": DSR, "deepr": DeepR, "topkast": TopKAST,
 }
 """The registry: name -> factory of the method (its keyword arguments are the options)."""
 
@@ -157,6 +159,6 @@ def make_pruner(method: str, model: nn.Module, sparsity: float, total_steps: int
                seed=seed, **controller)
 
 
-__all__ = ["DSR", "DeepR", "METHODS", "Method", "RigL", "SET", "SNIP", "SparseMomentum", "Static", "Update",
+__all__ = ["DSR", "DeepR", "METHODS", "Method", "RigL", "SET", "SNIP", "SparseMomentum", "Static", "TopKAST", "Update",
            "make_method",
            "make_pruner", "method_options", "register_method", "resolve_method"]

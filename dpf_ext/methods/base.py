@@ -97,6 +97,10 @@ class Method:
         """The gradient estimator the layers use under this method."""
         return MaskedGradient()
 
+    def layer_estimator(self, i: int, shared: Estimator) -> Estimator:
+        """The estimator of layer ``i`` (by default ``shared``, :meth:`estimator`'s)."""
+        return shared
+
     def defaults(self, sparsity: float | None, total_steps: int | None) -> dict:
         """Controller settings this method's published form uses where the user gives
         none: ``update_every``, ``end_step``, ``budget``, ``schedule``."""
