@@ -71,7 +71,8 @@ class Estimator:
     """Base class: :meth:`masked_weight` is the weight a layer's forward uses."""
 
     feedback: ClassVar[bool]
-    """Whether pruned weights receive gradient."""
+    """Whether pruned weights keep their values and may come back (``False``: they get no
+    gradient and the pruner sets them to 0 at each update)."""
 
     def masked_weight(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``weight ⊙ mask`` with this estimator's gradient."""

@@ -142,6 +142,7 @@ class DPF:
             raise ValueError(f"{self.method.name} does not support sharded (fully_shard) weights; "
                              "use DDP")
         self.estimator = self.method.estimator()
+        """The method's gradient estimator (per layer: ``method.layer_estimator``)."""
         self.method.check(self)
         check_same_on_all_ranks(self._config())
         self._take_over(replace)
@@ -160,6 +161,9 @@ class DPF:
         self.regrown_last = torch.zeros_like(self.reactivated_last)
         self._empty: set[str] = set()
         self._request: HistogramRequest | None = None
+        self._estimators = [self.method.layer_estimator(i, self.estimator)
+                            for i in range(len(self.layers))]
+        self._feedback = all(e.feedback for e in self._estimators)
         self._install_estimators()
         self._update_masks(initial=True)
         if freeze_at == 0:
@@ -278,7 +282,7 @@ class DPF:
                    full_weights, self.budget, shards.reduce if shards.group is not None else None,
                    self.seed, initial, gradients, request if ready else None, self.end_step,
                    self.shapes, optimizer=self.optimizer)
-        if not self.estimator.feedback:
+        if not self._feedback:
             self._zero_pruned()  # momentum may have moved them since the last update
         kept_before = torch.stack([torch.count_nonzero(m) for m in shards.masks])
         before = ([m.clone() for m in shards.masks]
@@ -289,7 +293,7 @@ class DPF:
         dropped = kept_before + stats[:, 1] - stats[:, 0]
         stats = shards.reduce(torch.cat([stats, dropped.reshape(-1, 1)], dim=1))
         shards.assemble_masks()
-        if not self.estimator.feedback:
+        if not self._feedback:
             self._zero_pruned()
         self.reactivated_last = stats[:, 1]
         self.reactivated_total += stats[:, 1]
@@ -331,8 +335,8 @@ class DPF:
 
     def _install_estimators(self) -> None:
         """Give every layer the method's gradient estimator."""
-        for i, (_, layer) in enumerate(self.layers):
-            layer.estimator = self.method.layer_estimator(i, self.estimator)
+        for (_, layer), estimator in zip(self.layers, self._estimators):
+            layer.estimator = estimator
 
     def freeze(self) -> None:
         """Keep the masks fixed from now on and mask the gradient (retraining)."""
@@ -348,6 +352,8 @@ class DPF:
         :func:`dpf_ext.unsparsify`), whose ``state_dict`` loads into the original
         architecture. The pruner cannot step afterwards.
         """
+        with torch.no_grad():
+            self.method.finalize(self)
         if unwrap:
             unsparsify(self.model)
         else:

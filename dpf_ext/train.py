@@ -117,6 +117,9 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
     first = first[:config.batch_size]  # the batch that SNIP scores the weights on
     controller = {k: v for k, v in (("update_every", config.update_every),
                                     ("budget", config.budget)) if v is not None}
+    if (config.update_every is None and config.method in METHODS
+            and getattr(METHODS[config.method], "updates_per_epoch", False)):
+        controller["update_every"] = steps_per_epoch
     takes = method_options(config.method) if config.method in METHODS else []
     for key in ("threshold", "feedback_clip"):  # the magnitude methods' settings
         if key in takes:

@@ -261,12 +261,13 @@ def _ddp_methods(rank, world, steps):
     out = {}
     for method in sorted(dpf_ext.methods.METHODS):
         model = dpf_ext.sparsify(_model())
-        ddp = DDP(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
         x0, y0 = _batch(99, 16)
         options = {"batch_loss": lambda m: nn.functional.cross_entropy(m(x0), y0)} if method == "snip" else {}
-        pruner = dpf_ext.DPF(model, 0.8, method=method, method_options=options, total_steps=steps,
-                             update_every=1 if method == "deepr" else 2, optimizer=opt)
+        target = None if method == "str" else 0.8  # str's sparsity emerges
+        pruner = dpf_ext.DPF(model, target, method=method, method_options=options, total_steps=steps,
+                             update_every=1 if method in ("deepr", "str") else 2, optimizer=opt)
+        ddp = DDP(model)  # after the pruner: the parameters str adds are synchronised too
         out[method] = _ddp_steps(model, ddp, opt, pruner, rank, world, steps)
     return out
 

@@ -228,6 +228,31 @@ def test_top_kast_forward_set_backward_set_and_penalty():
     assert pruner.report().sparsity == pytest.approx(4 / 6)
 
 
+def test_str_learns_a_threshold_and_its_sparsity_emerges():
+    from dpf_ext.methods.soft_threshold import PARAMETER
+
+    model = linear([[0.9, -0.1, 0.5, -0.3]])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.5)
+    with pytest.raises(ValueError, match="str takes no target sparsity"):
+        dpf_ext.DPF(model, 0.9, method="str", optimizer=optimizer)
+    pruner = dpf_ext.DPF(model, method="str", optimizer=optimizer,
+                         method_options={"initial_threshold": 0.0})  # threshold sigmoid(0) = 0.5
+    layer = model[0]
+    s = getattr(layer, PARAMETER)
+    assert optimizer.param_groups[-1]["params"] == [s] and optimizer.param_groups[-1]["weight_decay"] == 0.5
+    x = torch.ones(1, 4)
+    torch.testing.assert_close(model(x), torch.tensor([[0.4]]))  # only 0.9 - 0.5 passes
+    g = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    (layer.masked_weight() * g).sum().backward()
+    # d/dw: 1 above the threshold (0.9); d/ds = -sigmoid'(0) * sign(0.9) * 1 = -0.25
+    assert layer.weight.grad.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert s.grad.item() == pytest.approx(-0.25)
+    assert pruner.report().layers[0].kept == 1  # |w| > 0.5: the sparsity is what it keeps
+    pruner.finalize(unwrap=True)
+    assert not hasattr(layer, PARAMETER)
+    assert torch.allclose(layer.weight, torch.tensor([[0.4, 0.0, 0.0, 0.0]]))
+
+
 def test_snip_keeps_the_largest_connection_sensitivity():
     w = [[1.0, -2.0, 0.5], [0.1, 3.0, -1.0]]
     g = torch.tensor([[0.1, 0.1, 4.0], [10.0, -0.01, 0.2]])
@@ -369,8 +394,10 @@ def _data(n):
 def _build(method, model, optimizer, total):
     x, y = _data(1)[0]
     options = {"batch_loss": lambda m: nn.functional.cross_entropy(m(x), y)} if method == "snip" else {}
-    return dpf_ext.DPF(model, 0.8, method=method, method_options=options, total_steps=total,
-                       update_every=1 if method == "deepr" else 3, optimizer=optimizer, seed=1)
+    sparsity = 0.8 if METHODS[method] is not dpf_ext.methods.STR else None  # str takes none
+    return dpf_ext.DPF(model, sparsity, method=method, method_options=options, total_steps=total,
+                       update_every=1 if method in ("deepr", "str") else 3, optimizer=optimizer,
+                       seed=1)
 
 
 def _train(method, data, start=0, state=None, total=24):

@@ -14,6 +14,7 @@ same :class:`dpf_ext.DPF` controller (``DPF(model, 0.9, method="rigl", ...)``).
 ``dsr``       DSR: one adaptive global threshold prunes, random regrowth by survivors
 ``deepr``     DeepR: fixed signs, noisy L1 steps, dormant at zero, random wake-ups
 ``topkast``   Top-KAST: forward on the top-D, updates on the larger top-(D+M), a penalty
+``str``       STR: a learned soft threshold per layer; the sparsity emerges
 ============  ==============================================================================
 
 A method is one file: a :class:`~dpf_ext.methods.base.Method` subclass with ``update``,
@@ -35,6 +36,7 @@ from .rigl import RigL
 from .sparse_evolutionary import SET
 from .sparse_momentum import SparseMomentum
 from .snip import SNIP
+from .soft_threshold import STR
 from .static import Static
 from .top_kast import TopKAST
 
@@ -42,6 +44,7 @@ METHODS: dict[str, Callable[..., Method]] = {
     "dpf": dpf, "gradual": gradual, "oneshot": oneshot, "dnw": dnw,
     "rigl": RigL, "set": SET, "snip": SNIP, "static": Static, "snfs": SparseMomentum,
     "dsr": DSR, "deepr": DeepR, "topkast": TopKAST,
+    "str": STR,
 }
 """The registry: name -> factory of the method (its keyword arguments are the options)."""
 
@@ -154,11 +157,11 @@ def make_pruner(method: str, model: nn.Module, sparsity: float, total_steps: int
     if method == "snip":
         options.setdefault("batch_loss", batch_loss)
     built = make_method(method, **options)
-    return DPF(model, sparsity, total_steps=total_steps, method=built,
+    return DPF(model, sparsity if built.takes_target else None, total_steps=total_steps, method=built,
                optimizer=optimizer if built.grows_from_zero or built.needs_optimizer else None,
                seed=seed, **controller)
 
 
-__all__ = ["DSR", "DeepR", "METHODS", "Method", "RigL", "SET", "SNIP", "SparseMomentum", "Static", "TopKAST", "Update",
+__all__ = ["DSR", "DeepR", "METHODS", "Method", "RigL", "SET", "SNIP", "STR", "SparseMomentum", "Static", "TopKAST", "Update",
            "make_method",
            "make_pruner", "method_options", "register_method", "resolve_method"]

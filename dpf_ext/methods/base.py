@@ -86,6 +86,11 @@ class Method:
     grows_from_zero: ClassVar[bool] = False
     """Whether weights it grows (pruned before the update, kept after) start at 0 with their
     optimizer state reset (the controller does both)."""
+    updates_per_epoch: ClassVar[bool] = False
+    """Whether its published period is one epoch (``dpf-train`` then sets ``update_every``
+    to the steps of an epoch unless given)."""
+    takes_target: ClassVar[bool] = True
+    """Whether it reaches a target sparsity (one whose sparsity emerges takes none)."""
     needs_optimizer: ClassVar[bool] = False
     """Whether it needs the optimizer (``Update.optimizer``): to read its state, or because
     it grows from zero."""
@@ -105,6 +110,10 @@ class Method:
         """Controller settings this method's published form uses where the user gives
         none: ``update_every``, ``end_step``, ``budget``, ``schedule``."""
         return {}
+
+    def finalize(self, pruner) -> None:
+        """Before the masks are folded in: write into the weights what the forward uses, if
+        that is not ``mask ⊙ w`` (nothing by default)."""
 
     def due(self, step: int, every: int) -> bool:
         """Whether the masks update at ``step`` (before ``end_step``); by default every

@@ -70,6 +70,7 @@ class SparseMomentum(Method):
     name = "snfs"
     needs_optimizer = True
     zeroes_pruned_weights = True
+    updates_per_epoch = True
 
     def __init__(self, prune_rate: float = 0.5, final_prune_rate: float = 0.005):
         for name, value in (("prune_rate", prune_rate), ("final_prune_rate", final_prune_rate)):

@@ -9,7 +9,7 @@ import torch
 
 from .. import ops
 from ..budgets import Uniform
-from ..estimators import Estimator, StraightThrough
+from ..estimators import Estimator
 from ..ops.bits import pack_bits, unpack_bits
 from ..schedules import Constant
 from .base import Method, Update, select_top, write_masks, mask_of
@@ -75,9 +75,6 @@ class TopKAST(Method):
         self.backward_sets: dict[int, torch.Tensor] = {}
         self.densities: dict[int, float] = {}
         self._channel_dims: list[int] = []
-
-    def estimator(self):
-        return StraightThrough()  # what the controller reads: pruned weights keep their values
 
     def layer_estimator(self, i, shared):
         return TwoSets(self, i)

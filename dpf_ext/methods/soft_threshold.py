@@ -1,0 +1,100 @@
+"""STR, soft threshold reparameterization (Kusupati et al., ICML 2020; RAIVNLab/STR
+``utils/conv_type.py`` STRConv): each layer learns a threshold, and its weight is
+``sign(w) · relu(|w| - sigmoid(s))``; the sparsity is what the thresholds make of it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..estimators import Estimator
+from ..schedules import Constant
+from .base import Method, Update, write_masks
+
+PARAMETER = "str_threshold"
+"""The name of the threshold parameter ``s`` on each layer (``sigmoid(s)`` is the
+threshold)."""
+
+
+class SoftThreshold(Estimator):
+    """STR's forward ``sign(w) · relu(|w| - sigmoid(s))`` (the mask is not used: it is what
+    the threshold keeps); the gradient reaches the weights above the threshold and ``s``."""
+
+    feedback = True  # weights under the threshold keep their values (and may come back)
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def masked_weight(self, weight, mask):
+        tau = torch.sigmoid(getattr(self.layer, PARAMETER))
+        return weight.sign() * torch.relu(weight.abs() - tau)
+
+
+class STR(Method):
+    """A learnable threshold ``s`` per layer (a scalar parameter, ``initial_threshold`` at
+    the start: ``sigmoid(-5)`` ≈ 0.0067), trained with the weights by the optimizer (a new
+    parameter group with ``weight_decay``, by default the optimizer's: the decay on ``s`` is
+    what raises the threshold). No target sparsity: it emerges, and ``report()`` shows it
+    (the masks are recomputed as ``|w| > sigmoid(s)`` every ``update_every`` step, 1 by
+    default); steer it with ``initial_threshold`` and ``weight_decay``.
+
+    The parameters join the layers (``<layer>.str_threshold``), so build the pruner before
+    wrapping the model in DDP. :meth:`~dpf_ext.DPF.finalize` writes ``sign(w) · relu(|w| -
+    sigmoid(s))`` into the weights and removes the parameters."""
+
+    name = "str"
+    needs_optimizer = True
+    takes_target = False
+
+    def __init__(self, initial_threshold: float = -5.0, weight_decay: float | None = None):
+        if isinstance(initial_threshold, bool) or not isinstance(initial_threshold, (int, float)):
+            raise ValueError(f"initial_threshold must be a number, got {initial_threshold!r}")
+        if weight_decay is not None and (isinstance(weight_decay, bool) or
+                                         not isinstance(weight_decay, (int, float)) or weight_decay < 0):
+            raise ValueError(f"weight_decay must be a non-negative number or None, got {weight_decay!r}")
+        self.initial_threshold = float(initial_threshold)
+        self.weight_decay = weight_decay
+
+    def defaults(self, sparsity, total_steps):
+        if sparsity is not None:
+            raise ValueError("str takes no target sparsity: it emerges from the learned "
+                             "thresholds; steer it with method_options initial_threshold "
+                             "(higher: sparser from the start) and weight_decay (on the "
+                             "thresholds: higher, sparser over training)")
+        return {"schedule": Constant(0.0), "update_every": 1}
+
+    def layer_estimator(self, i, shared):
+        return SoftThreshold(self._layers[i])
+
+    def check(self, pruner) -> None:
+        self._layers = [layer for _, layer in pruner.layers]
+        fresh = []
+        for layer in self._layers:
+            if not hasattr(layer, PARAMETER):
+                weight = layer.dense_weight
+                layer.register_parameter(PARAMETER, nn.Parameter(
+                    torch.full((), self.initial_threshold, dtype=weight.dtype, device=weight.device)))
+                fresh.append(getattr(layer, PARAMETER))
+        if fresh:
+            decay = (pruner.optimizer.param_groups[0].get("weight_decay", 0.0)
+                     if self.weight_decay is None else self.weight_decay)
+            pruner.optimizer.add_param_group({"params": fresh, "weight_decay": decay})
+
+    def update(self, u: Update) -> torch.Tensor:
+        new = []
+        for w, layer in zip(u.weights, u.layers):
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError(f"non-finite (NaN or Inf) weights at step {u.step}; masks left "
+                                 "unchanged")
+            new.append(w.abs() > torch.sigmoid(getattr(layer, PARAMETER).detach()))
+        u.target_kept = 0  # no target: the report shows what the thresholds keep
+        return write_masks(u, new)
+
+    def finalize(self, pruner) -> None:
+        for _, layer in pruner.layers:
+            weight = layer.dense_weight
+            weight.copy_(SoftThreshold(layer).masked_weight(weight, layer.mask))
+            del layer._parameters[PARAMETER]
+
+    def config(self) -> dict:
+        return {"initial_threshold": self.initial_threshold, "weight_decay": self.weight_decay}
