@@ -112,7 +112,7 @@ def _method_trainer(method):
 
 
 @pytest.mark.parametrize("method", ["dense", "dpf", "gradual", "dnw", "rigl", "set", "snip",
-                                    "static", "snfs", "dsr", "deepr"])
+                                    "static", "snfs", "dsr", "deepr", "topkast", "str"])
 def test_method_training_steps(benchmark, method):
     benchmark.group = f"CNN training, {ROUND} steps, per method"
     benchmark.extra_info["steps"] = ROUND
