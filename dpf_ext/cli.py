@@ -7,9 +7,15 @@ download), 40 epochs on the CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import platform
-from dataclasses import fields
+import shutil
+import signal
+import sys
+import threading
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -22,7 +28,9 @@ from .nn import dpf_layers, sparsify
 from .patterns import NMPattern, reduction
 from .methods.magnitude import THRESHOLDS
 from .methods.presets import SCOPES
-from .train import RunResult, TrainConfig, train
+from .resume import CheckpointError, Checkpoints, check_same_run
+from .resume import load as load_checkpoint
+from .train import JsonLines, RunResult, TrainConfig, train
 
 
 COMPARED = ("dense", "oneshot", "gradual", "dpf")
@@ -88,7 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Powerpropagation: train the weights as v|v|^(ALPHA-1) (ALPHA >= 1), "
                         "with any method")
     p.add_argument("--device", default=defaults.device)
-    p.add_argument("--out", type=Path, help="folder for metrics.json and the PNG plots")
+    p.add_argument("--out", type=Path, help="folder for metrics.json, the PNG plots, the trained "
+                   "models, log.jsonl (one line per step and per epoch) and checkpoints/")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="write a checkpoint every STEPS optimizer steps (needs --out)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
+                   help="checkpoints kept per run (the newest)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue from the latest good checkpoint in --out (or from PATH); "
+                        "finished runs are read back, not trained again")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run's results in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -180,6 +198,8 @@ def write_outputs(out: Path, results: list[RunResult]) -> list[Path]:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every argument checked before any training: an argparse error (exit status 2) naming
     the problem."""
+    if 1.0 <= args.sparsity < 100.0:
+        parser.error(f"--sparsity is a fraction in [0, 1): did you mean {args.sparsity / 100:g}?")
     if not 0.0 <= args.sparsity < 1.0:
         parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
     for name in ("epochs", "batch_size", "update_every", "seeds"):
@@ -237,6 +257,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--device {args.device}: no CUDA device is available here")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: dpf-train runs on cpu or cuda")
+    for name in ("lr", "momentum", "weight_decay"):
+        if not math.isfinite(getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if (args.checkpoint_every is not None or args.resume) and args.out is None:
+        parser.error("--checkpoint-every and --resume need --out (where the checkpoints are)")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    if args.keep_checkpoints < 1:
+        parser.error(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
+    if args.out is not None and not args.resume and not args.overwrite and (
+            (args.out / "metrics.json").exists() or (args.out / "checkpoints").exists()):
+        parser.error(f"--out {args.out} holds a previous run: pass --resume to continue it or "
+                     "--overwrite to replace it")
     if args.out is not None:
         try:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -245,6 +278,40 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             probe.unlink()
         except OSError as exc:
             parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
+
+
+def _terminate(signum, frame):
+    """SIGTERM: stop as Ctrl-C does, so that what finished is written."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run(args: argparse.Namespace, config: TrainConfig, data, log) -> RunResult:
+    """One run of ``config``: read back if it finished in an earlier invocation
+    (``--resume``), continued from its latest checkpoint, or trained from the start;
+    checkpointed when asked."""
+    checkpoints = None
+    if args.out is not None and (args.checkpoint_every or args.resume):
+        checkpoints = Checkpoints(args.out / "checkpoints" / f"{config.method}-seed{config.seed}",
+                                  args.keep_checkpoints)
+    state = None
+    if args.resume and checkpoints is not None:
+        done = checkpoints.finished()
+        if done is not None:
+            check_same_run(done["config"], asdict(config), checkpoints.folder / "done.pt")
+            model = build_model(config.model, data.input_shape, data.num_classes)
+            model.load_state_dict(done["model"])
+            return dataclasses.replace(done["result"], model=model)
+        explicit = Path(args.resume) if args.resume != "auto" else None
+        if explicit is not None and explicit.parent.resolve() == checkpoints.folder.resolve():
+            state = {**load_checkpoint(explicit), "path": explicit}
+        else:  # the other runs of a --compare: their own latest
+            state = checkpoints.latest()
+    result = train(config, data, progress=not args.no_progress, checkpoints=checkpoints,
+                   checkpoint_every=args.checkpoint_every, resume=state, log=log)
+    if checkpoints is not None:
+        checkpoints.finish({"config": asdict(config), "model": result.model.state_dict(),
+                            "result": dataclasses.replace(result, model=None)})
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,11 +351,29 @@ def main(argv: list[str] | None = None) -> int:
           f"{f'pattern {args.pattern}' if args.pattern else f'sparsity {args.sparsity:.0%}'}, "
           f"{args.epochs} epochs, "
           f"{torch.get_num_threads()} threads")
+    if args.out is not None and args.overwrite:
+        shutil.rmtree(args.out / "checkpoints", ignore_errors=True)
+        (args.out / "log.jsonl").unlink(missing_ok=True)
+    log = JsonLines(args.out / "log.jsonl") if args.out is not None else None
     results = []
-    for config in configs:
-        results.append(train(config, data, progress=not args.no_progress))
-        if args.compare is None and args.seeds == 1 and results[-1].report:
-            print(results[-1].report)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        for config in configs:
+            results.append(_run(args, config, data, log))
+            if args.compare is None and args.seeds == 1 and results[-1].report:
+                print(results[-1].report)
+    except (KeyboardInterrupt, CheckpointError, FloatingPointError) as exc:
+        if args.out and results:
+            for path in write_outputs(args.out, results):
+                print(f"wrote {path} (the runs that finished)")
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        print(f"dpf-train: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(summary_table(results))
     if args.out:
         for path in write_outputs(args.out, results):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -13,6 +16,19 @@ from .methods import METHODS, make_pruner, method_options
 from .models import build_model
 from .nn import sparsify
 from .report import SparsityReport
+from .resume import Checkpoints, check_same_run
+
+
+class JsonLines:
+    """Appends one JSON object per line to ``path`` (the run's log)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def write(self, record: dict) -> None:
+        """Append ``record``."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 @dataclass
@@ -94,11 +110,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResult:
+def train(config: TrainConfig, data: Dataset, progress: bool = True,
+          checkpoints: Checkpoints | None = None, checkpoint_every: int | None = None,
+          resume: dict | None = None, log: "JsonLines | None" = None) -> RunResult:
     """Train ``config.model`` on ``data`` with ``config.method``; return the result.
 
     The pruner's masks are folded into the weights at the end, so the evaluated model is
-    the sparse one.
+    the sparse one. With ``checkpoints``, every ``checkpoint_every`` steps the whole state
+    (model and masks, optimizer, learning-rate schedule, pruner, both random generators,
+    the position in the epoch and the metrics so far) is saved; ``resume`` (such a state)
+    continues from it exactly: the same model, bit for bit on the CPU with the same thread
+    count, and the same metrics as an uninterrupted run. ``log`` gets one line per step and
+    per epoch. A non-finite loss is a ``FloatingPointError``.
     """
     from tqdm.auto import tqdm
 
@@ -136,17 +159,33 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
     milestones = [total_steps // 2, total_steps * 3 // 4]
     lr_schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
-    history = []
+    history, epoch0, batch0, order, loss_sum, elapsed = [], 0, 0, None, None, 0.0
+    if resume is not None:  # the checkpoint's state, then on from its position
+        check_same_run(resume["config"], asdict(config), resume.get("path", "the checkpoint"))
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        lr_schedule.load_state_dict(resume["lr_schedule"])
+        if pruner is not None:
+            pruner.load_state_dict(resume["pruner"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        history, epoch0, batch0 = resume["history"], resume["epoch"], resume["batch"]
+        order, elapsed = resume["order"], resume["elapsed"]
+        loss_sum = resume["loss_sum"].to(device)
+    batches = range(0, len(data.x_train), config.batch_size)
+    name = f"{config.method}-seed{config.seed}"
     start = time.perf_counter()
     # the bar shows on a terminal only (tqdm's disable=None), never with progress=False
-    bar = tqdm(range(config.epochs), desc=f"{config.method:>7}",
+    bar = tqdm(range(epoch0, config.epochs), desc=f"{config.method:>7}",
                disable=None if progress else True, leave=False)
     for epoch in bar:
         model.train()
-        order = torch.randperm(len(data.x_train), generator=gen)
-        loss_sum = torch.zeros((), device=device)
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i:i + config.batch_size]
+        if batch0 == 0:
+            order = torch.randperm(len(data.x_train), generator=gen)
+            loss_sum = torch.zeros((), device=device)
+        for b in range(batch0, len(batches)):
+            tick = time.perf_counter()
+            idx = order[batches[b]:batches[b] + config.batch_size]
             x = data.x_train[idx]
             if data.augment:
                 x = augment_batch(x, gen)
@@ -158,6 +197,28 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
             if pruner is not None:
                 pruner.step()
             loss_sum += loss.detach() * len(idx)
+            step = epoch * len(batches) + b + 1
+            if log is not None:
+                log.write({"run": name, "step": step, "loss": float(loss),
+                           "lr": optimizer.param_groups[0]["lr"],
+                           "step_time": time.perf_counter() - tick})
+            due = checkpoints is not None and checkpoint_every and step % checkpoint_every == 0
+            if (log is not None or due or device.type == "cpu") and not math.isfinite(float(loss)):
+                raise FloatingPointError(
+                    f"{name}: the loss is {float(loss)} at step {step}; the last good "
+                    "checkpoint is kept" if checkpoints is not None else
+                    f"{name}: the loss is {float(loss)} at step {step}")
+            if due:
+                checkpoints.save({  # resumes at batch b + 1 (the last: the epoch's evaluation)
+                    "config": asdict(config), "epoch": epoch, "batch": b + 1,
+                    "order": order, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "lr_schedule": lr_schedule.state_dict(),
+                    "pruner": pruner.state_dict() if pruner is not None else None,
+                    "loss_sum": loss_sum.detach().cpu(), "elapsed": elapsed + time.perf_counter() - start,
+                    "history": list(history),
+                }, step)
+        batch0 = 0
         accuracy = evaluate(model, data.x_test, data.y_test)
         sparsity = pruner.sparsity() if pruner is not None else 0.0
         history.append({
@@ -168,8 +229,13 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True) -> RunResul
             "sparsity": sparsity,
             "reactivations": int(pruner.reactivated_total.sum()) if pruner is not None else 0,
         })
+        if log is not None:
+            log.write({"run": name, **history[-1]})
+        if not progress:
+            print(f"{name} epoch {epoch + 1}/{config.epochs}: loss {history[-1]['train_loss']:.4f}, "
+                  f"test accuracy {accuracy:.2%}, sparsity {sparsity:.2%}", flush=True)
         bar.set_postfix(acc=f"{accuracy:.3f}", sparsity=f"{sparsity:.2f}")
-    wall_time = time.perf_counter() - start
+    wall_time = elapsed + time.perf_counter() - start
 
     report = None
     if pruner is not None:

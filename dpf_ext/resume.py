@@ -1,0 +1,99 @@
+"""Checkpoints of a ``dpf-train`` run: written atomically (a temporary file renamed into
+place, so a kill during the write leaves the last good one), the last few kept, the latest
+good one found again for an exact resume."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+FORMAT = "dpf-train/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: unreadable, or of another run."""
+
+
+class Checkpoints:
+    """The checkpoints of one run in ``folder`` (``step-<N>.pt``), the last ``keep`` kept,
+    and ``done.pt`` once the run has finished.
+
+    The files are ``torch.save`` pickles of this library's own state (model, optimizer,
+    pruner, random generators, metrics): load only checkpoints you wrote."""
+
+    def __init__(self, folder: str | Path, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def paths(self) -> list[Path]:
+        """The step checkpoints, oldest first."""
+        return sorted(self.folder.glob("step-*.pt"))
+
+    def _write(self, state: dict, path: Path) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            torch.save({"format": FORMAT, **state}, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def save(self, state: dict, step: int) -> Path:
+        """Write ``state`` as the checkpoint of ``step`` and drop the oldest beyond
+        ``keep``; returns its path. A failed write leaves the earlier ones as they were."""
+        path = self._write(state, self.folder / f"step-{step:09d}.pt")
+        for old in self.paths()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def finish(self, state: dict) -> Path:
+        """Record the finished run (``done.pt``) and drop the step checkpoints."""
+        path = self._write(state, self.folder / "done.pt")
+        for old in self.paths():
+            old.unlink(missing_ok=True)
+        return path
+
+    def finished(self) -> dict | None:
+        """The finished run's state, if it finished."""
+        done = self.folder / "done.pt"
+        return load(done) if done.exists() else None
+
+    def latest(self) -> dict | None:
+        """The newest step checkpoint (``None`` if there is none). An unreadable one is a
+        :class:`CheckpointError` naming the previous one to resume from instead."""
+        paths = self.paths()
+        if not paths:
+            return None
+        try:
+            return {**load(paths[-1]), "path": paths[-1]}
+        except CheckpointError as exc:
+            previous = f"; the previous one is {paths[-2]}: resume from it with --resume {paths[-2]}" \
+                if len(paths) > 1 else "; there is no earlier one"
+            raise CheckpointError(f"{exc}{previous}") from None
+
+
+def load(path: str | Path) -> dict:
+    """A checkpoint written by :class:`Checkpoints`; anything else is a
+    :class:`CheckpointError`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated, corrupt or not a torch file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dpf-train checkpoint")
+    return state
+
+
+def check_same_run(saved: dict, config: dict, path) -> None:
+    """Raise :class:`CheckpointError` naming the settings in which the checkpoint's run
+    (``saved``) differs from ``config`` (the device and the thread count may differ)."""
+    free = {"device"}
+    diff = {k: (saved.get(k), v) for k, v in config.items() if k not in free and saved.get(k) != v}
+    if diff:
+        details = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{path} is of another run: {details}")

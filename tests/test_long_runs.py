@@ -1,0 +1,129 @@
+"""dpf-train for long runs: a run killed with SIGKILL (mid-epoch, and inside a mask update)
+and resumed ends with the same model, bit for bit, and the same metrics as the
+uninterrupted run; corrupt or foreign checkpoints are clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpf_ext.cli import main
+
+ARGS = ["--model", "mlp", "--epochs", "3", "--threads", "1", "--no-progress",
+        "--checkpoint-every", "5", "--sparsity", "0.9"]
+
+# Runs dpf-train, sending itself SIGKILL at the KILL_STEP-th optimizer step ("step") or
+# inside the mask update of step KILL_STEP ("update").
+KILLER = """
+import os, signal, sys
+import torch
+import dpf_ext.pruner
+kill_step, phase = int(sys.argv[1]), sys.argv[2]
+if phase == "update":
+    original = dpf_ext.pruner.DPF._update_masks
+    def dying(self, *args, **kwargs):
+        if self.step_count == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+    dpf_ext.pruner.DPF._update_masks = dying
+else:
+    original = torch.optim.SGD.step
+    calls = [0]
+    def dying(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+    torch.optim.SGD.step = dying
+from dpf_ext.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _cli(*args, kill=None):
+    code = KILLER if kill else "import sys; from dpf_ext.cli import main; sys.exit(main(sys.argv[1:]))"
+    extra = [str(kill[0]), kill[1]] if kill else []
+    return subprocess.run([sys.executable, "-c", code, *extra, *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _outcome(out: Path):
+    runs = json.loads((out / "metrics.json").read_text())["runs"]
+    for r in runs:
+        r.pop("wall_time")
+    return runs, torch.load(out / "model-dpf.pt")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    done = _cli(*ARGS, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return _outcome(out)
+
+
+# 23 steps per epoch: step 30 is inside the second epoch; step 32 is a mask update (every 16)
+@pytest.mark.parametrize("kill", [(30, "step"), (32, "update")], ids=["mid-epoch", "mask-update"])
+def test_a_killed_run_resumes_to_the_same_model_and_metrics(uninterrupted, tmp_path, kill):
+    killed = _cli(*ARGS, "--out", str(tmp_path), kill=kill)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "metrics.json").exists()
+    latest = sorted((tmp_path / "checkpoints" / "dpf-seed0").glob("step-*.pt"))[-1]
+    assert latest.name == ("step-000000025.pt" if kill[0] == 30 else "step-000000030.pt")
+    resumed = _cli(*ARGS, "--out", str(tmp_path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    runs, model = _outcome(tmp_path)
+    ref_runs, ref_model = uninterrupted
+    assert runs == ref_runs
+    assert model.keys() == ref_model.keys()
+    for key in model:
+        assert torch.equal(model[key], ref_model[key]), key
+
+
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
+    args = ["--model", "mlp", "--epochs", "1", "--no-progress", "--checkpoint-every", "5",
+            "--out", str(tmp_path)]
+    folder = tmp_path / "checkpoints" / "dpf-seed0"
+    assert main(args) == 0
+    # an unfinished run: two step checkpoints, the newest cut short
+    (folder / "done.pt").unlink()
+    for step in (5, 10):
+        torch.save({"format": "dpf-train/1"}, folder / f"step-{step:09d}.pt")
+    newest = folder / "step-000000010.pt"
+    newest.write_bytes(newest.read_bytes()[:20])
+    assert main(args + ["--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "step-000000010.pt is unreadable" in err and "--resume " + str(folder / "step-000000005.pt") in err
+    # another run's checkpoint
+    newest.unlink()
+    assert main(["--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(tmp_path),
+                 "--checkpoint-every", "5", "--overwrite"]) == 0
+    (folder / "done.pt").rename(folder / "step-000000023.pt")
+    state = torch.load(folder / "step-000000023.pt", weights_only=False)
+    torch.save({**state, "config": {**state["config"], "sparsity": 0.5}}, folder / "step-000000023.pt")
+    assert main(args + ["--resume"]) == 1
+    assert "of another run: sparsity: checkpoint 0.5, this run 0.9" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
+    args = ["--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]
+    assert main(args) == 0
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "holds a previous run" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sparsity", "90"], "did you mean 0.9"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--resume"], "need --out"),
+])
+def test_bad_long_run_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
