@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import shutil
 import signal
@@ -19,6 +20,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .data import DATASETS, load_dataset
 from .budgets import BUDGETS
@@ -30,7 +32,7 @@ from .methods.magnitude import THRESHOLDS
 from .methods.presets import SCOPES
 from .resume import CheckpointError, Checkpoints, check_same_run
 from .resume import load as load_checkpoint
-from .train import JsonLines, RunResult, TrainConfig, train
+from .train import JsonLines, RunResult, TrainConfig, ranks, train
 
 
 COMPARED = ("dense", "oneshot", "gradual", "dpf")
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--powerprop", type=float, default=None, metavar="ALPHA",
                    help="Powerpropagation: train the weights as v|v|^(ALPHA-1) (ALPHA >= 1), "
                         "with any method")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 instead of DDP")
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--out", type=Path, help="folder for metrics.json, the PNG plots, the trained "
                    "models, log.jsonl (one line per step and per epoch) and checkpoints/")
@@ -260,6 +264,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("lr", "momentum", "weight_decay"):
         if not math.isfinite(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        parser.error("--fsdp shards over several processes: run dpf-train under torchrun")
+    if args.fsdp and (args.checkpoint_every is not None or args.resume):
+        parser.error("--fsdp runs cannot be checkpointed yet; use DDP (leave out --fsdp)")
     if (args.checkpoint_every is not None or args.resume) and args.out is None:
         parser.error("--checkpoint-every and --resume need --out (where the checkpoints are)")
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
@@ -285,7 +293,7 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _run(args: argparse.Namespace, config: TrainConfig, data, log) -> RunResult:
+def _run(args: argparse.Namespace, config: TrainConfig, data, log, writer: bool = True) -> RunResult:
     """One run of ``config``: read back if it finished in an earlier invocation
     (``--resume``), continued from its latest checkpoint, or trained from the start;
     checkpointed when asked."""
@@ -306,9 +314,10 @@ def _run(args: argparse.Namespace, config: TrainConfig, data, log) -> RunResult:
             state = {**load_checkpoint(explicit), "path": explicit}
         else:  # the other runs of a --compare: their own latest
             state = checkpoints.latest()
-    result = train(config, data, progress=not args.no_progress, checkpoints=checkpoints,
+    result = train(config, data, progress=not args.no_progress and writer,
+                   checkpoints=checkpoints if writer else None,
                    checkpoint_every=args.checkpoint_every, resume=state, log=log)
-    if checkpoints is not None:
+    if checkpoints is not None and writer:
         checkpoints.finish({"config": asdict(config), "model": result.model.state_dict(),
                             "result": dataclasses.replace(result, model=None)})
     return result
@@ -318,6 +327,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # torchrun
+        cuda = args.device.startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(args.device)
+        try:
+            return _main(parser, args)
+        finally:
+            dist.barrier()  # no rank tears down its connections while another still uses them
+            dist.destroy_process_group()
+    return _main(parser, args)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """:func:`main` after the arguments are checked (and the process group is up)."""
+    writer = ranks()[0] == 0  # only rank 0 prints the tables and writes files
+    say = print if writer else (lambda *parts, **kwargs: None)
     try:
         data = load_dataset(args.data, args.data_dir)
     except (FileNotFoundError, ValueError) as exc:
@@ -331,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = sparsify(build_model(args.model, data.input_shape, data.num_classes), exclude=args.exclude)
         unfit = [name for name, layer in dpf_layers(probe) if reduction(layer) % args.nm.m]
         if unfit:
-            print(f"pattern {args.nm}: {unfit} keep dense (reduction dimension not a multiple of "
+            say(f"pattern {args.nm}: {unfit} keep dense (reduction dimension not a multiple of "
                   f"{args.nm.m})")
             args.exclude = [*args.exclude, *unfit]
     if args.threads is not None:
@@ -346,25 +373,25 @@ def main(argv: list[str] | None = None) -> int:
                            options={k: v for k, v in args.options.items()
                                     if m != "dense" and k in method_options(m)}, **base)
                for m in methods for i in range(args.seeds)]
-    print(f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
+    say(f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
           f"model {args.model}, target "
           f"{f'pattern {args.pattern}' if args.pattern else f'sparsity {args.sparsity:.0%}'}, "
           f"{args.epochs} epochs, "
           f"{torch.get_num_threads()} threads")
-    if args.out is not None and args.overwrite:
+    if args.out is not None and args.overwrite and writer:
         shutil.rmtree(args.out / "checkpoints", ignore_errors=True)
         (args.out / "log.jsonl").unlink(missing_ok=True)
-    log = JsonLines(args.out / "log.jsonl") if args.out is not None else None
+    log = JsonLines(args.out / "log.jsonl") if args.out is not None and writer else None
     results = []
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         for config in configs:
-            results.append(_run(args, config, data, log))
+            results.append(_run(args, config, data, log, writer))
             if args.compare is None and args.seeds == 1 and results[-1].report:
-                print(results[-1].report)
+                say(results[-1].report)
     except (KeyboardInterrupt, CheckpointError, FloatingPointError) as exc:
-        if args.out and results:
+        if args.out and results and writer:
             for path in write_outputs(args.out, results):
                 print(f"wrote {path} (the runs that finished)")
         if isinstance(exc, KeyboardInterrupt):
@@ -374,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-    print(summary_table(results))
-    if args.out:
+    say(summary_table(results))
+    if args.out and writer:
         for path in write_outputs(args.out, results):
             print(f"wrote {path}")
     return 0

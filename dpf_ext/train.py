@@ -9,9 +9,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .data import Dataset, augment_batch
+from .distributed import is_sharded
 from .methods import METHODS, make_pruner, method_options
 from .models import build_model
 from .nn import sparsify
@@ -64,6 +66,8 @@ class TrainConfig:
     """The method's options (see :func:`dpf_ext.methods.method_options`)."""
     powerprop: float | None = None
     """Powerpropagation's exponent α (see :mod:`dpf_ext.powerprop`); ``None``: off."""
+    fsdp: bool = False
+    """Under ``torchrun``: shard the model with FSDP2 instead of DDP."""
     seed: int = 0
     device: str = "cpu"
 
@@ -94,6 +98,43 @@ class RunResult:
         out.pop("model")
         out["report"] = self.report.to_dict() if self.report else None
         return out
+
+
+def ranks() -> tuple[int, int]:
+    """This process's rank and the number of processes (0 and 1 outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(model: nn.Module, device: torch.device) -> None:
+    """FSDP2: ``fully_shard`` every module with parameters of its own, then the model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for module in list(model.modules())[1:]:
+        if any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def gathered(model: nn.Module, config: TrainConfig, data: Dataset) -> nn.Module:
+    """The plain model with the sharded ``model``'s full weights (every rank calls it)."""
+    full = {k: v.full_tensor() if is_sharded(v) else v for k, v in model.state_dict().items()}
+    plain = build_model(config.model, data.input_shape, data.num_classes)
+    plain.load_state_dict({k: v.cpu() for k, v in full.items()})
+    return plain
+
+
+def mask_checksums(pruner) -> list[int]:
+    """One number per layer that differs between two different masks (almost surely)."""
+    out = []
+    for _, layer in pruner.layers:
+        flat = layer.mask.reshape(-1).to(torch.int64)
+        positions = torch.arange(1, flat.numel() + 1, device=flat.device)
+        out.append(int((flat * (positions * 2654435761 % 4294967291)).sum()))
+    return out
 
 
 @torch.no_grad()
@@ -133,6 +174,9 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
     total_steps = config.epochs * steps_per_epoch
     if config.method != "dense":
         sparsify(model, exclude=config.exclude, powerprop=config.powerprop)
+    rank, world = ranks()
+    if config.fsdp:
+        shard(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.momentum > 0, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
@@ -156,6 +200,9 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
                                      data.y_train[first].to(device)),
         options=config.options, **controller,
     )
+    wrapped = model  # what the training steps call: DDP's wrapper over several processes
+    if world > 1 and not config.fsdp:
+        wrapped = nn.parallel.DistributedDataParallel(model)
     milestones = [total_steps // 2, total_steps * 3 // 4]
     lr_schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
@@ -189,14 +236,15 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
             x = data.x_train[idx]
             if data.augment:
                 x = augment_batch(x, gen)
-            loss = loss_fn(model(x.to(device)), data.y_train[idx].to(device))
+            mine = torch.arange(len(idx)).tensor_split(world)[rank]  # this rank's part
+            loss = loss_fn(wrapped(x[mine].to(device)), data.y_train[idx][mine].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             lr_schedule.step()
             if pruner is not None:
                 pruner.step()
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach() * len(mine)
             step = epoch * len(batches) + b + 1
             if log is not None:
                 log.write({"run": name, "step": step, "loss": float(loss),
@@ -219,19 +267,22 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
                     "history": list(history),
                 }, step)
         batch0 = 0
+        epoch_loss = loss_sum.clone()
+        if world > 1:
+            dist.all_reduce(epoch_loss)
         accuracy = evaluate(model, data.x_test, data.y_test)
         sparsity = pruner.sparsity() if pruner is not None else 0.0
         history.append({
             "epoch": epoch + 1,
             "step": (epoch + 1) * steps_per_epoch,
-            "train_loss": float(loss_sum) / len(order),
+            "train_loss": float(epoch_loss) / len(order),
             "test_accuracy": accuracy,
             "sparsity": sparsity,
             "reactivations": int(pruner.reactivated_total.sum()) if pruner is not None else 0,
         })
         if log is not None:
             log.write({"run": name, **history[-1]})
-        if not progress:
+        if not progress and rank == 0:
             print(f"{name} epoch {epoch + 1}/{config.epochs}: loss {history[-1]['train_loss']:.4f}, "
                   f"test accuracy {accuracy:.2%}, sparsity {sparsity:.2%}", flush=True)
         bar.set_postfix(acc=f"{accuracy:.3f}", sparsity=f"{sparsity:.2f}")
@@ -239,8 +290,15 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
 
     report = None
     if pruner is not None:
+        if world > 1:  # DDP and FSDP2 keep one mask: say so loudly if they ever do not
+            sums = [None] * world
+            dist.all_gather_object(sums, mask_checksums(pruner))
+            if any(other != sums[0] for other in sums):
+                raise RuntimeError(f"{name}: the masks differ across ranks {sums}")
         report = pruner.report()
         pruner.finalize(unwrap=True)
+    if config.fsdp:
+        model = gathered(model, config, data)
     return RunResult(
         config=config,
         accuracy=evaluate(model, data.x_test, data.y_test),

@@ -127,3 +127,29 @@ def test_bad_long_run_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_torchrun_resumes_a_single_process_checkpoint_with_the_same_result(uninterrupted, tmp_path):
+    killed = _cli(*ARGS, "--out", str(tmp_path), kill=(30, "step"))
+    assert killed.returncode == -9
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "dpf_ext", *ARGS, "--out", str(tmp_path),
+           "--resume"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs, model = _outcome(tmp_path)
+    ref_runs, ref_model = uninterrupted
+    for got, ref in zip(runs, ref_runs):  # DDP sums the two halves' gradients: last bits
+        assert got["accuracy"] == ref["accuracy"] and got["sparsity"] == ref["sparsity"]
+        assert got["reactivations"] == ref["reactivations"]
+    for key in model:
+        torch.testing.assert_close(model[key], ref_model[key], rtol=1e-4, atol=1e-6)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
