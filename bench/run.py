@@ -3,7 +3,9 @@
     python bench/run.py [pytest args, e.g. -k threshold]
 
 Every ratio compares cases timed in the same run, on the same machine. The raw
-pytest-benchmark JSON plus the table go to ``bench/results/<machine>.json``.
+pytest-benchmark JSON plus the table go to ``bench/results/<machine>.json``, or, if that
+file exists (the README cites it), to ``<machine>-<date>-<time>.json`` unless
+``DPF_BENCH_OVERWRITE=1``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -106,6 +109,8 @@ def main() -> int:
               f" | backends: {', '.join(__import__('dpf_ext').ops.available_backends('cpu'))}")
     print(header + text)
     out = HERE / "results" / f"{machine}.json"
+    if out.exists() and os.environ.get("DPF_BENCH_OVERWRITE") != "1":  # the README cites it
+        out = out.with_name(f"{machine}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "summary": header + text, **data}, indent=1))
     print(f"\nwrote {out}")

@@ -32,7 +32,7 @@ from .methods.magnitude import THRESHOLDS
 from .methods.presets import SCOPES
 from .resume import CheckpointError, Checkpoints, check_same_run
 from .resume import load as load_checkpoint
-from .train import JsonLines, RunResult, TrainConfig, ranks, train
+from .train import RunLog, RunResult, TrainConfig, ranks, train
 
 
 COMPARED = ("dense", "oneshot", "gradual", "dpf")
@@ -202,10 +202,9 @@ def write_outputs(out: Path, results: list[RunResult]) -> list[Path]:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every argument checked before any training: an argparse error (exit status 2) naming
     the problem."""
-    if 1.0 <= args.sparsity < 100.0:
-        parser.error(f"--sparsity is a fraction in [0, 1): did you mean {args.sparsity / 100:g}?")
     if not 0.0 <= args.sparsity < 1.0:
-        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+        hint = f" (a fraction: did you mean {args.sparsity / 100:g}?)" if 1 <= args.sparsity < 100 else ""
+        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}{hint}")
     for name in ("epochs", "batch_size", "update_every", "seeds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -381,7 +380,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.out is not None and args.overwrite and writer:
         shutil.rmtree(args.out / "checkpoints", ignore_errors=True)
         (args.out / "log.jsonl").unlink(missing_ok=True)
-    log = JsonLines(args.out / "log.jsonl") if args.out is not None and writer else None
+    log = RunLog(args.out) if args.out is not None and writer else None
     results = []
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None

@@ -412,6 +412,9 @@ def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense",
             module.__class__ = WEIGHT_READERS[type(module)]
     model._dpf_dense = dense
     log.info("%s", coverage(model))
+    if not any(isinstance(m, DPFLayer) for m in model.modules()):
+        warnings.warn(f"sparsify: nothing in this {type(model).__name__} is prunable "
+                      f"({coverage(model)}); a pruner will refuse it", UserWarning, stacklevel=2)
     return model
 
 
@@ -468,6 +471,7 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, "DPFLayer"]]:
             "dpf_ext.sparsify(model) puts in place of nn.Linear and nn.Conv1d/2d/3d"
         )
     for name, layer in layers:
+        name = name or type(layer).__name__ + " (the model itself)"
         if layer.dense_weight.device.type == "meta":
             raise ValueError(
                 f"layer {name!r} has its weight on the meta device: materialize the model "

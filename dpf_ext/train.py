@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,21 +16,34 @@ from .data import Dataset, augment_batch
 from .distributed import is_sharded
 from .methods import METHODS, make_pruner, method_options
 from .models import build_model
-from .nn import sparsify
+from .nn import UnfinalizedWarning, sparsify
 from .report import SparsityReport
 from .resume import Checkpoints, check_same_run
 
 
-class JsonLines:
-    """Appends one JSON object per line to ``path`` (the run's log)."""
+class RunLog:
+    """The log of ``dpf-train`` runs in ``folder``: one JSON object per line in
+    ``log.jsonl`` and, when the ``tensorboard`` package is installed, the same numbers as
+    TensorBoard scalars in ``tensorboard/`` (tagged ``<run>/<name>``, at the record's step)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / "log.jsonl"
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # an optional dependency
+            self.tensorboard = None
+        else:
+            self.tensorboard = SummaryWriter(str(Path(folder) / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        """Append ``record``."""
+        """Append ``record`` (with ``run`` and ``step`` keys)."""
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("run", "step", "epoch") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{record['run']}/{key}", value, record["step"])
+            self.tensorboard.flush()
 
 
 @dataclass
@@ -100,6 +113,14 @@ class RunResult:
         return out
 
 
+def dense_state(model: nn.Module) -> dict:
+    """``model.state_dict()`` with the dense weights and the masks, as a checkpoint for
+    resuming must hold them (without the warning meant for exports)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnfinalizedWarning)
+        return model.state_dict()
+
+
 def ranks() -> tuple[int, int]:
     """This process's rank and the number of processes (0 and 1 outside a process group)."""
     if dist.is_available() and dist.is_initialized():
@@ -153,7 +174,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def train(config: TrainConfig, data: Dataset, progress: bool = True,
           checkpoints: Checkpoints | None = None, checkpoint_every: int | None = None,
-          resume: dict | None = None, log: "JsonLines | None" = None) -> RunResult:
+          resume: dict | None = None, log: RunLog | None = None) -> RunResult:
     """Train ``config.model`` on ``data`` with ``config.method``; return the result.
 
     The pruner's masks are folded into the weights at the end, so the evaluated model is
@@ -247,20 +268,19 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
             loss_sum += loss.detach() * len(mine)
             step = epoch * len(batches) + b + 1
             if log is not None:
-                log.write({"run": name, "step": step, "loss": float(loss),
+                log.write({"run": name, "step": step, "loss": float(loss.detach()),
                            "lr": optimizer.param_groups[0]["lr"],
                            "step_time": time.perf_counter() - tick})
             due = checkpoints is not None and checkpoint_every and step % checkpoint_every == 0
-            if (log is not None or due or device.type == "cpu") and not math.isfinite(float(loss)):
+            if (log is not None or due or device.type == "cpu") and not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"{name}: the loss is {float(loss)} at step {step}; the last good "
-                    "checkpoint is kept" if checkpoints is not None else
-                    f"{name}: the loss is {float(loss)} at step {step}")
+                    f"{name}: the loss is {float(loss.detach())} at step {step}"
+                    + ("; the last good checkpoint is kept" if checkpoints is not None else ""))
             if due:
                 checkpoints.save({  # resumes at batch b + 1 (the last: the epoch's evaluation)
                     "config": asdict(config), "epoch": epoch, "batch": b + 1,
                     "order": order, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "model": dense_state(model), "optimizer": optimizer.state_dict(),
                     "lr_schedule": lr_schedule.state_dict(),
                     "pruner": pruner.state_dict() if pruner is not None else None,
                     "loss_sum": loss_sum.detach().cpu(), "elapsed": elapsed + time.perf_counter() - start,

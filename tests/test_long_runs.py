@@ -153,3 +153,45 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    from dpf_ext.resume import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path, keep=2)
+    checkpoints.save({"step": 5}, 5)
+
+    def disk_full(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoints.save({"step": 10}, 10)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000000005.pt"]  # no partial file
+    assert checkpoints.latest()["step"] == 5
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoints(tmp_path, capsys):
+    args = ["--model", "mlp", "--epochs", "2", "--no-progress", "--lr", "1e30",
+            "--checkpoint-every", "1", "--out", str(tmp_path)]
+    assert main(args) == 1  # step 1 is finite, its update makes step 2's loss NaN
+    assert "the loss is nan at step 2; the last good checkpoint is kept" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "checkpoints" / "dpf-seed0").glob("step-*.pt")] == [
+        "step-000000001.pt"]
+
+
+def test_the_log_has_a_line_per_step_and_per_epoch(tmp_path):
+    assert main(["--model", "mlp", "--epochs", "2", "--no-progress", "--out", str(tmp_path)]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    epochs = [r for r in lines if "test_accuracy" in r]
+    assert len(steps) == 46 and [r["step"] for r in steps] == list(range(1, 47))
+    assert [r["epoch"] for r in epochs] == [1, 2] and all("lr" in r for r in steps)
+
+
+def test_the_log_goes_to_tensorboard_when_it_is_installed(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    assert main(["--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert list((tmp_path / "tensorboard").glob("events.*"))
