@@ -302,7 +302,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
         })
         if log is not None:
             log.write({"run": name, **history[-1]})
-        if not progress and rank == 0:
+        if bar.disable and rank == 0:  # no bar (--no-progress, or not a terminal): a line
             print(f"{name} epoch {epoch + 1}/{config.epochs}: loss {history[-1]['train_loss']:.4f}, "
                   f"test accuracy {accuracy:.2%}, sparsity {sparsity:.2%}", flush=True)
         bar.set_postfix(acc=f"{accuracy:.3f}", sparsity=f"{sparsity:.2f}")
