@@ -1,6 +1,7 @@
 # Two entry points, each doing all set-up on a fresh machine:
 #   make train   create .venv, install, build, run the default dpf-train job (DPF on digits)
 #   make test    create .venv, install, build, run the C++ unit tests (ctest) and pytest
+#   make docs    build the documentation site into build/docs (strict: warnings fail)
 # DPF_EXT_STRICT_BUILD=1 makes a failed kernel build fatal (CI sets it).
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ CMAKE_BUILD := build/cmake
 NVCC ?= $(firstword $(wildcard $(CUDA_HOME)/bin/nvcc /usr/local/cuda/bin/nvcc))
 SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: train test ctest pytest bench clean
+.PHONY: train test ctest pytest bench docs clean
 
 $(DEPS): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ pytest: $(BUILT)
 	$(PY) -m pytest tests
 
 test: ctest pytest
+
+docs: $(DEPS)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 bench: $(BUILT)
 	$(PY) bench/run.py

@@ -45,11 +45,17 @@ class DPF:
         schedule: a :class:`~dpf_ext.schedules.Schedule`; overrides the default one.
         update_every: steps between mask updates (DPF's default and the paper's: 16; RigL and
             SET: 100).
-        scope, feedback, threshold, channel_floor, feedback_clip, watch, pattern,
-            pruned_decay: the options of DPF's own method, when ``method`` is ``None``
-            (see :func:`dpf_ext.methods.presets.dpf_options`): ``scope="layer"`` is the
-            uniform budget, ``"filter"`` whole filters; ``feedback=False`` gradual pruning;
-            ``pattern="2:4"`` N:M sparsity.
+        scope: ``"global"``, ``"layer"`` (the uniform budget) or ``"filter"`` (whole
+            filters). This and the next seven arguments are the options of DPF's own
+            method, used when ``method`` is ``None`` (see
+            :func:`dpf_ext.methods.presets.dpf_options`).
+        feedback: ``False``: gradual magnitude pruning, no feedback.
+        threshold: ``"exact"`` or ``"approx"``.
+        channel_floor: keep every output channel's largest weight (default on).
+        feedback_clip: bound the pruned weights' gradient (``None``: off).
+        watch: warn of the signs of a feedback blow-up.
+        pattern: ``"N:M"`` (e.g. ``"2:4"``) for N:M sparsity.
+        pruned_decay: SR-STE's decay of the pruned weights (``None``: off).
         total_steps: length of training in optimizer steps, for the default schedule.
         freeze_at: step at which the mask is updated one last time and then frozen
             (:meth:`freeze`), for retraining or one-shot pruning; ``None`` never freezes.

@@ -67,8 +67,9 @@ class Magnitude(Method):
             histogram bin at the threshold, a relative error below 2^-7 in magnitude).
         channel_floor: keep every output channel's largest weight, inside the same budget
             (see :class:`dpf_ext.channels.ChannelFloor`).
-        feedback_clip, pruned_decay: estimator options with feedback (see
+        feedback_clip: with feedback, bound the pruned weights' gradient (see
             :class:`dpf_ext.estimators.StraightThrough`).
+        pruned_decay: with feedback, SR-STE's decay of the pruned weights.
         watch: warn of the signs of a feedback blow-up (with feedback only).
     """
 
