@@ -32,7 +32,7 @@ from .methods.magnitude import THRESHOLDS
 from .methods.presets import SCOPES
 from .resume import CheckpointError, Checkpoints, check_same_run
 from .resume import load as load_checkpoint
-from .train import RunLog, RunResult, TrainConfig, ranks, train
+from .train import RunLog, RunResult, TrainConfig, ranks, run_name, train
 
 
 COMPARED = ("dense", "oneshot", "gradual", "dpf")
@@ -62,7 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=DATASETS, default="digits",
                    help="digits (bundled), gratings (generated, harder) or cifar10 (--data-dir)")
     p.add_argument("--data-dir", help="folder with CIFAR-10's python batches (never downloaded)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="a recipe: a TOML file of these options (names with - or _; "
+                        "'compare' and 'sparsities' may be lists, 'option' a table); flags "
+                        "given here override it")
     p.add_argument("--sparsity", type=float, default=defaults.sparsity)
+    p.add_argument("--sparsities", type=float, nargs="+", default=None, metavar="S",
+                   help="a sweep: every method and seed at each of these sparsities")
+    p.add_argument("--status", action="store_true",
+                   help="with --out: show which runs of this plan are done, running or "
+                        "waiting, and the time left; trains nothing")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
@@ -122,18 +131,24 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summary_table(results: list[RunResult]) -> str:
-    """One row per method: accuracy (mean ± standard deviation over its seeds), sparsity,
-    reactivations, wall time, seeds."""
-    header = ("method", "accuracy", "sparsity", "reactivations", "wall time", "seeds")
-    methods = list(dict.fromkeys(r.config.method for r in results))
+    """One row per method (and target, in a sweep): accuracy (mean ± standard deviation over
+    its seeds that did not diverge), sparsity, reactivations, wall time, seeds, diverged."""
+    header = ("method", "accuracy", "sparsity", "reactivations", "wall time", "seeds", "diverged")
+    sweep = len({r.config.sparsity for r in results if r.config.method != "dense"}) > 1
+    groups = list(dict.fromkeys((r.config.method, r.config.sparsity if sweep else None)
+                                for r in results))
     rows = []
-    for m in methods:
-        runs = [r for r in results if r.config.method == m]
-        acc, spread = mean_std([100 * r.accuracy for r in runs])
-        rows.append((m, f"{acc:.2f} ± {spread:.2f}%" if len(runs) > 1 else f"{acc:.2f}%",
-                     f"{mean_std([r.sparsity for r in runs])[0]:.2%}",
-                     str(round(mean_std([r.reactivations for r in runs])[0])),
-                     f"{mean_std([r.wall_time for r in runs])[0]:.1f} s", str(len(runs))))
+    for m, target in groups:
+        runs = [r for r in results if r.config.method == m
+                and (target is None or r.config.sparsity == target)]
+        ok = [r for r in runs if not r.diverged] or runs
+        acc, spread = mean_std([100 * r.accuracy for r in ok])
+        label = m if target is None or m == "dense" else f"{m} @ {target:g}"
+        rows.append((label, f"{acc:.2f} ± {spread:.2f}%" if len(ok) > 1 else f"{acc:.2f}%",
+                     f"{mean_std([r.sparsity for r in ok])[0]:.2%}",
+                     str(round(mean_std([r.reactivations for r in ok])[0])),
+                     f"{mean_std([r.wall_time for r in ok])[0]:.1f} s", str(len(runs)),
+                     str(sum(r.diverged for r in runs))))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -141,10 +156,11 @@ def summary_table(results: list[RunResult]) -> str:
     )
 
 
-def write_outputs(out: Path, results: list[RunResult]) -> list[Path]:
+def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = None) -> list[Path]:
     """Write ``metrics.json``, the plots and each trained model (``model-<method>.pt``, or
     ``model-<method>-seed<k>.pt`` with several seeds: the finalized ``state_dict``, which
-    loads into the original architecture) into ``out``; return the paths written."""
+    loads into the original architecture) into ``out``; return the paths written.
+    ``metrics.json`` records the machine, the software versions and the ``recipe`` run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,14 +169,18 @@ def write_outputs(out: Path, results: list[RunResult]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "processor": platform.processor(),
                "torch": torch.__version__, "threads": torch.get_num_threads()}
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "dpf_ext": __import__("dpf_ext").__version__}
     metrics = out / "metrics.json"
-    metrics.write_text(json.dumps({"machine": machine, "runs": [r.to_dict() for r in results]},
-                                  indent=2))
+    metrics.write_text(json.dumps({"machine": machine, "versions": versions, "recipe": recipe,
+                                   "runs": [r.to_dict() for r in results]}, indent=2))
     written = [metrics]
     several = len({r.config.method for r in results}) < len(results)
+    sweep = len({r.config.sparsity for r in results if r.config.method != "dense"}) > 1
     for r in results:
         if r.model is not None:
-            name = f"model-{r.config.method}" + (f"-seed{r.config.seed}" if several else "")
+            name = (f"model-{run_name(r.config, sweep)}" if several
+                    else f"model-{r.config.method}")
             written.append(out / f"{name}.pt")
             torch.save(r.model.state_dict(), written[-1])
 
@@ -202,6 +222,9 @@ def write_outputs(out: Path, results: list[RunResult]) -> list[Path]:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every argument checked before any training: an argparse error (exit status 2) naming
     the problem."""
+    for value in args.sparsities or []:
+        if not 0.0 <= value < 1.0:
+            parser.error(f"--sparsities: each must be in [0, 1), got {value}")
     if not 0.0 <= args.sparsity < 1.0:
         hint = f" (a fraction: did you mean {args.sparsity / 100:g}?)" if 1 <= args.sparsity < 100 else ""
         parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}{hint}")
@@ -273,7 +296,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     if args.keep_checkpoints < 1:
         parser.error(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
-    if args.out is not None and not args.resume and not args.overwrite and (
+    if args.status and args.out is None:
+        parser.error("--status reads the runs in --out: give it")
+    if args.out is not None and not args.resume and not args.overwrite and not args.status and (
             (args.out / "metrics.json").exists() or (args.out / "checkpoints").exists()):
         parser.error(f"--out {args.out} holds a previous run: pass --resume to continue it or "
                      "--overwrite to replace it")
@@ -287,6 +312,35 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
 
 
+def sweep_status(args: argparse.Namespace, configs: list[TrainConfig], data) -> str:
+    """Which runs of the plan are done, in progress (their latest checkpoint's step) or
+    waiting, and the time left at the mean step time in ``log.jsonl``."""
+    steps_per_run = args.epochs * -(-len(data.x_train) // args.batch_size)
+    step_times = []
+    log = args.out / "log.jsonl"
+    if log.exists():
+        step_times = [r["step_time"] for r in map(json.loads, log.read_text().splitlines())
+                      if "step_time" in r]
+    lines, left = [], 0
+    for config in configs:
+        folder = args.out / "checkpoints" / run_name(config, bool(args.sparsities))
+        done = folder / "done.pt"
+        steps = sorted(folder.glob("step-*.pt"))
+        if done.exists():
+            result = load_checkpoint(done)["result"]
+            state = "diverged" if result.diverged else f"done: {result.accuracy:.2%}"
+        elif steps:
+            at = int(steps[-1].stem.split("-")[1])
+            state, left = f"running: step {at}/{steps_per_run}", left + steps_per_run - at
+        else:
+            state, left = "waiting", left + steps_per_run
+        lines.append(f"{run_name(config, bool(args.sparsities)):<32} {state}")
+    mean = sum(step_times) / len(step_times) if step_times else None
+    eta = f"about {left * mean / 60:.0f} min of training left" if mean else "no step time logged yet"
+    done_count = sum("done" in line or "diverged" in line for line in lines)
+    return "\n".join([*lines, f"{done_count}/{len(configs)} runs finished; {eta}"])
+
+
 def _terminate(signum, frame):
     """SIGTERM: stop as Ctrl-C does, so that what finished is written."""
     raise KeyboardInterrupt(f"signal {signum}")
@@ -297,8 +351,8 @@ def _run(args: argparse.Namespace, config: TrainConfig, data, log, writer: bool 
     (``--resume``), continued from its latest checkpoint, or trained from the start;
     checkpointed when asked."""
     checkpoints = None
-    if args.out is not None and (args.checkpoint_every or args.resume):
-        checkpoints = Checkpoints(args.out / "checkpoints" / f"{config.method}-seed{config.seed}",
+    if args.out is not None:  # finished runs are recorded, so that --resume skips them
+        checkpoints = Checkpoints(args.out / "checkpoints" / run_name(config, bool(args.sparsities)),
                                   args.keep_checkpoints)
     state = None
     if args.resume and checkpoints is not None:
@@ -322,9 +376,44 @@ def _run(args: argparse.Namespace, config: TrainConfig, data, log, writer: bool 
     return result
 
 
+def recipe_argv(path: Path) -> tuple[list[str], dict]:
+    """The command-line arguments a recipe file stands for, and its contents."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"--config {path}: {exc}") from None
+    argv = []
+    for key, value in recipe.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "option":
+            argv += [item for k, v in value.items() for item in ("--option", f"{k}={json.dumps(v)}")]
+        elif key == "compare":
+            argv += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+        elif isinstance(value, bool):
+            argv += [flag] if value else []
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv, recipe
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.recipe = None
+    if args.config is not None:  # the recipe first: the flags given after it win
+        try:
+            recipe_args, args.recipe = recipe_argv(args.config)
+        except ValueError as exc:
+            parser.error(str(exc))
+        args = parser.parse_args(recipe_args + argv)
+        args.recipe = recipe_argv(args.config)[1]
     check_args(parser, args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # torchrun
         cuda = args.device.startswith("cuda")
@@ -367,11 +456,18 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     methods = args.methods
     if args.pattern is not None and args.compare is not None:
         methods = [m for m in methods if m in ("dense", "oneshot", "dpf")]
+    targets = args.sparsities or [args.sparsity]
+    base.pop("sparsity")
     configs = [TrainConfig(method=m, exclude=tuple(args.exclude), seed=args.seed + i,
+                           sparsity=0.0 if m == "dense" else target,
                            channel_floor=not args.no_channel_floor,
                            options={k: v for k, v in args.options.items()
                                     if m != "dense" and k in method_options(m)}, **base)
-               for m in methods for i in range(args.seeds)]
+               for target in targets for m in methods for i in range(args.seeds)]
+    configs = list({run_name(c, True): c for c in configs}.values())  # dense once per seed
+    if args.status:
+        say(sweep_status(args, configs, data))
+        return 0
     say(f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
           f"model {args.model}, target "
           f"{f'pattern {args.pattern}' if args.pattern else f'sparsity {args.sparsity:.0%}'}, "
@@ -386,12 +482,18 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         for config in configs:
-            results.append(_run(args, config, data, log, writer))
+            try:
+                results.append(_run(args, config, data, log, writer))
+            except FloatingPointError as exc:
+                if len(configs) == 1:
+                    raise
+                say(f"{exc}: recorded as diverged; the other runs go on")
+                results.append(RunResult(config, float("nan"), float("nan"), 0, 0.0, diverged=True))
             if args.compare is None and args.seeds == 1 and results[-1].report:
                 say(results[-1].report)
     except (KeyboardInterrupt, CheckpointError, FloatingPointError) as exc:
         if args.out and results and writer:
-            for path in write_outputs(args.out, results):
+            for path in write_outputs(args.out, results, args.recipe):
                 print(f"wrote {path} (the runs that finished)")
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -402,6 +504,6 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     say(summary_table(results))
     if args.out and writer:
-        for path in write_outputs(args.out, results):
+        for path in write_outputs(args.out, results, args.recipe):
             print(f"wrote {path}")
     return 0

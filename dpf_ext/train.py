@@ -97,6 +97,8 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     report: SparsityReport | None = None
     """The pruner's report before the masks were folded in (``None`` for dense)."""
+    diverged: bool = False
+    """Whether the run stopped on a non-finite loss (its accuracy is then NaN)."""
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     """The trained model: masks folded in, plain torch layers (its ``state_dict`` loads into
     the architecture that :func:`dpf_ext.models.build_model` builds)."""
@@ -111,6 +113,13 @@ class RunResult:
         out.pop("model")
         out["report"] = self.report.to_dict() if self.report else None
         return out
+
+
+def run_name(config: TrainConfig, with_sparsity: bool = False) -> str:
+    """``<method>-seed<k>``, or ``<method>-s<sparsity>-seed<k>`` (runs of a sweep over
+    sparsities)."""
+    target = f"-s{config.sparsity:g}" if with_sparsity else ""
+    return f"{config.method}{target}-seed{config.seed}"
 
 
 def dense_state(model: nn.Module) -> dict:
@@ -241,7 +250,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
         order, elapsed = resume["order"], resume["elapsed"]
         loss_sum = resume["loss_sum"].to(device)
     batches = range(0, len(data.x_train), config.batch_size)
-    name = f"{config.method}-seed{config.seed}"
+    name = run_name(config, with_sparsity=True)
     start = time.perf_counter()
     # the bar shows on a terminal only (tqdm's disable=None), never with progress=False
     bar = tqdm(range(epoch0, config.epochs), desc=f"{config.method:>7}",

@@ -195,3 +195,60 @@ def test_the_log_goes_to_tensorboard_when_it_is_installed(tmp_path):
     pytest.importorskip("torch.utils.tensorboard")
     assert main(["--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]) == 0
     assert list((tmp_path / "tensorboard").glob("events.*"))
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_recipe_reads_as_the_command_line(recipe):
+    from dpf_ext.cli import build_parser, recipe_argv
+
+    argv, contents = recipe_argv(recipe)
+    args = build_parser().parse_args(argv)
+    assert args.sparsities == contents["sparsities"] and args.seeds == 3
+    assert args.compare.split(",") == contents["compare"]
+
+
+def test_a_recipe_runs_as_a_sweep_flags_override_it_and_it_is_recorded(tmp_path, capsys):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('model = "cnn"\nepochs = 5\ncompare = ["dpf", "rigl"]\n'
+                      'sparsities = [0.5, 0.8]\n[option]\ndrop_fraction = 0.5\n')
+    out = tmp_path / "out"
+    args = ["--config", str(recipe), "--model", "mlp", "--epochs", "1", "--no-progress",
+            "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "dpf @ 0.5" in text and "rigl @ 0.8" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"]["compare"] == ["dpf", "rigl"] and "torch" in metrics["versions"]
+    configs = [r["config"] for r in metrics["runs"]]
+    assert [(c["method"], c["sparsity"], c["model"], c["epochs"]) for c in configs] == [
+        ("dpf", 0.5, "mlp", 1), ("rigl", 0.5, "mlp", 1), ("dpf", 0.8, "mlp", 1), ("rigl", 0.8, "mlp", 1)]
+    assert configs[1]["options"] == {"drop_fraction": 0.5} and configs[0]["options"] == {}
+    assert main(args + ["--status"]) == 0
+    assert "4/4 runs finished" in capsys.readouterr().out
+
+
+def test_a_sweep_records_diverged_runs_and_goes_on(tmp_path, capsys):
+    args = ["--model", "mlp", "--epochs", "1", "--no-progress", "--compare", "dpf,gradual",
+            "--lr", "1e30", "--out", str(tmp_path), "--checkpoint-every", "50"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("recorded as diverged") == 2
+    runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
+    assert [r["diverged"] for r in runs] == [True, True]
+
+
+def test_the_status_of_an_interrupted_sweep(tmp_path, capsys):
+    args = ["--model", "mlp", "--epochs", "1", "--no-progress", "--compare", "dpf,gradual",
+            "--sparsities", "0.5", "0.9", "--checkpoint-every", "10", "--out", str(tmp_path)]
+    killed = _cli(*args, kill=(60, "step"))  # dies in the third run (23 steps a run)
+    assert killed.returncode == -9
+    assert main(args + ["--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("dpf-s0.5-seed0") and "done" in line for line in lines)
+    assert any(line.startswith("dpf-s0.9-seed0") and "running: step 10/23" in line for line in lines)
+    assert any(line.startswith("gradual-s0.9-seed0") and "waiting" in line for line in lines)
+    assert "2/4 runs finished" in lines[-1] and "min of training left" in lines[-1]
+    assert main(args + ["--resume"]) == 0  # the finished runs are read back, not trained
