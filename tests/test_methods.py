@@ -505,3 +505,27 @@ def test_bad_input_is_a_clear_error_before_training():
     with pytest.raises(ValueError, match="unknown budget 'erk2'"):
         dpf_ext.DPF(model, 0.9, method="static", budget="erk2")
     assert all(torch.equal(a, layer.mask) for a, (_, layer) in zip(masks, dpf_ext.nn.dpf_layers(model)))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_on_layers_whose_channels_are_not_dim_0(method):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = dpf_ext.sparsify(nn.Sequential(transformers.pytorch_utils.Conv1D(8, 6), nn.ReLU(),
+                                           transformers.pytorch_utils.Conv1D(4, 8)))
+    assert all(layer.channel_dim == 1 for _, layer in dpf_ext.nn.dpf_layers(model))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(16, 6)
+    options = {"batch_loss": lambda m: m(x).pow(2).mean()} if method == "snip" else {}
+    pruner = dpf_ext.DPF(model, None if method == "str" else 0.5, method=method,
+                         method_options=options, total_steps=8, update_every=1,
+                         optimizer=optimizer)
+    kept = []
+    for _ in range(4):
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+        kept.append(pruner.report().kept)
+    if method in SPARSE_FROM_SCRATCH:
+        assert len(set(kept)) == 1, kept

@@ -66,16 +66,16 @@ class DeepR(Method):
                 raise ValueError(f"non-finite (NaN or Inf) weights in {u.names[i]!r} at step "
                                  f"{u.step}; masks left unchanged")
             step = torch.randn(w.shape, generator=generator, device=w.device) * (lr * self.noise)
-            theta = torch.where(m, theta + step - lr * self.l1, theta)
+            theta = torch.where(m, theta + step - lr * self.l1, theta).contiguous()
             alive = m & (theta > 0)
-            keep = alive.view(-1).nonzero().view(-1)
+            keep = alive.reshape(-1).nonzero().view(-1)
             need = int(torch.count_nonzero(m)) - keep.numel()
             scores = torch.rand(m.numel(), generator=generator, device=m.device)
             scores[keep] = 0
             (wake,) = select_top([scores], need, generator, excluded=[keep])
             theta.view(-1)[wake] = WAKE
             new = mask_of(m, keep, wake)
-            regrown = m.view(-1)[wake].sum()
+            regrown = m.reshape(-1)[wake].sum()
             w.copy_(torch.where(new, theta * sign, 0))
             stats.append(torch.stack([regrown.new_tensor(keep.numel() + wake.numel()),
                                       wake.numel() - regrown, torch.zeros_like(regrown), regrown]))

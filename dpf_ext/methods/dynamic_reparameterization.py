@@ -80,11 +80,11 @@ class DSR(Method):
         stats = []
         for i, (m, p, k) in enumerate(zip(u.masks, pruned, regrowth)):
             generator = u.generator(i)
-            before = m.view(-1).nonzero().view(-1)
+            before = m.reshape(-1).nonzero().view(-1)
             scores = torch.rand(m.numel(), generator=generator, device=m.device)
             scores[before] = 0
             (grow,) = select_top([scores], k, generator, excluded=[before])
-            keep = (m & ~p).view(-1).nonzero().view(-1)
+            keep = (m & ~p).reshape(-1).nonzero().view(-1)
             stats.append(torch.tensor([keep.numel() + grow.numel(), grow.numel(), 0, 0]))
             m.copy_(mask_of(m, keep, grow))
         return torch.stack(stats).to(device=u.masks[0].device, dtype=torch.int64)

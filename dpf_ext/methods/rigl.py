@@ -76,7 +76,7 @@ class RigL(Method):
         stats = []
         for i, (w, m) in enumerate(zip(u.weights, u.masks)):
             generator = u.generator(i)
-            active = m.view(-1).nonzero().view(-1)
+            active = m.reshape(-1).nonzero().view(-1)
             k = int(active.numel() * fraction)
             try:
                 magnitudes = w.reshape(-1)[active].abs()
@@ -88,7 +88,7 @@ class RigL(Method):
                 (grow,) = select_top([scores], k, generator, excluded=[keep])
             except ValueError:
                 raise_nonfinite(u)
-            regrown = m.view(-1)[grow].sum()
+            regrown = m.reshape(-1)[grow].sum()
             stats.append(torch.stack([regrown.new_tensor(active.numel()),
                                       grow.numel() - regrown, torch.zeros_like(regrown), regrown]))
             m.copy_(mask_of(m, keep, grow))

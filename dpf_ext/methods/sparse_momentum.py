@@ -106,7 +106,7 @@ class SparseMomentum(Method):
         momenta = [momentum(u.optimizer, layer.dense_weight) for layer in u.layers]
         momenta = [m.movedim(layer.channel_dim, 0) if layer.channel_dim else m
                    for m, layer in zip(momenta, u.layers)]
-        actives = [m.view(-1).nonzero().view(-1) for m in u.masks]
+        actives = [m.reshape(-1).nonzero().view(-1) for m in u.masks]
         shares = torch.stack([mo.reshape(-1)[a].abs().mean() if a.numel() else mo.new_zeros(())
                               for mo, a in zip(momenta, actives)])
         if not bool(torch.isfinite(shares).all()):
@@ -125,7 +125,7 @@ class SparseMomentum(Method):
             scores = mo.reshape(-1).abs()
             scores[keep] = 0
             (grow,) = select_top([scores], k, u.generator(i), excluded=[keep])
-            regrown = m.view(-1)[grow].sum()
+            regrown = m.reshape(-1)[grow].sum()
             stats.append(torch.stack([regrown.new_tensor(keep.numel() + grow.numel()),
                                       grow.numel() - regrown, torch.zeros_like(regrown), regrown]))
             m.copy_(mask_of(m, keep, grow))

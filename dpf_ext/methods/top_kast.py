@@ -96,7 +96,7 @@ class TopKAST(Method):
         new: list[torch.Tensor] = [None] * len(u.weights)
         backward: list[torch.Tensor] = [None] * len(u.weights)
         for idx, k in u.groups():
-            scores = [u.weights[i].abs() for i in idx]
+            scores = [u.weights[i].abs().contiguous() for i in idx]
             if not all(bool(torch.isfinite(s).all()) for s in scores):
                 raise ValueError(f"non-finite (NaN or Inf) weights in {[u.names[i] for i in idx]} "
                                  f"at step {u.step}; masks left unchanged")
