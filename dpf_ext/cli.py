@@ -491,7 +491,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 results.append(RunResult(config, float("nan"), float("nan"), 0, 0.0, diverged=True))
             if args.compare is None and args.seeds == 1 and results[-1].report:
                 say(results[-1].report)
-    except (KeyboardInterrupt, CheckpointError, FloatingPointError) as exc:
+    except (KeyboardInterrupt, CheckpointError, FloatingPointError, ValueError, TypeError) as exc:
         if args.out and results and writer:
             for path in write_outputs(args.out, results, args.recipe):
                 print(f"wrote {path} (the runs that finished)")
