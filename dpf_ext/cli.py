@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rigl/set: 100)")
     p.add_argument("--scope", choices=SCOPES, default=defaults.scope)
     p.add_argument("--threshold", choices=THRESHOLDS, default=defaults.threshold)
+    p.add_argument("--ramp-until", type=float, default=None, metavar="F",
+                   help="dpf's and gradual's cubic schedule reaches the target at this "
+                        "fraction of training (default 0.75)")
     p.add_argument("--oneshot-at", type=float, default=defaults.oneshot_at,
                    help="one-shot pruning point as a fraction of training")
     p.add_argument("--exclude", nargs="*", default=[],
@@ -233,6 +236,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.ramp_until is not None and not 0.0 < args.ramp_until <= 1.0:
+        parser.error(f"--ramp-until is a fraction of training in (0, 1], got {args.ramp_until}")
     if not 0.0 <= args.oneshot_at < 1.0:
         parser.error(f"--oneshot-at is a fraction of training in [0, 1), got {args.oneshot_at}")
     if args.lr < 0 or args.momentum < 0 or args.weight_decay < 0:

@@ -18,6 +18,7 @@ from .methods import METHODS, make_pruner, method_options
 from .models import build_model
 from .nn import UnfinalizedWarning, sparsify
 from .report import SparsityReport
+from .schedules import Cubic
 from .resume import Checkpoints, check_same_run
 
 
@@ -79,6 +80,9 @@ class TrainConfig:
     """The method's options (see :func:`dpf_ext.methods.method_options`)."""
     powerprop: float | None = None
     """Powerpropagation's exponent α (see :mod:`dpf_ext.powerprop`); ``None``: off."""
+    ramp_until: float | None = None
+    """DPF's and gradual pruning's cubic schedule reaches the target at this fraction of
+    training (``None``: 0.75); the other methods keep their schedules."""
     fsdp: bool = False
     """Under ``torchrun``: shard the model with FSDP2 instead of DDP."""
     seed: int = 0
@@ -217,6 +221,8 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
     if (config.update_every is None and config.method in METHODS
             and getattr(METHODS[config.method], "updates_per_epoch", False)):
         controller["update_every"] = steps_per_epoch
+    if config.ramp_until is not None and config.method in ("dpf", "gradual") and not config.pattern:
+        controller["schedule"] = Cubic(config.sparsity, 0, max(1, round(config.ramp_until * total_steps)))
     takes = method_options(config.method) if config.method in METHODS else []
     for key in ("threshold", "feedback_clip"):  # the magnitude methods' settings
         if key in takes:

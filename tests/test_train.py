@@ -171,3 +171,15 @@ def test_cli_bad_patterns(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", "mlp", "--epochs", "1", "--no-progress", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ramp_until_moves_the_end_of_the_cubic_schedule(tmp_path):
+    from dpf_ext.cli import main
+
+    for ramp, out in ((None, tmp_path / "default"), (0.5, tmp_path / "half")):
+        argv = ["--model", "mlp", "--epochs", "2", "--no-progress", "--out", str(out)]
+        assert main(argv + ([] if ramp is None else ["--ramp-until", str(ramp)])) == 0
+    first_epoch = {name: json.loads((tmp_path / name / "metrics.json").read_text())["runs"][0]
+                   ["history"][0]["sparsity"] for name in ("default", "half")}
+    assert first_epoch["half"] == pytest.approx(0.9, abs=1e-3)  # reached at 50% of training
+    assert first_epoch["default"] < 0.85  # the default ramp ends at 75%
