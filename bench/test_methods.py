@@ -9,7 +9,7 @@ import torch
 
 from dpf_ext.budgets import Uniform
 from dpf_ext.methods import RigL, Update
-from workloads import interleaved_medians, one_read, weight_set
+from workloads import interleaved_medians, one_read, training_steps, weight_set
 
 SIZES = {"1M": 1_000_000, "10M": 10_000_000}
 DENSITY = 0.1
@@ -100,15 +100,7 @@ def _method_trainer(method):
                          batch_loss=lambda m: loss_fn(m(x), y),
                          **({"update_every": 62} if method == "snfs" else {}))  # an epoch of gratings
 
-    def steps():
-        for _ in range(ROUND):
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opt.step()
-            if pruner is not None:
-                pruner.step()
-
-    return steps
+    return training_steps(model, opt, pruner, x, y, loss_fn, ROUND)
 
 
 @pytest.mark.parametrize("method", ["dense", "dpf", "gradual", "dnw", "rigl", "set", "snip",

@@ -11,7 +11,7 @@ from torch import nn
 
 import dpf_ext
 from dpf_ext.models import ResNet
-from workloads import interleaved_medians
+from workloads import interleaved_medians, training_steps
 
 STEPS = 16
 INTERLEAVED_ROUNDS = 4
@@ -36,15 +36,7 @@ def _trainer(method):
     y = torch.randint(0, 10, (128,), generator=g)
     loss_fn = nn.CrossEntropyLoss()
 
-    def steps():
-        for _ in range(STEPS):
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opt.step()
-            if pruner is not None:
-                pruner.step()
-
-    return steps
+    return training_steps(model, opt, pruner, x, y, loss_fn, STEPS)
 
 
 def _interleaved_ratio(method) -> float:

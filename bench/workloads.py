@@ -134,3 +134,18 @@ THRESHOLD_METHODS = {
     "torch_prune_global": lambda ws: prune_global_unstructured(prune_modules(ws)),
 }
 """Global threshold at 90% sparsity, by method name."""
+
+
+def training_steps(model, opt, pruner, x, y, loss_fn, n: int):
+    """A function running ``n`` training steps of ``model`` on the batch ``(x, y)``, the
+    pruner (if any) after each optimizer step."""
+
+    def steps():
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+            if pruner is not None:
+                pruner.step()
+
+    return steps
