@@ -102,6 +102,16 @@ class Shards:
             base += full.numel()
 
 
+def average_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors``, each averaged in place over the ranks of the default group (as DDP
+    averages gradients); unchanged outside a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+            t.div_(dist.get_world_size())
+    return tensors
+
+
 def check_same_on_all_ranks(config: dict, group=None) -> None:
     """Raise ``ValueError`` on every rank if ``config`` differs between ranks of ``group``
     (the default group when ``None``). A no-op outside a process group."""

@@ -144,3 +144,17 @@ class GradientTap:
         """The recorded gradient (``None`` if none was), disarming the tap."""
         gradient, self.gradient, self.armed = self.gradient, None, False
         return gradient
+
+
+def take_gradients(layers, who: str) -> list[torch.Tensor]:
+    """The dense gradients the ``(name, layer)`` pairs' taps recorded (disarming them);
+    ``RuntimeError`` naming ``who`` needs them and the layers that recorded none."""
+    gradients = [layer.grad_tap.take() for _, layer in layers]
+    missing = [name for (name, _), g in zip(layers, gradients) if g is None]
+    if missing:
+        raise RuntimeError(
+            f"{who} needs this step's dense gradient, and layers {missing} recorded none: call "
+            "loss.backward(), then optimizer.step(), then pruner.step(), with every layer in "
+            "the forward"
+        )
+    return gradients

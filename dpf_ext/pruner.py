@@ -7,18 +7,18 @@ import warnings
 import weakref
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .budgets import Budget, Global, Uniform, make_budget
-from .distributed import Shards, check_same_on_all_ranks, is_sharded, local_weight_and_mask
-from .estimators import MaskedGradient
+from .distributed import (Shards, average_over_ranks, check_same_on_all_ranks, is_sharded,
+                          local_weight_and_mask)
+from .estimators import MaskedGradient, take_gradients
 from .first_pass import HistogramRequest
 from .methods import resolve_method
 from .methods.base import Method, Update
 from .methods.filter import FilterMagnitude
 from .nn import coverage, prunable_layers, unsparsify
-from .optimizer_state import check_resettable, reset_state
+from .optimizer_state import check_resettable, start_from_zero
 from .report import LayerReport, SparsityReport
 from .schedules import Schedule, check_sparsity, resolve_schedule
 
@@ -257,30 +257,16 @@ class DPF:
         with torch.no_grad():
             self._update_masks()
 
-    def _dense_gradients(self, shards: Shards) -> list[torch.Tensor]:
-        """This step's dense gradients from the layers' taps, averaged over the ranks."""
-        gradients = [layer.grad_tap.take() for _, layer in self.layers]
-        missing = [name for name, g in zip(self.names, gradients) if g is None]
-        if missing:
-            raise RuntimeError(
-                f"{self.method.name} needs the dense gradient of step {self.step_count}, and "
-                f"layers {missing} recorded none: call loss.backward(), then optimizer.step(), "
-                "then pruner.step(), with every layer in the forward"
-            )
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for g in gradients:
-                dist.all_reduce(g)
-                g.div_(dist.get_world_size())
-        return self.channel_major(gradients)
-
     @torch.no_grad()
     def _update_masks(self, initial: bool = False) -> None:
         sparsity = self.schedule.sparsity_at(self.step_count)
         check_sparsity(sparsity, f"scheduled sparsity at step {self.step_count}")
         full_weights = self.full_weights()
         shards = Shards(self.names, full_weights, [layer.mask for _, layer in self.layers])
-        gradients = (self._dense_gradients(shards) if self.method.needs_gradient and not initial
-                     else None)
+        gradients = None
+        if self.method.needs_gradient and not initial:
+            gradients = self.channel_major(average_over_ranks(
+                take_gradients(self.layers, f"{self.method.name} at step {self.step_count}")))
         request, self._request = self._request, None
         ready = request is not None and request.step == self.step_count and request.complete
         u = Update(self.step_count, sparsity, self.names, [layer for _, layer in self.layers],
@@ -295,7 +281,7 @@ class DPF:
                   if self.method.grows_from_zero and not initial else None)
         stats = self.method.update(u)
         if before is not None:
-            self._start_grown_from_zero(shards, before)
+            start_from_zero(self.optimizer, self.full_weights(), shards.weights, shards.masks, before)
         dropped = kept_before + stats[:, 1] - stats[:, 0]
         stats = shards.reduce(torch.cat([stats, dropped.reshape(-1, 1)], dim=1))
         shards.assemble_masks()
@@ -310,14 +296,6 @@ class DPF:
         self.target_kept = u.target_kept if u.target_kept is not None else sum(
             k for _, k in u.groups())
         self._warn_empty_layers(stats[:, 0])
-
-    def _start_grown_from_zero(self, shards: Shards, before: list[torch.Tensor]) -> None:
-        """Weights grown at this update (pruned before, kept now) start at 0 with their
-        optimizer state reset; dropped and regrown at once keep both."""
-        for (_, layer), weight, mask, old in zip(self.layers, shards.weights, shards.masks, before):
-            grown = mask & ~old
-            weight.masked_fill_(grown, 0)
-            reset_state(self.optimizer, layer.dense_weight, grown)
 
     def _warn_empty_layers(self, kept: torch.Tensor) -> None:
         emptied = [name for (name, _), k in zip(self.layers, kept.tolist())
