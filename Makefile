@@ -25,7 +25,7 @@ $(BUILT): $(DEPS) setup.py $(SOURCES)
 	touch $@
 
 train: $(BUILT)
-	$(VENV)/bin/dpf-train --out runs/default
+	$(VENV)/bin/dpf-train --out runs/default --overwrite
 
 ctest:
 	cmake -S . -B $(CMAKE_BUILD) $(if $(NVCC),-DCMAKE_CUDA_COMPILER=$(NVCC)) > /dev/null
