@@ -167,6 +167,7 @@ class DPF:
         self.regrown_last = torch.zeros_like(self.reactivated_last)
         self._empty: set[str] = set()
         self._request: HistogramRequest | None = None
+        self._kept: tuple[torch.Tensor, list[int]] | None = None  # see _kept_before
         self._estimators = [self.method.layer_estimator(i, self.estimator)
                             for i in range(len(self.layers))]
         self._feedback = all(e.feedback for e in self._estimators)
@@ -276,17 +277,19 @@ class DPF:
                    self.shapes, optimizer=self.optimizer)
         if not self._feedback:
             self._zero_pruned()  # momentum may have moved them since the last update
-        kept_before = torch.stack([torch.count_nonzero(m) for m in shards.masks])
+        kept_before = self._kept_before(shards.masks)
         before = ([m.clone() for m in shards.masks]
                   if self.method.grows_from_zero and not initial else None)
         stats = self.method.update(u)
         if before is not None:
             start_from_zero(self.optimizer, self.full_weights(), shards.weights, shards.masks, before)
         dropped = kept_before + stats[:, 1] - stats[:, 0]
+        kept = stats[:, 0]
         stats = shards.reduce(torch.cat([stats, dropped.reshape(-1, 1)], dim=1))
         shards.assemble_masks()
         if not self._feedback:
             self._zero_pruned()
+        self._kept = (kept, [m._version for m in shards.masks])
         self.reactivated_last = stats[:, 1]
         self.reactivated_total += stats[:, 1]
         self.forced_last = stats[:, 2]
@@ -296,6 +299,13 @@ class DPF:
         self.target_kept = u.target_kept if u.target_kept is not None else sum(
             k for _, k in u.groups())
         self._warn_empty_layers(stats[:, 0])
+
+    def _kept_before(self, masks: list[torch.Tensor]) -> torch.Tensor:
+        """This process's kept count per mask: the last update's while no one has written
+        the masks since (their version counters tell), else counted (a pass over them)."""
+        if self._kept is not None and self._kept[1] == [m._version for m in masks]:
+            return self._kept[0]
+        return torch.stack([torch.count_nonzero(m) for m in masks])
 
     def _warn_empty_layers(self, kept: torch.Tensor) -> None:
         emptied = [name for (name, _), k in zip(self.layers, kept.tolist())

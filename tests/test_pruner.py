@@ -410,3 +410,17 @@ def test_a_second_pruner_takes_over_only_when_asked():
     first_again = dpf_ext.DPF(dpf_ext.sparsify(mlp()), schedule=Constant(0.5))
     first_again.finalize()
     dpf_ext.DPF(first_again.model, schedule=Constant(0.5))  # a finalized pruner is no owner
+
+
+def test_dropped_counts_see_masks_written_between_updates():
+    model, pruner, _ = setup(schedule=Constant(0.5))
+    for _, layer in dpf_ext.nn.dpf_layers(model):  # written behind the pruner's back
+        layer.mask.fill_(True)
+    before = masks_of(model)
+    pruner.update_masks()
+    after = masks_of(model)
+    expected = [int((b & ~a).sum()) for b, a in zip(before, after)]
+    assert [r.dropped_last for r in pruner.report().layers] == expected
+    assert sum(expected) > 0
+    pruner.update_masks()  # nothing changed since: nothing dropped
+    assert pruner.report().dropped_last == 0

@@ -135,11 +135,14 @@ class Magnitude(Method):
         taus = torch.stack(taus)
         if any(math.isnan(t) for t in self._warm.record(taus)):  # +Inf: the floor alone
             raise_nonfinite(u)
-        group_of = [0] * len(u.weights)
-        for g, (idx, _) in enumerate(groups):
-            for i in idx:
-                group_of[i] = g
-        layer_taus = taus[torch.tensor(group_of, device=taus.device)]
+        if len(groups) == 1:  # one threshold for all: no index to copy to the device
+            layer_taus = taus.expand(len(u.weights))
+        else:
+            group_of = [0] * len(u.weights)
+            for g, (idx, _) in enumerate(groups):
+                for i in idx:
+                    group_of[i] = g
+            layer_taus = taus[torch.tensor(group_of, device=taus.device)]
         stats = ops.update_masks(u.weights, layer_taus, u.masks, shrink_only=not self.feedback,
                                  row_max=row_max if floor else None)
         forced = torch.zeros_like(stats[:, :1])
