@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -282,15 +283,17 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
                 pruner.step()
             loss_sum += loss.detach() * len(mine)
             step = epoch * len(batches) + b + 1
-            if log is not None:
-                log.write({"run": name, "step": step, "loss": float(loss.detach()),
-                           "lr": optimizer.param_groups[0]["lr"],
-                           "step_time": time.perf_counter() - tick})
             due = checkpoints is not None and checkpoint_every and step % checkpoint_every == 0
-            if (log is not None or due or device.type == "cpu") and not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{name}: the loss is {float(loss.detach())} at step {step}"
-                    + ("; the last good checkpoint is kept" if checkpoints is not None else ""))
+            if log is not None or due or device.type == "cpu":  # one read-back of the loss
+                value = float(loss.detach())
+                if log is not None:
+                    log.write({"run": name, "step": step, "loss": value,
+                               "lr": optimizer.param_groups[0]["lr"],
+                               "step_time": time.perf_counter() - tick})
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"{name}: the loss is {value} at step {step}"
+                        + ("; the last good checkpoint is kept" if checkpoints is not None else ""))
             if due:
                 checkpoints.save({  # resumes at batch b + 1 (the last: the epoch's evaluation)
                     "config": asdict(config), "epoch": epoch, "batch": b + 1,
