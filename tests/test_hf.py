@@ -2,6 +2,9 @@
 checkpoint and resumed ends as the uninterrupted run; a checkpoint folder loads through
 ``from_pretrained`` as the sparse model."""
 
+import runpy
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -14,26 +17,16 @@ from dpf_ext.hf import DPFCallback  # noqa: E402
 STEPS, SAVE_EVERY, UPDATE_EVERY = 40, 12, 8
 
 
-class Tokens(torch.utils.data.Dataset):
-    """Random 8-token sequences; label 1 if token 3 occurs more often than token 4."""
-
-    def __init__(self, n: int = 512):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 8, (n, 8), generator=g)
-        self.labels = ((self.ids == 3).sum(1) > (self.ids == 4).sum(1)).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+# the example's generated task (16 tokens of 5..11; does 7 occur more often than 8?)
+CountingTask = runpy.run_path(str(Path(__file__).resolve().parent.parent / "examples"
+                                  / "trainer_bert.py"))["CountingTask"]
 
 
 def bert():
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=8, hidden_size=32, num_hidden_layers=1,
+    config = transformers.BertConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=8, num_labels=2)
+                                     max_position_embeddings=16, num_labels=2)
     return dpf_ext.sparsify(transformers.BertForSequenceClassification(config))
 
 
@@ -73,7 +66,7 @@ def train(out, *extra, resume=None, dpf=True, method=None):
             output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=16,
             learning_rate=1e-3, save_strategy="steps", save_steps=SAVE_EVERY, report_to=[],
             use_cpu=True, seed=0, disable_tqdm=True, logging_steps=10),
-        train_dataset=Tokens(),
+        train_dataset=CountingTask(512, 0),
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -152,7 +145,7 @@ def test_restoring_callbacks_by_copy_is_refused(tmp_path):
         model=model,
         args=transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[],
                                             use_cpu=True, restore_callback_states_from_checkpoint=True),
-        train_dataset=Tokens(8), callbacks=[DPFCallback(0.5, update_every=1)])
+        train_dataset=CountingTask(8, 0), callbacks=[DPFCallback(0.5, update_every=1)])
     with pytest.raises(ValueError, match="restore_callback_states_from_checkpoint"):
         trainer.train()
 
