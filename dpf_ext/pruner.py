@@ -273,8 +273,8 @@ class DPF:
         u = Update(self.step_count, sparsity, self.names, [layer for _, layer in self.layers],
                    self.channel_major(shards.weights), self.channel_major(shards.masks),
                    full_weights, self.budget, shards.reduce if shards.group is not None else None,
-                   self.seed, initial, gradients, request if ready else None, self.end_step,
-                   self.shapes, optimizer=self.optimizer)
+                   self.seed, initial, gradients, request if ready else None, self.shapes,
+                   optimizer=self.optimizer)
         if not self._feedback:
             self._zero_pruned()  # momentum may have moved them since the last update
         kept_before = self._kept_before(shards.masks)

@@ -46,7 +46,6 @@ class Update:
     masks here."""
     gradients: list[torch.Tensor] | None = None
     request: HistogramRequest | None = None
-    end_step: int | None = None
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     """The whole weights' shapes, output channels first."""
     optimizer: torch.optim.Optimizer | None = None
