@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shutil
@@ -32,6 +33,7 @@ from .methods.magnitude import THRESHOLDS
 from .methods.presets import SCOPES
 from .resume import CheckpointError, Checkpoints, check_same_run
 from .resume import load as load_checkpoint
+from .sweep import mean_std, plot_sweep, sweep_status, sweep_table
 from .train import RunLog, RunResult, TrainConfig, ranks, run_name, train
 
 
@@ -96,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch's CPU thread count (results depend on it; recorded in "
                         "metrics.json)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at a time, each in its own process with --threads "
+                        "threads (default 1 there); results do not depend on N")
     p.add_argument("--no-channel-floor", action="store_true",
                    help="DPF without the channel floor (the paper's unguarded algorithm)")
     p.add_argument("--pattern", default=None,
@@ -127,12 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
-
-
 def summary_table(results: list[RunResult]) -> str:
     """One row per method (and target, in a sweep): accuracy (mean ± standard deviation over
     its seeds that did not diverge), sparsity, reactivations, wall time, seeds, diverged."""
@@ -159,8 +158,11 @@ def summary_table(results: list[RunResult]) -> str:
     )
 
 
-def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = None) -> list[Path]:
-    """Write ``metrics.json``, the plots and each trained model (``model-<method>.pt``, or
+def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = None,
+                  data_name: str = "") -> list[Path]:
+    """Write ``metrics.json``, the plots (for a sweep over sparsities also ``sweep.md`` and
+    ``sweep.png``: :func:`dpf_ext.sweep.sweep_table`, :func:`dpf_ext.sweep.plot_sweep`) and each
+    trained model (``model-<method>.pt``, or
     ``model-<method>-seed<k>.pt`` with several seeds: the finalized ``state_dict``, which
     loads into the original architecture) into ``out``; return the paths written.
     ``metrics.json`` records the machine, the software versions and the ``recipe`` run."""
@@ -180,6 +182,14 @@ def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = Non
     written = [metrics]
     several = len({r.config.method for r in results}) < len(results)
     sweep = len({r.config.sparsity for r in results if r.config.method != "dense"}) > 1
+    if sweep:  # accuracy against sparsity, as a table and a figure
+        written.append(out / "sweep.md")
+        written[-1].write_text(sweep_table(results))
+        first = results[0].config
+        seeds = len({r.config.seed for r in results})
+        written.append(out / "sweep.png")
+        plot_sweep(results, written[-1], f"{first.model} on {data_name}, {seeds} seeds, "
+                                         f"{torch.get_num_threads()} thread(s) per run")
     for r in results:
         if r.model is not None:
             name = (f"model-{run_name(r.config, sweep)}" if several
@@ -231,7 +241,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if not 0.0 <= args.sparsity < 1.0:
         hint = f" (a fraction: did you mean {args.sparsity / 100:g}?)" if 1 <= args.sparsity < 100 else ""
         parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}{hint}")
-    for name in ("epochs", "batch_size", "update_every", "seeds"):
+    for name in ("epochs", "batch_size", "update_every", "seeds", "jobs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
@@ -291,6 +301,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("lr", "momentum", "weight_decay"):
         if not math.isfinite(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if args.jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("--jobs runs several single-process trainings; under torchrun every "
+                     "process trains the same run: leave --jobs out")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         parser.error("--fsdp shards over several processes: run dpf-train under torchrun")
     if args.fsdp and (args.checkpoint_every is not None or args.resume):
@@ -317,35 +330,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
 
 
-def sweep_status(args: argparse.Namespace, configs: list[TrainConfig], data) -> str:
-    """Which runs of the plan are done, in progress (their latest checkpoint's step) or
-    waiting, and the time left at the mean step time in ``log.jsonl``."""
-    steps_per_run = args.epochs * -(-len(data.x_train) // args.batch_size)
-    step_times = []
-    log = args.out / "log.jsonl"
-    if log.exists():
-        step_times = [r["step_time"] for r in map(json.loads, log.read_text().splitlines())
-                      if "step_time" in r]
-    lines, left = [], 0
-    for config in configs:
-        folder = args.out / "checkpoints" / run_name(config, bool(args.sparsities))
-        done = folder / "done.pt"
-        steps = sorted(folder.glob("step-*.pt"))
-        if done.exists():
-            result = load_checkpoint(done)["result"]
-            state = "diverged" if result.diverged else f"done: {result.accuracy:.2%}"
-        elif steps:
-            at = int(steps[-1].stem.split("-")[1])
-            state, left = f"running: step {at}/{steps_per_run}", left + steps_per_run - at
-        else:
-            state, left = "waiting", left + steps_per_run
-        lines.append(f"{run_name(config, bool(args.sparsities)):<32} {state}")
-    mean = sum(step_times) / len(step_times) if step_times else None
-    eta = f"about {left * mean / 60:.0f} min of training left" if mean else "no step time logged yet"
-    done_count = sum("done" in line or "diverged" in line for line in lines)
-    return "\n".join([*lines, f"{done_count}/{len(configs)} runs finished; {eta}"])
-
-
 def _terminate(signum, frame):
     """SIGTERM: stop as Ctrl-C does, so that what finished is written."""
     raise KeyboardInterrupt(f"signal {signum}")
@@ -364,9 +348,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, data, log, writer: bool 
         done = checkpoints.finished()
         if done is not None:
             check_same_run(done["config"], asdict(config), checkpoints.folder / "done.pt")
-            model = build_model(config.model, data.input_shape, data.num_classes)
-            model.load_state_dict(done["model"])
-            return dataclasses.replace(done["result"], model=model)
+            return _with_model(done["result"], done["model"], data)
         explicit = Path(args.resume) if args.resume != "auto" else None
         if explicit is not None and explicit.parent.resolve() == checkpoints.folder.resolve():
             state = {**load_checkpoint(explicit), "path": explicit}
@@ -379,6 +361,74 @@ def _run(args: argparse.Namespace, config: TrainConfig, data, log, writer: bool 
         checkpoints.finish({"config": asdict(config), "model": result.model.state_dict(),
                             "result": dataclasses.replace(result, model=None)})
     return result
+
+
+def _with_model(result: RunResult, state: dict, data) -> RunResult:
+    """``result`` with its trained model rebuilt from ``state`` (a finished run's
+    ``state_dict``, as ``done.pt`` and the ``--jobs`` workers hand it over)."""
+    model = build_model(result.config.model, data.input_shape, data.num_classes)
+    model.load_state_dict(state)
+    return dataclasses.replace(result, model=model)
+
+
+_worker: dict = {}
+"""A ``--jobs`` worker process's arguments and data set, loaded once per process."""
+
+
+def _start_worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads or 1)
+    _worker.update(args=args, data=load_dataset(args.data, args.data_dir),
+                   log=RunLog(args.out) if args.out is not None else None)
+
+
+def _run_in_worker(config: TrainConfig) -> tuple[RunResult, dict]:
+    """:func:`_run` in a ``--jobs`` worker: the result without its model, and the model's
+    ``state_dict`` (plain data crosses processes; the modules are rebuilt by the caller)."""
+    result = _run(_worker["args"], config, _worker["data"], _worker["log"])
+    return dataclasses.replace(result, model=None), result.model.state_dict()
+
+
+def _run_all(args: argparse.Namespace, configs: list[TrainConfig], data, log, writer: bool,
+             say, results: list[RunResult]) -> None:
+    """Every run of the plan, appended to ``results`` in order (so that an interruption
+    leaves the finished ones there): one after another, or ``args.jobs`` at a time in worker
+    processes. A run that diverges is recorded as such while the others go on (a single
+    run's divergence is an error)."""
+
+    def diverged(config: TrainConfig, exc: FloatingPointError) -> RunResult:
+        if len(configs) == 1:
+            raise exc
+        say(f"{exc}: recorded as diverged; the other runs go on")
+        return RunResult(config, float("nan"), float("nan"), 0, 0.0, diverged=True)
+
+    if args.jobs == 1:
+        for config in configs:
+            try:
+                results.append(_run(args, config, data, log, writer))
+            except FloatingPointError as exc:
+                results.append(diverged(config, exc))
+            if args.compare is None and args.seeds == 1 and results[-1].report:
+                say(results[-1].report)
+        return
+    args = argparse.Namespace(**{**vars(args), "no_progress": True})  # no interleaved bars
+    sweep = bool(args.sparsities)
+
+    def finished(outcome):
+        result = outcome[0]
+        say(f"{run_name(result.config, sweep)}: done, {result.accuracy:.2%}", flush=True)
+
+    # spawn: a fresh interpreter per worker, not a fork of this process's thread pools
+    with multiprocessing.get_context("spawn").Pool(args.jobs, _start_worker, (args,)) as pool:
+        try:
+            pending = [pool.apply_async(_run_in_worker, (c,), callback=finished) for c in configs]
+            for config, outcome in zip(configs, pending):
+                try:
+                    results.append(_with_model(*outcome.get(), data))
+                except FloatingPointError as exc:
+                    results.append(diverged(config, exc))
+        except BaseException:
+            pool.terminate()  # the runs in flight stop at once; their checkpoints stay
+            raise
 
 
 def recipe_argv(path: Path) -> tuple[list[str], dict]:
@@ -486,19 +536,10 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        for config in configs:
-            try:
-                results.append(_run(args, config, data, log, writer))
-            except FloatingPointError as exc:
-                if len(configs) == 1:
-                    raise
-                say(f"{exc}: recorded as diverged; the other runs go on")
-                results.append(RunResult(config, float("nan"), float("nan"), 0, 0.0, diverged=True))
-            if args.compare is None and args.seeds == 1 and results[-1].report:
-                say(results[-1].report)
+        _run_all(args, configs, data, log, writer, say, results)
     except (KeyboardInterrupt, CheckpointError, FloatingPointError, ValueError, TypeError) as exc:
         if args.out and results and writer:
-            for path in write_outputs(args.out, results, args.recipe):
+            for path in write_outputs(args.out, results, args.recipe, data.name):
                 print(f"wrote {path} (the runs that finished)")
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -509,6 +550,6 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     say(summary_table(results))
     if args.out and writer:
-        for path in write_outputs(args.out, results, args.recipe):
+        for path in write_outputs(args.out, results, args.recipe, data.name):
             print(f"wrote {path}")
     return 0

@@ -6,6 +6,8 @@
   a grating whose orientation and frequency give one of 10 classes, under a random phase,
   contrast, a distractor grating and noise. Small enough for a CPU, hard enough that
   pruning to 95-99% costs accuracy.
+- ``gratings20``: the same with 10 orientations 18 degrees apart, so 20 classes: a finer
+  distinction, for deeper nets (the ResNet-20 recipe).
 - ``cifar10``: CIFAR-10 from its python-format batches on disk (``data_batch_1..5`` and
   ``test_batch``, in ``data_dir`` or ``data_dir/cifar-10-batches-py``); never downloaded.
 """
@@ -62,23 +64,26 @@ def load_digits(seed: int = 0) -> Dataset:
     return Dataset("digits", x[train], y[train], x[test], y[test])
 
 
-GRATING_CLASSES = [(angle, freq) for freq in (1.5, 3.0) for angle in (0, 36, 72, 108, 144)]
-"""The ``gratings`` classes: (orientation in degrees, cycles per image)."""
+def grating_classes(orientations: int = 5) -> list[tuple[float, float]]:
+    """The classes of a gratings task: (orientation in degrees, cycles per image), for
+    ``orientations`` evenly spaced angles in [0, 180) at each of two frequencies."""
+    return [(180 * i / orientations, freq) for freq in (1.5, 3.0) for i in range(orientations)]
 
 
 def load_gratings(n_train: int = 4000, n_test: int = 1000, size: int = 16, noise: float = 1.3,
-                  seed: int = 0) -> Dataset:
+                  orientations: int = 5, seed: int = 0, name: str = "gratings") -> Dataset:
     """The ``gratings`` task: each image is ``contrast * cos(2π f (x cos θ + y sin θ) + φ)``
-    for its class's orientation θ and frequency f, plus a weaker distractor grating of a
-    random class, plus Gaussian noise of standard deviation ``noise``. Deterministic for a
-    given ``seed``; the test split comes from the same generator."""
+    for its class's orientation θ and frequency f (:func:`grating_classes`), plus a weaker
+    distractor grating of a random class, plus Gaussian noise of standard deviation
+    ``noise``. Deterministic for a given ``seed``; the test split comes from the same
+    generator."""
     gen = torch.Generator().manual_seed(seed)
     n = n_train + n_test
-    classes = torch.arange(n) % len(GRATING_CLASSES)
+    table = torch.tensor(grating_classes(orientations), dtype=torch.float32)
+    classes = torch.arange(n) % len(table)
     classes = classes[torch.randperm(n, generator=gen)]
     coords = torch.linspace(0, 1, size)
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    table = torch.tensor(GRATING_CLASSES, dtype=torch.float32)
 
     def grating(idx: torch.Tensor, jitter: float) -> torch.Tensor:
         angle = torch.deg2rad(table[idx, 0] + jitter * torch.randn(len(idx), generator=gen))
@@ -88,11 +93,11 @@ def load_gratings(n_train: int = 4000, n_test: int = 1000, size: int = 16, noise
         return torch.cos(2 * torch.pi * freq.view(-1, 1, 1) * proj + phase.view(-1, 1, 1))
 
     contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, generator=gen)
-    distractor = torch.randint(0, len(GRATING_CLASSES), (n,), generator=gen)
+    distractor = torch.randint(0, len(table), (n,), generator=gen)
     x = (contrast * grating(classes, 6.0) + 0.7 * grating(distractor, 6.0)
          + noise * torch.randn(n, size, size, generator=gen))
     x = x.unsqueeze(1)
-    return Dataset("gratings", x[:n_train], classes[:n_train], x[n_train:], classes[n_train:])
+    return Dataset(name, x[:n_train], classes[:n_train], x[n_train:], classes[n_train:])
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -128,15 +133,17 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
     return Dataset("cifar10", x_train, y_train, x_test, y_test, augment=True)
 
 
-DATASETS = ("digits", "gratings", "cifar10")
+DATASETS = ("digits", "gratings", "gratings20", "cifar10")
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load ``digits``, ``gratings`` or ``cifar10`` (the latter needs ``data_dir``)."""
+    """Load one of :data:`DATASETS` (``cifar10`` needs ``data_dir``)."""
     if name == "digits":
         return load_digits()
     if name == "gratings":
         return load_gratings()
+    if name == "gratings20":
+        return load_gratings(orientations=10, name=name)
     if name == "cifar10":
         if data_dir is None:
             raise ValueError("--data cifar10 needs --data-dir DIR holding the python batches")

@@ -19,6 +19,18 @@ def digits():
     return load_digits()
 
 
+def test_gratings_tasks():
+    from dpf_ext.data import grating_classes
+
+    assert grating_classes() == [(0, 1.5), (36, 1.5), (72, 1.5), (108, 1.5), (144, 1.5),
+                                 (0, 3.0), (36, 3.0), (72, 3.0), (108, 3.0), (144, 3.0)]
+    ten, twenty = load_dataset("gratings"), load_dataset("gratings20")
+    assert (ten.num_classes, twenty.num_classes) == (10, 20) and twenty.name == "gratings20"
+    assert ten.input_shape == twenty.input_shape == (1, 16, 16)
+    assert set(twenty.y_test.tolist()) == set(range(20))
+    assert torch.equal(load_dataset("gratings20").x_train, twenty.x_train)  # deterministic
+
+
 def test_digits_split(digits):
     assert digits.input_shape == (1, 8, 8) and digits.num_classes == 10
     assert len(digits.x_train) + len(digits.x_test) == 1797
@@ -87,6 +99,7 @@ def test_cli_single_run_prints_the_layer_report(capsys):
     (["--exclude", "fc", "nope"], r"\['fc', 'nope'\] match no prunable layer"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--feedback-clip", "0"], "--feedback-clip must be positive"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
 ])
 def test_cli_bad_arguments_fail_before_training(args, message, tmp_path, capsys):
     out = tmp_path / "out"

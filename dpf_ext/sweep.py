@@ -1,0 +1,136 @@
+"""Sweeps: where a planned sweep stands (``dpf-train --status``), and its results as people
+read them: accuracy against sparsity per method, as a Markdown table (mean ± standard
+deviation over seeds, diverged runs counted, wall time against dense) and as a figure (a
+line per method, the spread as a band)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .resume import load as load_checkpoint
+from .train import RunResult, TrainConfig, run_name
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def sweep_cells(results: list[RunResult]) -> dict[str, dict[float, dict]]:
+    """``{method: {sparsity: {"mean", "std", "seeds", "diverged", "wall_time"}}}``: accuracy
+    in percent over the seeds that did not diverge (NaN when all did). Dense runs, trained
+    once, stand at every sparsity of the sweep."""
+    targets = sorted({r.config.sparsity for r in results if r.config.method != "dense"})
+    cells: dict[str, dict[float, dict]] = {}
+    for method in dict.fromkeys(r.config.method for r in results):
+        for target in targets:
+            runs = [r for r in results if r.config.method == method
+                    and (method == "dense" or r.config.sparsity == target)]
+            if not runs:
+                continue
+            ok = [r for r in runs if not r.diverged]
+            mean, std = mean_std([100 * r.accuracy for r in ok]) if ok else (math.nan, math.nan)
+            cells.setdefault(method, {})[target] = {
+                "mean": mean, "std": std, "seeds": len(runs), "diverged": len(runs) - len(ok),
+                "wall_time": mean_std([r.wall_time for r in ok])[0] if ok else math.nan}
+    return cells
+
+
+def sweep_table(results: list[RunResult]) -> str:
+    """A Markdown table: a row per method, a column per sparsity, ``mean ± std`` test
+    accuracy (%) with the number of diverged seeds where any did; the last columns are the
+    diverged runs and the mean wall time per run against dense."""
+    cells = sweep_cells(results)
+    targets = sorted({t for row in cells.values() for t in row})
+    dense = cells.get("dense")
+    dense_time = mean_std([c["wall_time"] for c in dense.values()])[0] if dense else None
+    lines = ["| method | " + " | ".join(f"{100 * t:g}%" for t in targets)
+             + " | diverged | time vs dense |",
+             "| --- |" + " ---: |" * (len(targets) + 2)]
+    for method, row in cells.items():
+        entries = []
+        for t in targets:
+            c = row.get(t)
+            if c is None:
+                entries.append("")
+                continue
+            text = "diverged" if math.isnan(c["mean"]) else f"{c['mean']:.2f} ± {c['std']:.2f}"
+            if c["diverged"] and not math.isnan(c["mean"]):
+                text += f" ({c['diverged']} diverged)"
+            entries.append(text)
+        diverged = sum(c["diverged"] for c in row.values()) if method != "dense" else \
+            next(iter(row.values()))["diverged"]
+        times = [c["wall_time"] for c in row.values() if not math.isnan(c["wall_time"])]
+        ratio = f"{mean_std(times)[0] / dense_time:.2f}" if dense_time and times else ""
+        lines.append(f"| {method} | " + " | ".join(entries) + f" | {diverged} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(results: list[RunResult], path: str | Path, title: str = "") -> None:
+    """Accuracy against sparsity, a line per method (mean over seeds) with its spread (± one
+    standard deviation) as a band; dense as a grey band. Sparsities are evenly spaced on the
+    axis (50, 80, 90, 95, 98, 99% read better so than to scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = sweep_cells(results)
+    targets = sorted({t for row in cells.values() for t in row})
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colors = plt.get_cmap("tab10")
+    for i, (method, row) in enumerate(cells.items()):
+        xs = [j for j, t in enumerate(targets) if t in row and not math.isnan(row[t]["mean"])]
+        mean = [row[targets[j]]["mean"] for j in xs]
+        std = [row[targets[j]]["std"] for j in xs]
+        low, high = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
+        if method == "dense":
+            ax.axhspan(low[0], high[0], color="grey", alpha=0.25)
+            ax.axhline(mean[0], color="grey", lw=1.5, label="dense")
+            continue
+        color = colors(i % 10)
+        ax.plot(xs, mean, marker="o", ms=4, color=color, label=method,
+                lw=2.5 if method == "dpf" else 1.3)
+        ax.fill_between(xs, low, high, color=color, alpha=0.15)
+    ax.set_xticks(range(len(targets)), [f"{100 * t:g}" for t in targets])
+    ax.set(xlabel="sparsity (%)", ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_status(args: argparse.Namespace, configs: list[TrainConfig], data) -> str:
+    """Which runs of the plan are done, in progress (their latest checkpoint's step) or
+    waiting, and the time left at the mean step time in ``log.jsonl``."""
+    steps_per_run = args.epochs * -(-len(data.x_train) // args.batch_size)
+    step_times = []
+    log = args.out / "log.jsonl"
+    if log.exists():
+        step_times = [r["step_time"] for r in map(json.loads, log.read_text().splitlines())
+                      if "step_time" in r]
+    lines, left = [], 0
+    for config in configs:
+        folder = args.out / "checkpoints" / run_name(config, bool(args.sparsities))
+        done = folder / "done.pt"
+        steps = sorted(folder.glob("step-*.pt"))
+        if done.exists():
+            result = load_checkpoint(done)["result"]
+            state = "diverged" if result.diverged else f"done: {result.accuracy:.2%}"
+        elif steps:
+            at = int(steps[-1].stem.split("-")[1])
+            state, left = f"running: step {at}/{steps_per_run}", left + steps_per_run - at
+        else:
+            state, left = "waiting", left + steps_per_run
+        lines.append(f"{run_name(config, bool(args.sparsities)):<32} {state}")
+    mean = sum(step_times) / len(step_times) if step_times else None
+    eta = f"about {left * mean / 60:.0f} min of training left" if mean else "no step time logged yet"
+    done_count = sum("done" in line or "diverged" in line for line in lines)
+    return "\n".join([*lines, f"{done_count}/{len(configs)} runs finished; {eta}"])

@@ -1,0 +1,82 @@
+"""Sweeps: the table and figure of accuracy against sparsity, and runs in parallel
+(``--jobs``) giving what one process gives."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dpf_ext.cli import main
+from dpf_ext.sweep import sweep_cells, sweep_table
+from dpf_ext.train import RunResult, TrainConfig
+
+
+def _result(method, sparsity, seed, accuracy, wall_time=1.0, diverged=False):
+    config = TrainConfig(method=method, sparsity=sparsity, seed=seed)
+    return RunResult(config, math.nan if diverged else accuracy, sparsity, 0, wall_time,
+                     diverged=diverged)
+
+
+def test_the_sweep_table_by_hand():
+    results = [
+        _result("dense", 0.0, 0, 0.80, 2.0), _result("dense", 0.0, 1, 0.82, 2.0),
+        _result("dpf", 0.9, 0, 0.70, 3.0), _result("dpf", 0.9, 1, 0.74, 3.0),
+        _result("dpf", 0.99, 0, 0.50, 3.0), _result("dpf", 0.99, 1, 0, diverged=True),
+        _result("dsr", 0.9, 0, 0.60, 5.0), _result("dsr", 0.9, 1, 0.60, 5.0),
+        _result("dsr", 0.99, 0, 0, diverged=True), _result("dsr", 0.99, 1, 0, diverged=True),
+    ]
+    cells = sweep_cells(results)
+    assert cells["dense"][0.9] == cells["dense"][0.99]  # dense stands at every sparsity
+    assert cells["dpf"][0.9]["mean"] == pytest.approx(72.0)
+    assert cells["dpf"][0.9]["std"] == pytest.approx(math.sqrt(8.0))  # sample std of 70, 74
+    assert cells["dpf"][0.99]["mean"] == pytest.approx(50.0) and cells["dpf"][0.99]["diverged"] == 1
+    lines = sweep_table(results).splitlines()
+    assert lines[0] == "| method | 90% | 99% | diverged | time vs dense |"
+    assert lines[2] == "| dense | 81.00 ± 1.41 | 81.00 ± 1.41 | 0 | 1.00 |"
+    assert lines[3] == "| dpf | 72.00 ± 2.83 | 50.00 ± 0.00 (1 diverged) | 1 | 1.50 |"
+    assert lines[4] == "| dsr | 60.00 ± 0.00 | diverged | 2 | 2.50 |"
+
+
+def _metrics(folder):
+    runs = json.loads((folder / "metrics.json").read_text())["runs"]
+    return [(r["config"]["method"], r["config"]["sparsity"], r["config"]["seed"], r["accuracy"],
+             r["sparsity"], r["reactivations"]) for r in runs]
+
+
+def test_parallel_runs_give_what_one_process_gives(tmp_path, capsys):
+    args = ["--model", "mlp", "--epochs", "2", "--threads", "1", "--no-progress",
+            "--compare", "dense,dpf,rigl", "--sparsities", "0.5", "0.9", "--seeds", "2"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert main(args + ["--jobs", "2", "--out", str(tmp_path / "two"),
+                        "--checkpoint-every", "10"]) == 0
+    assert len(_metrics(tmp_path / "one")) == 10
+    assert _metrics(tmp_path / "two") == _metrics(tmp_path / "one")
+    for name in ("model-rigl-s0.9-seed1.pt", "model-dpf-s0.5-seed0.pt"):
+        one, two = (torch.load(tmp_path / d / name) for d in ("one", "two"))
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    table = (tmp_path / "two" / "sweep.md").read_text()
+
+    def without_times(text):  # wall times differ between the two
+        return [line.rsplit("|", 2)[0] for line in text.splitlines()]
+
+    assert without_times(table) == without_times((tmp_path / "one" / "sweep.md").read_text())
+    assert table.splitlines()[0] == "| method | 50% | 90% | diverged | time vs dense |"
+    assert [line.split(" |")[0] for line in table.splitlines()[2:]] == ["| dense", "| dpf", "| rigl"]
+    assert (tmp_path / "two" / "sweep.png").stat().st_size > 0
+    log = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
+    assert {json.loads(line)["run"] for line in log} == {
+        f"{m}-s{s}-seed{k}" for m, s in (("dense", 0), ("dpf", 0.5), ("rigl", 0.5), ("dpf", 0.9),
+                                         ("rigl", 0.9)) for k in (0, 1)}
+    capsys.readouterr()
+    # a finished parallel sweep is read back, not trained again
+    assert main(args + ["--jobs", "2", "--out", str(tmp_path / "two"), "--resume"]) == 0
+    assert "epoch 1/2" not in capsys.readouterr().out
+    assert _metrics(tmp_path / "two") == _metrics(tmp_path / "one")
+
+
+def test_jobs_under_torchrun_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        main(["--model", "mlp", "--epochs", "1", "--jobs", "2"])
+    assert "--jobs runs several single-process trainings" in capsys.readouterr().err
