@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "RigL/SET/static: erk)")
     p.add_argument("--model", choices=sorted(MODELS), default="resnet20")
     p.add_argument("--data", choices=DATASETS, default="digits",
-                   help="digits (bundled), gratings (generated, harder) or cifar10 (--data-dir)")
-    p.add_argument("--data-dir", help="folder with CIFAR-10's python batches (never downloaded)")
+                   help="digits (bundled), gratings and gratings20 (generated, harder), cifar10 "
+                        "or imagefolder (both from --data-dir)")
+    p.add_argument("--data-dir", help="folder with CIFAR-10's python batches, or an image folder "
+                                      "root with train/ and val/ (never downloaded)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="a recipe: a TOML file of these options (names with - or _; "
                         "'compare' and 'sparsities' may be lists, 'option' a table); flags "
@@ -290,6 +292,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.data == "cifar10" and not args.data_dir:
         parser.error("--data cifar10 needs --data-dir DIR holding CIFAR-10's python batches "
                      "(dpf_ext never downloads data)")
+    if args.data == "imagefolder" and not args.data_dir:
+        parser.error("--data imagefolder needs --data-dir ROOT holding train/<class>/ and "
+                     "val/<class>/ image folders (dpf_ext never downloads data)")
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -523,7 +528,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.status:
         say(sweep_status(args, configs, data))
         return 0
-    say(f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
+    say(f"{data.name}: {data.train_size} train / {data.test_size} test, "
           f"model {args.model}, target "
           f"{f'pattern {args.pattern}' if args.pattern else f'sparsity {args.sparsity:.0%}'}, "
           f"{args.epochs} epochs, "

@@ -10,6 +10,11 @@
   distinction, for deeper nets (the ResNet-20 recipe).
 - ``cifar10``: CIFAR-10 from its python-format batches on disk (``data_batch_1..5`` and
   ``test_batch``, in ``data_dir`` or ``data_dir/cifar-10-batches-py``); never downloaded.
+- ``imagefolder``: images in ``data_dir/train/<class>/`` and ``data_dir/val/<class>/``
+  (ImageNet's layout), read from disk as needed: :class:`dpf_ext.image_folder.ImageFolder`.
+
+Training reads a data set through ``train_size``, ``train_batch(idx, generator)`` and
+``test_batches(batch_size)``, which both kinds provide.
 """
 
 from __future__ import annotations
@@ -43,6 +48,28 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return int(self.y_train.max()) + 1
+
+    @property
+    def train_size(self) -> int:
+        return len(self.x_train)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.x_test)
+
+    def train_batch(self, idx: torch.Tensor, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training examples ``idx`` as ``(x, y)``, augmented (:func:`augment_batch`,
+        drawn from ``generator``) when the data set augments and a generator is given."""
+        x = self.x_train[idx]
+        if self.augment and generator is not None:
+            x = augment_batch(x, generator)
+        return x, self.y_train[idx]
+
+    def test_batches(self, batch_size: int):
+        """The test examples in order, ``batch_size`` at a time, as ``(x, y)``."""
+        for i in range(0, len(self.x_test), batch_size):
+            yield self.x_test[i:i + batch_size], self.y_test[i:i + batch_size]
 
 
 def load_digits(seed: int = 0) -> Dataset:
@@ -133,11 +160,11 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
     return Dataset("cifar10", x_train, y_train, x_test, y_test, augment=True)
 
 
-DATASETS = ("digits", "gratings", "gratings20", "cifar10")
+DATASETS = ("digits", "gratings", "gratings20", "cifar10", "imagefolder")
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load one of :data:`DATASETS` (``cifar10`` needs ``data_dir``)."""
+def load_dataset(name: str, data_dir: str | Path | None = None):
+    """Load one of :data:`DATASETS` (``cifar10`` and ``imagefolder`` need ``data_dir``)."""
     if name == "digits":
         return load_digits()
     if name == "gratings":
@@ -148,6 +175,12 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         if data_dir is None:
             raise ValueError("--data cifar10 needs --data-dir DIR holding the python batches")
         return load_cifar10(data_dir)
+    if name == "imagefolder":
+        if data_dir is None:
+            raise ValueError("--data imagefolder needs --data-dir ROOT holding train/ and val/")
+        from .image_folder import ImageFolder
+
+        return ImageFolder(data_dir)
     raise ValueError(f"unknown data set {name!r}; choose from {DATASETS}")
 
 

@@ -110,7 +110,7 @@ def plot_sweep(results: list[RunResult], path: str | Path, title: str = "") -> N
 def sweep_status(args: argparse.Namespace, configs: list[TrainConfig], data) -> str:
     """Which runs of the plan are done, in progress (their latest checkpoint's step) or
     waiting, and the time left at the mean step time in ``log.jsonl``."""
-    steps_per_run = args.epochs * -(-len(data.x_train) // args.batch_size)
+    steps_per_run = args.epochs * -(-data.train_size // args.batch_size)
     step_times = []
     log = args.out / "log.jsonl"
     if log.exists():

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import Dataset, augment_batch
+from .data import Dataset
 from .distributed import is_sharded
 from .methods import METHODS, make_pruner, method_options
 from .models import build_model
@@ -173,17 +173,16 @@ def mask_checksums(pruner) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on ``(x, y)``."""
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``data``'s test examples."""
     was_training = model.training
     model.eval()
     correct = 0
     device = next(model.parameters()).device
-    for i in range(0, len(x), batch_size):
-        out = model(x[i:i + batch_size].to(device))
-        correct += int((out.argmax(1).cpu() == y[i:i + batch_size]).sum())
+    for x, y in data.test_batches(batch_size):
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
     model.train(was_training)
-    return correct / len(x)
+    return correct / data.test_size
 
 
 def train(config: TrainConfig, data: Dataset, progress: bool = True,
@@ -205,7 +204,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
     gen = torch.Generator().manual_seed(config.seed)
     device = torch.device(config.device)
     model = build_model(config.model, data.input_shape, data.num_classes).to(device)
-    steps_per_epoch = -(-len(data.x_train) // config.batch_size)
+    steps_per_epoch = -(-data.train_size // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.method != "dense":
         sparsify(model, exclude=config.exclude, powerprop=config.powerprop)
@@ -215,8 +214,13 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.momentum > 0, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
-    first = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(config.seed))
+    first = torch.randperm(data.train_size, generator=torch.Generator().manual_seed(config.seed))
     first = first[:config.batch_size]  # the batch that SNIP scores the weights on
+
+    def first_loss(m: nn.Module) -> torch.Tensor:
+        x, y = data.train_batch(first)
+        return loss_fn(m(x.to(device)), y.to(device))
+
     controller = {k: v for k, v in (("update_every", config.update_every),
                                     ("budget", config.budget)) if v is not None}
     if (config.update_every is None and config.method in METHODS
@@ -233,8 +237,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
         prune_at=round(config.oneshot_at * total_steps), scope=config.scope,
         channel_floor=config.channel_floor, pattern=config.pattern, optimizer=optimizer,
         seed=config.seed,
-        batch_loss=lambda m: loss_fn(m(data.x_train[first].to(device)),
-                                     data.y_train[first].to(device)),
+        batch_loss=first_loss,
         options=config.options, **controller,
     )
     wrapped = model  # what the training steps call: DDP's wrapper over several processes
@@ -256,7 +259,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
         history, epoch0, batch0 = resume["history"], resume["epoch"], resume["batch"]
         order, elapsed = resume["order"], resume["elapsed"]
         loss_sum = resume["loss_sum"].to(device)
-    batches = range(0, len(data.x_train), config.batch_size)
+    batches = range(0, data.train_size, config.batch_size)
     name = run_name(config, with_sparsity=True)
     start = time.perf_counter()
     # the bar shows on a terminal only (tqdm's disable=None), never with progress=False
@@ -265,16 +268,14 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
     for epoch in bar:
         model.train()
         if batch0 == 0:
-            order = torch.randperm(len(data.x_train), generator=gen)
+            order = torch.randperm(data.train_size, generator=gen)
             loss_sum = torch.zeros((), device=device)
         for b in range(batch0, len(batches)):
             tick = time.perf_counter()
             idx = order[batches[b]:batches[b] + config.batch_size]
-            x = data.x_train[idx]
-            if data.augment:
-                x = augment_batch(x, gen)
+            x, y = data.train_batch(idx, gen)
             mine = torch.arange(len(idx)).tensor_split(world)[rank]  # this rank's part
-            loss = loss_fn(wrapped(x[mine].to(device)), data.y_train[idx][mine].to(device))
+            loss = loss_fn(wrapped(x[mine].to(device)), y[mine].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -308,7 +309,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
         epoch_loss = loss_sum.clone()
         if world > 1:
             dist.all_reduce(epoch_loss)
-        accuracy = evaluate(model, data.x_test, data.y_test)
+        accuracy = evaluate(model, data)
         sparsity = pruner.sparsity() if pruner is not None else 0.0
         history.append({
             "epoch": epoch + 1,
@@ -339,7 +340,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
         model = gathered(model, config, data)
     return RunResult(
         config=config,
-        accuracy=evaluate(model, data.x_test, data.y_test),
+        accuracy=evaluate(model, data),
         sparsity=report.sparsity if report else 0.0,
         reactivations=report.reactivated_total if report else 0,
         wall_time=wall_time,
