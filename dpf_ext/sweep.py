@@ -109,7 +109,8 @@ def plot_sweep(results: list[RunResult], path: str | Path, title: str = "") -> N
 
 def sweep_status(args: argparse.Namespace, configs: list[TrainConfig], data) -> str:
     """Which runs of the plan are done, in progress (their latest checkpoint's step) or
-    waiting, and the time left at the mean step time in ``log.jsonl``."""
+    waiting, and the time left at the mean step time in ``log.jsonl`` with ``args.jobs``
+    runs at a time."""
     steps_per_run = args.epochs * -(-data.train_size // args.batch_size)
     step_times = []
     log = args.out / "log.jsonl"
@@ -131,6 +132,8 @@ def sweep_status(args: argparse.Namespace, configs: list[TrainConfig], data) -> 
             state, left = "waiting", left + steps_per_run
         lines.append(f"{run_name(config, bool(args.sparsities)):<32} {state}")
     mean = sum(step_times) / len(step_times) if step_times else None
-    eta = f"about {left * mean / 60:.0f} min of training left" if mean else "no step time logged yet"
+    eta = (f"about {left * mean / 60 / args.jobs:.0f} min of training left"
+           + (f" at {args.jobs} runs at a time" if args.jobs > 1 else "")
+           if mean else "no step time logged yet")
     done_count = sum("done" in line or "diverged" in line for line in lines)
     return "\n".join([*lines, f"{done_count}/{len(configs)} runs finished; {eta}"])

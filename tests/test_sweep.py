@@ -80,3 +80,4 @@ def test_jobs_under_torchrun_is_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "mlp", "--epochs", "1", "--jobs", "2"])
     assert "--jobs runs several single-process trainings" in capsys.readouterr().err
+
