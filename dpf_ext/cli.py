@@ -162,9 +162,9 @@ def summary_table(results: list[RunResult]) -> str:
 
 def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = None,
                   data_name: str = "") -> list[Path]:
-    """Write ``metrics.json``, the plots (for a sweep over sparsities also ``sweep.md`` and
-    ``sweep.png``: :func:`dpf_ext.sweep.sweep_table`, :func:`dpf_ext.sweep.plot_sweep`) and each
-    trained model (``model-<method>.pt``, or
+    """Write ``metrics.json``, the plots (for a sweep over sparsities ``sweep.md`` and
+    ``sweep.png`` instead: :func:`dpf_ext.sweep.sweep_table`, :func:`dpf_ext.sweep.plot_sweep`)
+    and each trained model (``model-<method>.pt``, or
     ``model-<method>-seed<k>.pt`` with several seeds: the finalized ``state_dict``, which
     loads into the original architecture) into ``out``; return the paths written.
     ``metrics.json`` records the machine, the software versions and the ``recipe`` run."""
@@ -184,20 +184,21 @@ def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = Non
     written = [metrics]
     several = len({r.config.method for r in results}) < len(results)
     sweep = len({r.config.sparsity for r in results if r.config.method != "dense"}) > 1
-    if sweep:  # accuracy against sparsity, as a table and a figure
-        written.append(out / "sweep.md")
-        written[-1].write_text(sweep_table(results))
-        first = results[0].config
-        seeds = len({r.config.seed for r in results})
-        written.append(out / "sweep.png")
-        plot_sweep(results, written[-1], f"{first.model} on {data_name}, {seeds} seeds, "
-                                         f"{torch.get_num_threads()} thread(s) per run")
     for r in results:
         if r.model is not None:
             name = (f"model-{run_name(r.config, sweep)}" if several
                     else f"model-{r.config.method}")
             written.append(out / f"{name}.pt")
             torch.save(r.model.state_dict(), written[-1])
+    if sweep:  # accuracy against sparsity, as a table and a figure, instead of per-run plots
+        written.append(out / "sweep.md")
+        written[-1].write_text(sweep_table(results))
+        seeds = len({r.config.seed for r in results})
+        threads = torch.get_num_threads()
+        written.append(out / "sweep.png")
+        plot_sweep(results, written[-1], f"{results[0].config.model} on {data_name}, {seeds} "
+                   f"seeds, {threads} thread{'s' if threads > 1 else ''} per run")
+        return written
 
     fig, (ax_acc, ax_sp) = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:

@@ -23,7 +23,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def sweep_cells(results: list[RunResult]) -> dict[str, dict[float, dict]]:
-    """``{method: {sparsity: {"mean", "std", "seeds", "diverged", "wall_time"}}}``: accuracy
+    """``{method: {sparsity: {"mean", "std", "seeds", "diverged"}}}``: accuracy
     in percent over the seeds that did not diverge (NaN when all did). Dense runs, trained
     once, stand at every sparsity of the sweep."""
     targets = sorted({r.config.sparsity for r in results if r.config.method != "dense"})
@@ -37,22 +37,19 @@ def sweep_cells(results: list[RunResult]) -> dict[str, dict[float, dict]]:
             ok = [r for r in runs if not r.diverged]
             mean, std = mean_std([100 * r.accuracy for r in ok]) if ok else (math.nan, math.nan)
             cells.setdefault(method, {})[target] = {
-                "mean": mean, "std": std, "seeds": len(runs), "diverged": len(runs) - len(ok),
-                "wall_time": mean_std([r.wall_time for r in ok])[0] if ok else math.nan}
+                "mean": mean, "std": std, "seeds": len(runs), "diverged": len(runs) - len(ok)}
     return cells
 
 
 def sweep_table(results: list[RunResult]) -> str:
     """A Markdown table: a row per method, a column per sparsity, ``mean ± std`` test
-    accuracy (%) with the number of diverged seeds where any did; the last columns are the
-    diverged runs and the mean wall time per run against dense."""
+    accuracy (%) with the number of diverged seeds where any did, and the method's diverged
+    runs in all. (Wall times are in ``metrics.json``; on a shared machine they are no measure
+    of a method's cost: ``bench/test_methods.py`` times the steps interleaved with dense.)"""
     cells = sweep_cells(results)
     targets = sorted({t for row in cells.values() for t in row})
-    dense = cells.get("dense")
-    dense_time = mean_std([c["wall_time"] for c in dense.values()])[0] if dense else None
-    lines = ["| method | " + " | ".join(f"{100 * t:g}%" for t in targets)
-             + " | diverged | time vs dense |",
-             "| --- |" + " ---: |" * (len(targets) + 2)]
+    lines = ["| method | " + " | ".join(f"{100 * t:g}%" for t in targets) + " | diverged |",
+             "| --- |" + " ---: |" * (len(targets) + 1)]
     for method, row in cells.items():
         entries = []
         for t in targets:
@@ -64,18 +61,17 @@ def sweep_table(results: list[RunResult]) -> str:
             if c["diverged"] and not math.isnan(c["mean"]):
                 text += f" ({c['diverged']} diverged)"
             entries.append(text)
-        diverged = sum(c["diverged"] for c in row.values()) if method != "dense" else \
-            next(iter(row.values()))["diverged"]
-        times = [c["wall_time"] for c in row.values() if not math.isnan(c["wall_time"])]
-        ratio = f"{mean_std(times)[0] / dense_time:.2f}" if dense_time and times else ""
-        lines.append(f"| {method} | " + " | ".join(entries) + f" | {diverged} | {ratio} |")
+        diverged = (next(iter(row.values()))["diverged"] if method == "dense"
+                    else sum(c["diverged"] for c in row.values()))
+        lines.append(f"| {method} | " + " | ".join(entries) + f" | {diverged} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_sweep(results: list[RunResult], path: str | Path, title: str = "") -> None:
     """Accuracy against sparsity, a line per method (mean over seeds) with its spread (± one
-    standard deviation) as a band; dense as a grey band. Sparsities are evenly spaced on the
-    axis (50, 80, 90, 95, 98, 99% read better so than to scale)."""
+    standard deviation) as a band; dense as a grey band. Left: the whole range; right: the
+    same, zoomed to the few points around dense where most methods are. Sparsities are
+    evenly spaced on the axis (50, 80, 90, 95, 98, 99% read better so than to scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,25 +79,37 @@ def plot_sweep(results: list[RunResult], path: str | Path, title: str = "") -> N
 
     cells = sweep_cells(results)
     targets = sorted({t for row in cells.values() for t in row})
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colors = plt.get_cmap("tab10")
-    for i, (method, row) in enumerate(cells.items()):
-        xs = [j for j, t in enumerate(targets) if t in row and not math.isnan(row[t]["mean"])]
-        mean = [row[targets[j]]["mean"] for j in xs]
-        std = [row[targets[j]]["std"] for j in xs]
-        low, high = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
-        if method == "dense":
-            ax.axhspan(low[0], high[0], color="grey", alpha=0.25)
-            ax.axhline(mean[0], color="grey", lw=1.5, label="dense")
-            continue
-        color = colors(i % 10)
-        ax.plot(xs, mean, marker="o", ms=4, color=color, label=method,
-                lw=2.5 if method == "dpf" else 1.3)
-        ax.fill_between(xs, low, high, color=color, alpha=0.15)
-    ax.set_xticks(range(len(targets)), [f"{100 * t:g}" for t in targets])
-    ax.set(xlabel="sparsity (%)", ylabel="test accuracy (%)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="lower left")
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # 7: grey
+    markers = "osD^vP*Xhp<>"
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    dense = cells.get("dense")
+    for ax in axes:
+        others = 0
+        for method, row in cells.items():
+            xs = [j for j, t in enumerate(targets) if t in row and not math.isnan(row[t]["mean"])]
+            if not xs:
+                continue
+            mean = [row[targets[j]]["mean"] for j in xs]
+            std = [row[targets[j]]["std"] for j in xs]
+            low, high = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
+            if method == "dense":
+                ax.axhspan(low[0], high[0], color="grey", alpha=0.25)
+                ax.axhline(mean[0], color="grey", lw=1.5, label="dense")
+                continue
+            color = palette[others % len(palette)]
+            ax.plot(xs, mean, marker=markers[others % len(markers)], ms=5, color=color,
+                    label=method, lw=2.8 if method == "dpf" else 1.3)
+            ax.fill_between(xs, low, high, color=color, alpha=0.12)
+            others += 1
+        ax.set_xticks(range(len(targets)), [f"{100 * t:g}" for t in targets])
+        ax.set(xlabel="sparsity (%)", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title(title)
+    axes[0].legend(fontsize=8, ncol=2, loc="lower left")
+    if dense:
+        level = next(iter(dense.values()))["mean"]
+        axes[1].set_ylim(level - 8, level + 3)
+    axes[1].set_title("the same, near dense")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
