@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ramp-until", type=float, default=None, metavar="F",
                    help="dpf's and gradual's cubic schedule reaches the target at this "
                         "fraction of training (default 0.75)")
+    p.add_argument("--updates-until", type=float, default=None, metavar="F",
+                   help="the masks change up to this fraction of training, then stay fixed "
+                        "(default: the method's; dpf: to the end, rigl/set: 0.75)")
     p.add_argument("--oneshot-at", type=float, default=defaults.oneshot_at,
                    help="one-shot pruning point as a fraction of training")
     p.add_argument("--exclude", nargs="*", default=[],
@@ -265,6 +268,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if unknown or not args.methods:
         parser.error(f"--compare: unknown methods {unknown}; choose from "
                      f"{['dense', *METHODS]}")
+    if args.updates_until is not None:
+        if not 0.0 <= args.updates_until <= 1.0:
+            parser.error(f"--updates-until is a fraction of training in [0, 1], got {args.updates_until}")
+        fixed = sorted(set(args.methods) & {"snip", "static", "oneshot"})
+        if fixed:
+            parser.error(f"--updates-until: {', '.join(fixed)} fix their masks by design")
+        ramp = 0.75 if args.ramp_until is None else args.ramp_until
+        if args.updates_until < ramp and set(args.methods) & {"dpf", "gradual"}:
+            parser.error(f"--updates-until {args.updates_until} stops dpf's and gradual's masks "
+                         f"before their schedule reaches the target (at {ramp}, --ramp-until)")
     args.options = {}
     for item in args.option:
         key, eq, value = item.partition("=")

@@ -84,6 +84,9 @@ class TrainConfig:
     ramp_until: float | None = None
     """DPF's and gradual pruning's cubic schedule reaches the target at this fraction of
     training (``None``: 0.75); the other methods keep their schedules."""
+    updates_until: float | None = None
+    """The masks change up to this fraction of training and then stay fixed (the
+    controller's ``end_step``); ``None``: the method's (DPF: to the end, RigL: 0.75)."""
     fsdp: bool = False
     """Under ``torchrun``: shard the model with FSDP2 instead of DDP."""
     seed: int = 0
@@ -228,6 +231,8 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
         controller["update_every"] = steps_per_epoch
     if config.ramp_until is not None and config.method in ("dpf", "gradual") and not config.pattern:
         controller["schedule"] = Cubic(config.sparsity, 0, max(1, round(config.ramp_until * total_steps)))
+    if config.updates_until is not None:
+        controller["end_step"] = round(config.updates_until * total_steps)
     takes = method_options(config.method) if config.method in METHODS else []
     for key in ("threshold", "feedback_clip"):  # the magnitude methods' settings
         if key in takes:

@@ -100,6 +100,9 @@ def test_cli_single_run_prints_the_layer_report(capsys):
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--feedback-clip", "0"], "--feedback-clip must be positive"),
     (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--updates-until", "1.5"], r"--updates-until is a fraction of training in \[0, 1\]"),
+    (["--method", "snip", "--updates-until", "0.5"], "snip fix their masks by design"),
+    (["--updates-until", "0.5"], "stops dpf's and gradual's masks before their schedule"),
 ])
 def test_cli_bad_arguments_fail_before_training(args, message, tmp_path, capsys):
     out = tmp_path / "out"
@@ -184,6 +187,18 @@ def test_cli_bad_patterns(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", "mlp", "--epochs", "1", "--no-progress", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_updates_until_fixes_the_masks_from_then_on(digits):
+    config = TrainConfig(method="dpf", model="mlp", sparsity=0.9, epochs=4, seed=0,
+                         updates_until=0.75)
+    result = train(config, digits, progress=False)
+    changes = [h["reactivations"] for h in result.history]
+    assert changes[2] > 0 and changes[3] == changes[2]  # reactivations up to 75%, then none
+    free = train(TrainConfig(method="dpf", model="mlp", sparsity=0.9, epochs=4, seed=0),
+                 digits, progress=False)
+    assert free.history[3]["reactivations"] > free.history[2]["reactivations"]
+    assert result.sparsity == pytest.approx(0.9, abs=1e-3)
 
 
 def test_ramp_until_moves_the_end_of_the_cubic_schedule(tmp_path):
