@@ -448,6 +448,8 @@ def _run_all(args: argparse.Namespace, configs: list[TrainConfig], data, log, wr
         except BaseException:
             pool.terminate()  # the runs in flight stop at once; their checkpoints stay
             raise
+        pool.close()
+        pool.join()
 
 
 def recipe_argv(path: Path) -> tuple[list[str], dict]:
