@@ -544,11 +544,12 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.status:
         say(sweep_status(args, configs, data))
         return 0
-    say(f"{data.name}: {data.train_size} train / {data.test_size} test, "
-          f"model {args.model}, target "
-          f"{f'pattern {args.pattern}' if args.pattern else f'sparsity {args.sparsity:.0%}'}, "
-          f"{args.epochs} epochs, "
-          f"{torch.get_num_threads()} threads")
+    target = (f"pattern {args.pattern}" if args.pattern else
+              f"sparsities {', '.join(f'{t:.0%}' for t in targets)}" if args.sparsities else
+              f"sparsity {args.sparsity:.0%}")
+    say(f"{data.name}: {data.train_size} train / {data.test_size} test, model {args.model}, "
+        f"target {target}, {args.epochs} epochs, {torch.get_num_threads()} threads"
+        + (f", {args.jobs} runs at a time" if args.jobs > 1 else ""))
     if args.out is not None and args.overwrite and writer:
         shutil.rmtree(args.out / "checkpoints", ignore_errors=True)
         (args.out / "log.jsonl").unlink(missing_ok=True)
