@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import multiprocessing
@@ -400,11 +401,14 @@ def _start_worker(args: argparse.Namespace) -> None:
                    log=RunLog(args.out) if args.out is not None else None)
 
 
-def _run_in_worker(config: TrainConfig) -> tuple[RunResult, dict]:
+def _run_in_worker(config: TrainConfig) -> tuple[RunResult, bytes]:
     """:func:`_run` in a ``--jobs`` worker: the result without its model, and the model's
-    ``state_dict`` (plain data crosses processes; the modules are rebuilt by the caller)."""
+    ``state_dict`` as ``torch.save`` bytes. Plain bytes cross the pipe: tensors would cross as
+    shared-memory handles, one per tensor, which the receiving process keeps open."""
     result = _run(_worker["args"], config, _worker["data"], _worker["log"])
-    return dataclasses.replace(result, model=None), result.model.state_dict()
+    state = io.BytesIO()
+    torch.save(result.model.state_dict(), state)
+    return dataclasses.replace(result, model=None), state.getvalue()
 
 
 def _run_all(args: argparse.Namespace, configs: list[TrainConfig], data, log, writer: bool,
@@ -442,7 +446,8 @@ def _run_all(args: argparse.Namespace, configs: list[TrainConfig], data, log, wr
             pending = [pool.apply_async(_run_in_worker, (c,), callback=finished) for c in configs]
             for config, outcome in zip(configs, pending):
                 try:
-                    results.append(_with_model(*outcome.get(), data))
+                    result, state = outcome.get()
+                    results.append(_with_model(result, torch.load(io.BytesIO(state)), data))
                 except FloatingPointError as exc:
                     results.append(diverged(config, exc))
         except BaseException:
