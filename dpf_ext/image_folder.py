@@ -67,7 +67,6 @@ class ImageFolder:
     shorter side before evaluation's centre crop; ``threads``: decoding threads."""
 
     name = "imagefolder"
-    augment = True
 
     def __init__(self, root: str | Path, size: int = 224, resize: int = 256, threads: int = 8):
         root = Path(root)

@@ -23,7 +23,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def sweep_cells(results: list[RunResult]) -> dict[str, dict[float, dict]]:
-    """``{method: {sparsity: {"mean", "std", "seeds", "diverged"}}}``: accuracy
+    """``{method: {sparsity: {"mean", "std", "diverged"}}}``: accuracy
     in percent over the seeds that did not diverge (NaN when all did). Dense runs, trained
     once, stand at every sparsity of the sweep."""
     targets = sorted({r.config.sparsity for r in results if r.config.method != "dense"})
@@ -37,7 +37,7 @@ def sweep_cells(results: list[RunResult]) -> dict[str, dict[float, dict]]:
             ok = [r for r in runs if not r.diverged]
             mean, std = mean_std([100 * r.accuracy for r in ok]) if ok else (math.nan, math.nan)
             cells.setdefault(method, {})[target] = {
-                "mean": mean, "std": std, "seeds": len(runs), "diverged": len(runs) - len(ok)}
+                "mean": mean, "std": std, "diverged": len(runs) - len(ok)}
     return cells
 
 

@@ -3,7 +3,10 @@
 
 import json
 import math
-from pathlib import Path
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,12 +52,8 @@ def test_parallel_runs_give_what_one_process_gives(tmp_path, capsys):
     args = ["--model", "mlp", "--epochs", "2", "--threads", "1", "--no-progress",
             "--compare", "dense,dpf,rigl", "--sparsities", "0.5", "0.9", "--seeds", "2"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
-    fds = Path("/proc/self/fd")
-    before = len(list(fds.iterdir())) if fds.is_dir() else 0
     assert main(args + ["--jobs", "2", "--out", str(tmp_path / "two"),
                         "--checkpoint-every", "10"]) == 0
-    if fds.is_dir():  # results hold no file descriptors (a sweep of hundreds of runs ran out)
-        assert len(list(fds.iterdir())) - before < 10
     assert len(_metrics(tmp_path / "one")) == 10
     assert _metrics(tmp_path / "two") == _metrics(tmp_path / "one")
     for name in ("model-rigl-s0.9-seed1.pt", "model-dpf-s0.5-seed0.pt"):
@@ -82,3 +81,21 @@ def test_jobs_under_torchrun_is_refused(monkeypatch, capsys):
         main(["--model", "mlp", "--epochs", "1", "--jobs", "2"])
     assert "--jobs runs several single-process trainings" in capsys.readouterr().err
 
+
+
+def test_results_hold_no_file_descriptors(tmp_path):
+    # Models handed back as tensors kept one shared-memory descriptor per tensor open in the
+    # parent until the sweep ended; 14 CNN results exceed a limit of 160 and the sweep hung.
+    command = (f"ulimit -n 160 && {sys.executable} -m dpf_ext --model cnn --epochs 1 "
+               "--compare dense,dpf,gradual,rigl --sparsities 0.5 0.9 --seeds 2 --jobs 2 "
+               f"--threads 1 --no-progress --out {tmp_path}")
+    job = subprocess.Popen(["bash", "-c", command], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = job.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        pytest.fail("the parallel sweep hung (out of file descriptors?)")
+    assert job.returncode == 0, err.decode()[-2000:]
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["runs"]) == 14
