@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .nn import dpf_layers, sparsify
 from .patterns import NMPattern, reduction
 from .methods.magnitude import THRESHOLDS
 from .methods.presets import SCOPES
-from .resume import CheckpointError, Checkpoints, check_same_run
+from .resume import CheckpointError, Checkpoints, FolderInUse, FolderLock, check_same_run
 from .resume import load as load_checkpoint
 from .sweep import mean_std, plot_sweep, sweep_status, sweep_table
 from .train import RunLog, RunResult, TrainConfig, ranks, run_name, train
@@ -179,7 +180,8 @@ def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = Non
 
     out.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "processor": platform.processor(),
-               "torch": torch.__version__, "threads": torch.get_num_threads()}
+               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "processes": ranks()[1]}
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "dpf_ext": __import__("dpf_ext").__version__}
     metrics = out / "metrics.json"
@@ -330,6 +332,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--fsdp runs cannot be checkpointed yet; use DDP (leave out --fsdp)")
     if (args.checkpoint_every is not None or args.resume) and args.out is None:
         parser.error("--checkpoint-every and --resume need --out (where the checkpoints are)")
+    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        parser.error(f"--resume {args.resume}: no such checkpoint file")
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         parser.error(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     if args.keep_checkpoints < 1:
@@ -348,6 +352,24 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             probe.unlink()
         except OSError as exc:
             parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
+
+
+def _resume_from(args: argparse.Namespace, configs: list[TrainConfig]) -> dict[str, Path]:
+    """``--resume PATH``: the run of the plan that PATH is a checkpoint of (by its recorded
+    config), ``{run name: PATH}``; a :class:`CheckpointError` if it is of none of them."""
+    if args.resume in (None, "auto"):
+        return {}
+    path = Path(args.resume)
+    saved = load_checkpoint(path)["config"]
+    mismatch = None
+    for config in configs:
+        try:
+            check_same_run(saved, asdict(config), path)
+        except CheckpointError as exc:
+            mismatch = mismatch or exc
+            continue
+        return {run_name(config, bool(args.sparsities)): path}
+    raise mismatch
 
 
 def _terminate(signum, frame):
@@ -369,11 +391,12 @@ def _run(args: argparse.Namespace, config: TrainConfig, data, log, writer: bool 
         if done is not None:
             check_same_run(done["config"], asdict(config), checkpoints.folder / "done.pt")
             return _with_model(done["result"], done["model"], data)
-        explicit = Path(args.resume) if args.resume != "auto" else None
-        if explicit is not None and explicit.parent.resolve() == checkpoints.folder.resolve():
-            state = {**load_checkpoint(explicit), "path": explicit}
-        else:  # the other runs of a --compare: their own latest
-            state = checkpoints.latest()
+        explicit = args.resume_from.get(run_name(config, bool(args.sparsities)))
+        state = ({**load_checkpoint(explicit), "path": explicit} if explicit is not None
+                 else checkpoints.latest())  # the runs PATH is not of: their own latest
+        if state is None and writer:
+            print(f"{run_name(config, True)}: nothing to resume in {checkpoints.folder}, "
+                  "training from step 0")
     result = train(config, data, progress=not args.no_progress and writer,
                    checkpoints=checkpoints if writer else None,
                    checkpoint_every=args.checkpoint_every, resume=state, log=log)
@@ -395,7 +418,21 @@ _worker: dict = {}
 """A ``--jobs`` worker process's arguments and data set, loaded once per process."""
 
 
-def _start_worker(args: argparse.Namespace) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """End this process (a ``--jobs`` worker) as soon as its parent ``parent`` is gone, so that
+    no orphan keeps training into ``--out``."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="dpf-train-parent-watch").start()
+
+
+def _start_worker(args: argparse.Namespace, parent: int) -> None:
+    _exit_with_parent(parent)
+    if args.out is not None:  # shared with the parent's: the folder stays locked while we run
+        _worker["lock"] = FolderLock(args.out).acquire(shared=True)
     torch.set_num_threads(args.threads or 1)
     _worker.update(args=args, data=load_dataset(args.data, args.data_dir),
                    log=RunLog(args.out) if args.out is not None else None)
@@ -441,7 +478,7 @@ def _run_all(args: argparse.Namespace, configs: list[TrainConfig], data, log, wr
         say(f"{run_name(result.config, sweep)}: done, {result.accuracy:.2%}", flush=True)
 
     # spawn: a fresh interpreter per worker, not a fork of this process's thread pools
-    with multiprocessing.get_context("spawn").Pool(args.jobs, _start_worker, (args,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(args.jobs, _start_worker, (args, os.getpid())) as pool:
         try:
             pending = [pool.apply_async(_run_in_worker, (c,), callback=finished) for c in configs]
             for config, outcome in zip(configs, pending):
@@ -549,12 +586,33 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.status:
         say(sweep_status(args, configs, data))
         return 0
+    try:
+        args.resume_from = _resume_from(args, configs)
+    except CheckpointError as exc:
+        parser.error(f"--resume {args.resume}: {exc}")
     target = (f"pattern {args.pattern}" if args.pattern else
               f"sparsities {', '.join(f'{t:.0%}' for t in targets)}" if args.sparsities else
               f"sparsity {args.sparsity:.0%}")
     say(f"{data.name}: {data.train_size} train / {data.test_size} test, model {args.model}, "
-        f"target {target}, {args.epochs} epochs, {torch.get_num_threads()} threads"
+        f"target {target}, {args.epochs} epochs, {ranks()[1]} process"
+        f"{'es' if ranks()[1] > 1 else ''} x {torch.get_num_threads()} threads"
         + (f", {args.jobs} runs at a time" if args.jobs > 1 else ""))
+    lock = FolderLock(args.out) if args.out is not None and writer else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except FolderInUse as exc:
+            parser.error(str(exc))
+    try:
+        return _train_and_report(args, configs, data, writer, say)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_report(args: argparse.Namespace, configs: list[TrainConfig], data, writer: bool,
+                      say) -> int:
+    """The runs of the plan, then the summary table and the output files (rank 0)."""
     if args.out is not None and args.overwrite and writer:
         shutil.rmtree(args.out / "checkpoints", ignore_errors=True)
         (args.out / "log.jsonl").unlink(missing_ok=True)

@@ -173,6 +173,7 @@ class DPF:
         self._feedback = all(e.feedback for e in self._estimators)
         self._install_estimators()
         self._update_masks(initial=True)
+        self._warn_if_masks_never_change()
         if freeze_at == 0:
             self.freeze()
         self._arm_taps()
@@ -227,6 +228,24 @@ class DPF:
         if self.end_step is not None and step > self.end_step:
             return False
         return self.method.due(step, self.update_every) or step == self.schedule.final_step
+
+    def _warn_if_masks_never_change(self) -> None:
+        """Warn when the masks can change in principle but no update falls inside the run:
+        the first one would come after the last update step or after ``total_steps`` (a
+        period of 100 steps on a run of 90 is static sparse training under another name)."""
+        if self.end_step == 0 or self.freeze_at == 0:
+            return  # fixed by design
+        limits = [s for s in (self.end_step, self.total_steps) if s is not None]
+        if not limits:
+            return
+        last = min(limits)
+        if any(self._due(s) or s == self.freeze_at for s in range(1, last + 1)):
+            return
+        warnings.warn(
+            f"{self.method.name}'s masks never change in this run: its first update would "
+            f"come after step {last} (update_every={self.update_every}, end_step="
+            f"{self.end_step}, total_steps={self.total_steps}); pass a smaller update_every= "
+            "(dpf-train: --update-every) or train longer", UserWarning, stacklevel=3)
 
     def _arm_taps(self) -> None:
         """Have the layers record the dense gradient of the next step if the method needs

@@ -97,3 +97,44 @@ def check_same_run(saved: dict, config: dict, path) -> None:
     if diff:
         details = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{path} is of another run: {details}")
+
+
+class FolderInUse(RuntimeError):
+    """The run folder is being written by another live process."""
+
+
+class FolderLock:
+    """An advisory lock on a run folder (``.dpf-train.lock``, ``flock``) while a process
+    trains into it: a second ``dpf-train`` into the same folder (a ``--resume`` started
+    while the first, or one of its ``--jobs`` workers, still runs) is refused with
+    :class:`FolderInUse` instead of racing it. The lock goes with the process that holds it,
+    however that process ends."""
+
+    NAME = ".dpf-train.lock"
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / self.NAME
+        self._file = None
+
+    def acquire(self, shared: bool = False) -> "FolderLock":
+        """Take the lock: exclusive (the first process: no one else may be writing), or
+        ``shared`` (a worker of the process that holds it). Raises :class:`FolderInUse`."""
+        import fcntl
+
+        self._file = open(self.path, "a+")
+        if not shared:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.release()
+                raise FolderInUse(f"{self.path.parent} is being written by another live process "
+                                  "(dpf-train or one of its --jobs workers); wait for it to end "
+                                  "or stop it, then resume") from None
+        fcntl.flock(self._file, fcntl.LOCK_SH)  # the workers may share it
+        return self
+
+    def release(self) -> None:
+        """Let go of the lock."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

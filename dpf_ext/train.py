@@ -264,6 +264,10 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
         history, epoch0, batch0 = resume["history"], resume["epoch"], resume["batch"]
         order, elapsed = resume["order"], resume["elapsed"]
         loss_sum = resume["loss_sum"].to(device)
+        if rank == 0:
+            print(f"{run_name(config, with_sparsity=True)}: resumed from "
+                  f"{resume.get('path', 'a checkpoint')} at step "
+                  f"{epoch0 * steps_per_epoch + batch0} of {total_steps}")
     batches = range(0, data.train_size, config.batch_size)
     name = run_name(config, with_sparsity=True)
     start = time.perf_counter()

@@ -252,3 +252,100 @@ def test_the_status_of_an_interrupted_sweep(tmp_path, capsys):
     assert any(line.startswith("gradual-s0.9-seed0") and "waiting" in line for line in lines)
     assert "2/4 runs finished" in lines[-1] and "min of training left" in lines[-1]
     assert main(args + ["--resume"]) == 0  # the finished runs are read back, not trained
+
+
+def test_resume_loads_a_path_outside_out_and_says_so(uninterrupted, tmp_path):
+    killed = _cli(*ARGS, "--out", str(tmp_path / "old"), kill=(30, "step"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    latest = sorted((tmp_path / "old" / "checkpoints" / "dpf-seed0").glob("step-*.pt"))[-1]
+    moved = tmp_path / "elsewhere.pt"
+    latest.rename(moved)
+    resumed = _cli(*ARGS, "--out", str(tmp_path / "new"), "--resume", str(moved))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f": resumed from {moved} at step 25 of 69" in resumed.stdout
+    runs, model = _outcome(tmp_path / "new")
+    ref_runs, ref_model = uninterrupted
+    assert runs == ref_runs
+    for key in model:
+        assert torch.equal(model[key], ref_model[key]), key
+
+
+def test_resume_from_a_missing_path_is_an_error_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "mlp", "--epochs", "1", "--out", str(out), "--resume",
+              str(tmp_path / "missing.pt")])
+    assert exit_info.value.code != 0
+    assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_from_another_runs_path_is_refused(tmp_path, capsys):
+    args = ["--model", "mlp", "--epochs", "1", "--no-progress", "--checkpoint-every", "5"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--sparsity", "0.5"]) == 0
+    done = tmp_path / "a" / "checkpoints" / "dpf-seed0" / "done.pt"
+    with pytest.raises(SystemExit):
+        main(args + ["--out", str(tmp_path / "b"), "--resume", str(done)])
+    assert "of another run: sparsity: checkpoint 0.5, this run 0.9" in capsys.readouterr().err
+
+
+def test_resume_with_nothing_to_resume_says_so_and_starts_from_step_0(tmp_path, capsys):
+    assert main(["--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(tmp_path),
+                 "--resume"]) == 0
+    assert ": nothing to resume in" in capsys.readouterr().out
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_killed_jobs_parent_leaves_no_live_worker(tmp_path):
+    import signal
+    import time
+
+    args = ["--compare", "dpf,rigl", "--jobs", "2", "--model", "mlp", "--epochs", "50",
+            "--no-progress", "--checkpoint-every", "5", "--out", str(tmp_path)]
+    parent = subprocess.Popen([sys.executable, "-m", "dpf_ext", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("checkpoints/*/step-*.pt")):  # the workers are training
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.2)
+        workers = _children(parent.pid)
+        assert workers
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{w}").exists() and "Z" not in
+                  Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[:1] for w in workers
+                  if Path(f"/proc/{w}/stat").exists()):
+            assert time.monotonic() < deadline, "a worker outlived its parent"
+            time.sleep(0.2)
+    finally:
+        parent.kill()
+
+
+def test_a_folder_being_written_is_not_resumed_into(tmp_path, capsys):
+    from dpf_ext.resume import FolderLock
+
+    args = ["--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]
+    assert main(args) == 0
+    live = FolderLock(tmp_path).acquire()  # as a live run into the folder holds it
+    try:
+        with pytest.raises(SystemExit):
+            main(args + ["--resume"])
+        assert "is being written by another live process" in capsys.readouterr().err
+    finally:
+        live.release()
+    assert main(args + ["--resume"]) == 0

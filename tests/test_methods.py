@@ -5,6 +5,7 @@ file run through DPF, and bad input."""
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -530,3 +531,17 @@ def test_every_method_runs_on_layers_whose_channels_are_not_dim_0(method):
         kept.append(pruner.report().kept)
     if method in SPARSE_FROM_SCRATCH:
         assert len(set(kept)) == 1, kept
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_a_run_too_short_for_an_update_warns_and_names_the_fix(method):
+    model = dpf_ext.sparsify(nn.Sequential(nn.Linear(8, 8)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"masks never change in this run.*update_every=100"
+                                         r".*--update-every"):
+        dpf_ext.DPF(model, 0.5, method=method, total_steps=40, optimizer=optimizer)
+    with warnings.catch_warnings():  # a period that fits: no warning
+        warnings.simplefilter("error")
+        dpf_ext.DPF(model, 0.5, method=method, total_steps=40, update_every=10,
+                    optimizer=optimizer, replace=True)
+        dpf_ext.DPF(model, 0.5, method="static", total_steps=40, replace=True)  # fixed by design
