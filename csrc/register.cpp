@@ -21,6 +21,12 @@ TORCH_LIBRARY(dpf, m) {
       "Tensor[] row_max) -> Tensor");
   m.def("masked_weight(Tensor weight, Tensor mask, bool feedback) -> Tensor");
   m.def("nm_masks(Tensor[] weights, int n, int m, Tensor(a!)[] masks) -> Tensor");
+  // The sparse products (index: CSR by row, ptr int64 rows + 1, idx int32): the product of
+  // the kept weights with batch-major activations xt (cols, B), giving (B, rows); and the
+  // sampled product dyt (rows, B) times xt transposed at the kept positions, giving the dense
+  // (rows, cols) with zeros elsewhere.
+  m.def("sparse_mm(Tensor xt, Tensor values, Tensor ptr, Tensor idx, Tensor? bias) -> Tensor");
+  m.def("sampled_mm(Tensor dyt, Tensor xt, Tensor ptr, Tensor idx) -> Tensor");
   m.def(
       "feedback_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "bool[] fresh, float lr, float momentum, float dampening, bool nesterov, float weight_decay, "

@@ -12,7 +12,7 @@ from . import budgets, estimators, methods, ops, schedules
 from .checkpoint import load_sparse, save_sparse
 from .inference import to_semi_structured, to_sparse_inference
 from .nn import (DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, DPFMultiheadAttention,
-                 coverage, register_prunable, sparsify, unsparsify)
+                 compute_report, coverage, register_prunable, set_compute, sparsify, unsparsify)
 from .optim import DPFAdamW, DPFSGD
 from .pruner import DPF
 from .report import LayerReport, SparsityReport
@@ -32,10 +32,12 @@ __all__ = [
     "estimators",
     "methods",
     "SparsityReport",
+    "compute_report",
     "coverage",
     "ops",
     "register_prunable",
     "schedules",
+    "set_compute",
     "save_sparse",
     "load_sparse",
     "sparsify",

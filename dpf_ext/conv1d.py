@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from . import compute as compute_paths
 from .nn import DPFLayer
 
 
@@ -16,7 +17,11 @@ class DPFConv1D(DPFLayer, Conv1D):
     columns."""
 
     channel_dim = 1
+    sparse_product = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sparse = compute_paths.linear(self, x, self.bias)
+        if sparse is not None:
+            return sparse
         out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.masked_weight())
         return out.reshape(*x.shape[:-1], self.nf)

@@ -78,6 +78,15 @@ class Estimator:
         """``weight ⊙ mask`` with this estimator's gradient."""
         raise NotImplementedError
 
+    def sparse_weight(self, weight: torch.Tensor, mask: torch.Tensor,
+                      dense_gradient: bool) -> torch.Tensor | None:
+        """For the sparse products, which read the kept values of ``weight`` themselves and
+        hand back the gradient of ``mask ⊙ w`` (at every position if ``dense_gradient``, else
+        at the kept ones, zeros elsewhere): ``weight`` unchanged in the forward, with this
+        estimator's backward applied to that gradient. ``None``: this estimator's forward is
+        not ``mask ⊙ w``, and its layers take the dense path."""
+        return None
+
 
 @dataclass(frozen=True)
 class StraightThrough(Estimator):
@@ -96,6 +105,27 @@ class StraightThrough(Estimator):
             weight = decay_pruned(weight, mask, self.decay)
         return ops.masked_weight(weight, mask, True)
 
+    def sparse_weight(self, weight, mask, dense_gradient):
+        if self.clip is not None:
+            weight = clip_pruned_gradient(weight, mask, self.clip)
+        if self.decay:
+            weight = decay_pruned(weight, mask, self.decay)
+        return weight
+
+
+class _MaskGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by the mask."""
+
+    @staticmethod
+    def forward(ctx, weight, mask):
+        ctx.save_for_backward(mask)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return ops.masked_weight(grad, mask, True), None
+
 
 @dataclass(frozen=True)
 class MaskedGradient(Estimator):
@@ -105,6 +135,10 @@ class MaskedGradient(Estimator):
 
     def masked_weight(self, weight, mask):
         return ops.masked_weight(weight, mask, False)
+
+    def sparse_weight(self, weight, mask, dense_gradient):
+        # a sampled gradient is zero at the pruned positions already
+        return _MaskGradient.apply(weight, mask) if dense_gradient else weight
 
 
 class _Tap(torch.autograd.Function):

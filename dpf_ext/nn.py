@@ -25,6 +25,7 @@ from typing import Callable, ClassVar, Iterable, Iterator, Union
 import torch
 from torch import nn
 
+from . import compute as compute_paths
 from . import ops
 from .distributed import is_sharded, local_weight_and_mask
 from .ops.bits import SUPPORTED_DTYPES
@@ -120,6 +121,9 @@ class DPFLayer:
 
     weight_name: ClassVar[str] = "weight"
     channel_dim: ClassVar[int] = 0
+    sparse_product: ClassVar[bool] = False
+    """Whether the forward is the product of the input with the ``(out, in)`` weight, which
+    :mod:`dpf_ext.compute` can run from the kept weights only (``compute="sparse"``)."""
     mask: torch.Tensor
     estimator: Estimator
     grad_tap: GradientTap
@@ -134,6 +138,10 @@ class DPFLayer:
         self.grad_tap = GradientTap()
         self.state_dict_form = "dense"
         self.powerprop: float | None = None
+        self.compute = "dense"
+        """Which product the forward runs: ``"dense"``, ``"sparse"`` or ``"auto"`` (see
+        :mod:`dpf_ext.compute`, :func:`set_compute`)."""
+        self._sparse_cache: dict = {}
         self._register_state_dict_hook(_state_dict_hook)
 
     @property
@@ -192,10 +200,14 @@ class _DPFConv(DPFLayer):
 
 
 class DPFLinear(DPFLayer, nn.Linear):
-    """``nn.Linear`` whose forward uses ``weight ⊙ mask``."""
+    """``nn.Linear`` whose forward uses ``weight ⊙ mask`` (the kept weights only where its
+    ``compute`` says sparse)."""
+
+    sparse_product = True
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(input, self.masked_weight(), self.bias)
+        out = compute_paths.linear(self, input, self.bias)
+        return nn.functional.linear(input, self.masked_weight(), self.bias) if out is None else out
 
 
 class DPFConv1d(_DPFConv, nn.Conv1d):
@@ -212,9 +224,10 @@ class DPFConv3d(_DPFConv, nn.Conv3d):
 
 class DPFOutProjection(DPFLayer, nn.modules.linear.NonDynamicallyQuantizableLinear):
     """The output projection of a :class:`DPFMultiheadAttention` (which reads its masked
-    weight; called on its own it is a :class:`DPFLinear`)."""
+    weight, densely; called on its own it is a dense :class:`DPFLinear`)."""
 
-    forward = DPFLinear.forward
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(input, self.masked_weight(), self.bias)
 
 
 class DPFMultiheadAttention(DPFLayer, nn.MultiheadAttention):
@@ -321,7 +334,7 @@ def _prunable_weight(module: nn.Module) -> torch.Tensor | None:
 
 
 def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense",
-             powerprop: float | None = None) -> nn.Module:
+             powerprop: float | None = None, compute: str = "dense") -> nn.Module:
     """Make ``model`` sparse-aware in place and return it.
 
     Every module whose type is exactly one of :data:`PRUNABLE` (Linear, Conv1d/2d/3d,
@@ -346,11 +359,16 @@ def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense",
     starts equal to the plain one; ``state_dict`` and :func:`unsparsify` give the weight
     (and, for resuming, ``v`` under ``<weight>_powerprop``).
 
+    ``compute``: the product the layers' forward runs, ``"dense"`` (the default),
+    ``"sparse"`` (the kept weights only) or ``"auto"`` (sparse where faster); see
+    :func:`set_compute` and :mod:`dpf_ext.compute`.
+
     What stays dense and why is logged (logger ``"dpf_ext"``) and shown by
     :func:`coverage` and the pruner's report. Calling ``sparsify`` again is harmless.
     """
     if tied not in ("dense", "prune"):
         raise ValueError(f"tied must be 'dense' or 'prune', got {tied!r}")
+    compute_paths.check_mode(compute)
     alpha = None if powerprop is None else check_alpha(powerprop)
     reparametrised: set[int] = set()
     _register_transformers()
@@ -415,7 +433,37 @@ def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense",
     if not any(isinstance(m, DPFLayer) for m in model.modules()):
         warnings.warn(f"sparsify: nothing in this {type(model).__name__} is prunable "
                       f"({coverage(model)}); a pruner will refuse it", UserWarning, stacklevel=2)
+    elif compute != "dense":
+        set_compute(model, compute)
     return model
+
+
+def set_compute(model: nn.Module, compute: str) -> nn.Module:
+    """Set the ``compute`` mode (``"dense"``, ``"sparse"``, ``"auto"``; see
+    :mod:`dpf_ext.compute`) of every DPF layer of ``model``; returns ``model``.
+    ``"sparse"`` where a layer has no sparse path is a ``ValueError`` naming the layers,
+    and changes nothing; ``"auto"`` leaves such layers dense (the pruner's report and
+    :func:`compute_report` say which run sparse)."""
+    compute_paths.check_mode(compute)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, DPFLayer)]
+    if not layers:
+        raise ValueError("the model has no DPF layer: call dpf_ext.sparsify(model) first")
+    if compute == "sparse":
+        refused = {name: reason for name, m in layers
+                   if (reason := compute_paths.unsupported(m)) is not None}
+        if refused:
+            raise ValueError("compute='sparse': " + "; ".join(
+                f"layer {name!r}: {reason}" for name, reason in refused.items())
+                + "; use compute='auto' to run those dense")
+    for _, m in layers:
+        m.compute = compute
+    return model
+
+
+def compute_report(model: nn.Module) -> dict[str, str]:
+    """``{layer name: "sparse" | "dense"}``: the product each DPF layer's next forward runs."""
+    return {name: "sparse" if compute_paths.runs_sparse(m) else "dense"
+            for name, m in model.named_modules() if isinstance(m, DPFLayer)}
 
 
 def unsparsify(model: nn.Module) -> nn.Module:
@@ -439,6 +487,8 @@ def unsparsify(model: nn.Module) -> nn.Module:
             del module.grad_tap
             del module.state_dict_form
             del module.powerprop
+            del module.compute
+            del module._sparse_cache
             for key in [k for k, hook in module._state_dict_hooks.items() if hook is _state_dict_hook]:
                 del module._state_dict_hooks[key]
         if type(module) in plain_for:

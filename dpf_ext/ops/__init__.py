@@ -17,6 +17,9 @@ Each op validates its input, picks a backend for the tensors' device (see
   counts the other weights only and :func:`update_masks` keeps each row's largest.
 - :func:`masked_weight`: ``w ⊙ mask`` whose backward is the feedback (straight-through)
   estimator, or the masked gradient when ``feedback=False``.
+- :func:`sparse_linear`: a Linear product from the kept weights only (forward, input
+  gradient, dense or sampled weight gradient), through a :class:`SparseIndex` built from the
+  mask (see :mod:`dpf_ext.ops.sparse`).
 - :func:`feedback_sgd_step`: the SGD update of the dense weights in one multi-tensor pass.
 - :func:`feedback_adamw_step`: the AdamW update of the dense weights in one multi-tensor
   pass.
@@ -32,10 +35,12 @@ from .bits import (FINITE_LIMIT, HIGH_BINS, LOW_BINS, MAX_GROUP, NONFINITE_BIN, 
                    bits_to_float)
 from . import reference
 from .dispatch import available_backends, backend_for
+from .sparse import SparseIndex, simd, sparse_linear
 from .window import Window
 from . import triton, compiled  # noqa: F401, I001  (register the backends built; last preferred)
 
 __all__ = [
+    "SparseIndex",
     "Window",
     "available_backends",
     "backend_for",
@@ -45,6 +50,8 @@ __all__ = [
     "magnitude_histogram",
     "masked_weight",
     "nm_masks",
+    "simd",
+    "sparse_linear",
     "update_masks",
 ]
 
@@ -284,8 +291,16 @@ def update_masks(
             )
     _check_row_max(weights, row_max)
     taus = tau.to(device=weights[0].device, dtype=torch.float32).expand(len(weights))
-    return backend_for(weights[0].device).update_masks(weights, taus, masks, shrink_only,
-                                                       row_max or [])
+    counts = backend_for(weights[0].device).update_masks(weights, taus, masks, shrink_only,
+                                                         row_max or [])
+    _written(masks)
+    return counts
+
+
+def _written(tensors: list[torch.Tensor]) -> None:
+    """Move the version counters of tensors a kernel wrote in place, as torch's in-place
+    ops do (custom ops do not), so that what is cached on a mask sees the change."""
+    torch.autograd.graph.increment_version(tensors)
 
 
 def nm_masks(weights: list[torch.Tensor], n: int, m: int, masks: list[torch.Tensor]) -> torch.Tensor:
@@ -304,7 +319,9 @@ def nm_masks(weights: list[torch.Tensor], n: int, m: int, masks: list[torch.Tens
             raise ValueError(f"masks[{i}] must be a bool tensor of shape {tuple(w.shape)} on {w.device}")
         if w.numel() % m:
             raise ValueError(f"weights[{i}] has {w.numel()} elements, not a multiple of M = {m}")
-    return backend_for(weights[0].device).nm_masks(weights, n, m, masks)
+    counts = backend_for(weights[0].device).nm_masks(weights, n, m, masks)
+    _written(masks)
+    return counts
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor, feedback: bool = True) -> torch.Tensor:

@@ -37,9 +37,20 @@ def available_backends(device: torch.device | str) -> list[str]:
     ]
 
 
-def backend_for(device: torch.device | str):
-    """The backend module for ``device``: ``DPF_EXT_BACKEND`` if set, else the preferred."""
-    names = available_backends(device)
+def _provides(name: str, op: str | None, device_type: str) -> bool:
+    """Whether backend ``name`` runs ``op`` on ``device_type`` (every op if ``op`` is None)."""
+    backend = _BACKENDS[name][0]
+    if op is None:
+        return True
+    provides = getattr(backend, "provides", None)
+    return provides(op, device_type) if provides is not None else hasattr(backend, op)
+
+
+def backend_for(device: torch.device | str, op: str | None = None):
+    """The backend module for ``device``: ``DPF_EXT_BACKEND`` if set, else the preferred; with
+    ``op``, the preferred of those that have a kernel for it (the reference has them all)."""
+    device_type = torch.device(device).type
+    names = [n for n in available_backends(device) if _provides(n, op, device_type)]
     forced = os.environ.get("DPF_EXT_BACKEND")
     if forced:
         if forced not in _BACKENDS:
@@ -47,7 +58,8 @@ def backend_for(device: torch.device | str):
                 f"DPF_EXT_BACKEND={forced!r} is not a built backend; built: {sorted(_BACKENDS)}"
             )
         if forced not in names:
-            raise ValueError(f"DPF_EXT_BACKEND={forced!r} cannot run on {device}; use one of {names}")
+            raise ValueError(f"DPF_EXT_BACKEND={forced!r} cannot run {op or 'the ops'} on "
+                             f"{device}; use one of {names}")
         return _BACKENDS[forced][0]
     return _BACKENDS[names[0]][0]
 

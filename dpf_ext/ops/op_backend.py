@@ -19,6 +19,18 @@ class OpBackend:
     def __repr__(self) -> str:
         return f"OpBackend({self.namespace!r})"
 
+    def provides(self, op: str, device_type: str) -> bool:
+        """Whether ``op`` has a kernel of this namespace for ``device_type``."""
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        return key is not None and hasattr(self.ops, op) and \
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"{self.namespace}::{op}", key)
+
+    def sparse_mm(self, xt, values, ptr, idx, bias):
+        return self.ops.sparse_mm(xt, values, ptr, idx, bias)
+
+    def sampled_mm(self, dyt, xt, ptr, idx):
+        return self.ops.sampled_mm(dyt, xt, ptr, idx)
+
     def magnitude_histogram(self, weights, prefix, row_max, window=None, window_start=None):
         return self.ops.magnitude_histogram([w.detach() for w in weights], prefix, row_max, window,
                                             window_start)
@@ -72,6 +84,11 @@ def register_abstract(namespace: str) -> None:
         lambda weights, n, m, masks: weights[0].new_empty(len(weights), 3, dtype=torch.int64))
     torch.library.register_fake(f"{namespace}::masked_weight")(
         lambda weight, mask, feedback: torch.empty_like(weight))
+    if hasattr(getattr(torch.ops, namespace), "sparse_mm"):
+        torch.library.register_fake(f"{namespace}::sparse_mm")(
+            lambda xt, values, ptr, idx, bias: xt.new_empty(xt.shape[1], ptr.shape[0] - 1))
+        torch.library.register_fake(f"{namespace}::sampled_mm")(
+            lambda dyt, xt, ptr, idx: xt.new_empty(ptr.shape[0] - 1, xt.shape[0]))
     torch.library.register_fake(f"{namespace}::feedback_sgd_step")(lambda *args: None)
     torch.library.register_fake(f"{namespace}::feedback_adamw_step")(lambda *args: None)
 

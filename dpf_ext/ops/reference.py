@@ -258,3 +258,34 @@ def feedback_adamw_step(
     if histogram is not None:
         histogram += magnitude_histogram([p.detach() for p in params], None, row_max, window,
                                          window_start)
+
+
+def _csr_rows(ptr: torch.Tensor) -> torch.Tensor:
+    """The row of each entry of a CSR index with offsets ``ptr``."""
+    rows = torch.arange(ptr.numel() - 1, device=ptr.device)
+    return torch.repeat_interleave(rows, ptr.diff())
+
+
+def sparse_mm(xt: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """``y[b, r] = bias[r] + Σ values[k] · xt[idx[k], b]`` over the entries ``k`` of row ``r``
+    (CSR: ``ptr`` int64 offsets, ``idx`` int32 columns): ``(B, rows)``, contiguous. Only the
+    kept weights multiply ``xt``: a non-finite activation reaches the rows that keep its
+    column, no others."""
+    rows, batch = ptr.numel() - 1, xt.shape[1]
+    y = torch.zeros(rows, batch, dtype=xt.dtype, device=xt.device)
+    y.index_add_(0, _csr_rows(ptr), values[:, None] * xt[idx.long()])
+    if bias is not None:
+        y += bias[:, None]
+    return y.t().contiguous()
+
+
+def sampled_mm(dyt: torch.Tensor, xt: torch.Tensor, ptr: torch.Tensor,
+               idx: torch.Tensor) -> torch.Tensor:
+    """``g[r, c] = Σ_b dyt[r, b] · xt[c, b]`` at the entries ``(r, c)`` of the CSR index, 0
+    elsewhere: ``(rows, cols)``, contiguous."""
+    rows, cols = ptr.numel() - 1, xt.shape[0]
+    r, c = _csr_rows(ptr), idx.long()
+    g = torch.zeros(rows, cols, dtype=xt.dtype, device=xt.device)
+    g[r, c] = (dyt[r] * xt[c]).sum(1)
+    return g

@@ -1,0 +1,119 @@
+// The sparse-product kernels, compiled once per instruction set from sparse_simd.inc. The
+// file itself is built for baseline x86-64 (or any other target): only the functions inside
+// the target regions use AVX-512 or AVX2, and kernels() picks them only where the CPU has them.
+#include "sparse_kernels.h"
+
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DPF_SPARSE_X86 1
+#endif
+
+namespace dpf {
+namespace sparse {
+
+namespace scalar {
+struct Vec1 {
+  float v;
+};
+#define VEC Vec1
+#define LANES 1
+#define VBLOCK 4
+#define VZERO() Vec1{0.0f}
+#define VSET1(s) Vec1{(s)}
+#define VLOAD(p) Vec1{*(p)}
+#define VSTORE(p, a) (*(p) = (a).v)
+#define VFMA(a, b, c) Vec1{(a).v * (b).v + (c).v}
+#define VSUM(a) ((a).v)
+#include "sparse_simd.inc"
+#undef VEC
+#undef LANES
+#undef VBLOCK
+#undef VZERO
+#undef VSET1
+#undef VLOAD
+#undef VSTORE
+#undef VFMA
+#undef VSUM
+}  // namespace scalar
+
+#ifdef DPF_SPARSE_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#define VEC __m256
+#define LANES 8
+#define VBLOCK 8
+#define VZERO() _mm256_setzero_ps()
+#define VSET1(s) _mm256_set1_ps(s)
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, a) _mm256_storeu_ps((p), (a))
+#define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define VSUM(a) hsum256(a)
+#include "sparse_simd.inc"
+#undef VEC
+#undef LANES
+#undef VBLOCK
+#undef VZERO
+#undef VSET1
+#undef VLOAD
+#undef VSTORE
+#undef VFMA
+#undef VSUM
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+#define VEC __m512
+#define LANES 16
+#define VBLOCK 4
+#define VZERO() _mm512_setzero_ps()
+#define VSET1(s) _mm512_set1_ps(s)
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, a) _mm512_storeu_ps((p), (a))
+#define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define VSUM(a) _mm512_reduce_add_ps(a)
+#include "sparse_simd.inc"
+#undef VEC
+#undef LANES
+#undef VBLOCK
+#undef VZERO
+#undef VSET1
+#undef VLOAD
+#undef VSTORE
+#undef VFMA
+#undef VSUM
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+const Kernels* kernels(const char* isa) {
+  static const Kernels scalar_kernels{"scalar", scalar::spmm_rows, scalar::sddmm_rows};
+#ifdef DPF_SPARSE_X86
+  static const Kernels avx2_kernels{"avx2", avx2::spmm_rows, avx2::sddmm_rows};
+  static const Kernels avx512_kernels{"avx512", avx512::spmm_rows, avx512::sddmm_rows};
+  __builtin_cpu_init();
+  const bool has512 = __builtin_cpu_supports("avx512f");
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == nullptr || std::strcmp(isa, "auto") == 0)
+    return has512 ? &avx512_kernels : has2 ? &avx2_kernels : &scalar_kernels;
+  if (std::strcmp(isa, "avx512") == 0) return has512 ? &avx512_kernels : nullptr;
+  if (std::strcmp(isa, "avx2") == 0) return has2 ? &avx2_kernels : nullptr;
+#else
+  if (isa == nullptr || std::strcmp(isa, "auto") == 0) return &scalar_kernels;
+#endif
+  if (std::strcmp(isa, "scalar") == 0) return &scalar_kernels;
+  return nullptr;
+}
+
+}  // namespace sparse
+}  // namespace dpf

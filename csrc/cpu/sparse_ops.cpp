@@ -1,0 +1,142 @@
+// CPU implementations of the sparse-product ops: ATen glue around sparse_kernels.h. Each op
+// is one parallel region in which the threads take chunks of rows from a shared counter
+// (dynamic scheduling, no barrier per row).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+
+#include "sparse_kernels.h"
+
+namespace dpf {
+namespace {
+
+const sparse::Kernels* active = sparse::kernels();
+
+// fn(begin, end) over [0, rows) in chunks of `chunk` rows handed out dynamically.
+template <typename F>
+void for_row_chunks(int64_t rows, int64_t chunk, const F& fn) {
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1) {
+    if (rows > 0) fn(int64_t(0), rows);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+      fn(c * chunk, std::min(rows, (c + 1) * chunk));
+  });
+}
+
+int64_t chunk_rows(int64_t rows) {
+  const int64_t per = rows / (int64_t(at::get_num_threads()) * 8);
+  const int64_t tiles = std::max<int64_t>(1, per / sparse::kTileRows);
+  return tiles * sparse::kTileRows;
+}
+
+void check_index(const at::Tensor& ptr, const at::Tensor& idx, int64_t cols, const char* op) {
+  TORCH_CHECK(ptr.scalar_type() == at::kLong && ptr.dim() == 1 && ptr.numel() >= 1 &&
+                  ptr.is_contiguous() && ptr.device().is_cpu(),
+              op, ": ptr must be a contiguous 1-D int64 CPU tensor of rows + 1 offsets");
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 1 && idx.is_contiguous() &&
+                  idx.device().is_cpu(),
+              op, ": idx must be a contiguous 1-D int32 CPU tensor");
+  TORCH_CHECK(cols <= INT32_MAX, op, ": more than 2^31 columns");
+}
+
+void check_float(const at::Tensor& t, int64_t dim, const char* what, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == dim && t.is_contiguous() &&
+                  t.device().is_cpu(),
+              op, ": ", what, " must be a contiguous ", dim, "-D float32 CPU tensor");
+}
+
+// y (B, rows) = the CSR matrix (ptr, idx, values) times xt (cols, B), plus bias.
+at::Tensor sparse_mm_cpu(const at::Tensor& xt, const at::Tensor& values, const at::Tensor& ptr,
+                         const at::Tensor& idx, const std::optional<at::Tensor>& bias) {
+  const char* op = "dpf::sparse_mm";
+  check_float(xt, 2, "xt", op);
+  check_float(values, 1, "values", op);
+  check_index(ptr, idx, xt.size(0), op);
+  TORCH_CHECK(values.numel() == idx.numel(), op, ": one value per index entry");
+  const int64_t rows = ptr.numel() - 1, B = xt.size(1);
+  if (bias) {
+    check_float(*bias, 1, "bias", op);
+    TORCH_CHECK(bias->numel() == rows, op, ": bias must have one entry per row");
+  }
+  at::Tensor y = at::empty({B, rows}, xt.options());
+  if (B == 0 || rows == 0) return y;
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int32_t* i = idx.data_ptr<int32_t>();
+  const float* v = values.data_ptr<float>();
+  const float* x = xt.data_ptr<float>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  float* out = y.data_ptr<float>();
+  const auto spmm = active->spmm_rows;
+  for_row_chunks(rows, chunk_rows(rows), [&](int64_t r0, int64_t r1) {
+    spmm(p, i, v, x, B, b, out, rows, r0, r1);
+  });
+  return y;
+}
+
+// g (rows, cols): dyt (rows, B) times xt (cols, B) transposed at the kept positions, 0 elsewhere.
+at::Tensor sampled_mm_cpu(const at::Tensor& dyt, const at::Tensor& xt, const at::Tensor& ptr,
+                          const at::Tensor& idx) {
+  const char* op = "dpf::sampled_mm";
+  check_float(dyt, 2, "dyt", op);
+  check_float(xt, 2, "xt", op);
+  check_index(ptr, idx, xt.size(0), op);
+  const int64_t rows = ptr.numel() - 1, cols = xt.size(0), B = xt.size(1);
+  TORCH_CHECK(dyt.size(0) == rows && dyt.size(1) == B, op, ": dyt must be (rows, B) = (", rows,
+              ", ", B, ")");
+  at::Tensor g = at::empty({rows, cols}, xt.options());
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int32_t* i = idx.data_ptr<int32_t>();
+  const float* dy = dyt.data_ptr<float>();
+  const float* x = xt.data_ptr<float>();
+  float* out = g.data_ptr<float>();
+  const auto sddmm = active->sddmm_rows;
+  const int64_t chunk = std::max<int64_t>(1, rows / (int64_t(at::get_num_threads()) * 8));
+  int64_t most = 0;  // the scratch: the most kept weights of any chunk
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) most = std::max(most, p[std::min(rows, r0 + chunk)] - p[r0]);
+  at::Tensor scratch = at::empty({at::get_num_threads(), std::max<int64_t>(most, 1)}, xt.options());
+  std::atomic<int64_t> slot{0};
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    float* acc = scratch.data_ptr<float>() + slot.fetch_add(1) * scratch.size(1);
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+      sddmm(p, i, dy, x, B, cols, out, acc, c * chunk, std::min(rows, (c + 1) * chunk));
+  });
+  return g;
+}
+
+}  // namespace
+
+// The instruction set the sparse kernels use: "auto" (the best this CPU has), "avx512",
+// "avx2" or "scalar" selects it, "" only asks; returns the one in use before the call.
+std::string sparse_simd(const std::string& isa) {
+  const std::string previous = active->isa;
+  if (!isa.empty()) {
+    const sparse::Kernels* chosen = sparse::kernels(isa.c_str());
+    TORCH_CHECK(chosen != nullptr, "dpf::sparse_simd: '", isa,
+                "' is not available on this CPU (choose auto, avx512, avx2 or scalar)");
+    active = chosen;
+  }
+  return previous;
+}
+
+TORCH_LIBRARY_IMPL(dpf, CPU, m) {
+  m.impl("sparse_mm", &sparse_mm_cpu);
+  m.impl("sampled_mm", &sampled_mm_cpu);
+}
+
+TORCH_LIBRARY_FRAGMENT(dpf, m) {
+  m.def("sparse_simd(str isa) -> str", &sparse_simd);
+}
+
+}  // namespace dpf

@@ -1,0 +1,122 @@
+"""Which product a DPF layer's forward runs: ``"dense"`` (``mask ⊙ w`` into torch's matrix
+product, every weight multiplied) or ``"sparse"`` (:func:`dpf_ext.ops.sparse_linear`: the
+kept weights only), or ``"auto"``: sparse where it is faster (:func:`prefers_sparse`).
+
+A layer's ``compute`` attribute holds its mode (:func:`dpf_ext.nn.set_compute`, or
+``sparsify(model, compute=...)``). The sparse path's index is rebuilt only when the mask
+changes (its version counter moves: a pruner's update, ``load_state_dict``); each call
+gathers the kept values from the dense weight, which stays the parameter the optimizer
+updates. The gradient the weight gets is the estimator's, as on the dense path: dense for
+DPF's straight-through estimator and on the steps where a method reads the dense gradient
+(the layer's gradient tap is armed), sampled at the kept positions otherwise.
+
+Sparse kernels exist for float32 on the CPU (:func:`dpf_ext.ops.simd` names the instruction
+set); elsewhere ``"sparse"`` runs the reference implementation (correct, not fast) and
+``"auto"`` stays dense. A forward whose input holds NaN or Inf takes the dense path, so
+that they spread as they do there (``0 · NaN`` is NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .ops import reference
+from .powerprop import effective
+
+MODES = ("dense", "sparse", "auto")
+
+AUTO_MAX_DENSITY = 0.2
+"""``"auto"`` runs a layer sparse at this density (fraction of weights kept) or lower. Measured
+on a 2-core AMD EPYC (AVX2), 1 thread, batch 64-256: one Linear step (forward, input
+gradient, sampled weight gradient) of 768x768 and 1024x4096 layers is 0.5-0.7x dense at
+density 0.1 and slower than dense above about 0.3 (see ``docs/results.md``)."""
+
+AUTO_MIN_WEIGHTS = 16384
+"""``"auto"`` leaves layers with fewer weights dense: their products cost less than the
+sparse path's fixed work (transposes, gathers, the autograd node)."""
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`MODES`, else a ``ValueError`` listing them."""
+    if mode not in MODES:
+        raise ValueError(f"compute must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def unsupported(layer) -> str | None:
+    """Why ``layer`` (a DPF layer) cannot run sparse, or ``None`` if it can."""
+    if not type(layer).sparse_product:
+        return (f"{type(layer).__name__} has no sparse path (Linear and transformers' Conv1D "
+                "have; attention and convolution layers run dense)")
+    weight = layer.dense_weight
+    if weight.dtype != torch.float32:
+        return f"its weight is {weight.dtype}; the sparse kernels run float32"
+    with torch.no_grad():
+        if layer.estimator.sparse_weight(weight, layer.mask, True) is None:
+            return f"its estimator {type(layer.estimator).__name__} is not mask ⊙ w"
+    return None
+
+
+def density(layer) -> float:
+    """The fraction of ``layer``'s weights its mask keeps (counted once per mask change)."""
+    mask = layer.mask
+    key = (mask._version, mask.data_ptr())
+    cached = layer._sparse_cache.get("density")
+    if cached is None or cached[0] != key:
+        cached = (key, int(mask.count_nonzero()) / max(1, mask.numel()))
+        layer._sparse_cache["density"] = cached
+    return cached[1]
+
+
+def prefers_sparse(layer) -> bool:
+    """The ``"auto"`` rule: sparse where a compiled sparse kernel serves the layer's device,
+    the layer has at least :data:`AUTO_MIN_WEIGHTS` weights and its density is at most
+    :data:`AUTO_MAX_DENSITY`."""
+    weight = layer.dense_weight
+    return (unsupported(layer) is None
+            and ops.backend_for(weight.device, "sparse_mm") is not reference
+            and weight.numel() >= AUTO_MIN_WEIGHTS and density(layer) <= AUTO_MAX_DENSITY)
+
+
+def runs_sparse(layer) -> bool:
+    """Whether ``layer``'s next forward takes the sparse path under its ``compute`` mode;
+    ``"sparse"`` on a layer that cannot is a ``ValueError`` saying why."""
+    if layer.compute == "dense":
+        return False
+    if layer.compute == "sparse":
+        reason = unsupported(layer)
+        if reason is not None:
+            raise ValueError(f"compute='sparse': {reason}")
+        return True
+    return prefers_sparse(layer)
+
+
+def _weight_2d(layer, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (or the layer's mask) as ``(out, in)``: a view of the stored tensor."""
+    return weight if layer.channel_dim == 0 else weight.t()
+
+
+def sparse_index(layer) -> ops.SparseIndex:
+    """The layer's :class:`~dpf_ext.ops.SparseIndex`, rebuilt when its mask has changed."""
+    mask, weight = layer.mask, layer.dense_weight
+    key = (mask._version, mask.data_ptr(), weight.stride())
+    cached = layer._sparse_cache.get("index")
+    if cached is None or cached[0] != key:
+        cached = (key, ops.SparseIndex.from_mask(_weight_2d(layer, mask), _weight_2d(layer, weight)))
+        layer._sparse_cache["index"] = cached
+    return cached[1]
+
+
+def linear(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``x (m ⊙ w)ᵀ + b`` on the sparse path, or ``None`` where the dense path must run (the
+    layer's mode and density, or a non-finite ``x``)."""
+    if not runs_sparse(layer) or not bool(torch.isfinite(x).all()):
+        return None
+    weight = layer.dense_weight
+    if layer.powerprop is not None:
+        weight = effective(weight, layer.powerprop)
+    dense_grad = layer.estimator.feedback or layer.grad_tap.armed
+    weight = layer.grad_tap(layer.estimator.sparse_weight(weight, layer.mask, dense_grad))
+    return ops.sparse_linear(x, _weight_2d(layer, weight), sparse_index(layer), bias,
+                             dense_grad=dense_grad)

@@ -1,0 +1,170 @@
+"""Sparse products: a Linear layer's forward, input gradient and weight gradient computed
+from its kept weights only.
+
+The weight is read through a :class:`SparseIndex` built from the mask when it changes (CSR
+by output row, and the transposed CSR for the input gradient, so that no kernel scatters or
+needs atomics); each call gathers the kept values from the dense weight, which stays the
+real parameter. Inside the ops the activations are batch-major (``xᵀ``: one row of ``B``
+values per input feature), the layout in which every kept weight is one contiguous
+multiply-add over the batch.
+
+- :func:`sparse_linear`: ``y = x (m ⊙ w)ᵀ + b`` whose backward gives ``dx = dy (m ⊙ w)``
+  through the transposed index and the weight gradient either dense (``dyᵀ x`` at every
+  position: DPF's straight-through estimator, or a method that reads this step's dense
+  gradient) or sampled at the kept positions only (zeros elsewhere: the masked gradient).
+
+The backend ops are ``sparse_mm`` and ``sampled_mm`` (:mod:`dpf_ext.ops.reference` defines
+them). Only float32 has compiled sparse kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .dispatch import backend_for
+
+OPS = ("sparse_mm", "sampled_mm")
+
+
+@dataclass(frozen=True)
+class SparseIndex:
+    """Where the kept weights of a ``(rows, cols)`` weight are: CSR by row (``ptr``: int64,
+    ``rows + 1`` offsets; ``idx``: int32 columns) and by column (``t_ptr``, ``t_idx``: int32
+    rows), each with the flat storage offsets of its entries in the weight (``pos``,
+    ``t_pos``: int64), from which a call gathers the values."""
+
+    rows: int
+    cols: int
+    ptr: torch.Tensor
+    idx: torch.Tensor
+    pos: torch.Tensor
+    t_ptr: torch.Tensor
+    t_idx: torch.Tensor
+    t_pos: torch.Tensor
+
+    @property
+    def nnz(self) -> int:
+        """The number of kept weights."""
+        return self.idx.numel()
+
+    @staticmethod
+    def from_mask(mask: torch.Tensor, weight: torch.Tensor | None = None) -> "SparseIndex":
+        """The index of the ``True`` entries of the 2-D bool ``mask``; the storage offsets are
+        those of ``weight`` (a tensor of ``mask``'s shape, possibly a transposed view:
+        default ``mask``'s own contiguous layout)."""
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+        if weight is not None and weight.shape != mask.shape:
+            raise ValueError(f"weight {tuple(weight.shape)} and mask {tuple(mask.shape)} differ in shape")
+        rows, cols = mask.shape
+        if cols >= 2**31 or rows >= 2**31:
+            raise ValueError(f"a {rows}x{cols} weight is too large for int32 indices")
+        s0, s1 = weight.stride() if weight is not None else (cols, 1)
+        mask = mask.detach()
+
+        def csr(m: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            at = m.nonzero()  # (nnz, 2), row-major order
+            ptr = torch.zeros(n + 1, dtype=torch.int64, device=m.device)
+            torch.cumsum(torch.bincount(at[:, 0], minlength=n), 0, out=ptr[1:])
+            return ptr, at[:, 0], at[:, 1]
+
+        ptr, r, c = csr(mask, rows)
+        t_ptr, tc, tr = csr(mask.t(), cols)
+        return SparseIndex(rows, cols, ptr, c.to(torch.int32), r * s0 + c * s1,
+                           t_ptr, tr.to(torch.int32), tr * s0 + tc * s1)
+
+
+def _values(weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The entries of ``weight`` at the flat storage offsets ``pos`` (from its first element)."""
+    span = 1 + sum((n - 1) * s for n, s in zip(weight.shape, weight.stride()))
+    return weight.detach().as_strided((span,), (1,)).index_select(0, pos)
+
+
+def _backend(x: torch.Tensor):
+    """The backend of the sparse ops for ``x``: the preferred one for its device in float32,
+    the reference in other dtypes (float64, for gradcheck)."""
+    return backend_for(x.device, "sparse_mm") if x.dtype == torch.float32 else reference
+
+
+class _SparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, dense_grad):
+        backend = _backend(x)
+        xt = x.t().contiguous()
+        y = backend.sparse_mm(xt, _values(weight, index.pos), index.ptr, index.idx,
+                              None if bias is None else bias.detach())
+        ctx.save_for_backward(xt, weight)
+        ctx.index, ctx.dense_grad, ctx.has_bias = index, dense_grad, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xt, weight = ctx.saved_tensors
+        index, backend = ctx.index, _backend(dy)
+        dyt = dy.t().contiguous()
+        dx = dw = db = None
+        if not bool(torch.isfinite(dyt).all()):  # as the dense path: 0 · NaN is NaN
+            return (*_dense_backward(dy, xt, weight, index, ctx), None, None)
+        if ctx.needs_input_grad[0]:
+            dx = backend.sparse_mm(dyt, _values(weight, index.t_pos), index.t_ptr, index.t_idx, None)
+        if ctx.needs_input_grad[1]:
+            if ctx.dense_grad:
+                dw = torch.mm(dyt, xt.t())
+            else:
+                dw = backend.sampled_mm(dyt, xt, index.ptr, index.idx)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(0)
+        return dx, dw, db, None, None
+
+
+def _dense_backward(dy, xt, weight, index, ctx):
+    """The backward of ``x (m ⊙ w)ᵀ + b`` with dense products, for an output gradient with
+    non-finite entries (which the dense path spreads to every position)."""
+    kept = torch.zeros(index.rows, index.cols, dtype=dy.dtype, device=dy.device)
+    rows = torch.repeat_interleave(torch.arange(index.rows, device=dy.device), index.ptr.diff())
+    kept[rows, index.idx.long()] = 1.0
+    needs = ctx.needs_input_grad
+    dx = dy @ (weight.detach() * kept) if needs[0] else None
+    dw = (dy.t() @ xt.t()) * (1.0 if ctx.dense_grad else kept) if needs[1] else None
+    db = dy.sum(0) if ctx.has_bias and needs[2] else None
+    return dx, dw, db
+
+
+def simd(isa: str = "") -> str:
+    """The instruction set of the CPU sparse kernels: ``"avx512"``, ``"avx2"`` (with FMA) or
+    ``"scalar"``, chosen at load time as the best this CPU has. Passing one (or ``"auto"``)
+    selects it for the process (``RuntimeError`` where the CPU lacks it); returns the one in
+    use before the call. ``""`` only asks; ``"none"`` if the kernels are not built."""
+    if not hasattr(torch.ops.dpf, "sparse_simd"):
+        return "none"
+    return torch.ops.dpf.sparse_simd(isa)
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: SparseIndex,
+                  bias: torch.Tensor | None = None, dense_grad: bool = True) -> torch.Tensor:
+    """``x (m ⊙ w)ᵀ + b`` with ``m`` the positions of ``index`` (built from the mask of
+    ``weight``, a ``(out, in)`` tensor or view), computed from the kept weights only.
+
+    ``x``: ``(..., in)``; float32 (float64 runs the reference ops). The backward gives ``x`` the gradient through the
+    kept weights, ``bias`` the usual one and ``weight`` the gradient of ``m ⊙ w``: at every
+    position (``dense_grad``, one dense product) or at the kept ones only (zeros elsewhere).
+    A non-finite ``x`` or output gradient is not special-cased here: pruned weights do not
+    multiply it (the layers take the dense path for such inputs).
+    """
+    if weight.dim() != 2 or tuple(weight.shape) != (index.rows, index.cols):
+        raise ValueError(f"weight {tuple(weight.shape)} does not match the index "
+                         f"({index.rows}, {index.cols})")
+    if x.shape[-1] != index.cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight takes {index.cols}")
+    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"the sparse products run in float32 (float64: the reference); "
+                            f"the {name} is {t.dtype}")
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"the {name} is {t.dtype}, the input {x.dtype}")
+    lead = x.shape[:-1]
+    y = _SparseLinear.apply(x.reshape(-1, index.cols), weight, bias, index, dense_grad)
+    return y.reshape(*lead, index.rows)
