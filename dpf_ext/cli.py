@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--powerprop", type=float, default=None, metavar="ALPHA",
                    help="Powerpropagation: train the weights as v|v|^(ALPHA-1) (ALPHA >= 1), "
                         "with any method")
+    p.add_argument("--compute", choices=["dense", "sparse", "auto"], default=defaults.compute,
+                   help="the layers' products: dense (mask * weight), sparse (the kept weights "
+                        "only; Linear layers), auto (sparse where faster, see dpf_ext.compute)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 instead of DDP")
     p.add_argument("--device", default=defaults.device)
@@ -560,6 +563,12 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             sparsify(build_model(args.model, data.input_shape, data.num_classes), exclude=args.exclude)
         except ValueError as exc:
             parser.error(f"--exclude: {exc}")
+    if args.compute == "sparse":
+        try:
+            sparsify(build_model(args.model, data.input_shape, data.num_classes),
+                     exclude=args.exclude, compute="sparse")
+        except ValueError as exc:
+            parser.error(f"--compute sparse: {exc}")
     if args.pattern is not None:  # layers the pattern does not fit stay dense, and we say so
         probe = sparsify(build_model(args.model, data.input_shape, data.num_classes), exclude=args.exclude)
         unfit = [name for name, layer in dpf_layers(probe) if reduction(layer) % args.nm.m]

@@ -22,6 +22,7 @@ import torch
 
 from . import ops
 from .ops import reference
+from .ops.sparse import all_finite
 from .powerprop import effective
 
 MODES = ("dense", "sparse", "auto")
@@ -92,6 +93,16 @@ def runs_sparse(layer) -> bool:
     return prefers_sparse(layer)
 
 
+def path(layer) -> str:
+    """``"sparse"`` or ``"dense"``: the product ``layer``'s next forward runs (a layer set to
+    ``"sparse"`` that cannot is reported ``"dense"``; its forward raises)."""
+    if layer.compute == "dense":
+        return "dense"
+    if layer.compute == "sparse":
+        return "sparse" if unsupported(layer) is None else "dense"
+    return "sparse" if prefers_sparse(layer) else "dense"
+
+
 def _weight_2d(layer, weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (or the layer's mask) as ``(out, in)``: a view of the stored tensor."""
     return weight if layer.channel_dim == 0 else weight.t()
@@ -111,7 +122,7 @@ def sparse_index(layer) -> ops.SparseIndex:
 def linear(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """``x (m ⊙ w)ᵀ + b`` on the sparse path, or ``None`` where the dense path must run (the
     layer's mode and density, or a non-finite ``x``)."""
-    if not runs_sparse(layer) or not bool(torch.isfinite(x).all()):
+    if not runs_sparse(layer) or not all_finite(x):
         return None
     weight = layer.dense_weight
     if layer.powerprop is not None:

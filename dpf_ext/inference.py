@@ -1,53 +1,52 @@
 """Faster inference with the sparse weights: ``to_sparse_inference``.
 
-Pruned ``nn.Linear`` layers (plain with zeros, or DPF layers) become :class:`SparseLinear`
-modules that multiply with a CSR weight (``torch.sparse``), but only those for which a
-measurement on this machine, at conversion time, shows the sparse product beating the dense
-one: below a size and sparsity that depend on the machine, the dense kernels win
-(``bench/test_sparse_inference.py`` reports the crossovers). Convolutions stay dense: torch
-has no sparse convolution on the CPU.
+Pruned Linear layers (``nn.Linear`` and transformers' ``Conv1D``, plain with zeros or DPF
+layers) become :class:`SparseLinear` modules that multiply with their kept weights only
+(the sparse products of :mod:`dpf_ext.ops.sparse`, the kernels training uses), but only
+those for which a measurement on this machine, at conversion time, shows the sparse product
+beating the dense one (``bench/test_sparse_inference.py`` reports the crossovers). What stays
+dense is reported, with the reason. Convolutions stay dense: no sparse convolution here
+beats the dense one on the CPU.
 """
 
 from __future__ import annotations
 
+import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .nn import DPFLayer
+from .ops.sparse import SparseIndex, kept_product
 
 
 class SparseLinear(nn.Module):
-    """An inference-only ``nn.Linear`` whose weight is held as a CSR tensor."""
+    """An inference-only Linear layer holding its kept weights (``values``, in the order of
+    its :class:`~dpf_ext.ops.SparseIndex`) and their index as buffers; ``weight`` is the
+    ``(out, in)`` dense weight with zeros it is built from."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch: "CSR support is in beta"
-            self.register_buffer("weight", weight.detach().to_sparse_csr())
+        weight = weight.detach()
+        self.index = SparseIndex.from_mask(weight != 0)
+        self.register_buffer("values", weight.reshape(-1)[self.index.pos].clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if self.bias is None:
-            out = torch.mm(self.weight, flat.t())
-        else:
-            out = torch.addmm(self.bias.unsqueeze(1), self.weight, flat.t())
-        return out.t().reshape(*x.shape[:-1], self.out_features)
+        return kept_product(x, self.values, self.index, self.bias)
 
     def extra_repr(self) -> str:
-        nnz = self.weight.values().numel()
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"sparsity={1 - nnz / (self.in_features * self.out_features):.2%}")
+                f"sparsity={1 - self.values.numel() / (self.in_features * self.out_features):.2%}")
 
 
 @dataclass(frozen=True)
 class InferenceChoice:
-    """What :func:`to_sparse_inference` measured for one Linear layer and decided."""
+    """What :func:`to_sparse_inference` measured for one Linear layer and decided; ``reason``
+    says why a layer stays dense."""
 
     name: str
     shape: tuple[int, int]
@@ -55,6 +54,7 @@ class InferenceChoice:
     dense_ms: float
     sparse_ms: float
     sparse: bool
+    reason: str = ""
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -68,14 +68,27 @@ def _median_ms(fn, repeats: int) -> float:
     return 1e3 * times[len(times) // 2]
 
 
+def _linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The ``(out, in)`` weight (masked, for DPF layers) of an ``nn.Linear`` or transformers'
+    ``Conv1D``; ``None`` for other modules."""
+    conv1d = sys.modules.get("transformers.pytorch_utils")
+    is_conv1d = conv1d is not None and isinstance(module, conv1d.Conv1D)
+    if not (isinstance(module, nn.Linear) or is_conv1d):
+        return None
+    weight = module.masked_weight() if isinstance(module, DPFLayer) else module.weight
+    return weight.detach().t() if is_conv1d else weight.detach()
+
+
 @torch.no_grad()
 def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: float = 1.1,
                         min_sparsity: float = 0.5, repeats: int = 20) -> list[InferenceChoice]:
-    """Swap, in place, each Linear layer of ``model`` whose sparse product is at least
-    ``min_speedup`` times faster than its dense one, measured here on a random batch of
-    ``batch_size`` rows, for a :class:`SparseLinear`; layers under ``min_sparsity`` are not
-    tried. DPF layers are taken with their masks applied. Returns what was measured and
-    decided per layer. The result is for inference only (no gradient reaches the weights).
+    """Swap, in place, each Linear layer of ``model`` (``nn.Linear``, transformers'
+    ``Conv1D``) whose sparse product is at least ``min_speedup`` times faster than its dense
+    one, measured here on a random batch of ``batch_size`` rows, for a
+    :class:`SparseLinear`. DPF layers are taken with their masks applied. Returns one
+    :class:`InferenceChoice` per Linear layer: measured and swapped, measured and left dense,
+    or left dense untried (``reason``: under ``min_sparsity``, or a dtype without sparse
+    kernels). The result is for inference only (no gradient reaches the weights).
     """
     if batch_size < 1 or min_speedup <= 0 or not 0 <= min_sparsity < 1 or repeats < 1:
         raise ValueError("batch_size and repeats must be >= 1, min_speedup > 0, "
@@ -83,19 +96,24 @@ def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: flo
     modules = dict(model.named_modules())
     choices = []
     for name, module in list(modules.items()):
-        if not isinstance(module, nn.Linear) or not name:
+        weight = _linear_weight(module) if name else None
+        if weight is None:
             continue
-        weight = module.masked_weight() if isinstance(module, DPFLayer) else module.weight
-        weight = weight.detach()
         sparsity = 1.0 - int((weight != 0).sum()) / weight.numel()
-        if sparsity < min_sparsity:
+        untried = (f"sparsity {sparsity:.1%} under min_sparsity" if sparsity < min_sparsity else
+                   f"{weight.dtype} has no sparse kernels (float32 has)"
+                   if weight.dtype != torch.float32 else "")
+        if untried:
+            choices.append(InferenceChoice(name, tuple(weight.shape), sparsity, float("nan"),
+                                           float("nan"), False, untried))
             continue
         candidate = SparseLinear(weight, module.bias).to(weight.device)
-        x = torch.randn(batch_size, module.in_features, device=weight.device, dtype=weight.dtype)
+        x = torch.randn(batch_size, weight.shape[1], device=weight.device, dtype=weight.dtype)
         dense_ms = _median_ms(lambda: nn.functional.linear(x, weight, module.bias), repeats)
         sparse_ms = _median_ms(lambda: candidate(x), repeats)
         use = dense_ms >= min_speedup * sparse_ms
-        choices.append(InferenceChoice(name, tuple(weight.shape), sparsity, dense_ms, sparse_ms, use))
+        choices.append(InferenceChoice(name, tuple(weight.shape), sparsity, dense_ms, sparse_ms,
+                                       use, "" if use else "the dense product is faster here"))
         if use:
             parent_name, _, child = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child, candidate)

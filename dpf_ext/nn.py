@@ -462,8 +462,8 @@ def set_compute(model: nn.Module, compute: str) -> nn.Module:
 
 def compute_report(model: nn.Module) -> dict[str, str]:
     """``{layer name: "sparse" | "dense"}``: the product each DPF layer's next forward runs."""
-    return {name: "sparse" if compute_paths.runs_sparse(m) else "dense"
-            for name, m in model.named_modules() if isinstance(m, DPFLayer)}
+    return {name: compute_paths.path(m) for name, m in model.named_modules()
+            if isinstance(m, DPFLayer)}
 
 
 def unsparsify(model: nn.Module) -> nn.Module:

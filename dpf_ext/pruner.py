@@ -9,6 +9,7 @@ import weakref
 import torch
 from torch import nn
 
+from . import compute
 from .budgets import Budget, Global, Uniform, make_budget
 from .distributed import (Shards, average_over_ranks, check_same_on_all_ranks, is_sharded,
                           local_weight_and_mask)
@@ -389,7 +390,7 @@ class DPF:
              self.dropped_last, self.regrown_last]).tolist()
         rows = [
             LayerReport(name, tuple(layer.dense_weight.shape), layer.dense_weight.numel(), kept[i],
-                        last[i], total[i], forced[i], dropped[i], regrown[i])
+                        last[i], total[i], forced[i], dropped[i], regrown[i], compute.path(layer))
             for i, (name, layer) in enumerate(self.layers)
         ]
         pattern = getattr(self.method, "pattern", None)

@@ -23,6 +23,9 @@ class LayerReport:
     """Weights kept before the last update and pruned by it."""
     regrown_last: int = 0
     """Weights the last update dropped and grew again at once (they keep their value)."""
+    compute: str = "dense"
+    """The product the layer's next forward runs: ``"sparse"`` (the kept weights only) or
+    ``"dense"`` (see :mod:`dpf_ext.compute`)."""
 
     @property
     def sparsity(self) -> float:
@@ -106,16 +109,16 @@ class SparsityReport:
 
     def __str__(self) -> str:
         header = ("layer", "shape", "params", "kept", "sparsity", "react. last", "react. total",
-                  "forced", "dropped", "regrown")
+                  "forced", "dropped", "regrown", "compute")
         rows = [
             (r.name, "x".join(map(str, r.shape)), str(r.params), str(r.kept),
              f"{r.sparsity:.2%}", str(r.reactivated_last), str(r.reactivated_total), str(r.forced),
-             str(r.dropped_last), str(r.regrown_last))
+             str(r.dropped_last), str(r.regrown_last), r.compute)
             for r in self.layers
         ]
         rows.append(("total", "", str(self.params), str(self.kept), f"{self.sparsity:.2%}",
                      str(self.reactivated_last), str(self.reactivated_total), str(self.forced),
-                     str(self.dropped_last), str(self.regrown_last)))
+                     str(self.dropped_last), str(self.regrown_last), ""))
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         line = lambda row: "  ".join(  # noqa: E731
             c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))

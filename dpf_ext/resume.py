@@ -91,8 +91,9 @@ def load(path: str | Path) -> dict:
 
 def check_same_run(saved: dict, config: dict, path) -> None:
     """Raise :class:`CheckpointError` naming the settings in which the checkpoint's run
-    (``saved``) differs from ``config`` (the device and the thread count may differ)."""
-    free = {"device"}
+    (``saved``) differs from ``config``. The device, the thread count and the compute mode
+    may differ: the run then continues to float tolerance, not bit for bit."""
+    free = {"device", "compute"}
     diff = {k: (saved.get(k), v) for k, v in config.items() if k not in free and saved.get(k) != v}
     if diff:
         details = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())

@@ -87,6 +87,9 @@ class TrainConfig:
     updates_until: float | None = None
     """The masks change up to this fraction of training and then stay fixed (the
     controller's ``end_step``); ``None``: the method's (DPF: to the end, RigL: 0.75)."""
+    compute: str = "dense"
+    """The product the DPF layers run: ``"dense"``, ``"sparse"`` or ``"auto"`` (see
+    :mod:`dpf_ext.compute`)."""
     fsdp: bool = False
     """Under ``torchrun``: shard the model with FSDP2 instead of DDP."""
     seed: int = 0
@@ -210,7 +213,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
     steps_per_epoch = -(-data.train_size // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.method != "dense":
-        sparsify(model, exclude=config.exclude, powerprop=config.powerprop)
+        sparsify(model, exclude=config.exclude, powerprop=config.powerprop, compute=config.compute)
     rank, world = ranks()
     if config.fsdp:
         shard(model, device)

@@ -47,3 +47,22 @@ def test_conversion_keeps_the_outputs_and_follows_the_measurement():
         torch.testing.assert_close(forced(x), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="min_sparsity"):
         dpf_ext.to_sparse_inference(model, min_sparsity=1.0)
+
+
+def test_gpt2_conv1d_layers_convert_and_what_stays_dense_is_reported():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = dpf_ext.sparsify(transformers.GPT2LMHeadModel(config).eval())
+    dpf_ext.DPF(model, schedule=Constant(0.9), scope="layer")
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        expected = model(ids).logits
+    choices = dpf_ext.to_sparse_inference(model, min_speedup=1e-9, repeats=1)
+    names = {c.name for c in choices if c.sparse}
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"} <= names
+    assert isinstance(model.transformer.h[0].mlp.c_proj, SparseLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
+    dense = dpf_ext.to_sparse_inference(nn.Sequential(nn.Linear(8, 8)), repeats=1)
+    assert [(c.sparse, c.reason) for c in dense] == [(False, "sparsity 0.0% under min_sparsity")]

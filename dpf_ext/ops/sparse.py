@@ -106,7 +106,7 @@ class _SparseLinear(torch.autograd.Function):
         index, backend = ctx.index, _backend(dy)
         dyt = dy.t().contiguous()
         dx = dw = db = None
-        if not bool(torch.isfinite(dyt).all()):  # as the dense path: 0 · NaN is NaN
+        if not all_finite(dyt):  # as the dense path: 0 · NaN is NaN
             return (*_dense_backward(dy, xt, weight, index, ctx), None, None)
         if ctx.needs_input_grad[0]:
             dx = backend.sparse_mm(dyt, _values(weight, index.t_pos), index.t_ptr, index.t_idx, None)
@@ -118,6 +118,12 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(0)
         return dx, dw, db, None, None
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or Inf, from one sum (no mask tensor): a sum that overflows
+    to Inf says no, which only costs the dense path."""
+    return bool(torch.isfinite(t.sum()))
 
 
 def _dense_backward(dy, xt, weight, index, ctx):
@@ -168,3 +174,16 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: SparseIndex,
     lead = x.shape[:-1]
     y = _SparseLinear.apply(x.reshape(-1, index.cols), weight, bias, index, dense_grad)
     return y.reshape(*lead, index.rows)
+
+
+def kept_product(x: torch.Tensor, values: torch.Tensor, index: SparseIndex,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Wᵀ + b`` for the weight whose kept entries are ``values`` (in ``index``'s CSR
+    order), without autograd: the inference product of a layer that keeps only its values."""
+    if x.shape[-1] != index.cols or values.numel() != index.nnz:
+        raise ValueError(f"input of {x.shape[-1]} features and {values.numel()} values for a "
+                         f"({index.rows}, {index.cols}) index of {index.nnz} entries")
+    with torch.no_grad():
+        xt = x.reshape(-1, index.cols).t().contiguous()
+        y = _backend(x).sparse_mm(xt, values, index.ptr, index.idx, bias)
+    return y.reshape(*x.shape[:-1], index.rows)

@@ -1,0 +1,161 @@
+"""Sparse training on the CPU: one Linear layer's training step (forward, input gradient,
+weight gradient) at 80-99% sparsity through dpf_ext's sparse products, against the dense
+layer, the masked dense layer (what every method ran before), torch's CSR route and
+SparseProp (``pip install sparseprop``; skipped with a message where it does not build);
+the cost of rebuilding the index at a mask update; and whole training steps (MLP and a
+GPT-2 built from a config) at 90-98% with a masked and a dense (DPF) weight gradient.
+
+Thread count: the run's (``torch.set_num_threads``; ``OMP_NUM_THREADS=1 python bench/run.py
+-k sparse_training`` for the 1-thread figures)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dpf_ext
+from dpf_ext.ops import SparseIndex, sparse_linear
+from dpf_ext.schedules import Constant
+
+SHAPES = [(768, 768), (1024, 4096), (4096, 1024)]  # (in, out)
+SPARSITIES = [0.8, 0.9, 0.95, 0.98, 0.99]
+BATCHES = [64, 256]
+IMPLS = ["torch-dense", "torch-masked", "dpf-sparse", "dpf-sparse-fullgrad", "torch-csr",
+         "sparseprop"]
+
+
+def _case(shape, sparsity, batch):
+    in_f, out_f = shape
+    g = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(out_f, in_f, generator=g) / in_f ** 0.5)
+    bias = nn.Parameter(torch.zeros(out_f))
+    mask = torch.rand(out_f, in_f, generator=g) >= sparsity
+    x = torch.randn(batch, in_f, generator=g, requires_grad=True)
+    return weight, bias, mask, x
+
+
+def _step_fn(impl, weight, bias, mask, x):
+    """One training step of the layer with ``impl``: forward, then the gradients of the
+    input, the weight (at the kept positions, or dense for ``-fullgrad``) and the bias."""
+    dy = torch.randn(x.shape[0], weight.shape[0])
+    if impl == "torch-dense":
+        return lambda: torch.autograd.backward(nn.functional.linear(x, weight, bias), dy)
+    if impl == "torch-masked":
+        return lambda: torch.autograd.backward(
+            nn.functional.linear(x, dpf_ext.ops.masked_weight(weight, mask, False), bias), dy)
+    if impl.startswith("dpf-sparse"):
+        index = SparseIndex.from_mask(mask)
+        full = impl.endswith("fullgrad")
+        return lambda: torch.autograd.backward(sparse_linear(x, weight, index, bias, full), dy)
+    if impl == "torch-csr":  # torch's sparse CSR kernels, the index built once
+        index = SparseIndex.from_mask(mask)
+        crow, col = index.ptr, index.idx.long()
+        t_crow, t_col = index.t_ptr, index.t_idx.long()
+
+        def step():
+            w = weight.detach()
+            csr = torch.sparse_csr_tensor(crow, col, w.view(-1)[index.pos], weight.shape)
+            csr_t = torch.sparse_csr_tensor(t_crow, t_col, w.view(-1)[index.t_pos],
+                                            (weight.shape[1], weight.shape[0]))
+            xd = x.detach()
+            (csr @ xd.t()).t() + bias.detach()
+            (csr_t @ dy.t()).t()
+            torch.sparse.sampled_addmm(csr, dy.t().contiguous(), xd, beta=0.0)
+            dy.sum(0)
+        return step
+    if impl == "sparseprop":
+        try:
+            from sparseprop.modules import SparseLinear
+        except ImportError as exc:
+            pytest.skip(f"sparseprop is not installed ({exc}): pip install sparseprop")
+        with torch.no_grad():
+            dense = (weight * mask).detach().clone()
+        layer = SparseLinear(dense, nn.Parameter(bias.detach().clone()))
+        return lambda: torch.autograd.backward(layer(x), dy)
+    raise ValueError(impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}to{s[1]}")
+def test_linear_training_step(benchmark, shape, batch, sparsity, impl):
+    weight, bias, mask, x = _case(shape, sparsity, batch)
+    step = _step_fn(impl, weight, bias, mask, x)
+
+    def run():
+        x.grad = weight.grad = bias.grad = None
+        step()
+
+    benchmark.group = (f"Linear {shape[0]}->{shape[1]} step, batch {batch}, {sparsity:.0%}, "
+                       f"{torch.get_num_threads()} thread(s)")
+    benchmark.extra_info.update(sparsity=sparsity, batch=batch, shape=list(shape))
+    benchmark.pedantic(run, rounds=7, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["torch-dense-product", "index-rebuild"])
+@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}to{s[1]}")
+def test_index_rebuild(benchmark, shape, sparsity, impl):
+    """A mask update's cost to the sparse path (both indices from the mask) against one
+    dense product of the layer (batch 256)."""
+    weight, _, mask, _ = _case(shape, sparsity, 1)
+    x = torch.randn(256, shape[0])
+    fn = (lambda: x @ weight.detach().t()) if impl == "torch-dense-product" else \
+        (lambda: SparseIndex.from_mask(mask))
+    benchmark.group = f"index rebuild {shape[0]}->{shape[1]} at {sparsity:.0%}"
+    benchmark.pedantic(fn, rounds=7, warmup_rounds=1)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024), nn.ReLU(),
+                         nn.Linear(1024, 10))
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=512, n_positions=64, n_embd=512, n_layer=2,
+                                     n_head=8, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("compute", ["torch-dense", "dense", "sparse"])
+@pytest.mark.parametrize("method", ["static", "dpf"])
+@pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.98])
+@pytest.mark.parametrize("model_name", ["mlp", "gpt2"])
+def test_training_step(benchmark, model_name, sparsity, method, compute):
+    """One optimizer step (forward, backward, SGD, the pruner's step; no mask update in the
+    timed steps) of a whole model; ``torch-dense`` is the plain model without dpf_ext."""
+    model = _mlp() if model_name == "mlp" else _gpt2()
+    if model_name == "mlp":
+        batch = (torch.randn(256, 1024), torch.randint(0, 10, (256,)))
+        loss_fn = lambda m: nn.functional.cross_entropy(m(batch[0]), batch[1])  # noqa: E731
+    else:
+        ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
+        loss_fn = lambda m: m(ids, labels=ids).loss  # noqa: E731
+    pruner = None
+    if compute != "torch-dense":
+        dpf_ext.sparsify(model, compute=compute)
+        if method == "static":
+            pruner = dpf_ext.DPF(model, sparsity, method="static", total_steps=10**6)
+        else:
+            pruner = dpf_ext.DPF(model, schedule=Constant(sparsity), update_every=10**6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        loss = loss_fn(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if pruner is not None:
+            pruner.step()
+
+    benchmark.group = (f"training step {model_name} {method} at {sparsity:.0%}, "
+                       f"{torch.get_num_threads()} thread(s)")
+    if pruner is not None:
+        benchmark.extra_info["sparse_layers"] = sum(
+            v == "sparse" for v in dpf_ext.compute_report(model).values())
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
