@@ -27,6 +27,8 @@ TORCH_LIBRARY(dpf, m) {
   // (rows, cols) with zeros elsewhere.
   m.def("sparse_mm(Tensor xt, Tensor values, Tensor ptr, Tensor idx, Tensor? bias) -> Tensor");
   m.def("sampled_mm(Tensor dyt, Tensor xt, Tensor ptr, Tensor idx) -> Tensor");
+  // Both CSR indices (by row, by column) of a 2-D bool mask, with storage offsets r*s0 + c*s1.
+  m.def("sparse_index(Tensor mask, int s0, int s1) -> Tensor[]");
   m.def(
       "feedback_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "bool[] fresh, float lr, float momentum, float dampening, bool nesterov, float weight_decay, "

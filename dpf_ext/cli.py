@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import io
 import json
 import math
@@ -45,7 +46,7 @@ COMPARED = ("dense", "oneshot", "gradual", "dpf")
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="dpf-train",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a sparse network in one pass with Dynamic Pruning with Feedback "
@@ -244,14 +245,27 @@ def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = Non
     return written
 
 
+def _percent_hint(value: float) -> str:
+    """A hint for a sparsity given in percent (``90`` for ``0.9``); none for 1.0 itself
+    (everything pruned) or anything that is not a plausible percentage."""
+    return f" (a fraction: did you mean {value / 100:g}?)" if 1 < value < 100 else ""
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line and a pointer to ``--help`` (not the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every argument checked before any training: an argparse error (exit status 2) naming
     the problem."""
     for value in args.sparsities or []:
         if not 0.0 <= value < 1.0:
-            parser.error(f"--sparsities: each must be in [0, 1), got {value}")
+            parser.error(f"--sparsities: each must be in [0, 1), got {value}{_percent_hint(value)}")
     if not 0.0 <= args.sparsity < 1.0:
-        hint = f" (a fraction: did you mean {args.sparsity / 100:g}?)" if 1 <= args.sparsity < 100 else ""
+        hint = _percent_hint(args.sparsity)
         parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}{hint}")
     for name in ("epochs", "batch_size", "update_every", "seeds", "jobs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -296,7 +310,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     valid = {o for m in args.methods if m != "dense" for o in method_options(m)}
     bad = sorted(set(args.options) - valid)
     if bad:
-        parser.error(f"--option {bad}: {', '.join(args.methods)} take {sorted(valid) or 'no options'}")
+        near = [n for b in bad for n in difflib.get_close_matches(b, sorted(valid), 1)]
+        parser.error(f"--option {bad}: {', '.join(args.methods)} take {sorted(valid) or 'no options'}"
+                     + (f" (did you mean {', '.join(near)}?)" if near else ""))
     if args.scope == "filter" and set(args.methods) - {"dense", "dpf", "gradual"}:
         parser.error("--scope filter prunes with dpf or gradual only")
     if args.pattern is not None:
@@ -568,7 +584,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             sparsify(build_model(args.model, data.input_shape, data.num_classes),
                      exclude=args.exclude, compute="sparse")
         except ValueError as exc:
-            parser.error(f"--compute sparse: {exc}")
+            parser.error(f"--compute sparse: {str(exc).removeprefix('compute=' + repr('sparse') + ': ')}")
     if args.pattern is not None:  # layers the pattern does not fit stay dense, and we say so
         probe = sparsify(build_model(args.model, data.input_shape, data.num_classes), exclude=args.exclude)
         unfit = [name for name, layer in dpf_layers(probe) if reduction(layer) % args.nm.m]

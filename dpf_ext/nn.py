@@ -449,11 +449,13 @@ def set_compute(model: nn.Module, compute: str) -> nn.Module:
     if not layers:
         raise ValueError("the model has no DPF layer: call dpf_ext.sparsify(model) first")
     if compute == "sparse":
-        refused = {name: reason for name, m in layers
-                   if (reason := compute_paths.unsupported(m)) is not None}
+        refused: dict[str, list[str]] = {}  # reason: the layers it refuses
+        for name, m in layers:
+            if (reason := compute_paths.unsupported(m)) is not None:
+                refused.setdefault(reason, []).append(name)
         if refused:
             raise ValueError("compute='sparse': " + "; ".join(
-                f"layer {name!r}: {reason}" for name, reason in refused.items())
+                f"layers {names}: {reason}" for reason, names in refused.items())
                 + "; use compute='auto' to run those dense")
     for _, m in layers:
         m.compute = compute

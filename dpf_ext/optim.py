@@ -80,7 +80,7 @@ class DPFSGD(_FusedOptimizer):
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  pruner=None):
-        if lr < 0.0:
+        if not 0.0 <= lr:  # NaN included
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")

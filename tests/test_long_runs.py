@@ -122,11 +122,17 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
     (["--sparsity", "90"], "did you mean 0.9"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--resume"], "need --out"),
+    (["--sparsity", "1.0"], "got 1.0\n(see dpf-train --help)"),
+    (["--sparsities", "0.5", "90"], "got 90.0 (a fraction: did you mean 0.9?)"),
+    (["--method", "rigl", "--option", "drop_fractoin=0.3"], "did you mean drop_fraction?"),
+    (["--compute", "sparse", "--model", "cnn"], "--compute sparse: layers ['0', '3', '7']: DPFConv2d has no sparse path"),
 ])
 def test_bad_long_run_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert "usage:" not in err and len(err.splitlines()) == 2  # one line, and the --help pointer
 
 
 def test_torchrun_resumes_a_single_process_checkpoint_with_the_same_result(uninterrupted, tmp_path):

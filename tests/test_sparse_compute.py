@@ -176,7 +176,7 @@ def cnn():
 
 
 def test_compute_modes_of_the_layers():
-    with pytest.raises(ValueError, match=r"layer '0': DPFConv2d has no sparse path.*compute='auto'"):
+    with pytest.raises(ValueError, match=r"layers \['0'\]: DPFConv2d has no sparse path.*compute='auto'"):
         dpf_ext.sparsify(cnn(), compute="sparse")
     with pytest.raises(ValueError, match="compute must be one of"):
         dpf_ext.sparsify(cnn(), compute="fast")
@@ -332,3 +332,16 @@ def test_torch_compile_runs_the_sparse_path():
     torch.testing.assert_close(compiled(x), eager)
     compiled(x).sum().backward()
     assert model[0].weight.grad is not None
+
+
+@pytest.mark.skipif(not COMPILED, reason="compares the C++ index with the reference")
+@pytest.mark.parametrize("case", ["empty-rows", "empty-cols", "all-pruned", "one-kept", "all-kept"])
+def test_the_compiled_index_equals_the_reference(case):
+    from dpf_ext.ops import reference
+
+    for mask, strides in ((adversarial_masks(40, 24)[case], (24, 1)),
+                          (adversarial_masks(24, 40)[case].t(), (1, 40))):
+        got = torch.ops.dpf.sparse_index(mask, *strides)
+        want = reference.sparse_index(mask, *strides)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)

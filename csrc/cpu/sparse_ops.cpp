@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <string>
+#include <vector>
 
 #include "sparse_kernels.h"
 
@@ -115,6 +116,54 @@ at::Tensor sampled_mm_cpu(const at::Tensor& dyt, const at::Tensor& xt, const at:
   return g;
 }
 
+// Both CSR indices of the kept entries of a 2-D bool mask (see dpf_ext/ops/sparse.py): by row
+// (ptr int64, idx int32 columns, pos int64 offsets r * s0 + c * s1) and by column (t_ptr,
+// t_idx rows, t_pos), in two passes over the mask and one write per kept entry.
+std::vector<at::Tensor> sparse_index_cpu(const at::Tensor& mask, int64_t s0, int64_t s1) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.device().is_cpu(),
+              "dpf::sparse_index: mask must be a 2-D bool CPU tensor");
+  const at::Tensor m = mask.contiguous();
+  const int64_t rows = m.size(0), cols = m.size(1);
+  TORCH_CHECK(rows < INT32_MAX && cols < INT32_MAX, "dpf::sparse_index: more than 2^31 rows or columns");
+  const bool* bits = m.data_ptr<bool>();
+  const auto i64 = m.options().dtype(at::kLong), i32 = m.options().dtype(at::kInt);
+  at::Tensor ptr = at::zeros({rows + 1}, i64), t_ptr = at::zeros({cols + 1}, i64);
+  int64_t* p = ptr.data_ptr<int64_t>();
+  int64_t* tp = t_ptr.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool* row = bits + r * cols;
+    int64_t n = 0;
+    for (int64_t c = 0; c < cols; ++c) {
+      n += row[c];
+      tp[c + 1] += row[c];
+    }
+    p[r + 1] = p[r] + n;
+  }
+  for (int64_t c = 0; c < cols; ++c) tp[c + 1] += tp[c];
+  const int64_t nnz = p[rows];
+  at::Tensor idx = at::empty({nnz}, i32), pos = at::empty({nnz}, i64);
+  at::Tensor t_idx = at::empty({nnz}, i32), t_pos = at::empty({nnz}, i64);
+  int32_t* ix = idx.data_ptr<int32_t>();
+  int64_t* ps = pos.data_ptr<int64_t>();
+  int32_t* tix = t_idx.data_ptr<int32_t>();
+  int64_t* tps = t_pos.data_ptr<int64_t>();
+  std::vector<int64_t> cursor(tp, tp + cols);  // the next free entry of each column
+  int64_t k = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool* row = bits + r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      if (!row[c]) continue;
+      const int64_t offset = r * s0 + c * s1;
+      ix[k] = int32_t(c);
+      ps[k++] = offset;
+      const int64_t t = cursor[c]++;
+      tix[t] = int32_t(r);
+      tps[t] = offset;
+    }
+  }
+  return {ptr, idx, pos, t_ptr, t_idx, t_pos};
+}
+
 }  // namespace
 
 // The instruction set the sparse kernels use: "auto" (the best this CPU has), "avx512",
@@ -133,6 +182,7 @@ std::string sparse_simd(const std::string& isa) {
 TORCH_LIBRARY_IMPL(dpf, CPU, m) {
   m.impl("sparse_mm", &sparse_mm_cpu);
   m.impl("sampled_mm", &sampled_mm_cpu);
+  m.impl("sparse_index", &sparse_index_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(dpf, m) {

@@ -31,6 +31,9 @@ class OpBackend:
     def sampled_mm(self, dyt, xt, ptr, idx):
         return self.ops.sampled_mm(dyt, xt, ptr, idx)
 
+    def sparse_index(self, mask, s0, s1):
+        return self.ops.sparse_index(mask, s0, s1)
+
     def magnitude_histogram(self, weights, prefix, row_max, window=None, window_start=None):
         return self.ops.magnitude_histogram([w.detach() for w in weights], prefix, row_max, window,
                                             window_start)
@@ -89,6 +92,7 @@ def register_abstract(namespace: str) -> None:
             lambda xt, values, ptr, idx, bias: xt.new_empty(xt.shape[1], ptr.shape[0] - 1))
         torch.library.register_fake(f"{namespace}::sampled_mm")(
             lambda dyt, xt, ptr, idx: xt.new_empty(ptr.shape[0] - 1, xt.shape[0]))
+        # sparse_index has data-dependent output sizes: built outside compiled graphs
     torch.library.register_fake(f"{namespace}::feedback_sgd_step")(lambda *args: None)
     torch.library.register_fake(f"{namespace}::feedback_adamw_step")(lambda *args: None)
 

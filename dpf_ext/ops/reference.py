@@ -289,3 +289,18 @@ def sampled_mm(dyt: torch.Tensor, xt: torch.Tensor, ptr: torch.Tensor,
     g = torch.zeros(rows, cols, dtype=xt.dtype, device=xt.device)
     g[r, c] = (dyt[r] * xt[c]).sum(1)
     return g
+
+
+def sparse_index(mask: torch.Tensor, s0: int, s1: int) -> list[torch.Tensor]:
+    """Both CSR indices of the ``True`` entries of the 2-D bool ``mask``: by row (``ptr`` int64
+    offsets, ``idx`` int32 columns, ``pos`` int64 storage offsets ``r * s0 + c * s1``) and by
+    column (``t_ptr``, ``t_idx`` int32 rows, ``t_pos``), each in row-major order of its own."""
+    def csr(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        at = m.nonzero()
+        ptr = torch.zeros(m.shape[0] + 1, dtype=torch.int64, device=m.device)
+        torch.cumsum(torch.bincount(at[:, 0], minlength=m.shape[0]), 0, out=ptr[1:])
+        return ptr, at[:, 0], at[:, 1]
+
+    ptr, r, c = csr(mask)
+    t_ptr, tc, tr = csr(mask.t())
+    return [ptr, c.to(torch.int32), r * s0 + c * s1, t_ptr, tr.to(torch.int32), tr * s0 + tc * s1]

@@ -63,18 +63,8 @@ class SparseIndex:
         if cols >= 2**31 or rows >= 2**31:
             raise ValueError(f"a {rows}x{cols} weight is too large for int32 indices")
         s0, s1 = weight.stride() if weight is not None else (cols, 1)
-        mask = mask.detach()
-
-        def csr(m: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            at = m.nonzero()  # (nnz, 2), row-major order
-            ptr = torch.zeros(n + 1, dtype=torch.int64, device=m.device)
-            torch.cumsum(torch.bincount(at[:, 0], minlength=n), 0, out=ptr[1:])
-            return ptr, at[:, 0], at[:, 1]
-
-        ptr, r, c = csr(mask, rows)
-        t_ptr, tc, tr = csr(mask.t(), cols)
-        return SparseIndex(rows, cols, ptr, c.to(torch.int32), r * s0 + c * s1,
-                           t_ptr, tr.to(torch.int32), tr * s0 + tc * s1)
+        backend = backend_for(mask.device, "sparse_index")
+        return SparseIndex(rows, cols, *backend.sparse_index(mask.detach(), s0, s1))
 
 
 def _values(weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
