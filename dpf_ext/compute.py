@@ -11,8 +11,9 @@ DPF's straight-through estimator and on the steps where a method reads the dense
 (the layer's gradient tap is armed), sampled at the kept positions otherwise.
 
 Sparse kernels exist for float32 on the CPU (:func:`dpf_ext.ops.simd` names the instruction
-set); elsewhere ``"sparse"`` runs the reference implementation (correct, not fast) and
-``"auto"`` stays dense. A forward whose input holds NaN or Inf takes the dense path, so
+set) and on CUDA (simple kernels, tested under emulation, their speed unmeasured); where
+none is built ``"sparse"`` runs the reference implementation (correct, not fast).
+``"auto"`` runs sparse on the CPU only, where the crossover was measured. A forward whose input holds NaN or Inf takes the dense path, so
 that they spread as they do there (``0 · NaN`` is NaN).
 """
 
@@ -71,11 +72,11 @@ def density(layer) -> float:
 
 
 def prefers_sparse(layer) -> bool:
-    """The ``"auto"`` rule: sparse where a compiled sparse kernel serves the layer's device,
-    the layer has at least :data:`AUTO_MIN_WEIGHTS` weights and its density is at most
+    """The ``"auto"`` rule: sparse on the CPU where the compiled kernels are built, the layer has at least :data:`AUTO_MIN_WEIGHTS` weights and its density is at most
     :data:`AUTO_MAX_DENSITY`."""
     weight = layer.dense_weight
     return (unsupported(layer) is None
+            and weight.device.type == "cpu"
             and ops.backend_for(weight.device, "sparse_mm") is not reference
             and weight.numel() >= AUTO_MIN_WEIGHTS and density(layer) <= AUTO_MAX_DENSITY)
 

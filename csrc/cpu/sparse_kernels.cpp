@@ -27,15 +27,6 @@ struct Vec1 {
 #define VFMA(a, b, c) Vec1{(a).v * (b).v + (c).v}
 #define VSUM(a) ((a).v)
 #include "sparse_simd.inc"
-#undef VEC
-#undef LANES
-#undef VBLOCK
-#undef VZERO
-#undef VSET1
-#undef VLOAD
-#undef VSTORE
-#undef VFMA
-#undef VSUM
 }  // namespace scalar
 
 #ifdef DPF_SPARSE_X86
@@ -58,15 +49,6 @@ static inline float hsum256(__m256 v) {
 #define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define VSUM(a) hsum256(a)
 #include "sparse_simd.inc"
-#undef VEC
-#undef LANES
-#undef VBLOCK
-#undef VZERO
-#undef VSET1
-#undef VLOAD
-#undef VSTORE
-#undef VFMA
-#undef VSUM
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -83,15 +65,6 @@ namespace avx512 {
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define VSUM(a) _mm512_reduce_add_ps(a)
 #include "sparse_simd.inc"
-#undef VEC
-#undef LANES
-#undef VBLOCK
-#undef VZERO
-#undef VSET1
-#undef VLOAD
-#undef VSTORE
-#undef VFMA
-#undef VSUM
 }  // namespace avx512
 #pragma GCC pop_options
 #endif

@@ -337,6 +337,41 @@ __global__ void adamw_kernel(Table tab, const void* const* grads, void* const* e
   if (HIST) first.end();
 }
 
+// One thread per (batch lane, output row): threads along x take consecutive batch lanes, so
+// each kept weight's row of xt is read coalesced; rows stride over the grid's y dimension.
+__global__ void sparse_mm_kernel(const int64_t* ptr, const int32_t* idx, const float* val,
+                                 const float* xt, int64_t B, const float* bias, float* y,
+                                 int64_t rows) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
+       r += int64_t(gridDim.y) * blockDim.y) {
+    float acc = bias ? bias[r] : 0.0f;
+    for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) acc += val[k] * xt[int64_t(idx[k]) * B + b];
+    y[b * rows + r] = acc;
+  }
+}
+
+// One block per output row (striding over rows): the row of g is zeroed, then each thread
+// computes the batch dot products of some of the row's kept weights.
+__global__ void sampled_mm_kernel(const int64_t* ptr, const int32_t* idx, const float* dyt,
+                                  const float* xt, int64_t B, int64_t rows, int64_t cols,
+                                  float* g) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float* row = g + r * cols;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) row[c] = 0.0f;
+    __syncthreads();  // the zeros before the kept entries
+    const float* dy = dyt + r * B;
+    for (int64_t k = ptr[r] + threadIdx.x; k < ptr[r + 1]; k += blockDim.x) {
+      const float* x = xt + int64_t(idx[k]) * B;
+      float acc = 0.0f;
+      for (int64_t j = 0; j < B; ++j) acc += dy[j] * x[j];
+      row[idx[k]] = acc;
+    }
+    __syncthreads();  // the row done before the block's threads move on
+  }
+}
+
 int grid_for(int64_t chunks, int cap) {
   return static_cast<int>(chunks < cap ? chunks : cap);
 }
@@ -500,6 +535,24 @@ cudaError_t adamw_step(const Table& tab, DType dtype, const void* const* grads, 
       return cudaGetLastError();
     });
   });
+}
+
+cudaError_t sparse_mm(const int64_t* ptr, const int32_t* idx, const float* val, const float* xt,
+                      int64_t B, const float* bias, float* y, int64_t rows, cudaStream_t stream) {
+  if (B == 0 || rows == 0) return cudaSuccess;
+  const dim3 block(32, 8);
+  const int64_t row_groups = (rows + block.y - 1) / block.y;
+  const dim3 grid(static_cast<unsigned>((B + block.x - 1) / block.x),
+                  static_cast<unsigned>(row_groups < 65535 ? row_groups : 65535));
+  sparse_mm_kernel<<<grid, block, 0, stream>>>(ptr, idx, val, xt, B, bias, y, rows);
+  return cudaGetLastError();
+}
+
+cudaError_t sampled_mm(const int64_t* ptr, const int32_t* idx, const float* dyt, const float* xt,
+                       int64_t B, int64_t rows, int64_t cols, float* g, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  sampled_mm_kernel<<<grid_for(rows, 65535), 128, 0, stream>>>(ptr, idx, dyt, xt, B, rows, cols, g);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

@@ -104,5 +104,15 @@ cudaError_t adamw_step(const Table& params, DType dtype, const void* const* grad
                        const AdamwParams& hp, unsigned long long* hist, Rows rows,
                        const DeviceInfo& dev, cudaStream_t stream, Window window = {nullptr, nullptr, 0});
 
+// The sparse products (see csrc/cpu/sparse_kernels.h for the layouts): y (B, rows) = bias +
+// the CSR matrix (ptr int64, idx int32, val) times xt (cols, B); bias may be null.
+cudaError_t sparse_mm(const int64_t* ptr, const int32_t* idx, const float* val, const float* xt,
+                      int64_t B, const float* bias, float* y, int64_t rows, cudaStream_t stream);
+
+// g (rows, cols): at the CSR's kept (r, c), the dot product over the batch of dyt[r] (rows, B)
+// and xt[c] (cols, B); 0 elsewhere.
+cudaError_t sampled_mm(const int64_t* ptr, const int32_t* idx, const float* dyt, const float* xt,
+                       int64_t B, int64_t rows, int64_t cols, float* g, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace dpf

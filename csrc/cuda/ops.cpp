@@ -241,6 +241,53 @@ at::Tensor masked_weight_cuda(const at::Tensor& weight, const at::Tensor& mask, 
   return out;
 }
 
+void check_sparse_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ptr,
+                       const at::Tensor& idx, const char* op) {
+  for (const at::Tensor* t : {&a, &b})
+    TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->dim() == 2 && t->is_contiguous(),
+                op, ": the activations must be contiguous 2-D float32 CUDA tensors");
+  TORCH_CHECK(ptr.is_cuda() && ptr.scalar_type() == at::kLong && ptr.dim() == 1 && ptr.numel() >= 1 &&
+                  ptr.is_contiguous() && idx.is_cuda() && idx.scalar_type() == at::kInt &&
+                  idx.dim() == 1 && idx.is_contiguous(),
+              op, ": ptr must be contiguous int64 and idx contiguous int32, on the GPU");
+}
+
+at::Tensor sparse_mm_cuda(const at::Tensor& xt, const at::Tensor& values, const at::Tensor& ptr,
+                          const at::Tensor& idx, const std::optional<at::Tensor>& bias) {
+  check_sparse_args(xt, xt, ptr, idx, "dpf::sparse_mm");
+  TORCH_CHECK(values.is_cuda() && values.scalar_type() == at::kFloat && values.is_contiguous() &&
+                  values.numel() == idx.numel(),
+              "dpf::sparse_mm: one contiguous float32 value per index entry");
+  const int64_t rows = ptr.numel() - 1, B = xt.size(1);
+  if (bias) {
+    TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                    bias->numel() == rows,
+                "dpf::sparse_mm: bias must be a contiguous float32 tensor of one entry per row");
+  }
+  const c10::cuda::CUDAGuard guard(xt.device());
+  at::Tensor y = at::empty({B, rows}, xt.options());
+  check_cuda(cuda::sparse_mm(ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(),
+                             values.const_data_ptr<float>(), xt.const_data_ptr<float>(), B,
+                             bias ? bias->const_data_ptr<float>() : nullptr, y.data_ptr<float>(), rows,
+                             c10::cuda::getCurrentCUDAStream()),
+             "sparse_mm");
+  return y;
+}
+
+at::Tensor sampled_mm_cuda(const at::Tensor& dyt, const at::Tensor& xt, const at::Tensor& ptr,
+                           const at::Tensor& idx) {
+  check_sparse_args(dyt, xt, ptr, idx, "dpf::sampled_mm");
+  const int64_t rows = ptr.numel() - 1, cols = xt.size(0), B = xt.size(1);
+  TORCH_CHECK(dyt.size(0) == rows && dyt.size(1) == B, "dpf::sampled_mm: dyt must be (rows, B)");
+  const c10::cuda::CUDAGuard guard(xt.device());
+  at::Tensor g = at::empty({rows, cols}, xt.options());
+  check_cuda(cuda::sampled_mm(ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(),
+                              dyt.const_data_ptr<float>(), xt.const_data_ptr<float>(), B, rows, cols,
+                              g.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+             "sampled_mm");
+  return g;
+}
+
 void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                             const c10::List<bool>& fresh, double lr, double momentum, double dampening,
                             bool nesterov, double weight_decay, bool maximize, at::TensorList masks,
@@ -351,6 +398,8 @@ TORCH_LIBRARY_IMPL(dpf, CUDA, m) {
   m.impl("magnitude_histogram", &magnitude_histogram_cuda);
   m.impl("update_masks", &update_masks_cuda);
   m.impl("masked_weight", &masked_weight_cuda);
+  m.impl("sparse_mm", &sparse_mm_cuda);
+  m.impl("sampled_mm", &sampled_mm_cuda);
   m.impl("nm_masks", &nm_masks_cuda);
   m.impl("feedback_sgd_step", &feedback_sgd_step_cuda);
   m.impl("feedback_adamw_step", &feedback_adamw_step_cuda);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../cpu/kernels.h"
+#include "../cpu/sparse_kernels.h"
 #include "../cuda/kernels.h"
 
 namespace {
@@ -591,6 +592,62 @@ void test_launch_limits() {
 
 }  // namespace
 
+// The sparse products against the CPU kernels (sparse_kernels.h, scalar path): sizes across
+// the launch's batch and row blocks, empty rows and columns, a fully pruned and a fully kept
+// weight, batch 1.
+void test_sparse_products() {
+  const sparse::Kernels* ref = sparse::kernels("scalar");
+  struct Shape {
+    int64_t rows, cols, B;
+    double density;
+  };
+  const Shape shapes[] = {{1, 1, 1, 1.0}, {37, 53, 5, 0.3}, {9, 16, 33, 0.0},
+                          {70, 20, 65, 1.0}, {300, 41, 1, 0.1}, {17, 130, 40, 0.05}};
+  std::uniform_real_distribution<float> uniform(-1.f, 1.f);
+  for (const auto& sh : shapes) {
+    std::bernoulli_distribution keep(sh.density);
+    std::vector<int64_t> ptr(sh.rows + 1, 0);
+    std::vector<int32_t> idx;
+    std::vector<float> val;
+    for (int64_t r = 0; r < sh.rows; ++r) {
+      const bool empty_row = r % 4 == 3;
+      for (int64_t c = 0; c < sh.cols; ++c)
+        if (!empty_row && c % 5 != 2 && keep(rng)) {  // every fourth row, every fifth column empty
+          idx.push_back(int32_t(c));
+          val.push_back(uniform(rng));
+        }
+      ptr[r + 1] = int64_t(idx.size());
+    }
+    std::vector<float> xt(sh.cols * sh.B), dyt(sh.rows * sh.B), bias(sh.rows);
+    for (auto& v : xt) v = uniform(rng);
+    for (auto& v : dyt) v = uniform(rng);
+    for (auto& v : bias) v = uniform(rng);
+    const std::string name = std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " batch " +
+                             std::to_string(sh.B);
+    for (const bool with_bias : {true, false}) {
+      std::vector<float> want(sh.B * sh.rows), got(sh.B * sh.rows, -7.f);
+      const float* b = with_bias ? bias.data() : nullptr;
+      ref->spmm_rows(ptr.data(), idx.data(), val.data(), xt.data(), sh.B, b, want.data(), sh.rows, 0,
+                     sh.rows);
+      check_cuda(cuda::sparse_mm(ptr.data(), idx.data(), val.data(), xt.data(), sh.B, b, got.data(),
+                                 sh.rows, nullptr),
+                 "sparse_mm launch");
+      bool ok = true;
+      for (size_t i = 0; i < want.size(); ++i) ok &= std::fabs(got[i] - want[i]) <= 1e-5f * (1 + std::fabs(want[i]));
+      check(ok, "sparse_mm " + name + (with_bias ? " bias" : ""));
+    }
+    std::vector<float> want(sh.rows * sh.cols), got(sh.rows * sh.cols, -7.f), acc(idx.size() + 1);
+    ref->sddmm_rows(ptr.data(), idx.data(), dyt.data(), xt.data(), sh.B, sh.cols, want.data(), acc.data(),
+                    0, sh.rows);
+    check_cuda(cuda::sampled_mm(ptr.data(), idx.data(), dyt.data(), xt.data(), sh.B, sh.rows, sh.cols,
+                                got.data(), nullptr),
+               "sampled_mm launch");
+    bool ok = true;
+    for (size_t i = 0; i < want.size(); ++i) ok &= std::fabs(got[i] - want[i]) <= 1e-5f * (1 + std::fabs(want[i]));
+    check(ok, "sampled_mm " + name);
+  }
+}
+
 int main() {
   test_launch_limits();
   test_histograms<float>();
@@ -614,6 +671,7 @@ int main() {
   test_sgd<BFloat16>(kDevices[1], "3 SMs");
   test_gpu_classes<float>();
   test_gpu_classes<Half>();
+  test_sparse_products();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;
 }

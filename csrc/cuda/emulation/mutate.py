@@ -25,6 +25,18 @@ from emulate import emulate
 
 # (name, text in kernels.cu, replacement); each text must occur exactly once.
 MUTATIONS = [
+    ("sparse product drops the bias",
+     "float acc = bias ? bias[r] : 0.0f;", "float acc = 0.0f;"),
+    ("sparse product accumulates into the output",
+     "y[b * rows + r] = acc;", "y[b * rows + r] += acc;"),
+    ("sparse product reads one entry past the row",
+     "for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) acc += val[k]",
+     "for (int64_t k = ptr[r]; k <= ptr[r + 1] && k < ptr[rows]; ++k) acc += val[k]"),
+    ("sampled product leaves the pruned positions unwritten",
+     "for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) row[c] = 0.0f;", ""),
+    ("sampled product drops the last batch lane",
+     "for (int64_t j = 0; j < B; ++j) acc += dy[j] * x[j];",
+     "for (int64_t j = 0; j + 1 < B; ++j) acc += dy[j] * x[j];"),
     ("no barrier after zeroing the shared histogram",
      "for (int i = threadIdx.x; i < kSharedWords<B>; i += blockDim.x) bins[i] = 0;\n      __syncthreads();",
      "for (int i = threadIdx.x; i < kSharedWords<B>; i += blockDim.x) bins[i] = 0;"),
@@ -71,8 +83,8 @@ MUTATIONS = [
      "T* vmax = hp.amsgrad ? static_cast<T*>(max_exp_avg_sqs[s.t]) : nullptr;",
      "T* vmax = nullptr;"),
     ("AdamW skips the histogram's flush",
-     "  if (HIST) first.end();\n}\n\nint grid_for",
-     "}\n\nint grid_for"),
+     "  if (HIST) first.end();\n}\n\n// One thread per (batch lane",
+     "}\n\n// One thread per (batch lane"),
     ("N:M groups read from the wrong stride",
      "nm_group(w + g * m, mk + g * m, n, m, kept, back, bad);",
      "nm_group(w + g * n, mk + g * n, n, m, kept, back, bad);"),
@@ -107,7 +119,7 @@ def run_one(name, original, new, args, work: Path) -> tuple[str, str]:
                            capture_output=True, text=True)
     if build.returncode:
         return name, "caught (does not compile)"
-    link = subprocess.run([args.cxx, *args.flag, str(obj), args.driver, "-o", str(exe)],
+    link = subprocess.run([args.cxx, *args.flag, str(obj), *args.driver, "-o", str(exe)],
                           capture_output=True, text=True)
     if link.returncode:
         return name, f"link failed: {link.stderr[-500:]}"
@@ -124,7 +136,8 @@ def run_one(name, original, new, args, work: Path) -> tuple[str, str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernels", required=True)
-    p.add_argument("--driver", required=True, help="the compiled test driver object")
+    p.add_argument("--driver", action="append", required=True,
+                   help="an object file of the compiled test driver (repeatable)")
     p.add_argument("--cxx", default="c++")
     p.add_argument("--flag", action="append", default=[])
     p.add_argument("--include", action="append", default=[])
