@@ -83,7 +83,7 @@ ROUND = 100  # steps per round: one RigL/SET/DSR update, six of DPF's, 100 of De
 def _method_trainer(method):
     """A function running ROUND training steps of the small CNN (batch 64, 1x16x16) with
     ``method`` (``dense``: no pruner), as ``dpf-train`` builds it."""
-    from dpf_ext.methods import make_pruner
+    from dpf_ext.cli_pruner import make_pruner
     from dpf_ext.models import build_model
 
     torch.manual_seed(0)

@@ -140,7 +140,7 @@ def test_training_step(benchmark, model_name, sparsity, method, compute):
     if compute != "torch-dense":
         dpf_ext.sparsify(model, compute=compute)
         if method == "static":
-            pruner = dpf_ext.DPF(model, sparsity, method="static", total_steps=10**6)
+            pruner = dpf_ext.Pruner(model, "static", sparsity, total_steps=10**6)
         else:
             pruner = dpf_ext.DPF(model, schedule=Constant(sparsity), update_every=10**6)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)

@@ -1,7 +1,8 @@
 """dpf_ext: train sparse networks in one pass with Dynamic Pruning with Feedback.
 
     model = dpf_ext.sparsify(model)
-    pruner = dpf_ext.DPF(model, sparsity=0.9, total_steps=steps)   # or method="rigl", ...
+    pruner = dpf_ext.DPF(model, sparsity=0.9, total_steps=steps)
+    # or any method: dpf_ext.Pruner(model, "rigl", 0.9, total_steps=steps, optimizer=opt)
     for x, y in data:
         loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
         pruner.step()
@@ -14,7 +15,8 @@ from .inference import to_semi_structured, to_sparse_inference
 from .nn import (DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, DPFMultiheadAttention,
                  compute_report, coverage, register_prunable, set_compute, sparsify, unsparsify)
 from .optim import DPFAdamW, DPFSGD
-from .pruner import DPF
+from .dpf import DPF
+from .pruner import Pruner
 from .report import LayerReport, SparsityReport
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "DPFLinear",
     "DPFMultiheadAttention",
     "LayerReport",
+    "Pruner",
     "budgets",
     "estimators",
     "methods",

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .data import DATASETS, load_dataset
 from .budgets import BUDGETS
-from .methods import METHODS, method_options
+from .methods import METHODS, method_options, recipe_of
 from .models import MODELS, build_model
 from .nn import dpf_layers, sparsify
 from .patterns import NMPattern, reduction
@@ -291,13 +291,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.updates_until is not None:
         if not 0.0 <= args.updates_until <= 1.0:
             parser.error(f"--updates-until is a fraction of training in [0, 1], got {args.updates_until}")
-        fixed = sorted(set(args.methods) & {"snip", "static", "oneshot"})
+        recipes = {m: recipe_of(m) for m in args.methods if m != "dense"}
+        fixed = sorted(m for m, r in recipes.items() if r.fixed)
         if fixed:
             parser.error(f"--updates-until: {', '.join(fixed)} fix their masks by design")
         ramp = 0.75 if args.ramp_until is None else args.ramp_until
-        if args.updates_until < ramp and set(args.methods) & {"dpf", "gradual"}:
-            parser.error(f"--updates-until {args.updates_until} stops dpf's and gradual's masks "
-                         f"before their schedule reaches the target (at {ramp}, --ramp-until)")
+        ramping = [f"{m}'s" for m, r in recipes.items() if r.ramps]
+        if args.updates_until < ramp and ramping:
+            parser.error(f"--updates-until {args.updates_until} stops {' and '.join(ramping)} "
+                         f"masks before their schedule reaches the target (at {ramp}, --ramp-until)")
     args.options = {}
     for item in args.option:
         key, eq, value = item.partition("=")
@@ -313,15 +315,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         near = [n for b in bad for n in difflib.get_close_matches(b, sorted(valid), 1)]
         parser.error(f"--option {bad}: {', '.join(args.methods)} take {sorted(valid) or 'no options'}"
                      + (f" (did you mean {', '.join(near)}?)" if near else ""))
-    if args.scope == "filter" and set(args.methods) - {"dense", "dpf", "gradual"}:
-        parser.error("--scope filter prunes with dpf or gradual only")
+    takers = {key: [m for m in args.methods if m != "dense" and key in method_options(m)]
+              for key in ("filters", "pattern")}
+    if args.scope == "filter" and set(args.methods) - {"dense", *takers["filters"]}:
+        parser.error(f"--scope filter prunes with {' or '.join(takers['filters']) or 'none of'} "
+                     f"{', '.join(args.methods)} only (the methods with a filters option)")
     if args.pattern is not None:
         try:
             args.nm = NMPattern.parse(args.pattern)
         except ValueError as exc:
             parser.error(f"--pattern: {exc}")
-        if args.method == "gradual" and args.compare is None:
-            parser.error("--pattern: gradual pruning has no N:M form; use --method dpf or oneshot")
+        if args.compare is None and not takers["pattern"]:
+            parser.error(f"--pattern: {args.method} has no N:M form; use --method "
+                         + " or ".join(m for m in METHODS if "pattern" in method_options(m)))
         if args.scope != "global":
             parser.error("--pattern chooses the masks by itself: leave --scope global")
         args.sparsity = args.nm.sparsity
@@ -598,7 +604,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             if hasattr(args, f.name) and f.name not in ("method", "exclude", "seed", "options")}
     methods = args.methods
     if args.pattern is not None and args.compare is not None:
-        methods = [m for m in methods if m in ("dense", "oneshot", "dpf")]
+        methods = [m for m in methods if m == "dense" or "pattern" in method_options(m)]
     targets = args.sparsities or [args.sparsity]
     base.pop("sparsity")
     configs = [TrainConfig(method=m, exclude=tuple(args.exclude), seed=args.seed + i,

@@ -11,7 +11,8 @@ from transformers.trainer_callback import ExportableState
 
 from .conv1d import DPFConv1D
 from .nn import dpf_layers, set_state_dict_form
-from .pruner import DPF
+from .dpf import DPF
+from .pruner import Pruner
 
 __all__ = ["DPFCallback", "DPFConv1D"]
 
@@ -47,9 +48,10 @@ class DPFCallback(TrainerCallback, ExportableState):
     leaves the masks in place).
 
     ``sparsify`` the model before building the Trainer; the other keyword arguments go to
-    :class:`dpf_ext.DPF` (``method="rigl"`` and the other methods included: the Trainer's
-    optimizer is passed for the ones that reset grown weights' state). The pruner is
-    ``callback.pruner`` once training has begun.
+    :class:`dpf_ext.DPF`, or with ``method=`` (``"rigl"``, ...) and ``method_options=`` to
+    :class:`dpf_ext.Pruner` (the Trainer's optimizer is passed for the methods that read it
+    or reset grown weights' state). The pruner is ``callback.pruner`` once training has
+    begun.
 
     Checkpoints and resuming: the Trainer's checkpoints hold the model in the sparse
     state-dict form (:func:`dpf_ext.nn.set_state_dict_form`): ``from_pretrained`` on a
@@ -71,6 +73,15 @@ class DPFCallback(TrainerCallback, ExportableState):
         self.dpf_kwargs = dpf_kwargs
         self.pruner = None
         self.report = None  # the pruner's report before the masks were folded in
+
+    def _build(self, model, kwargs: dict) -> Pruner:
+        """DPF with ``kwargs``, or the ``Pruner`` of their ``method``."""
+        kwargs = dict(kwargs)
+        method = kwargs.pop("method", None)
+        if method is None:
+            return DPF(model, self.sparsity, **kwargs)
+        return Pruner(model, method, self.sparsity, **kwargs.pop("method_options", None) or {},
+                      **kwargs)
 
     def state(self) -> dict:
         """What the Trainer keeps in each checkpoint's ``trainer_state.json``: the pruner's
@@ -109,12 +120,12 @@ class DPFCallback(TrainerCallback, ExportableState):
             kwargs["optimizer"] = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
         set_state_dict_form(model, "sparse")
         if saved is None:
-            self.pruner = DPF(model, self.sparsity, **kwargs)
+            self.pruner = self._build(model, kwargs)
             return
         # the model holds the checkpoint's weights and masks: keep them through construction
         layers = [layer for _, layer in dpf_layers(model)]
         loaded = [(layer.dense_weight.detach().clone(), layer.mask.clone()) for layer in layers]
-        self.pruner = DPF(model, self.sparsity, replace=True, **kwargs)
+        self.pruner = self._build(model, {**kwargs, "replace": True})
         with torch.no_grad():
             for layer, (weight, mask) in zip(layers, loaded):
                 layer.dense_weight.copy_(weight)

@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from . import compute
-from .budgets import Budget, Global, Uniform, make_budget
+from .budgets import Budget, make_budget
 from .distributed import (Shards, average_over_ranks, check_same_on_all_ranks, is_sharded,
                           local_weight_and_mask)
 from .estimators import MaskedGradient, take_gradients
 from .first_pass import HistogramRequest
-from .methods import resolve_method
-from .methods.base import Method, Update
-from .methods.filter import FilterMagnitude
+from .methods.base import Method, PrunerView, Update
+from .methods import make_method
 from .nn import coverage, prunable_layers, unsparsify
 from .optimizer_state import check_resettable, start_from_zero
 from .report import LayerReport, SparsityReport
@@ -28,55 +27,53 @@ _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDi
 """The pruner managing each DPF layer (weakly: neither is kept alive by this)."""
 
 
-class DPF:
-    """Dynamic Pruning with Feedback on the DPF layers of ``model``.
+def upgrade_config(config: dict) -> dict:
+    """A saved pruner config in today's form: before methods carried their own names, DPF
+    and gradual pruning were recorded as ``magnitude`` (told apart by ``feedback``), and the
+    controller recorded a ``scope`` that the method and budget now hold."""
+    config = {k: v for k, v in config.items() if k != "scope"}
+    if config.get("method") == "magnitude":
+        config["method"] = "dpf" if config.get("feedback", True) else "gradual"
+    return config
+
+
+class Pruner:
+    """The controller of sparse training: runs a mask-choosing ``method`` on the DPF layers of
+    ``model``, deciding when the masks change and to what sparsity; the method decides which
+    weights.
 
     Call :meth:`step` after every ``optimizer.step()``. Every ``update_every`` steps, and at
-    the step the schedule reaches its final sparsity, the masks are recomputed from the
-    dense weights for the schedule's target at that step;
-    between updates the forward uses the last masks, and (``feedback=True``) the gradient
-    of ``mask ⊙ w`` reaches the dense ``w`` in full, so pruned weights keep training and
-    come back when their magnitude climbs over the threshold.
+    the step the schedule reaches its final sparsity, up to ``end_step``, the method
+    recomputes the masks for the schedule's target at that step. Every setting left out
+    comes from the method's published recipe (:attr:`dpf_ext.methods.Method.recipe`).
 
     Args:
         model: a model with DPF layers (see :func:`dpf_ext.sparsify`).
-        sparsity: final fraction of pruned weights in ``[0, 1)``. With ``total_steps`` and no
-            ``schedule`` it gives the default schedule: cubic from 0 at step 0 to
-            ``sparsity`` at ``0.75 * total_steps``.
-        schedule: a :class:`~dpf_ext.schedules.Schedule`; overrides the default one.
-        update_every: steps between mask updates (DPF's default and the paper's: 16; RigL and
-            SET: 100).
-        scope: ``"global"``, ``"layer"`` (the uniform budget) or ``"filter"`` (whole
-            filters). This and the next seven arguments are the options of DPF's own
-            method, used when ``method`` is ``None`` (see
-            :func:`dpf_ext.methods.presets.dpf_options`).
-        feedback: ``False``: gradual magnitude pruning, no feedback.
-        threshold: ``"exact"`` or ``"approx"``.
-        channel_floor: keep every output channel's largest weight (default on).
-        feedback_clip: bound the pruned weights' gradient (``None``: off).
-        watch: warn of the signs of a feedback blow-up.
-        pattern: ``"N:M"`` (e.g. ``"2:4"``) for N:M sparsity.
-        pruned_decay: SR-STE's decay of the pruned weights (``None``: off).
-        total_steps: length of training in optimizer steps, for the default schedule.
-        freeze_at: step at which the mask is updated one last time and then frozen
-            (:meth:`freeze`), for retraining or one-shot pruning; ``None`` never freezes.
+        method: a name from :data:`dpf_ext.methods.METHODS` (``"dpf"``, ``"rigl"``,
+            ``"set"``, ``"snip"``, ...) or a built :class:`~dpf_ext.methods.Method`.
+        sparsity: the final fraction of pruned weights in ``[0, 1)`` (methods whose sparsity
+            emerges take none).
+        schedule: a :class:`~dpf_ext.schedules.Schedule`; default: the recipe's (a cubic ramp
+            to ``sparsity`` at 75% of ``total_steps``, or ``sparsity`` from step 0).
+        update_every: steps between mask updates (DPF: 16; RigL and SET: 100).
+        budget: how the sparsity is shared among layers (see :mod:`dpf_ext.budgets`):
+            ``"global"``, ``"uniform"``, ``"erk"``, ``"er"`` or a
+            :class:`~dpf_ext.budgets.Budget`.
+        total_steps: the length of training in optimizer steps, for the recipe's schedule
+            and end of updates.
+        end_step: the last step at which the masks may change (RigL and SET: 75% of
+            ``total_steps``).
+        freeze_at: the step at which the masks are updated one last time and then frozen
+            (:meth:`freeze`), for retraining; ``None`` never freezes.
+        optimizer: the optimizer, for methods that read its state or grow weights from zero
+            (their state is reset at the grown positions).
+        seed: seeds the random choices of a method (by seed, step and layer: the same on
+            every rank and in a resumed run).
         replace: take over layers that another live, unfinalized pruner manages (that
             pruner stops: its :meth:`step` raises). Without it, that is an error: two
             pruners would overwrite each other's masks.
-        method: the mask-choosing method (see :mod:`dpf_ext.methods`): a name from
-            :data:`dpf_ext.methods.METHODS` (``"rigl"``, ``"set"``, ``"snip"``, ``"static"``,
-            ...) or a :class:`~dpf_ext.methods.Method`; ``None``: DPF's own (see above).
-        method_options: keyword arguments of the named ``method``.
-        budget: how the sparsity is shared among layers (see :mod:`dpf_ext.budgets`):
-            ``"global"``, ``"uniform"``, ``"erk"``, ``"er"`` or a
-            :class:`~dpf_ext.budgets.Budget`; default: the method's (``scope="layer"`` is
-            ``"uniform"``).
-        optimizer: the optimizer, for methods that grow weights from zero: their state is
-            reset at the grown positions.
-        end_step: the last step at which the masks may change (default: the method's;
-            RigL and SET: 75% of ``total_steps``).
-        seed: seeds the random choices of a method (by seed, step and layer: the same on
-            every rank and in a resumed run).
+        method_options: the options of the named ``method`` (see
+            :func:`dpf_ext.methods.method_options`).
 
     Construction applies the schedule's step-0 target. To resume, build the model, the
     optimizer and the pruner, then load the state dicts of all three (the masks live in the
@@ -86,54 +83,53 @@ class DPF:
     def __init__(
         self,
         model: nn.Module,
+        method: str | Method,
         sparsity: float | None = None,
+        *,
         schedule: Schedule | None = None,
         update_every: int | None = None,
-        scope: str = "global",
-        feedback: bool = True,
-        threshold: str = "exact",
-        total_steps: int | None = None,
-        freeze_at: int | None = None,
-        channel_floor: bool | None = None,
-        feedback_clip: float | None = None,
-        watch: bool = True,
-        replace: bool = False,
-        pattern: str | None = None,
-        pruned_decay: float | None = None,
-        method: str | Method | None = None,
-        method_options: dict | None = None,
         budget: str | Budget | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
+        total_steps: int | None = None,
         end_step: int | None = None,
+        freeze_at: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
+        replace: bool = False,
+        **method_options,
     ):
         self.layers = prunable_layers(model)
         self.model = model
         self.names = [name for name, _ in self.layers]
         self.shapes = [tuple(w.shape) for w in self.channel_major(self.full_weights())]
-        self.method = resolve_method(method, method_options, dict(
-            scope=scope, feedback=feedback, threshold=threshold, channel_floor=channel_floor,
-            feedback_clip=feedback_clip, watch=watch, pattern=pattern, pruned_decay=pruned_decay))
-        defaults = self.method.defaults(sparsity, total_steps)
-        self.schedule = resolve_schedule(sparsity, schedule or defaults.get("schedule"), total_steps)
-        update_every = defaults.get("update_every", 16) if update_every is None else update_every
-        if update_every is None:
-            raise ValueError(f"pass update_every=: {self.method.name} has no default period")
+        if isinstance(method, Method):
+            if method_options:
+                raise ValueError(f"options {sorted(method_options)} go with a method name; "
+                                 "this method is built")
+            self.method = method
+        else:
+            self.method = make_method(method, **method_options)
+        recipe = self.method.recipe
+        name = self.method.name
+        if schedule is None:
+            self.schedule = recipe.make_schedule(name, sparsity, total_steps)
+        elif not recipe.takes_target and sparsity is not None:
+            raise ValueError(f"{name} takes no target sparsity: it emerges from training")
+        else:
+            self.schedule = resolve_schedule(sparsity, schedule, total_steps)
+        update_every = recipe.update_every if update_every is None else update_every
+        if update_every == "epoch":
+            raise ValueError(f"pass update_every=: {name} has no default period in steps (its "
+                             "published one is one epoch: pass the steps of an epoch)")
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive int, got {update_every!r}")
-        freeze_at = defaults.get("freeze_at") if freeze_at is None else freeze_at
+        freeze_at = recipe.freeze_at() if freeze_at is None else freeze_at
         if freeze_at is not None and freeze_at < 0:
             raise ValueError(f"freeze_at must be >= 0 or None, got {freeze_at}")
-        end_step = defaults.get("end_step") if end_step is None else end_step
+        end_step = recipe.end_step(total_steps) if end_step is None else end_step
         if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int)
                                      or end_step < 0):
             raise ValueError(f"end_step must be a non-negative int or None, got {end_step!r}")
-        if scope == "layer" and budget is not None:
-            raise ValueError("scope='layer' is budget='uniform': pass one of them")
-        self.budget = make_budget(budget if budget is not None else
-                                  Uniform() if scope == "layer" else defaults.get("budget", Global()))
-        self.scope = ("filter" if isinstance(self.method, FilterMagnitude) else
-                      {"global": "global", "uniform": "layer"}.get(self.budget.name, self.budget.name))
+        self.budget = make_budget(budget) if budget is not None else recipe.make_budget()
         self.update_every = update_every
         self.total_steps = total_steps
         self.freeze_at = freeze_at
@@ -142,15 +138,13 @@ class DPF:
         self.optimizer = optimizer
         if self.method.grows_from_zero or self.method.needs_optimizer:
             if optimizer is None:
-                raise ValueError(f"{self.method.name} reads or resets the optimizer's state: "
-                                 "pass optimizer=")
-            check_resettable(optimizer, self.method.name)
+                raise ValueError(f"{name} reads or resets the optimizer's state: pass optimizer=")
+            check_resettable(optimizer, name)
         if not self.method.sharded and is_sharded(self.layers[0][1].dense_weight):
-            raise ValueError(f"{self.method.name} does not support sharded (fully_shard) weights; "
-                             "use DDP")
+            raise ValueError(f"{name} does not support sharded (fully_shard) weights; use DDP")
         self.estimator = self.method.estimator()
         """The method's gradient estimator (per layer: ``method.layer_estimator``)."""
-        self.method.check(self)
+        self.method.check(self.view())
         check_same_on_all_ranks(self._config())
         self._take_over(replace)
 
@@ -179,6 +173,11 @@ class DPF:
             self.freeze()
         self._arm_taps()
 
+    def view(self) -> PrunerView:
+        """What the method may read of this pruner."""
+        return PrunerView(self.model, self.layers, self.names, self.shapes, self.schedule,
+                          self.budget, self.end_step, self.total_steps, self.optimizer)
+
     def _take_over(self, replace: bool) -> None:
         """Register as the pruner of every layer, refusing (unless ``replace``) layers that
         a live, unfinalized pruner already manages."""
@@ -186,7 +185,7 @@ class DPF:
                   if (p := _OWNERS.get(layer, lambda: None)()) is not None and not p.finalized}
         if owners and not replace:
             raise ValueError(
-                "this model's layers are already managed by another DPF pruner; finalize() "
+                "this model's layers are already managed by another pruner; finalize() "
                 "it, or pass replace=True to take over (the other pruner then stops)"
             )
         for other in owners.values():
@@ -197,19 +196,18 @@ class DPF:
 
     def full_weights(self) -> list[torch.Tensor]:
         """The prunable weights (whole: DTensors where sharded), in layer order."""
-        return [layer.dense_weight for _, layer in self.layers]
+        return PrunerView.full_weights(self)
 
     def channel_major(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of the layers' weights (or masks) with the output channels first, as the
         channel floor and the filter method count them."""
-        return [t.movedim(layer.channel_dim, 0) if layer.channel_dim else t
-                for t, (_, layer) in zip(tensors, self.layers)]
+        return PrunerView.channel_major(self, tensors)
 
     def step(self) -> None:
         """Advance one optimizer step; update the masks when one is due."""
         if self.finalized:
             if self._replaced:
-                raise RuntimeError("another DPF pruner took over this model (replace=True)")
+                raise RuntimeError("another pruner took over this model (replace=True)")
             raise RuntimeError("this pruner was finalized; build a new one to keep pruning")
         self.step_count += 1
         if self.method.zeroes_pruned_weights:
@@ -265,7 +263,7 @@ class DPF:
         window = False
         if not (self.finalized or self.frozen or not due or is_sharded(self.layers[0][1].dense_weight)
                 or any(layer.channel_dim for _, layer in self.layers)):
-            window = self.method.histogram_window(self)
+            window = self.method.histogram_window(self.view())
         self._request = None if window is False else HistogramRequest(
             self.full_weights(), next_step, window)
         return self._request
@@ -332,11 +330,13 @@ class DPF:
                    if k == 0 and name not in self._empty]
         self._empty = {name for (name, _), k in zip(self.layers, kept.tolist()) if k == 0}
         if emptied:
+            floor = ("channel_floor=True (the default), "
+                     if "channel_floor" in self.method.config() else "")
             warnings.warn(
-                f"step {self.step_count}: layers {emptied} are entirely pruned; the model's "
-                "output no longer depends on them. With BatchNorm behind such a layer the "
-                "feedback gradient can blow up; consider channel_floor=True (the default), a "
-                "lower sparsity, or excluding these layers in dpf_ext.sparsify",
+                f"step {self.step_count}: {self.method.name} pruned layers {emptied} entirely; "
+                "the model's output no longer depends on them. With BatchNorm behind such a "
+                f"layer the gradient can blow up; consider {floor}a lower sparsity, another "
+                "budget, or excluding these layers in dpf_ext.sparsify",
                 RuntimeWarning, stacklevel=5,
             )
 
@@ -367,7 +367,7 @@ class DPF:
         architecture. The pruner cannot step afterwards.
         """
         with torch.no_grad():
-            self.method.finalize(self)
+            self.method.finalize(self.view())
         if unwrap:
             unsparsify(self.model)
         else:
@@ -402,7 +402,7 @@ class DPF:
         return {
             "method": self.method.name, **self.method.config(), "schedule": repr(self.schedule),
             "update_every": self.update_every, "end_step": self.end_step,
-            "freeze_at": self.freeze_at, "scope": self.scope, "budget": repr(self.budget),
+            "freeze_at": self.freeze_at, "budget": repr(self.budget),
             "seed": self.seed, "layers": self.names,
         }
 
@@ -425,7 +425,8 @@ class DPF:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; the pruner's settings must match the saved ones."""
         mine = self._config()
-        diff = {k: (v, mine.get(k)) for k, v in state["config"].items() if mine.get(k) != v}
+        saved = upgrade_config(state["config"])
+        diff = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
         if diff:
             details = "; ".join(f"{k}: saved {s!r}, this pruner {m!r}" for k, (s, m) in diff.items())
             raise ValueError(f"pruner settings differ from the checkpoint's: {details}")

@@ -15,7 +15,8 @@ from torch import nn
 
 from .data import Dataset
 from .distributed import is_sharded
-from .methods import METHODS, make_pruner, method_options
+from .cli_pruner import make_pruner
+from .methods import METHODS, method_options, recipe_of
 from .models import build_model
 from .nn import UnfinalizedWarning, sparsify
 from .report import SparsityReport
@@ -73,7 +74,7 @@ class TrainConfig:
     feedback_clip: float | None = None
     """DPF's feedback clip (see :class:`dpf_ext.DPF`)."""
     pattern: str | None = None
-    """An N:M pattern (``"2:4"``) instead of ``sparsity`` (see :func:`dpf_ext.methods.make_pruner`)."""
+    """An N:M pattern (``"2:4"``) instead of ``sparsity`` (see :func:`dpf_ext.cli_pruner.make_pruner`)."""
     budget: str | None = None
     """The layer-wise budget (``"global"``, ``"uniform"``, ``"erk"``, ``"er"``); ``None``: the
     method's."""
@@ -229,15 +230,15 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
 
     controller = {k: v for k, v in (("update_every", config.update_every),
                                     ("budget", config.budget)) if v is not None}
-    if (config.update_every is None and config.method in METHODS
-            and getattr(METHODS[config.method], "updates_per_epoch", False)):
+    recipe = recipe_of(config.method) if config.method in METHODS else None
+    if config.update_every is None and recipe is not None and recipe.update_every == "epoch":
         controller["update_every"] = steps_per_epoch
-    if config.ramp_until is not None and config.method in ("dpf", "gradual") and not config.pattern:
+    if config.ramp_until is not None and recipe is not None and recipe.ramps and not config.pattern:
         controller["schedule"] = Cubic(config.sparsity, 0, max(1, round(config.ramp_until * total_steps)))
     if config.updates_until is not None:
         controller["end_step"] = round(config.updates_until * total_steps)
     takes = method_options(config.method) if config.method in METHODS else []
-    for key in ("threshold", "feedback_clip"):  # the magnitude methods' settings
+    for key in ("threshold", "feedback_clip"):  # settings of the methods that take them
         if key in takes:
             controller[key] = getattr(config, key)
     pruner = make_pruner(

@@ -265,8 +265,8 @@ def _ddp_methods(rank, world, steps):
         x0, y0 = _batch(99, 16)
         options = {"batch_loss": lambda m: nn.functional.cross_entropy(m(x0), y0)} if method == "snip" else {}
         target = None if method == "str" else 0.8  # str's sparsity emerges
-        pruner = dpf_ext.DPF(model, target, method=method, method_options=options, total_steps=steps,
-                             update_every=1 if method in ("deepr", "str") else 2, optimizer=opt)
+        pruner = dpf_ext.Pruner(model, method, target, total_steps=steps,
+                             update_every=1 if method in ("deepr", "str") else 2, optimizer=opt, **options)
         ddp = DDP(model)  # after the pruner: the parameters str adds are synchronised too
         out[method] = _ddp_steps(model, ddp, opt, pruner, rank, world, steps)
     return out

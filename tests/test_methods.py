@@ -6,6 +6,7 @@ file run through DPF, and bad input."""
 import copy
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from torch import nn
 
 import dpf_ext
 from dpf_ext.budgets import ERK, Global, PerLayer, Uniform, erk_densities
-from dpf_ext.methods import METHODS, Method, make_method, register_method
-from dpf_ext.methods.base import select_top, write_masks
+from dpf_ext.methods import METHODS, Method, Recipe, make_method, register_method
+from dpf_ext.methods.base import mask_of, select_top, write_masks
 from dpf_ext.schedules import Constant
 
 
@@ -48,8 +49,8 @@ G = [[0.01, 5.0, 0.02, 0.03], [0.04, 0.05, -4.0, 0.06]]
 
 def rigl(model, optimizer, **kwargs):
     # drop fraction 0.6 at step 1 of 10: 0.3 * (1 + cos(pi / 10)) = 0.585 of 4 active -> 2
-    return dpf_ext.DPF(model, 0.5, method="rigl", method_options={"drop_fraction": 0.6},
-                       update_every=1, end_step=10, budget="uniform", optimizer=optimizer, **kwargs)
+    return dpf_ext.Pruner(model, "rigl", 0.5,
+                       update_every=1, end_step=10, budget="uniform", optimizer=optimizer, **kwargs, drop_fraction=0.6)
 
 
 def test_rigl_drops_the_smallest_and_grows_the_largest_gradients():
@@ -109,8 +110,8 @@ def test_set_grows_at_random_positions_with_zero_weights():
     for seed in (0, 0, 1, 2):
         model = linear(W)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        pruner = dpf_ext.DPF(model, 0.5, method="set", method_options={"drop_fraction": 0.6},
-                             update_every=1, end_step=10, optimizer=optimizer, seed=seed)
+        pruner = dpf_ext.Pruner(model, "set", 0.5,
+                             update_every=1, end_step=10, optimizer=optimizer, seed=seed, drop_fraction=0.6)
         set_state(model, W, M)
         optimizer.step()
         pruner.step()  # no gradient needed
@@ -135,9 +136,8 @@ def test_redistribution_shares_caps_and_respreads():
 def test_sparse_momentum_regrows_by_layer_momentum():
     model = dpf_ext.sparsify(nn.Sequential(nn.Linear(4, 1, bias=False), nn.Linear(1, 4, bias=False)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    pruner = dpf_ext.DPF(model, 0.5, method="snfs", update_every=1, total_steps=10,
-                         method_options={"prune_rate": 0.5, "final_prune_rate": 0.5},
-                         optimizer=optimizer)
+    pruner = dpf_ext.Pruner(model, "snfs", 0.5, update_every=1, total_steps=10,
+                         optimizer=optimizer, prune_rate=0.5, final_prune_rate=0.5)
     a, b = model[0], model[1]
     with torch.no_grad():
         a.weight.copy_(torch.tensor([[0.9, -0.1, 0.5, 0.2]]))
@@ -163,8 +163,7 @@ def test_sparse_momentum_regrows_by_layer_momentum():
 def test_dsr_prunes_under_its_threshold_and_adapts_it(prune_target, threshold):
     model = dpf_ext.sparsify(nn.Sequential(nn.Linear(8, 1, bias=False), nn.Linear(1, 8, bias=False)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    pruner = dpf_ext.DPF(model, 0.5, method="dsr", update_every=1,
-                         method_options={"prune_target": prune_target})
+    pruner = dpf_ext.Pruner(model, "dsr", 0.5, update_every=1, prune_target=prune_target)
     a, b = model[0], model[1]
     with torch.no_grad():
         a.weight.copy_(torch.tensor([[0.5, 0.0005, 0.002, -0.0001, 0.3, 0.0, 0.0, 0.0]]))
@@ -184,7 +183,7 @@ def test_dsr_prunes_under_its_threshold_and_adapts_it(prune_target, threshold):
 
 def test_dsr_rewires_on_its_period_schedule():
     model = dpf_ext.sparsify(_mlp())
-    pruner = dpf_ext.DPF(model, 0.8, method="dsr", method_options={"periods": {0: 2, 6: 3}})
+    pruner = dpf_ext.Pruner(model, "dsr", 0.8, periods={0: 2, 6: 3})
     due = [step for step in range(1, 13) if pruner.method.due(step, pruner.update_every)]
     assert due == [2, 4, 6, 9, 12]
 
@@ -192,8 +191,7 @@ def test_dsr_rewires_on_its_period_schedule():
 def test_deepr_steps_theta_and_keeps_each_layers_count():
     model = dpf_ext.sparsify(nn.Sequential(nn.Linear(10, 1, bias=False)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    pruner = dpf_ext.DPF(model, 0.7, method="deepr", optimizer=optimizer,
-                         method_options={"l1": 1.0, "noise": 0.0})
+    pruner = dpf_ext.Pruner(model, "deepr", 0.7, optimizer=optimizer, l1=1.0, noise=0.0)
     layer = model[0]
     active = layer.mask.view(-1).nonzero().view(-1)
     signs = layer.weight.view(-1)[active].sign()  # the fixed signs the first masks took
@@ -210,8 +208,7 @@ def test_deepr_steps_theta_and_keeps_each_layers_count():
 
 def test_top_kast_forward_set_backward_set_and_penalty():
     model = linear([[0.9, -0.1, 0.5, 0.3, -0.05, 0.7]])
-    pruner = dpf_ext.DPF(model, 4 / 6, method="topkast",
-                         method_options={"extra": 1 / 6, "penalty": 0.0})
+    pruner = dpf_ext.Pruner(model, "topkast", 4 / 6, extra=1 / 6, penalty=0.0)
     layer = model[0]
     assert layer.mask.tolist() == [[True, False, False, False, False, True]]  # A: 0.9, 0.7
     x = torch.ones(1, 6)
@@ -221,8 +218,7 @@ def test_top_kast_forward_set_backward_set_and_penalty():
     # B = A and the next largest, 0.5: only B's weights get their gradient
     assert layer.weight.grad.tolist() == [[1.0, 0.0, 3.0, 0.0, 0.0, 6.0]]
     with_penalty = linear([[0.9, -0.1, 0.5, 0.3, -0.05, 0.7]])
-    dpf_ext.DPF(with_penalty, 4 / 6, method="topkast",
-                method_options={"extra": 1 / 6, "penalty": 0.1})
+    dpf_ext.Pruner(with_penalty, "topkast", 4 / 6, extra=1 / 6, penalty=0.1)
     (with_penalty[0].masked_weight() * 0).sum().backward()
     # 0.1 * w on A, 0.1 * w / D on B \ A (D = 1/3), nothing elsewhere
     torch.testing.assert_close(with_penalty[0].weight.grad,
@@ -236,9 +232,8 @@ def test_str_learns_a_threshold_and_its_sparsity_emerges():
     model = linear([[0.9, -0.1, 0.5, -0.3]])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.5)
     with pytest.raises(ValueError, match="str takes no target sparsity"):
-        dpf_ext.DPF(model, 0.9, method="str", optimizer=optimizer)
-    pruner = dpf_ext.DPF(model, method="str", optimizer=optimizer,
-                         method_options={"initial_threshold": 0.0})  # threshold sigmoid(0) = 0.5
+        dpf_ext.Pruner(model, "str", 0.9, optimizer=optimizer)
+    pruner = dpf_ext.Pruner(model, "str", optimizer=optimizer, initial_threshold=0.0)  # threshold sigmoid(0) = 0.5
     layer = model[0]
     s = getattr(layer, PARAMETER)
     assert optimizer.param_groups[-1]["params"] == [s] and optimizer.param_groups[-1]["weight_decay"] == 0.5
@@ -260,8 +255,7 @@ def test_snip_keeps_the_largest_connection_sensitivity():
     g = torch.tensor([[0.1, 0.1, 4.0], [10.0, -0.01, 0.2]])
     # |g w| = [[0.1, 0.2, 2.0], [1.0, 0.03, 0.2]]: the two largest are (0,2) and (1,0)
     model = linear(w)
-    pruner = dpf_ext.DPF(model, 4 / 6, method="snip", method_options={
-        "batch_loss": lambda m: (m[0].masked_weight() * g).sum()})
+    pruner = dpf_ext.Pruner(model, "snip", 4 / 6, batch_loss=lambda m: (m[0].masked_weight() * g).sum())
     assert model[0].mask.tolist() == [[False, False, True], [True, False, False]]
     assert model[0].weight[~model[0].mask].abs().sum() == 0  # pruned weights zeroed
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -280,7 +274,7 @@ def test_snip_puts_normalisation_in_inference_mode_and_restores_it():
         modes.append(m.training)
         return m(torch.randn(16, 4)).pow(2).sum()
 
-    dpf_ext.DPF(model, 0.5, method="snip", method_options={"batch_loss": loss})
+    dpf_ext.Pruner(model, "snip", 0.5, batch_loss=loss)
     assert modes == [False] and model.training
 
 
@@ -288,7 +282,7 @@ def test_static_masks_follow_the_budget_and_never_change():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
     model = dpf_ext.sparsify(net)
-    pruner = dpf_ext.DPF(model, 0.9, method="static", seed=3)
+    pruner = dpf_ext.Pruner(model, "static", 0.9, seed=3)
     shapes = [tuple(layer.weight.shape) for _, layer in pruner.layers]
     groups = ERK().split(pruner.names, shapes, 0.9)
     assert [int(layer.mask.sum()) for _, layer in pruner.layers] == [k for _, k in groups]
@@ -299,7 +293,7 @@ def test_static_masks_follow_the_budget_and_never_change():
         optimizer.step()
         pruner.step()
     assert all(torch.equal(a, layer.mask) for a, (_, layer) in zip(first, pruner.layers))
-    other = dpf_ext.DPF(dpf_ext.sparsify(copy.deepcopy(net)), 0.9, method="static", seed=4)
+    other = dpf_ext.Pruner(dpf_ext.sparsify(copy.deepcopy(net)), "static", 0.9, seed=4)
     assert any(not torch.equal(a, layer.mask) for a, (_, layer) in zip(first, other.layers))
 
 
@@ -397,9 +391,9 @@ def _build(method, model, optimizer, total):
     x, y = _data(1)[0]
     options = {"batch_loss": lambda m: nn.functional.cross_entropy(m(x), y)} if method == "snip" else {}
     sparsity = 0.8 if METHODS[method] is not dpf_ext.methods.STR else None  # str takes none
-    return dpf_ext.DPF(model, sparsity, method=method, method_options=options, total_steps=total,
+    return dpf_ext.Pruner(model, method, sparsity, total_steps=total,
                        update_every=1 if method in ("deepr", "str") else 3, optimizer=optimizer,
-                       seed=1)
+                       seed=1, **options)
 
 
 def _train(method, data, start=0, state=None, total=24):
@@ -462,7 +456,7 @@ def test_a_method_in_one_file_runs_through_the_controller_and_the_cli(capsys):
     register_method("per_row", KeepLargestPerRow)
     try:
         model = dpf_ext.sparsify(_mlp())
-        pruner = dpf_ext.DPF(model, 0.75, method="per_row", total_steps=20)
+        pruner = dpf_ext.Pruner(model, "per_row", 0.75, total_steps=20)
         assert pruner.report().sparsity == 0.0  # the cubic ramp starts dense
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for x, y in _data(20):
@@ -478,34 +472,89 @@ def test_a_method_in_one_file_runs_through_the_controller_and_the_cli(capsys):
         METHODS.pop("per_row")
 
 
+class LargestGradientOnce(Method):
+    """A user's fixed-mask method with a loop input: keep the largest ``|g|`` of one batch
+    (``batch_loss``, which dpf-train hands to a method with that option), never update."""
+
+    name = "grad_once"
+    recipe = Recipe("constant", fixed=True)
+
+    def __init__(self, batch_loss=None):
+        self.batch_loss = batch_loss
+
+    def check(self, run):
+        self.model = run.model
+
+    def update(self, u):
+        with torch.enable_grad():  # updates run under no_grad
+            grads = torch.autograd.grad(self.batch_loss(self.model),
+                                        [layer.dense_weight for layer in u.layers])
+        scores = [g.abs() for g in grads]  # a Linear-only model: channels already first
+        new = []
+        for idx, k in u.groups():
+            for i, chosen in zip(idx, select_top([scores[i] for i in idx], k, u.generator(idx[0]))):
+                new.append(mask_of(u.weights[i], chosen))
+        return write_masks(u, new)
+
+
+def test_a_fixed_mask_method_with_a_loop_input_is_one_class(tmp_path, capsys):
+    from dpf_ext.cli import main
+
+    register_method("grad_once", LargestGradientOnce)
+    try:
+        x, y = _data(1)[0]
+        model = dpf_ext.sparsify(_mlp())
+        pruner = dpf_ext.Pruner(model, "grad_once", 0.75,
+                                batch_loss=lambda m: nn.functional.cross_entropy(m(x), y))
+        assert pruner.end_step == 0 and abs(pruner.sparsity() - 0.75) < 0.01
+        state = pruner.state_dict()
+        again = dpf_ext.Pruner(model, "grad_once", 0.75, batch_loss=lambda m: m(x).sum(),
+                               replace=True)
+        again.load_state_dict(state)
+        out = tmp_path / "runs"
+        args = ["--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(out)]
+        assert main([*args, "--compare", "dense,grad_once"]) == 0
+        assert "grad_once" in capsys.readouterr().out
+        assert main([*args, "--method", "grad_once", "--resume"]) == 0
+        with pytest.raises(SystemExit):
+            main([*args, "--method", "grad_once", "--updates-until", "0.5"])
+        assert "grad_once fix their masks by design" in capsys.readouterr().err
+    finally:
+        METHODS.pop("grad_once")
+
+
 def test_bad_input_is_a_clear_error_before_training():
     model = dpf_ext.sparsify(_mlp())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     masks = [layer.mask.clone() for _, layer in dpf_ext.nn.dpf_layers(model)]
     with pytest.raises(ValueError, match=r"unknown method 'rig'; choose from \[.*'rigl'"):
-        dpf_ext.DPF(model, 0.9, method="rig", total_steps=10)
+        dpf_ext.Pruner(model, "rig", 0.9, total_steps=10)
     with pytest.raises(ValueError, match=r"takes no option \['drop'\]; its options are \['drop_fraction'\]"):
         make_method("rigl", drop=0.3)
     with pytest.raises(ValueError, match="snip scores the weights on one batch"):
-        dpf_ext.DPF(model, 0.9, method="snip")
+        dpf_ext.Pruner(model, "snip", 0.9)
     with pytest.raises(ValueError, match="pass optimizer="):
-        dpf_ext.DPF(model, 0.9, method="rigl", total_steps=10)
+        dpf_ext.Pruner(model, "rigl", 0.9, total_steps=10)
     with pytest.raises(TypeError, match="RMSprop"):
-        dpf_ext.DPF(model, 0.9, method="rigl", total_steps=10,
+        dpf_ext.Pruner(model, "rigl", 0.9, total_steps=10,
                     optimizer=torch.optim.RMSprop(model.parameters()))
     with pytest.raises(ValueError, match="end_step"):
-        dpf_ext.DPF(model, 0.9, method="rigl", optimizer=optimizer)
+        dpf_ext.Pruner(model, "rigl", 0.9, optimizer=optimizer)
+    with pytest.raises(ValueError, match=r"'rigl' takes no option \['scope'\]"):
+        dpf_ext.Pruner(model, "rigl", 0.9, scope="filter", total_steps=10, optimizer=optimizer)
     with pytest.raises(ValueError, match=r"\['scope'\] are options of DPF's own method"):
-        dpf_ext.DPF(model, 0.9, method="rigl", scope="filter", total_steps=10, optimizer=optimizer)
+        with pytest.warns(DeprecationWarning):
+            dpf_ext.DPF(model, 0.9, method="rigl", scope="filter", total_steps=10,
+                        optimizer=optimizer)
     with pytest.raises(ValueError, match="SGD with momentum=0 keeps none"):
-        dpf_ext.DPF(model, 0.9, method="snfs", total_steps=10, update_every=5, optimizer=optimizer)
+        dpf_ext.Pruner(model, "snfs", 0.9, total_steps=10, update_every=5, optimizer=optimizer)
     with pytest.raises(ValueError, match="pass update_every=: snfs has no default period"):
-        dpf_ext.DPF(model, 0.9, method="snfs", total_steps=10,
+        dpf_ext.Pruner(model, "snfs", 0.9, total_steps=10,
                     optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     with pytest.raises(ValueError, match="drop_fraction"):
         make_method("rigl", drop_fraction=1.5)
     with pytest.raises(ValueError, match="unknown budget 'erk2'"):
-        dpf_ext.DPF(model, 0.9, method="static", budget="erk2")
+        dpf_ext.Pruner(model, "static", 0.9, budget="erk2")
     assert all(torch.equal(a, layer.mask) for a, (_, layer) in zip(masks, dpf_ext.nn.dpf_layers(model)))
 
 
@@ -519,9 +568,8 @@ def test_every_method_runs_on_layers_whose_channels_are_not_dim_0(method):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(16, 6)
     options = {"batch_loss": lambda m: m(x).pow(2).mean()} if method == "snip" else {}
-    pruner = dpf_ext.DPF(model, None if method == "str" else 0.5, method=method,
-                         method_options=options, total_steps=8, update_every=1,
-                         optimizer=optimizer)
+    pruner = dpf_ext.Pruner(model, method, None if method == "str" else 0.5, total_steps=8, update_every=1,
+                         optimizer=optimizer, **options)
     kept = []
     for _ in range(4):
         model(x).pow(2).mean().backward()
@@ -539,9 +587,46 @@ def test_a_run_too_short_for_an_update_warns_and_names_the_fix(method):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(UserWarning, match=r"masks never change in this run.*update_every=100"
                                          r".*--update-every"):
-        dpf_ext.DPF(model, 0.5, method=method, total_steps=40, optimizer=optimizer)
+        dpf_ext.Pruner(model, method, 0.5, total_steps=40, optimizer=optimizer)
     with warnings.catch_warnings():  # a period that fits: no warning
         warnings.simplefilter("error")
-        dpf_ext.DPF(model, 0.5, method=method, total_steps=40, update_every=10,
+        dpf_ext.Pruner(model, method, 0.5, total_steps=40, update_every=10,
                     optimizer=optimizer, replace=True)
-        dpf_ext.DPF(model, 0.5, method="static", total_steps=40, replace=True)  # fixed by design
+        dpf_ext.Pruner(model, "static", 0.5, total_steps=40, replace=True)  # fixed by design
+
+
+@pytest.mark.filterwarnings("ignore::dpf_ext.nn.UnfinalizedWarning")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_checkpoint_from_before_the_pruner_split_resumes_exactly(method):
+    # tests/data/pre_pruner_checkpoints.pt: _train's step-10 snapshot and final weights of
+    # each method as written by the DPF-only controller (dpf and gradual saved as
+    # "magnitude", with the controller's "scope")
+    saved = torch.load(Path(__file__).parent / "data" / "pre_pruner_checkpoints.pt")[method]
+    if method in ("dpf", "gradual"):
+        assert saved["snapshot"]["pruner"]["config"]["method"] == "magnitude"
+    resumed, pruner, _, _ = _train(method, _data(24), start=11, state=saved["snapshot"])
+    assert pruner.method.name == method
+    for a, b in zip(saved["final"].values(), resumed.state_dict().values()):
+        assert torch.equal(a, b), method
+
+
+def test_the_pruner_runs_a_method_under_its_own_name_and_dpf_is_its_preset():
+    model = dpf_ext.sparsify(_mlp())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rigl = dpf_ext.Pruner(model, "rigl", 0.9, total_steps=400, optimizer=optimizer)
+    assert rigl.method.name == "rigl" and rigl.report().method == "rigl"
+    assert rigl.state_dict()["config"]["method"] == "rigl" and not isinstance(rigl, dpf_ext.DPF)
+    assert (rigl.update_every, rigl.end_step, rigl.budget.name) == (100, 300, "erk")  # its recipe
+    with pytest.raises(ValueError, match="already managed by another pruner"):
+        dpf_ext.DPF(model, 0.9, total_steps=400)
+    dpf = dpf_ext.DPF(model, 0.9, total_steps=400, replace=True)
+    assert isinstance(dpf, dpf_ext.Pruner) and dpf.method.name == "dpf"
+    assert dpf.update_every == 16 and dpf.schedule.final == 0.9
+    gradual = dpf_ext.Pruner(dpf_ext.sparsify(_mlp()), "gradual", 0.9, total_steps=400)
+    assert gradual.method.name == "gradual" and "gradual" in str(gradual.report())
+    with pytest.warns(DeprecationWarning, match=r"use dpf_ext.Pruner\(model, 'set'"):
+        old = dpf_ext.DPF(dpf_ext.sparsify(_mlp()), 0.9, method="set", total_steps=400,
+                          optimizer=optimizer, method_options={"drop_fraction": 0.5})
+    assert old.method.name == "set" and old.method.drop_fraction == 0.5
+    with pytest.raises(ValueError, match="needs the target sparsity: pass sparsity="):
+        dpf_ext.Pruner(dpf_ext.sparsify(_mlp()), "static")

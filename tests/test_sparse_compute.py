@@ -237,7 +237,7 @@ METHODS = {  # method: (options, whether a float difference can flip a later mas
 
 def train(model, method, steps, **options):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pruner = dpf_ext.DPF(model, 0.8, method=method, total_steps=steps * 2, optimizer=optimizer,
+    pruner = dpf_ext.Pruner(model, method, 0.8, total_steps=steps * 2, optimizer=optimizer,
                          seed=3, **options)
     g = torch.Generator().manual_seed(4)
     losses = []

@@ -102,7 +102,7 @@ def test_cli_single_run_prints_the_layer_report(capsys):
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--updates-until", "1.5"], r"--updates-until is a fraction of training in \[0, 1\]"),
     (["--method", "snip", "--updates-until", "0.5"], "snip fix their masks by design"),
-    (["--updates-until", "0.5"], "stops dpf's and gradual's masks before their schedule"),
+    (["--updates-until", "0.5"], "stops dpf's masks before their schedule"),
 ])
 def test_cli_bad_arguments_fail_before_training(args, message, tmp_path, capsys):
     out = tmp_path / "out"

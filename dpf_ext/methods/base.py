@@ -1,6 +1,6 @@
 """The method interface: what a mask-choosing method gets at an update and gives back.
 
-The controller (:class:`dpf_ext.DPF`) decides *when* masks change and over *which layers*;
+The controller (:class:`dpf_ext.Pruner`) decides *when* masks change and over *which layers*;
 a :class:`Method` decides *which weights* each mask keeps. A method declares what it needs
 (:attr:`Method.needs_gradient`: this step's dense gradient), receives an :class:`Update`,
 writes the masks it was given and returns their counts.
@@ -18,6 +18,8 @@ from .. import ops
 from ..budgets import Budget, Groups
 from ..estimators import Estimator, MaskedGradient
 from ..first_pass import HistogramRequest
+from ..schedules import Schedule
+from .recipe import Recipe
 
 STATS = ("kept", "reactivated", "forced", "regrown")
 """The per-layer counts a method returns from :meth:`Method.update`, in this order: weights
@@ -70,13 +72,44 @@ class Update:
             int.from_bytes(key, "little") & (2**63 - 1))
 
 
+@dataclass(frozen=True)
+class PrunerView:
+    """What a method may read of the controller that runs it (given to :meth:`Method.check`,
+    :meth:`Method.histogram_window` and :meth:`Method.finalize`): the layers, their shapes
+    (output channels first), the schedule, budget, end of updates, length of training, the
+    optimizer and the model."""
+
+    model: torch.nn.Module
+    layers: list
+    """``(name, layer)`` pairs of the prunable layers."""
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    schedule: Schedule
+    budget: Budget
+    end_step: int | None
+    total_steps: int | None
+    optimizer: torch.optim.Optimizer | None
+
+    def full_weights(self) -> list[torch.Tensor]:
+        """The prunable weights (whole: DTensors where sharded), in layer order."""
+        return [layer.dense_weight for _, layer in self.layers]
+
+    def channel_major(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of the layers' weights (or masks) with the output channels first."""
+        return [t.movedim(layer.channel_dim, 0) if layer.channel_dim else t
+                for t, (_, layer) in zip(tensors, self.layers)]
+
+
 class Method:
-    """Base class of the mask-choosing methods. Override :meth:`update`; set ``name``;
-    override :meth:`estimator`, :meth:`defaults`, :meth:`check`, :meth:`config`,
+    """Base class of the mask-choosing methods. Override :meth:`update`; set ``name`` and
+    :attr:`recipe`; override :meth:`estimator`, :meth:`check`, :meth:`config`,
     :meth:`state_dict` where the method needs to. Register it with
     :func:`dpf_ext.methods.register_method` to make it available by name."""
 
     name: ClassVar[str] = ""
+    recipe: ClassVar[Recipe] = Recipe()
+    """The published schedule, period, budget and end of updates (see
+    :class:`~dpf_ext.methods.recipe.Recipe`); an instance may refine it from its options."""
     needs_gradient: ClassVar[bool] = False
     """Whether :meth:`update` needs the dense gradient of the update step (``Update.gradients``)."""
     sharded: ClassVar[bool] = False
@@ -85,11 +118,6 @@ class Method:
     grows_from_zero: ClassVar[bool] = False
     """Whether weights it grows (pruned before the update, kept after) start at 0 with their
     optimizer state reset (the controller does both)."""
-    updates_per_epoch: ClassVar[bool] = False
-    """Whether its published period is one epoch (``dpf-train`` then sets ``update_every``
-    to the steps of an epoch unless given)."""
-    takes_target: ClassVar[bool] = True
-    """Whether it reaches a target sparsity (one whose sparsity emerges takes none)."""
     needs_optimizer: ClassVar[bool] = False
     """Whether it needs the optimizer (``Update.optimizer``): to read its state, or because
     it grows from zero."""
@@ -105,12 +133,7 @@ class Method:
         """The estimator of layer ``i`` (by default ``shared``, :meth:`estimator`'s)."""
         return shared
 
-    def defaults(self, sparsity: float | None, total_steps: int | None) -> dict:
-        """Controller settings this method's published form uses where the user gives
-        none: ``update_every``, ``end_step``, ``budget``, ``schedule``."""
-        return {}
-
-    def finalize(self, pruner) -> None:
+    def finalize(self, run: PrunerView) -> None:
         """Before the masks are folded in: write into the weights what the forward uses, if
         that is not ``mask ⊙ w`` (nothing by default)."""
 
@@ -119,8 +142,8 @@ class Method:
         ``every`` (the pruner's ``update_every``) steps."""
         return step % every == 0
 
-    def check(self, pruner) -> None:
-        """Raise ``ValueError`` before training if this method cannot run on ``pruner``'s
+    def check(self, run: PrunerView) -> None:
+        """Raise ``ValueError`` before training if this method cannot run on ``run``'s
         layers with its schedule and budget."""
 
     def update(self, u: Update) -> torch.Tensor:
@@ -128,7 +151,7 @@ class Method:
         :data:`STATS` (this process's part)."""
         raise NotImplementedError
 
-    def histogram_window(self, pruner) -> ops.Window | None | bool:
+    def histogram_window(self, run: PrunerView) -> ops.Window | None | bool:
         """``False`` if a fused optimizer's first pass cannot serve this method's next update;
         else the window to count with it (or ``None``). Only magnitude thresholds use it."""
         return False

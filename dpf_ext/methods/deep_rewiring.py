@@ -9,9 +9,8 @@ import hashlib
 
 import torch
 
-from ..budgets import Uniform
-from ..schedules import Constant
 from .base import Method, Update, mask_of, random_masks, select_top, write_masks
+from .recipe import Recipe
 
 WAKE = 1e-12
 """The parameter ``θ`` a connection wakes with."""
@@ -27,6 +26,7 @@ class DeepR(Method):
     uniform density and the active weights take those signs (``|w| · sign``)."""
 
     name = "deepr"
+    recipe = Recipe("constant", update_every=1, budget="uniform")
     needs_optimizer = True
 
     def __init__(self, l1: float = 1e-5, noise: float = 1e-5):
@@ -35,11 +35,6 @@ class DeepR(Method):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         self.l1, self.noise = float(l1), float(noise)
         self._signs: dict[int, torch.Tensor] = {}
-
-    def defaults(self, sparsity, total_steps):
-        if sparsity is None:
-            raise ValueError(f"{self.name} needs the target sparsity: pass sparsity=")
-        return {"schedule": Constant(sparsity), "budget": Uniform(), "update_every": 1}
 
     def signs(self, u: Update, i: int) -> torch.Tensor:
         """The fixed signs (+1/-1) of layer ``i``'s connections."""

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ..budgets import Uniform
-from ..schedules import Constant
 from .base import Method, Update, mask_of, random_masks, select_top, write_masks
+from .recipe import Recipe
 from .sparse_momentum import redistribute
 
 
@@ -29,6 +28,7 @@ class DSR(Method):
     epoch 190 of 200). The first masks are random with uniform per-layer density."""
 
     name = "dsr"
+    recipe = Recipe("constant", update_every=100, budget="uniform")
 
     def __init__(self, initial_threshold: float = 1e-3, prune_target: int | None = None,
                  periods: dict[int, int] | None = None):
@@ -47,11 +47,6 @@ class DSR(Method):
         self.threshold = float(initial_threshold)
         self.prune_target = prune_target
         self.periods = periods
-
-    def defaults(self, sparsity, total_steps):
-        if sparsity is None:
-            raise ValueError(f"{self.name} needs the target sparsity: pass sparsity=")
-        return {"schedule": Constant(sparsity), "budget": Uniform(), "update_every": 100}
 
     def due(self, step: int, every: int) -> bool:
         if self.periods is None:

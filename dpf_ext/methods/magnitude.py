@@ -73,7 +73,6 @@ class Magnitude(Method):
         watch: warn of the signs of a feedback blow-up (with feedback only).
     """
 
-    name = "magnitude"
     sharded = True
 
     def __init__(self, feedback: bool = True, threshold: str = "exact", channel_floor: bool = True,
@@ -91,22 +90,27 @@ class Magnitude(Method):
         self._floor: ChannelFloor | None = None
         self._watch: BlowUpWatch | None = None
 
+    @property
+    def name(self) -> str:
+        """``dpf`` with feedback, ``gradual`` without."""
+        return "dpf" if self.feedback else "gradual"
+
     def estimator(self):
         if not self.feedback:
             return MaskedGradient()
         return StraightThrough(self.feedback_clip, self.pruned_decay)
 
-    def check(self, pruner) -> None:
-        self._floor = ChannelFloor(pruner.names, pruner.channel_major(pruner.full_weights()))
+    def check(self, run) -> None:
+        self._floor = ChannelFloor(run.names, run.channel_major(run.full_weights()))
         if self.channel_floor:
-            final = pruner.schedule.final
-            self._floor.check_reachable(final, pruner.budget.split(pruner.names, pruner.shapes, final))
-        self._watch = BlowUpWatch(pruner.model, pruner.names) if self.watch else None
+            final = run.schedule.final
+            self._floor.check_reachable(final, run.budget.split(run.names, run.shapes, final))
+        self._watch = BlowUpWatch(run.model, run.names) if self.watch else None
 
-    def histogram_window(self, pruner):
-        if not self.feedback or not isinstance(pruner.budget, Global):
+    def histogram_window(self, run):
+        if not self.feedback or not isinstance(run.budget, Global):
             return False
-        return self._warm.window(0, pruner.full_weights()) if self.threshold == "exact" else None
+        return self._warm.window(0, run.full_weights()) if self.threshold == "exact" else None
 
     def update(self, u: Update) -> torch.Tensor:
         exact = self.threshold == "exact"

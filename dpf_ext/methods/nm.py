@@ -7,8 +7,8 @@ import torch
 
 from ..estimators import MaskedGradient, StraightThrough
 from ..patterns import NMPattern
-from ..schedules import OneShot
 from .base import Method, Update
+from .recipe import Recipe
 from .magnitude import check_positive
 
 
@@ -25,20 +25,15 @@ class NM(Method):
         self.pattern = pattern if isinstance(pattern, NMPattern) else NMPattern.parse(pattern)
         self.pruned_decay = check_positive(pruned_decay, "pruned_decay", strict=False)
         self.feedback = bool(feedback)
+        self.recipe = Recipe("oneshot", sparsity=self.pattern.sparsity)
 
     def estimator(self):
         return StraightThrough(decay=self.pruned_decay) if self.feedback else MaskedGradient()
 
-    def defaults(self, sparsity, total_steps):
-        if sparsity is not None and abs(float(sparsity) - self.pattern.sparsity) > 1e-9:
-            raise ValueError(f"sparsity={sparsity} disagrees with pattern {self.pattern} "
-                             f"({self.pattern.sparsity:.4g}); pass one of them")
-        return {"schedule": OneShot(self.pattern.sparsity, 0)}
-
-    def check(self, pruner) -> None:
-        self.pattern.check(pruner.layers)
-        if abs(pruner.schedule.final - self.pattern.sparsity) > 1e-9:
-            raise ValueError(f"the schedule's final sparsity {pruner.schedule.final} is not pattern "
+    def check(self, run) -> None:
+        self.pattern.check(run.layers)
+        if abs(run.schedule.final - self.pattern.sparsity) > 1e-9:
+            raise ValueError(f"the schedule's final sparsity {run.schedule.final} is not pattern "
                              f"{self.pattern}'s {self.pattern.sparsity:.4g}")
 
     def update(self, u: Update) -> torch.Tensor:

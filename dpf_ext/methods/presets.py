@@ -3,67 +3,86 @@ pruning and DNW (straight-through magnitude). Each is :class:`Magnitude` with se
 
 from __future__ import annotations
 
-from ..schedules import Constant, OneShot
 from .base import Method
 from .filter import FilterMagnitude
 from .magnitude import THRESHOLDS, Magnitude
 from .nm import NM
+from .recipe import Recipe
 
 SCOPES = ("global", "layer", "filter")
 """The values of :class:`dpf_ext.DPF`'s ``scope``."""
 
 
-def dpf(threshold: str = "exact", channel_floor: bool = True, feedback_clip: float | None = None,
-        watch: bool = True) -> Magnitude:
+def dpf(threshold: str = "exact", channel_floor: bool | None = None,
+        feedback_clip: float | None = None, watch: bool = True, pattern: str | None = None,
+        filters: bool = False) -> Method:
     """DPF (Lin et al., ICLR 2020): global magnitude threshold, straight-through feedback,
     cubic schedule, a mask update every 16 steps; with the channel floor (this library's
-    guard for BatchNorm networks at high sparsity)."""
-    return Magnitude(True, threshold, channel_floor, feedback_clip, None, watch)
+    guard for BatchNorm networks at high sparsity, on unless ``channel_floor=False``).
+    ``pattern`` (``"2:4"``): N:M masks (:class:`~dpf_ext.methods.nm.NM`, with feedback);
+    ``filters``: whole output filters (:class:`~dpf_ext.methods.filter.FilterMagnitude`);
+    neither takes the channel floor."""
+    if pattern is not None or filters:
+        if pattern is not None and filters:
+            raise ValueError("pattern= and filters=True exclude each other")
+        if channel_floor:
+            raise ValueError("channel_floor applies to weight magnitudes; pattern= and "
+                             "filters=True choose the masks by themselves")
+        return NM(pattern) if pattern is not None else FilterMagnitude(True, threshold, feedback_clip)
+    return Magnitude(True, threshold, channel_floor is not False, feedback_clip, None, watch)
 
 
-def gradual(threshold: str = "exact") -> Magnitude:
-    """Zhu & Gupta's gradual magnitude pruning: DPF's schedule without feedback (masked
-    gradient; pruned weights zeroed and never back); no channel floor, as published."""
+def gradual(threshold: str = "exact", filters: bool = False) -> Method:
+    """Zhu & Gupta's schedule with one global magnitude threshold and no feedback (masked
+    gradient; pruned weights zeroed and never back): DPF without the feedback. No channel
+    floor. ``filters``: whole output filters
+    (:class:`~dpf_ext.methods.filter.FilterMagnitude`)."""
+    if filters:
+        return FilterMagnitude(False, threshold)
     return Magnitude(False, threshold, False)
 
 
 class _OneShot(Magnitude):
     name = "oneshot"
+    recipe = Recipe("oneshot", fixed=True)
 
     def __init__(self, at_step: int, threshold: str):
         super().__init__(False, threshold, False)
         self.at_step = at_step
-
-    def defaults(self, sparsity, total_steps):
-        if sparsity is None:
-            raise ValueError("oneshot needs the target sparsity: pass sparsity=")
-        return {"schedule": OneShot(sparsity, self.at_step), "freeze_at": self.at_step}
+        self.recipe = Recipe("oneshot", fixed=True, at_step=at_step)
 
 
-def oneshot(at_step: int = 0, threshold: str = "exact") -> Magnitude:
+def oneshot(at_step: int = 0, threshold: str = "exact", pattern: str | None = None) -> Method:
     """One-shot magnitude pruning at step ``at_step``, then training with the mask frozen
-    and the gradient masked; no channel floor."""
+    and the gradient masked; no channel floor. ``pattern`` (``"2:4"``): N:M masks, dense
+    until ``at_step`` (the recipe of NVIDIA's ASP)."""
     if isinstance(at_step, bool) or not isinstance(at_step, int) or at_step < 0:
         raise ValueError(f"at_step must be a non-negative int, got {at_step!r}")
+    if pattern is not None:
+        method = NM(pattern, feedback=False)
+        method.recipe = Recipe("oneshot", fixed=True, at_step=at_step,
+                               sparsity=method.pattern.sparsity)
+        return method
     return _OneShot(at_step, threshold)
 
 
 class _DNW(Magnitude):
     name = "dnw"
-
-    def defaults(self, sparsity, total_steps):
-        if sparsity is None:
-            raise ValueError("dnw needs the target sparsity: pass sparsity=")
-        return {"schedule": Constant(sparsity), "update_every": 1}
+    recipe = Recipe("constant", update_every=1)
 
 
-def dnw(threshold: str = "exact") -> Magnitude:
+def dnw(threshold: str = "exact") -> Method:
     """DNW (Wortsman et al. 2019), jaxpruner's ``magnitude_ste``: the top-k mask recomputed
     at every step at a constant sparsity, straight-through gradient to the dense weights.
     It is DPF with a mask update every step, no gradual schedule and no channel floor; DPF
     adds the cubic ramp, a 16-step period and one global threshold (DNW's is per layer in
     its paper; here the budget decides, global by default)."""
     return _DNW(True, threshold, False)
+
+
+dpf.recipe = gradual.recipe = Magnitude.recipe
+oneshot.recipe = _OneShot.recipe
+dnw.recipe = _DNW.recipe
 
 
 def dpf_options(scope: str = "global", feedback: bool = True, threshold: str = "exact",

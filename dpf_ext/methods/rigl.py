@@ -10,8 +10,8 @@ import math
 import torch
 
 from ..budgets import ERK
-from ..schedules import Constant
 from .base import Method, Update, mask_of, random_masks, select_top, top_k, write_masks
+from .recipe import Recipe
 from .magnitude import raise_nonfinite
 
 
@@ -36,6 +36,7 @@ class RigL(Method):
     """
 
     name = "rigl"
+    recipe = Recipe("constant", update_every=100, budget="erk", last_update=0.75)
     needs_gradient = True
     grows_from_zero = True
 
@@ -46,19 +47,11 @@ class RigL(Method):
         self.drop_fraction = float(drop_fraction)
         self._end: int | None = None
 
-    def defaults(self, sparsity, total_steps):
-        if sparsity is None:
-            raise ValueError(f"{self.name} needs the target sparsity: pass sparsity=")
-        out = {"schedule": Constant(sparsity), "update_every": 100, "budget": ERK()}
-        if total_steps is not None:
-            out["end_step"] = max(1, round(0.75 * total_steps))
-        return out
-
-    def check(self, pruner) -> None:
-        if pruner.end_step is None:
+    def check(self, run) -> None:
+        if run.end_step is None:
             raise ValueError(f"{self.name}'s drop fraction decays to its last update step: pass "
                              "total_steps= (the last update at 75% of it) or end_step=")
-        self._end = max(pruner.end_step, 1)
+        self._end = max(run.end_step, 1)
 
     def drop_fraction_at(self, step: int) -> float:
         """The fraction of each layer's active weights replaced at ``step`` (cosine decay)."""

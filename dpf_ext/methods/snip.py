@@ -9,9 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..budgets import Global
-from ..schedules import Constant
 from .base import Method, Update, mask_of, select_top, write_masks
+from .recipe import Recipe
 
 
 class SNIP(Method):
@@ -22,6 +21,7 @@ class SNIP(Method):
     jaxpruner's versions do."""
 
     name = "snip"
+    recipe = Recipe("constant", fixed=True, budget="global")
 
     def __init__(self, batch_loss: Callable[[nn.Module], torch.Tensor] | None = None):
         if batch_loss is None or not callable(batch_loss):
@@ -30,13 +30,8 @@ class SNIP(Method):
         self.batch_loss = batch_loss
         self._model: nn.Module | None = None
 
-    def defaults(self, sparsity, total_steps):
-        if sparsity is None:
-            raise ValueError(f"{self.name} needs the target sparsity: pass sparsity=")
-        return {"schedule": Constant(sparsity), "end_step": 0, "budget": Global()}
-
-    def check(self, pruner) -> None:
-        self._model = pruner.model
+    def check(self, run) -> None:
+        self._model = run.model
 
     def update(self, u: Update) -> torch.Tensor:
         weights = [layer.dense_weight for layer in u.layers]

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..estimators import Estimator
-from ..schedules import Constant
 from .base import Method, Update, write_masks
+from .recipe import Recipe
 
 PARAMETER = "str_threshold"
 """The name of the threshold parameter ``s`` on each layer (``sigmoid(s)`` is the
@@ -43,8 +43,8 @@ class STR(Method):
     sigmoid(s))`` into the weights and removes the parameters."""
 
     name = "str"
+    recipe = Recipe("constant", update_every=1, takes_target=False)
     needs_optimizer = True
-    takes_target = False
 
     def __init__(self, initial_threshold: float = -5.0, weight_decay: float | None = None):
         if isinstance(initial_threshold, bool) or not isinstance(initial_threshold, (int, float)):
@@ -55,19 +55,11 @@ class STR(Method):
         self.initial_threshold = float(initial_threshold)
         self.weight_decay = weight_decay
 
-    def defaults(self, sparsity, total_steps):
-        if sparsity is not None:
-            raise ValueError("str takes no target sparsity: it emerges from the learned "
-                             "thresholds; steer it with method_options initial_threshold "
-                             "(higher: sparser from the start) and weight_decay (on the "
-                             "thresholds: higher, sparser over training)")
-        return {"schedule": Constant(0.0), "update_every": 1}
-
     def layer_estimator(self, i, shared):
         return SoftThreshold(self._layers[i])
 
-    def check(self, pruner) -> None:
-        self._layers = [layer for _, layer in pruner.layers]
+    def check(self, run) -> None:
+        self._layers = [layer for _, layer in run.layers]
         fresh = []
         for layer in self._layers:
             if not hasattr(layer, PARAMETER):
@@ -76,9 +68,9 @@ class STR(Method):
                     torch.full((), self.initial_threshold, dtype=weight.dtype, device=weight.device)))
                 fresh.append(getattr(layer, PARAMETER))
         if fresh:
-            decay = (pruner.optimizer.param_groups[0].get("weight_decay", 0.0)
+            decay = (run.optimizer.param_groups[0].get("weight_decay", 0.0)
                      if self.weight_decay is None else self.weight_decay)
-            pruner.optimizer.add_param_group({"params": fresh, "weight_decay": decay})
+            run.optimizer.add_param_group({"params": fresh, "weight_decay": decay})
 
     def update(self, u: Update) -> torch.Tensor:
         new = []
@@ -90,8 +82,8 @@ class STR(Method):
         u.target_kept = 0  # no target: the report shows what the thresholds keep
         return write_masks(u, new)
 
-    def finalize(self, pruner) -> None:
-        for _, layer in pruner.layers:
+    def finalize(self, run) -> None:
+        for _, layer in run.layers:
             weight = layer.dense_weight
             weight.copy_(SoftThreshold(layer).masked_weight(weight, layer.mask))
             del layer._parameters[PARAMETER]

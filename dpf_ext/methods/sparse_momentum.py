@@ -9,11 +9,10 @@ import math
 
 import torch
 
-from ..budgets import Uniform
 from ..estimators import StraightThrough
 from ..optimizer_state import check_momentum, momentum
-from ..schedules import Constant
 from .base import Method, Update, mask_of, random_masks, select_top, top_k, write_masks
+from .recipe import Recipe
 from .magnitude import raise_nonfinite
 
 
@@ -68,9 +67,9 @@ class SparseMomentum(Method):
     code's default initialisation."""
 
     name = "snfs"
+    recipe = Recipe("constant", update_every="epoch", budget="uniform")
     needs_optimizer = True
     zeroes_pruned_weights = True
-    updates_per_epoch = True
 
     def __init__(self, prune_rate: float = 0.5, final_prune_rate: float = 0.005):
         for name, value in (("prune_rate", prune_rate), ("final_prune_rate", final_prune_rate)):
@@ -82,16 +81,11 @@ class SparseMomentum(Method):
     def estimator(self):
         return StraightThrough()
 
-    def defaults(self, sparsity, total_steps):
-        if sparsity is None:
-            raise ValueError(f"{self.name} needs the target sparsity: pass sparsity=")
-        return {"schedule": Constant(sparsity), "budget": Uniform(), "update_every": None}
-
-    def check(self, pruner) -> None:
-        if pruner.end_step is None and pruner.total_steps is None:
+    def check(self, run) -> None:
+        if run.end_step is None and run.total_steps is None:
             raise ValueError("snfs decays its prune rate over training: pass total_steps=")
-        self._total = pruner.total_steps or pruner.end_step
-        check_momentum(pruner.optimizer, self.name)
+        self._total = run.total_steps or run.end_step
+        check_momentum(run.optimizer, self.name)
 
     def prune_rate_at(self, step: int) -> float:
         """The fraction of each layer's active weights dropped at ``step`` (cosine decay)."""

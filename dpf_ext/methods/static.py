@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..budgets import ERK
-from ..schedules import Constant
 from .base import Method, Update, random_masks, write_masks
+from .recipe import Recipe
 
 
 class Static(Method):
@@ -15,11 +15,7 @@ class Static(Method):
     training; the gradient is masked. The baseline every dynamic method has to beat."""
 
     name = "static"
-
-    def defaults(self, sparsity, total_steps):
-        if sparsity is None:
-            raise ValueError(f"{self.name} needs the target sparsity: pass sparsity=")
-        return {"schedule": Constant(sparsity), "end_step": 0, "budget": ERK()}
+    recipe = Recipe("constant", fixed=True, budget="erk")
 
     def update(self, u: Update) -> torch.Tensor:
         return write_masks(u, random_masks(u))

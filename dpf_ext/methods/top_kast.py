@@ -8,11 +8,10 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..budgets import Uniform
 from ..estimators import Estimator
 from ..ops.bits import pack_bits, unpack_bits
-from ..schedules import Constant
 from .base import Method, Update, select_top, write_masks, mask_of
+from .recipe import Recipe
 
 
 class _Penalty(torch.autograd.Function):
@@ -65,6 +64,7 @@ class TopKAST(Method):
     steps, 16 by default (DPF's period). The constant target applies from step 0."""
 
     name = "topkast"
+    recipe = Recipe("constant", budget="uniform")
 
     def __init__(self, extra: float = 0.1, penalty: float = 1e-4):
         if isinstance(extra, bool) or not isinstance(extra, (int, float)) or not 0 <= extra < 1:
@@ -79,13 +79,8 @@ class TopKAST(Method):
     def layer_estimator(self, i, shared):
         return TwoSets(self, i)
 
-    def defaults(self, sparsity, total_steps):
-        if sparsity is None:
-            raise ValueError(f"{self.name} needs the target sparsity: pass sparsity=")
-        return {"schedule": Constant(sparsity), "budget": Uniform()}
-
-    def check(self, pruner) -> None:
-        self._channel_dims = [layer.channel_dim for _, layer in pruner.layers]
+    def check(self, run) -> None:
+        self._channel_dims = [layer.channel_dim for _, layer in run.layers]
 
     def _install(self, i: int, backward_cm: torch.Tensor) -> None:
         """Keep layer ``i``'s backward set (given output channels first) in its layout."""
