@@ -333,7 +333,7 @@ class Pruner:
             floor = ("channel_floor=True (the default), "
                      if "channel_floor" in self.method.config() else "")
             warnings.warn(
-                f"step {self.step_count}: {self.method.name} pruned layers {emptied} entirely; "
+                f"step {self.step_count}: layers {emptied} are entirely pruned ({self.method.name}); "
                 "the model's output no longer depends on them. With BatchNorm behind such a "
                 f"layer the gradient can blow up; consider {floor}a lower sparsity, another "
                 "budget, or excluding these layers in dpf_ext.sparsify",

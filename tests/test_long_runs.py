@@ -24,12 +24,12 @@ import torch
 import dpf_ext.pruner
 kill_step, phase = int(sys.argv[1]), sys.argv[2]
 if phase == "update":
-    original = dpf_ext.pruner.DPF._update_masks
+    original = dpf_ext.pruner.Pruner._update_masks
     def dying(self, *args, **kwargs):
         if self.step_count == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, *args, **kwargs)
-    dpf_ext.pruner.DPF._update_masks = dying
+    dpf_ext.pruner.Pruner._update_masks = dying
 else:
     original = torch.optim.SGD.step
     calls = [0]
