@@ -13,8 +13,9 @@ DPF's straight-through estimator and on the steps where a method reads the dense
 Sparse kernels exist for float32 on the CPU (:func:`dpf_ext.ops.simd` names the instruction
 set) and on CUDA (simple kernels, tested under emulation, their speed unmeasured); where
 none is built ``"sparse"`` runs the reference implementation (correct, not fast).
-``"auto"`` runs sparse on the CPU only, where the crossover was measured. A forward whose input holds NaN or Inf takes the dense path, so
-that they spread as they do there (``0 · NaN`` is NaN).
+``"auto"`` runs sparse on the CPU only, where the crossover was measured. A forward whose
+input holds NaN or Inf takes the dense path, so that they spread as they do there
+(``0 · NaN`` is NaN).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def density(layer) -> float:
 
 
 def prefers_sparse(layer) -> bool:
-    """The ``"auto"`` rule: sparse on the CPU where the compiled kernels are built, the layer has at least :data:`AUTO_MIN_WEIGHTS` weights and its density is at most
+    """The ``"auto"`` rule: sparse on the CPU where the compiled kernels are built, the
+    layer has at least :data:`AUTO_MIN_WEIGHTS` weights and its density is at most
     :data:`AUTO_MAX_DENSITY`."""
     weight = layer.dense_weight
     return (unsupported(layer) is None

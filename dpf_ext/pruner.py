@@ -15,7 +15,7 @@ from .distributed import (Shards, average_over_ranks, check_same_on_all_ranks, i
                           local_weight_and_mask)
 from .estimators import MaskedGradient, take_gradients
 from .first_pass import HistogramRequest
-from .methods.base import Method, PrunerView, Update
+from .methods.base import Method, PrunerView, Update, channel_major, full_weights
 from .methods import make_method
 from .nn import coverage, prunable_layers, unsparsify
 from .optimizer_state import check_resettable, start_from_zero
@@ -110,12 +110,11 @@ class Pruner:
             self.method = make_method(method, **method_options)
         recipe = self.method.recipe
         name = self.method.name
-        if schedule is None:
-            self.schedule = recipe.make_schedule(name, sparsity, total_steps)
-        elif not recipe.takes_target and sparsity is not None:
-            raise ValueError(f"{name} takes no target sparsity: it emerges from training")
-        else:
-            self.schedule = resolve_schedule(sparsity, schedule, total_steps)
+        if not recipe.takes_target and sparsity is not None:
+            raise ValueError(f"{name} takes no target sparsity: it emerges from training "
+                             f"(steer it with its options: {sorted(self.method.config())})")
+        self.schedule = (recipe.make_schedule(name, sparsity, total_steps) if schedule is None
+                         else resolve_schedule(sparsity, schedule, total_steps))
         update_every = recipe.update_every if update_every is None else update_every
         if update_every == "epoch":
             raise ValueError(f"pass update_every=: {name} has no default period in steps (its "
@@ -129,7 +128,7 @@ class Pruner:
         if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int)
                                      or end_step < 0):
             raise ValueError(f"end_step must be a non-negative int or None, got {end_step!r}")
-        self.budget = make_budget(budget) if budget is not None else recipe.make_budget()
+        self.budget = make_budget(recipe.budget if budget is None else budget)
         self.update_every = update_every
         self.total_steps = total_steps
         self.freeze_at = freeze_at
@@ -196,12 +195,12 @@ class Pruner:
 
     def full_weights(self) -> list[torch.Tensor]:
         """The prunable weights (whole: DTensors where sharded), in layer order."""
-        return PrunerView.full_weights(self)
+        return full_weights(self.layers)
 
     def channel_major(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of the layers' weights (or masks) with the output channels first, as the
         channel floor and the filter method count them."""
-        return PrunerView.channel_major(self, tensors)
+        return channel_major(self.layers, tensors)
 
     def step(self) -> None:
         """Advance one optimizer step; update the masks when one is due."""

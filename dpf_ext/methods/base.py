@@ -92,12 +92,23 @@ class PrunerView:
 
     def full_weights(self) -> list[torch.Tensor]:
         """The prunable weights (whole: DTensors where sharded), in layer order."""
-        return [layer.dense_weight for _, layer in self.layers]
+        return full_weights(self.layers)
 
     def channel_major(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of the layers' weights (or masks) with the output channels first."""
-        return [t.movedim(layer.channel_dim, 0) if layer.channel_dim else t
-                for t, (_, layer) in zip(tensors, self.layers)]
+        return channel_major(self.layers, tensors)
+
+
+def full_weights(layers: list) -> list[torch.Tensor]:
+    """The weights of ``(name, layer)`` pairs (whole: DTensors where sharded)."""
+    return [layer.dense_weight for _, layer in layers]
+
+
+def channel_major(layers: list, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``tensors`` (one per layer of ``layers``) with the output channels first, as
+    the channel floor and the filter method count them."""
+    return [t.movedim(layer.channel_dim, 0) if layer.channel_dim else t
+            for t, (_, layer) in zip(tensors, layers)]
 
 
 class Method:

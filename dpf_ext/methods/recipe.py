@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..budgets import Budget, make_budget
 from ..schedules import Constant, OneShot, Schedule, check_sparsity, resolve_schedule
 
 SCHEDULES = ("ramp", "constant", "oneshot")
@@ -58,9 +57,6 @@ class Recipe:
     def make_schedule(self, name: str, sparsity: float | None, total_steps: int | None) -> Schedule:
         """The schedule to ``sparsity`` (checked against what the method takes)."""
         if not self.takes_target:
-            if sparsity is not None:
-                raise ValueError(f"{name} takes no target sparsity: it emerges from training "
-                                 "(steer it with the method's options)")
             return Constant(0.0)
         if self.sparsity is not None:
             if sparsity is not None and abs(float(sparsity) - self.sparsity) > 1e-9:
@@ -74,10 +70,6 @@ class Recipe:
         if self.schedule == "constant":
             return Constant(check_sparsity(sparsity))
         return OneShot(check_sparsity(sparsity), self.at_step)
-
-    def make_budget(self) -> Budget:
-        """The recipe's budget."""
-        return make_budget(self.budget)
 
     def end_step(self, total_steps: int | None) -> int | None:
         """The last step at which the masks may change (0 for masks chosen at
