@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .nn import PRUNED_SUFFIX, DPFLayer, UnfinalizedWarning
+from .layers import DPFLayer
+from .state_dict_forms import PRUNED_SUFFIX, UnfinalizedWarning
 from .powerprop import SUFFIX as POWERPROP_SUFFIX
 from .ops.bits import pack_bits, unpack_bits
 

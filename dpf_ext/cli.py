@@ -30,7 +30,8 @@ from .data import DATASETS, load_dataset
 from .budgets import BUDGETS
 from .methods import METHODS, method_options, recipe_of
 from .models import MODELS, build_model
-from .nn import dpf_layers, sparsify
+from .convert import sparsify
+from .layers import dpf_layers
 from .patterns import NMPattern, reduction
 from .methods.magnitude import THRESHOLDS
 from .methods.presets import SCOPES
@@ -48,11 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = Parser(
         prog="dpf-train",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Train a sparse network in one pass with Dynamic Pruning with Feedback "
                     "(or a baseline) and report accuracy, sparsity and reactivations.",
     )
-    p.add_argument("--method", choices=["dense", *METHODS], default=defaults.method)
+    p.add_argument("--method", choices=["dense", *METHODS], default=defaults.method,
+                   help="the method that chooses the masks")
     p.add_argument("--compare", nargs="?", const=",".join(COMPARED), default=None,
                    metavar="METHODS",
                    help="train these methods (comma-separated; alone: "
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", choices=sorted(BUDGETS), default=None,
                    help="the layer-wise budget (default: the method's; DPF: global, "
                         "RigL/SET/static: erk)")
-    p.add_argument("--model", choices=sorted(MODELS), default="resnet20")
+    p.add_argument("--model", choices=sorted(MODELS), default="resnet20", help="the network")
     p.add_argument("--data", choices=DATASETS, default="digits",
                    help="digits (bundled), gratings and gratings20 (generated, harder), cifar10 "
                         "or imagefolder (both from --data-dir)")
@@ -73,22 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recipe: a TOML file of these options (names with - or _; "
                         "'compare' and 'sparsities' may be lists, 'option' a table); flags "
                         "given here override it")
-    p.add_argument("--sparsity", type=float, default=defaults.sparsity)
+    p.add_argument("--sparsity", type=float, default=defaults.sparsity,
+                   help="the target share of pruned weights, in [0, 1)")
     p.add_argument("--sparsities", type=float, nargs="+", default=None, metavar="S",
                    help="a sweep: every method and seed at each of these sparsities")
     p.add_argument("--status", action="store_true",
                    help="with --out: show which runs of this plan are done, running or "
                         "waiting, and the time left; trains nothing")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--momentum", type=float, default=defaults.momentum)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--epochs", type=int, default=40, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help="the global batch (split across processes under torchrun)")
+    p.add_argument("--lr", type=float, default=defaults.lr,
+                   help="SGD's learning rate (÷10 at 50%% and 75%% of training)")
+    p.add_argument("--momentum", type=float, default=defaults.momentum, help="Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="SGD's weight decay")
     p.add_argument("--update-every", type=int, default=defaults.update_every,
                    help="steps between mask updates (default: the method's; dpf: 16, "
                         "rigl/set: 100)")
-    p.add_argument("--scope", choices=SCOPES, default=defaults.scope)
-    p.add_argument("--threshold", choices=THRESHOLDS, default=defaults.threshold)
+    p.add_argument("--scope", choices=SCOPES, default=defaults.scope,
+                   help="dpf's and gradual's threshold: over all layers, per layer, or filters")
+    p.add_argument("--threshold", choices=THRESHOLDS, default=defaults.threshold,
+                   help="magnitude thresholds: exact, or from one histogram pass")
     p.add_argument("--ramp-until", type=float, default=None, metavar="F",
                    help="dpf's and gradual's cubic schedule reaches the target at this "
                         "fraction of training (default 0.75)")
@@ -103,12 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1,
                    help="run every method with this many seeds (seed, seed+1, ...) and report "
                         "the mean and standard deviation")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch's CPU thread count (results depend on it; recorded in "
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch's CPU threads per process (default 1, the measured choice: "
+                        "see the results page; results depend on it; recorded in "
                         "metrics.json)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N runs at a time, each in its own process with --threads "
-                        "threads (default 1 there); results do not depend on N")
+                        "threads; results do not depend on N")
     p.add_argument("--no-channel-floor", action="store_true",
                    help="DPF without the channel floor (the paper's unguarded algorithm)")
     p.add_argument("--pattern", default=None,
@@ -127,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "only; Linear layers), auto (sparse where faster, see dpf_ext.compute)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 instead of DDP")
-    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",
+                   help="under torchrun: each process normalises BatchNorm with its own share "
+                        "of the batch (by default with the global batch's statistics, as one "
+                        "process does)")
+    p.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
     p.add_argument("--out", type=Path, help="folder for metrics.json, the PNG plots, the trained "
                    "models, log.jsonl (one line per step and per epoch) and checkpoints/")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
@@ -251,6 +263,17 @@ def _percent_hint(value: float) -> str:
     return f" (a fraction: did you mean {value / 100:g}?)" if 1 < value < 100 else ""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each default said once: appended where the help text does not
+    already say it, and left out where there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, []):
+            return text
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """``argparse`` whose errors are one line and a pointer to ``--help`` (not the usage)."""
 
@@ -270,7 +293,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("epochs", "batch_size", "update_every", "seeds", "jobs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.threads is not None and args.threads < 1:
+    if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.ramp_until is not None and not 0.0 < args.ramp_until <= 1.0:
         parser.error(f"--ramp-until is a fraction of training in (0, 1], got {args.ramp_until}")
@@ -334,6 +357,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.data == "cifar10" and not args.data_dir:
         parser.error("--data cifar10 needs --data-dir DIR holding CIFAR-10's python batches "
                      "(dpf_ext never downloads data)")
+    if args.data_dir is not None and args.data not in ("cifar10", "imagefolder"):
+        parser.error(f"--data-dir is read by --data cifar10 and imagefolder only; {args.data} "
+                     "is bundled or generated: leave --data-dir out")
     if args.data == "imagefolder" and not args.data_dir:
         parser.error("--data imagefolder needs --data-dir ROOT holding train/<class>/ and "
                      "val/<class>/ image folders (dpf_ext never downloads data)")
@@ -369,6 +395,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             (args.out / "metrics.json").exists() or (args.out / "checkpoints").exists()):
         parser.error(f"--out {args.out} holds a previous run: pass --resume to continue it or "
                      "--overwrite to replace it")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file: give a folder (made if missing)")
     if args.out is not None:
         try:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -458,7 +486,7 @@ def _start_worker(args: argparse.Namespace, parent: int) -> None:
     _exit_with_parent(parent)
     if args.out is not None:  # shared with the parent's: the folder stays locked while we run
         _worker["lock"] = FolderLock(args.out).acquire(shared=True)
-    torch.set_num_threads(args.threads or 1)
+    torch.set_num_threads(args.threads)
     _worker.update(args=args, data=load_dataset(args.data, args.data_dir),
                    log=RunLog(args.out) if args.out is not None else None)
 
@@ -519,8 +547,9 @@ def _run_all(args: argparse.Namespace, configs: list[TrainConfig], data, log, wr
         pool.join()
 
 
-def recipe_argv(path: Path) -> tuple[list[str], dict]:
-    """The command-line arguments a recipe file stands for, and its contents."""
+def recipe_argv(path: Path, parser: argparse.ArgumentParser) -> tuple[list[str], dict]:
+    """The command-line arguments of ``parser`` a recipe file stands for, and its contents;
+    a key that is none of its options is a ``ValueError`` naming the file and the key."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -529,8 +558,13 @@ def recipe_argv(path: Path) -> tuple[list[str], dict]:
         recipe = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"--config {path}: {exc}") from None
+    keys = sorted(a.dest for a in parser._actions if a.dest not in ("help", "config"))
     argv = []
     for key, value in recipe.items():
+        if key.replace("-", "_") not in keys:
+            near = difflib.get_close_matches(key.replace("-", "_"), keys, 1)
+            raise ValueError(f"--config {path}: unknown key {key!r}"
+                             + (f" (did you mean {near[0]!r}?)" if near else ""))
         flag = "--" + key.replace("_", "-")
         if key == "option":
             argv += [item for k, v in value.items() for item in ("--option", f"{k}={json.dumps(v)}")]
@@ -552,11 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     args.recipe = None
     if args.config is not None:  # the recipe first: the flags given after it win
         try:
-            recipe_args, args.recipe = recipe_argv(args.config)
+            recipe_args, recipe = recipe_argv(args.config, parser)
         except ValueError as exc:
             parser.error(str(exc))
         args = parser.parse_args(recipe_args + argv)
-        args.recipe = recipe_argv(args.config)[1]
+        args.recipe = recipe
     check_args(parser, args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # torchrun
         cuda = args.device.startswith("cuda")
@@ -598,8 +632,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             say(f"pattern {args.nm}: {unfit} keep dense (reduction dimension not a multiple of "
                   f"{args.nm.m})")
             args.exclude = [*args.exclude, *unfit]
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     base = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
             if hasattr(args, f.name) and f.name not in ("method", "exclude", "seed", "options")}
     methods = args.methods
@@ -648,6 +681,9 @@ def _train_and_report(args: argparse.Namespace, configs: list[TrainConfig], data
         shutil.rmtree(args.out / "checkpoints", ignore_errors=True)
         (args.out / "log.jsonl").unlink(missing_ok=True)
     log = RunLog(args.out) if args.out is not None and writer else None
+    if log is not None:  # what --status reads of the plan
+        log.write({"plan": {"jobs": args.jobs, "processes": ranks()[1],
+                            "threads": torch.get_num_threads()}})
     results = []
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None

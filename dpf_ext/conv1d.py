@@ -8,7 +8,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from . import compute as compute_paths
-from .nn import DPFLayer
+from .layers import DPFLayer
 
 
 class DPFConv1D(DPFLayer, Conv1D):

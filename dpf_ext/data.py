@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .image_folder import ImageFolder
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
@@ -178,8 +180,6 @@ def load_dataset(name: str, data_dir: str | Path | None = None):
     if name == "imagefolder":
         if data_dir is None:
             raise ValueError("--data imagefolder needs --data-dir ROOT holding train/ and val/")
-        from .image_folder import ImageFolder
-
         return ImageFolder(data_dir)
     raise ValueError(f"unknown data set {name!r}; choose from {DATASETS}")
 

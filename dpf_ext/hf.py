@@ -10,7 +10,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .conv1d import DPFConv1D
-from .nn import dpf_layers, set_state_dict_form
+from .convert import set_state_dict_form
+from .layers import dpf_layers
 from .dpf import DPF
 from .pruner import Pruner
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .nn import DPFLayer
+from .layers import DPFLayer
 from .ops.sparse import SparseIndex, kept_product
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .optim import DPFAdamW, DPFSGD
+
 RESETTABLE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 """The per-weight state entries of SGD, Adam and AdamW (and of dpf_ext's fused versions)."""
 
@@ -12,8 +14,6 @@ RESETTABLE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 def check_resettable(optimizer: torch.optim.Optimizer, method: str) -> None:
     """Raise ``TypeError`` unless ``optimizer`` is one whose state :func:`reset_state` knows:
     SGD, Adam, AdamW or their dpf_ext versions."""
-    from .optim import DPFAdamW, DPFSGD
-
     known = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, DPFSGD, DPFAdamW)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")

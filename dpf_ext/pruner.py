@@ -17,7 +17,9 @@ from .estimators import MaskedGradient, take_gradients
 from .first_pass import HistogramRequest
 from .methods.base import Method, PrunerView, Update, channel_major, full_weights
 from .methods import make_method
-from .nn import coverage, prunable_layers, unsparsify
+from .convert import unsparsify
+from .coverage import coverage
+from .layers import prunable_layers
 from .optimizer_state import check_resettable, start_from_zero
 from .report import LayerReport, SparsityReport
 from .schedules import Schedule, check_sparsity, resolve_schedule

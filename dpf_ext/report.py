@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .coverage import Coverage
+
 
 @dataclass(frozen=True)
 class LayerReport:
@@ -47,8 +49,8 @@ class SparsityReport:
     target_kept: int
     frozen: bool
     layers: list[LayerReport]
-    coverage: object | None = None
-    """The model's :class:`~dpf_ext.nn.Coverage`: what DPF prunes and what stays dense."""
+    coverage: Coverage | None = None
+    """The model's :class:`~dpf_ext.coverage.Coverage`: what is pruned and what stays dense."""
     pattern: str | None = None
     """The N:M pattern (``"2:4"``) the masks follow, if any."""
     method: str | None = None
@@ -127,5 +129,5 @@ class SparsityReport:
                  f"{self.target_sparsity:.2%}"
                  f"{f' (pattern {self.pattern})' if self.pattern else ''}"
                  f"{' (mask frozen)' if self.frozen else ''}")
-        tail = [str(self.coverage)] if self.coverage is not None else []
+        tail = [self.coverage.describe(self.method)] if self.coverage is not None else []
         return "\n".join([title, line(header), *map(line, rows), *tail])

@@ -89,12 +89,15 @@ def load(path: str | Path) -> dict:
     return state
 
 
-def check_same_run(saved: dict, config: dict, path) -> None:
+def check_same_run(saved: dict, config: dict, path, defaults: dict | None = None) -> None:
     """Raise :class:`CheckpointError` naming the settings in which the checkpoint's run
-    (``saved``) differs from ``config``. The device, the thread count and the compute mode
-    may differ: the run then continues to float tolerance, not bit for bit."""
+    (``saved``) differs from ``config``; a setting the checkpoint predates counts as its
+    value in ``defaults``. The device, the thread count and the compute mode may differ:
+    the run then continues to float tolerance, not bit for bit."""
     free = {"device", "compute"}
-    diff = {k: (saved.get(k), v) for k, v in config.items() if k not in free and saved.get(k) != v}
+    defaults = defaults or {}
+    diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in config.items()
+            if k not in free and saved.get(k, defaults.get(k)) != v}
     if diff:
         details = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{path} is of another run: {details}")

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
 
+from .models import build_model
 from .resume import load as load_checkpoint
 from .train import RunResult, TrainConfig, run_name
 
@@ -115,17 +117,36 @@ def plot_sweep(results: list[RunResult], path: str | Path, title: str = "") -> N
     plt.close(fig)
 
 
+def trial_step_time(config: TrainConfig, data, steps: int = 3) -> float:
+    """Seconds per training step of ``config``'s model at its batch size: ``steps`` dense
+    SGD steps timed now, after one to warm up (masked steps cost a few percent more)."""
+    model = build_model(config.model, data.input_shape, data.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = data.train_batch(torch.arange(min(config.batch_size, data.train_size)))
+    for i in range(steps + 1):
+        if i == 1:
+            start = time.perf_counter()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return (time.perf_counter() - start) / steps
+
+
 def sweep_status(args: argparse.Namespace, configs: list[TrainConfig], data) -> str:
     """Which runs of the plan are done, in progress (their latest checkpoint's step) or
-    waiting, and the time left at the mean step time in ``log.jsonl`` with ``args.jobs``
-    runs at a time."""
+    waiting, and the time left: at the mean step time in ``log.jsonl``, or before any step
+    is logged at a few steps timed now (:func:`trial_step_time`), with as many runs at a
+    time as the plan was started with (its ``--jobs``, from the log; else ``args.jobs``)."""
     steps_per_run = args.epochs * -(-data.train_size // args.batch_size)
-    step_times = []
+    step_times, jobs = [], None
     log = args.out / "log.jsonl"
     if log.exists():
-        step_times = [r["step_time"] for r in map(json.loads, log.read_text().splitlines())
-                      if "step_time" in r]
-    lines, left = [], 0
+        for record in map(json.loads, log.read_text().splitlines()):
+            if "step_time" in record:
+                step_times.append(record["step_time"])
+            jobs = record.get("plan", {}).get("jobs", jobs)
+    lines, left = [f"started with --jobs {jobs}" if jobs else "not started yet"], 0
+    jobs = jobs or args.jobs
     for config in configs:
         folder = args.out / "checkpoints" / run_name(config, bool(args.sparsities))
         done = folder / "done.pt"
@@ -139,9 +160,11 @@ def sweep_status(args: argparse.Namespace, configs: list[TrainConfig], data) -> 
         else:
             state, left = "waiting", left + steps_per_run
         lines.append(f"{run_name(config, bool(args.sparsities)):<32} {state}")
-    mean = sum(step_times) / len(step_times) if step_times else None
-    eta = (f"about {left * mean / 60 / args.jobs:.0f} min of training left"
-           + (f" at {args.jobs} runs at a time" if args.jobs > 1 else "")
-           if mean else "no step time logged yet")
-    done_count = sum("done" in line or "diverged" in line for line in lines)
+    if step_times:
+        mean, source = sum(step_times) / len(step_times), "at the logged step time"
+    else:
+        mean, source = trial_step_time(configs[0], data), "estimated from 3 steps timed now"
+    eta = (f"about {left * mean / 60 / jobs:.0f} min of training left"
+           + (f" at {jobs} runs at a time" if jobs > 1 else "") + f" ({source})")
+    done_count = sum("done" in line or "diverged" in line for line in lines[1:])
     return "\n".join([*lines, f"{done_count}/{len(configs)} runs finished; {eta}"])

@@ -18,7 +18,9 @@ from .distributed import is_sharded
 from .cli_pruner import make_pruner
 from .methods import METHODS, method_options, recipe_of
 from .models import build_model
-from .nn import UnfinalizedWarning, sparsify
+from .convert import sparsify
+from .state_dict_forms import UnfinalizedWarning
+from .sync_batch_norm import synchronize_batch_norm
 from .report import SparsityReport
 from .schedules import Cubic
 from .resume import Checkpoints, check_same_run
@@ -39,7 +41,8 @@ class RunLog:
             self.tensorboard = SummaryWriter(str(Path(folder) / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        """Append ``record`` (with ``run`` and ``step`` keys)."""
+        """Append ``record``: a step's or an epoch's (with ``run`` and ``step`` keys), or the
+        plan's (``{"plan": {"jobs", "processes", "threads"}}``, written first)."""
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
@@ -93,6 +96,10 @@ class TrainConfig:
     :mod:`dpf_ext.compute`)."""
     fsdp: bool = False
     """Under ``torchrun``: shard the model with FSDP2 instead of DDP."""
+    sync_bn: bool = True
+    """Under ``torchrun``: BatchNorm layers normalise with the statistics of the global batch
+    (:mod:`dpf_ext.sync_batch_norm`), as one process does; ``False``: each process with its
+    own share."""
     seed: int = 0
     device: str = "cpu"
 
@@ -216,6 +223,8 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
     if config.method != "dense":
         sparsify(model, exclude=config.exclude, powerprop=config.powerprop, compute=config.compute)
     rank, world = ranks()
+    if world > 1 and config.sync_bn:
+        model = synchronize_batch_norm(model)
     if config.fsdp:
         shard(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -257,7 +266,8 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
 
     history, epoch0, batch0, order, loss_sum, elapsed = [], 0, 0, None, None, 0.0
     if resume is not None:  # the checkpoint's state, then on from its position
-        check_same_run(resume["config"], asdict(config), resume.get("path", "the checkpoint"))
+        check_same_run(resume["config"], asdict(config), resume.get("path", "the checkpoint"),
+                       defaults=asdict(TrainConfig()))
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         lr_schedule.load_state_dict(resume["lr_schedule"])

@@ -313,3 +313,65 @@ def test_torchrun_example(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sparsity" in out.stdout
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 5), nn.BatchNorm1d(5))
+
+
+def _bn_batch(step, size=12):
+    g = torch.Generator().manual_seed(200 + step)
+    return torch.randn(size, 3, 8, 8, generator=g) * (1 + step) + step
+
+
+def _bn_steps(rank, world, sync=True, steps=3):
+    """SGD steps of the BatchNorm model, this rank on its share of each batch, with the
+    statistics synchronised or not; the per-step outputs and input gradients, and the final
+    state."""
+    from dpf_ext.sync_batch_norm import synchronize_batch_norm
+
+    model = synchronize_batch_norm(_bn_model()) if sync else _bn_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    outputs = []
+    for step in range(steps):
+        x = _bn_batch(step).chunk(world)[rank].requires_grad_()
+        out = wrapped(x)
+        # each rank's mean: DDP averages them into the global batch's mean
+        (out * torch.arange(5.0)).square().mean().backward()
+        outputs.append((out.detach(), x.grad))
+        optimizer.step()
+        optimizer.zero_grad()
+    return outputs, model.state_dict()
+
+
+def test_sync_batch_norm_over_two_processes_is_batch_norm_over_the_whole_batch(tmp_path):
+    one = _bn_steps(0, 1)
+    two = run_ranks(_bn_steps, 2, tmp_path)
+    for step, (out, grad) in enumerate(one[0]):
+        got = torch.cat([two[r][0][step][0] for r in range(2)])
+        got_grad = torch.cat([two[r][0][step][1] for r in range(2)])
+        torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
+        # each rank's input gradient is of the sum of the ranks' losses (as torch's own
+        # SyncBatchNorm gives): 2x that of the global mean
+        torch.testing.assert_close(got_grad, 2 * grad, rtol=1e-4, atol=1e-6)
+    for key, value in one[1].items():  # weights and running statistics, on both ranks
+        for r in range(2):
+            torch.testing.assert_close(two[r][1][key], value, rtol=1e-5, atol=1e-6)
+    # the check has teeth: without the synchronisation each process normalises its half
+    plain = run_ranks(_bn_steps, 2, tmp_path, False)
+    assert not torch.allclose(torch.cat([plain[r][0][0][0] for r in range(2)]), one[0][0][0],
+                              atol=1e-3)
+
+
+def test_sync_batch_norm_in_one_process_is_batch_norm():
+    from dpf_ext.sync_batch_norm import SyncBatchNorm, synchronize_batch_norm
+
+    model = _bn_model()
+    reference = _bn_model()
+    synced = synchronize_batch_norm(model)
+    assert [type(m) for m in synced.modules()].count(SyncBatchNorm) == 2
+    x = _bn_batch(0)
+    assert torch.equal(synced(x), reference(x))

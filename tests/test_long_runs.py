@@ -126,6 +126,8 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
     (["--sparsities", "0.5", "90"], "got 90.0 (a fraction: did you mean 0.9?)"),
     (["--method", "rigl", "--option", "drop_fractoin=0.3"], "did you mean drop_fraction?"),
     (["--compute", "sparse", "--model", "cnn"], "--compute sparse: layers ['0', '3', '7']: DPFConv2d has no sparse path"),
+    (["--data-dir", "somewhere"], "--data-dir is read by --data cifar10 and imagefolder only; digits"),
+    (["--out", __file__], "is a file: give a folder"),
 ])
 def test_bad_long_run_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -133,6 +135,25 @@ def test_bad_long_run_arguments(argv, message, capsys):
     err = capsys.readouterr().err
     assert message in err
     assert "usage:" not in err and len(err.splitlines()) == 2  # one line, and the --help pointer
+
+
+def test_a_misspelt_recipe_key_names_the_file_and_the_key(tmp_path, capsys):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('model = "mlp"\nepohcs = 3\n')
+    with pytest.raises(SystemExit):
+        main(["--config", str(recipe)])
+    err = capsys.readouterr().err
+    assert f"--config {recipe}: unknown key 'epohcs' (did you mean 'epochs'?)" in err
+    assert len(err.splitlines()) == 2
+
+
+def test_help_says_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    for option in text.split(" --")[1:]:
+        assert option.count("default") <= 1, option
+    assert "(default: None)" not in text and "(default: 40)" in text  # --epochs
 
 
 def test_torchrun_resumes_a_single_process_checkpoint_with_the_same_result(uninterrupted, tmp_path):
@@ -151,6 +172,39 @@ def test_torchrun_resumes_a_single_process_checkpoint_with_the_same_result(unint
         assert got["reactivations"] == ref["reactivations"]
     for key in model:
         torch.testing.assert_close(model[key], ref_model[key], rtol=1e-4, atol=1e-6)
+
+
+# lr 0.02: at 0.1 a BatchNorm network is chaotic enough that the last-bit differences of
+# another summation order (2 processes, or 2 threads) grow to a test image in 3 epochs
+CNN_ARGS = ["--model", "cnn", "--epochs", "2", "--lr", "0.02", "--threads", "1", "--no-progress",
+            "--checkpoint-every", "5", "--sparsity", "0.9"]
+
+
+def _torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "dpf_ext", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_torchrun_resumes_a_batchnorm_model_as_one_process_trains_it(tmp_path):
+    one = _cli(*CNN_ARGS, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    killed = _cli(*CNN_ARGS, "--out", str(tmp_path / "two"), kill=(30, "step"))
+    assert killed.returncode == -9
+    _torchrun(*CNN_ARGS, "--out", str(tmp_path / "two"), "--resume")
+    _torchrun(*CNN_ARGS, "--out", str(tmp_path / "unsynced"), "--no-sync-bn")
+    (ref,), ref_model = _outcome(tmp_path / "one")
+    (got,), model = _outcome(tmp_path / "two")
+    assert [got[k] for k in ("accuracy", "sparsity", "reactivations")] == [
+        ref[k] for k in ("accuracy", "sparsity", "reactivations")]
+    for key in model:
+        torch.testing.assert_close(model[key], ref_model[key], rtol=1e-4, atol=1e-5)
+    # without the synchronised statistics each process normalises its half of the batch
+    _, unsynced = _outcome(tmp_path / "unsynced")
+    assert max(float((unsynced[k] - ref_model[k]).abs().max()) for k in model
+               if model[k].is_floating_point()) > 1e-2
 
 
 def _free_port() -> int:
@@ -210,8 +264,9 @@ RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 def test_every_recipe_reads_as_the_command_line(recipe):
     from dpf_ext.cli import build_parser, recipe_argv
 
-    argv, contents = recipe_argv(recipe)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv, contents = recipe_argv(recipe, parser)
+    args = parser.parse_args(argv)
     assert args.sparsities == contents["sparsities"] and args.seeds == 3
     assert args.compare.split(",") == contents["compare"]
 
@@ -256,8 +311,19 @@ def test_the_status_of_an_interrupted_sweep(tmp_path, capsys):
     assert any(line.startswith("dpf-s0.5-seed0") and "done" in line for line in lines)
     assert any(line.startswith("dpf-s0.9-seed0") and "running: step 10/23" in line for line in lines)
     assert any(line.startswith("gradual-s0.9-seed0") and "waiting" in line for line in lines)
+    assert lines[0] == "started with --jobs 1"
     assert "2/4 runs finished" in lines[-1] and "min of training left" in lines[-1]
+    assert "(at the logged step time)" in lines[-1]
     assert main(args + ["--resume"]) == 0  # the finished runs are read back, not trained
+
+
+def test_the_status_before_the_first_step_estimates_the_time(tmp_path, capsys):
+    args = ["--model", "mlp", "--epochs", "2", "--compare", "dpf,rigl", "--out", str(tmp_path)]
+    assert main(args + ["--status", "--jobs", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "not started yet"
+    assert "0/2 runs finished; about " in lines[-1] and "at 2 runs at a time" in lines[-1]
+    assert lines[-1].endswith("(estimated from 3 steps timed now)")
 
 
 def test_resume_loads_a_path_outside_out_and_says_so(uninterrupted, tmp_path):

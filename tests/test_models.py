@@ -72,7 +72,7 @@ def test_real_models_are_covered_pruned_and_reload_strictly(name):
     pruner = dpf_ext.DPF(model, 0.8, total_steps=8, update_every=4)
     _train(model, pruner, make_inputs)
     assert pruner.report().sparsity == pytest.approx(0.8, abs=2e-3)
-    assert "DPF prunes" in str(pruner.report())
+    assert "dpf prunes" in str(pruner.report())
     model.eval()
     inputs = make_inputs()
     with torch.no_grad():

@@ -65,7 +65,8 @@ def test_parallel_runs_give_what_one_process_gives(tmp_path, capsys):
     assert [line.split(" |")[0] for line in table.splitlines()[2:]] == ["| dense", "| dpf", "| rigl"]
     assert (tmp_path / "two" / "sweep.png").stat().st_size > 0
     log = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
-    assert {json.loads(line)["run"] for line in log} == {
+    assert json.loads(log[0]) == {"plan": {"jobs": 2, "processes": 1, "threads": 1}}
+    assert {json.loads(line)["run"] for line in log[1:]} == {
         f"{m}-s{s}-seed{k}" for m, s in (("dense", 0), ("dpf", 0.5), ("rigl", 0.5), ("dpf", 0.9),
                                          ("rigl", 0.9)) for k in (0, 1)}
     capsys.readouterr()
