@@ -2,6 +2,7 @@
 #   make train   create .venv, install, build, run the default dpf-train job (DPF on digits)
 #   make test    create .venv, install, build, run the C++ unit tests (ctest) and pytest
 #   make docs    build the documentation site into build/docs (strict: warnings fail)
+#   make screenshots  render the site's main pages in headless Chromium (build/screenshots)
 # DPF_EXT_STRICT_BUILD=1 makes a failed kernel build fatal (CI sets it).
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ CMAKE_BUILD := build/cmake
 NVCC ?= $(firstword $(wildcard $(CUDA_HOME)/bin/nvcc /usr/local/cuda/bin/nvcc))
 SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: train test ctest pytest bench docs clean
+.PHONY: train test ctest pytest bench docs screenshots clean
 
 $(DEPS): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,19 @@ test: ctest pytest
 
 docs: $(DEPS)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# Each page of the site as headless Chromium renders it at 1280 and 800 px wide
+# (build/screenshots/<page>-<width>.png); needs chromium (Debian: apt install chromium).
+CHROMIUM ?= chromium
+PAGES := index guide/your-model guide/command-line methods/index results api
+screenshots: docs
+	mkdir -p build/screenshots
+	for page in $(PAGES); do for width in 1280 800; do \
+	  $(CHROMIUM) --headless --no-sandbox --disable-gpu --disable-background-networking \
+	    --disable-component-update --no-first-run --hide-scrollbars \
+	    --user-data-dir=$$(mktemp -d) --window-size=$$width,2000 \
+	    --screenshot=build/screenshots/$$(echo $$page | tr / -)-$$width.png \
+	    build/docs/$$page.html 2>/dev/null; done; done
 
 bench: $(BUILT)
 	$(PY) bench/run.py

@@ -15,6 +15,15 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
+def peak_extra_bytes(fn) -> int:
+    """Bytes by which this process's peak resident set grows during one ``fn()`` (freed heap
+    memory handed back first, so that reusing it counts)."""
+    _reset_peak()
+    baseline = _status_bytes("VmRSS")
+    fn()
+    return max(_status_bytes("VmHWM") - baseline, 0)
+
+
 def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -45,11 +54,7 @@ def main() -> None:
     weights = weight_set(n)
     fn = THRESHOLD_METHODS[method]
     fn(weight_set(1000))  # load kernels and libraries before the baseline
-    _reset_peak()
-    baseline = _status_bytes("VmRSS")
-    fn(weights)
-    peak = _status_bytes("VmHWM")
-    print(json.dumps({"peak_extra_bytes": max(peak - baseline, 0)}))
+    print(json.dumps({"peak_extra_bytes": peak_extra_bytes(lambda: fn(weights))}))
 
 
 if __name__ == "__main__":

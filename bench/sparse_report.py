@@ -3,7 +3,8 @@
 
     python bench/sparse_report.py bench/results/sparse-training-layers-<machine>.json \\
         bench/results/sparse-training-steps-<machine>.json \\
-        bench/results/sparse-training-index-<machine>.json [figure.png]
+        bench/results/sparse-training-index-<machine>.json \\
+        [bench/results/sparse-training-conv-<machine>.json] [figure.png]
 
 Prints markdown tables of each case's median time as a ratio to the dense torch layer (or
 model) timed in the same run, and draws the per-layer ratios against sparsity."""
@@ -55,16 +56,42 @@ def index_table(path: str) -> str:
 
 
 def step_table(path: str) -> str:
+    """Whole training steps as ratios to plain torch, and each one's peak extra memory
+    (where measured) as a ratio to plain torch's."""
+    cases: dict = defaultdict(dict)
+    memory: dict = defaultdict(dict)
+    for b in json.load(open(path))["benchmarks"]:
+        p = b["params"]
+        key = (p["model_name"], p["method"], p["sparsity"])
+        cases[key][p["compute"]] = b["stats"]["median"]
+        if "peak_extra_bytes" in b.get("extra_info", {}):
+            memory[key][p["compute"]] = b["extra_info"]["peak_extra_bytes"]
+    lines = ["| model | method | sparsity | plain torch (ms) | dpf_ext dense | dpf_ext sparse "
+             "| peak memory: plain torch (MiB) | dpf_ext dense | dpf_ext sparse |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, t in sorted(cases.items()):
+        base, mem = t["torch-dense"], memory.get(key, {})
+        peak = (f"{mem['torch-dense'] / 2**20:.0f} | {mem['dense'] / mem['torch-dense']:.2f} | "
+                f"{mem['sparse'] / mem['torch-dense']:.2f}" if len(mem) == 3 else "- | - | -")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:.0%} | {base * 1e3:.0f} | "
+                     f"{t['dense'] / base:.2f} | {t['sparse'] / base:.2f} | {peak} |")
+    return "\n".join(lines)
+
+
+def conv_table(path: str) -> str:
+    """The 3x3 convolution steps as ratios to dense torch."""
     cases: dict = defaultdict(dict)
     for b in json.load(open(path))["benchmarks"]:
         p = b["params"]
-        cases[(p["model_name"], p["method"], p["sparsity"])][p["compute"]] = b["stats"]["median"]
-    lines = ["| model | method | sparsity | plain torch (ms) | dpf_ext dense | dpf_ext sparse |",
-             "|---|---|---|---|---|---|"]
-    for (model, method, sparsity), t in sorted(cases.items()):
+        if "conv" in b.get("extra_info", {}):
+            cases[(tuple(b["extra_info"]["conv"]), p["sparsity"])][p["impl"]] = b["stats"]["median"]
+    impls = ["torch-masked", "dpf-sparse-lowered", "lowering-only"]
+    lines = ["| conv 3x3 (channels, side), batch 64 | sparsity | dense torch (ms) | "
+             + " | ".join(impls) + " |", "|---" * (3 + len(impls)) + "|"]
+    for (shape, sparsity), t in sorted(cases.items()):
         base = t["torch-dense"]
-        lines.append(f"| {model} | {method} | {sparsity:.0%} | {base * 1e3:.0f} | "
-                     f"{t['dense'] / base:.2f} | {t['sparse'] / base:.2f} |")
+        lines.append(f"| {shape[0]}, {shape[1]}x{shape[1]} | {sparsity:.0%} | {base * 1e3:.1f} | "
+                     + " | ".join(f"{t[i] / base:.2f}" for i in impls) + " |")
     return "\n".join(lines)
 
 
@@ -99,8 +126,11 @@ def main() -> int:
     layers, steps, index = sys.argv[1:4]
     rows = layer_rows(layers)
     print(layer_table(rows), "", index_table(index), "", step_table(steps), sep="\n")
-    if len(sys.argv) > 4:
-        figure(rows, sys.argv[4])
+    for extra in sys.argv[4:]:
+        if extra.endswith(".json"):
+            print("", conv_table(extra), sep="\n")
+        else:
+            figure(rows, extra)
     return 0
 
 

@@ -2,8 +2,9 @@
 weight gradient) at 80-99% sparsity through dpf_ext's sparse products, against the dense
 layer, the masked dense layer (what every method ran before), torch's CSR route and
 SparseProp (``pip install sparseprop``; skipped with a message where it does not build);
-the cost of rebuilding the index at a mask update; and whole training steps (MLP and a
-GPT-2 built from a config) at 90-98% with a masked and a dense (DPF) weight gradient.
+the cost of rebuilding the index at a mask update; whole training steps (MLP and a GPT-2
+built from a config) at 90-98% with a masked and a dense (DPF) weight gradient; and
+ResNet-20's 3x3 convolutions lowered to those sparse products (im2col), against dense.
 
 Thread count: the run's (``torch.set_num_threads``; ``OMP_NUM_THREADS=1 python bench/run.py
 -k sparse_training`` for the 1-thread figures)."""
@@ -16,6 +17,7 @@ from torch import nn
 
 import dpf_ext
 from dpf_ext.ops import SparseIndex, sparse_linear
+from memory import peak_extra_bytes
 from dpf_ext.schedules import Constant
 
 SHAPES = [(768, 768), (1024, 4096), (4096, 1024)]  # (in, out)
@@ -159,3 +161,67 @@ def test_training_step(benchmark, model_name, sparsity, method, compute):
         benchmark.extra_info["sparse_layers"] = sum(
             v == "sparse" for v in dpf_ext.compute_report(model).values())
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    # after the warm-up rounds: the step's own peak, not the first call's allocations
+    benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(step)
+    benchmark.extra_info["weights_bytes"] = sum(
+        p.numel() * p.element_size() for p in model.parameters())
+
+
+CONV_SHAPES = [(16, 32), (32, 16), (64, 8)]  # ResNet-20's 3x3 layers: (channels, side)
+CONV_IMPLS = ["torch-dense", "torch-masked", "dpf-sparse-lowered", "lowering-only"]
+
+
+def _conv_step_fn(impl, weight, mask, x, dy):
+    """One training step of a 3x3 convolution (stride 1, padding 1) with ``impl``:
+    ``dpf-sparse-lowered`` runs it as a sparse product of the unfolded input (im2col, the
+    sampled weight gradient, col2im for the input gradient); ``lowering-only`` times that
+    lowering's data movement alone (unfold, the transposes and fold, no product)."""
+    c, side = weight.shape[1], x.shape[-1]
+    n = x.shape[0]
+    if impl == "torch-dense":
+        return lambda: torch.autograd.backward(nn.functional.conv2d(x, weight, padding=1), dy)
+    if impl == "torch-masked":
+        return lambda: torch.autograd.backward(nn.functional.conv2d(
+            x, dpf_ext.ops.masked_weight(weight, mask, False), padding=1), dy)
+    if impl == "dpf-sparse-lowered":
+        index = SparseIndex.from_mask(mask.view(mask.shape[0], -1))
+
+        def step():
+            cols = nn.functional.unfold(x, 3, padding=1).transpose(1, 2)  # (n, L, c*9)
+            y = sparse_linear(cols, weight.view(weight.shape[0], -1), index, None, False)
+            y = y.transpose(1, 2).reshape(n, -1, side, side)
+            torch.autograd.backward(y, dy)
+        return step
+
+    def lowering():
+        cols = nn.functional.unfold(x.detach(), 3, padding=1).transpose(1, 2).contiguous()
+        cols.transpose(1, 2).contiguous()  # the weight gradient's operand
+        out = torch.empty(n, side * side, weight.shape[0]).transpose(1, 2).contiguous()
+        back = dy.reshape(n, weight.shape[0], -1).transpose(1, 2).contiguous()
+        nn.functional.fold(torch.empty(n, c * 9, side * side), side, 3, padding=1)
+        return out, back
+    return lowering
+
+
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("sparsity", [0.9, 0.98])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: f"{s[0]}ch-{s[1]}px")
+def test_conv_training_step(benchmark, shape, sparsity, impl):
+    """ResNet-20's 3x3 convolutions, batch 64: dense, masked dense, and a lowering to the
+    sparse Linear products (what a sparse convolution built on them would cost)."""
+    c, side = shape
+    g = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(c, c, 3, 3, generator=g) / (9 * c) ** 0.5)
+    mask = torch.rand(c, c, 3, 3, generator=g) >= sparsity
+    x = torch.randn(64, c, side, side, generator=g, requires_grad=True)
+    dy = torch.randn(64, c, side, side, generator=g)
+    step = _conv_step_fn(impl, weight, mask, x, dy)
+
+    def run():
+        x.grad = weight.grad = None
+        step()
+
+    benchmark.group = (f"conv 3x3 {c}->{c} at {side}x{side}, batch 64, {sparsity:.0%}, "
+                       f"{torch.get_num_threads()} thread(s)")
+    benchmark.extra_info.update(sparsity=sparsity, conv=list(shape))
+    benchmark.pedantic(run, rounds=7, warmup_rounds=1)

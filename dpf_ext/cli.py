@@ -37,7 +37,7 @@ from .methods.magnitude import THRESHOLDS
 from .methods.presets import SCOPES
 from .resume import CheckpointError, Checkpoints, FolderInUse, FolderLock, check_same_run
 from .resume import load as load_checkpoint
-from .sweep import mean_std, plot_sweep, sweep_status, sweep_table
+from .sweep import LINE_STYLES, MARKERS, mean_std, plot_sweep, sweep_status, sweep_table
 from .train import RunLog, RunResult, TrainConfig, ranks, run_name, train
 
 
@@ -222,16 +222,27 @@ def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = Non
                    f"seeds, {threads} thread{'s' if threads > 1 else ''} per run")
         return written
 
-    fig, (ax_acc, ax_sp) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in results:
+    fig, (ax_loss, ax_acc, ax_sp) = plt.subplots(1, 3, figsize=(15, 4))
+    targets_drawn = False
+    for i, r in enumerate(results):
         epochs = [h["epoch"] for h in r.history]
-        ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in r.history], label=r.config.method)
-        ax_sp.plot(epochs, [100 * h["sparsity"] for h in r.history], label=r.config.method)
+        style = dict(marker=MARKERS[i % len(MARKERS)], ls=LINE_STYLES[i % len(LINE_STYLES)],
+                     ms=4, markevery=max(1, len(epochs) // 12), label=r.config.method)
+        ax_loss.plot(epochs, [h["train_loss"] for h in r.history], **style)
+        ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in r.history], **style)
+        (line,) = ax_sp.plot(epochs, [100 * h["sparsity"] for h in r.history], **style)
+        target = [h.get("target_sparsity") for h in r.history]
+        if r.config.method in METHODS and recipe_of(r.config.method).takes_target and (
+                None not in target):
+            ax_sp.plot(epochs, [100 * t for t in target], color=line.get_color(), lw=3,
+                       alpha=0.25, label=None if targets_drawn else "target (each method's)")
+            targets_drawn = True
+    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="Loss over training")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Accuracy over training")
-    ax_sp.set(xlabel="epoch", ylabel="sparsity (%)", title="Sparsity over training")
-    for ax in (ax_acc, ax_sp):
+    ax_sp.set(xlabel="epoch", ylabel="sparsity (%)", title="Sparsity and its target")
+    for ax in (ax_loss, ax_acc, ax_sp):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     written.append(out / "training.png")
     fig.savefig(written[-1], dpi=110)

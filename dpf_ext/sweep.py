@@ -18,6 +18,11 @@ from .resume import load as load_checkpoint
 from .train import RunResult, TrainConfig, run_name
 
 
+MARKERS = "osD^vP*Xhp<>"
+"""Marker per method in the figures (with a line style, so overlapping lines stay apart)."""
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     t = torch.tensor(values, dtype=torch.float64)
@@ -82,7 +87,6 @@ def plot_sweep(results: list[RunResult], path: str | Path, title: str = "") -> N
     cells = sweep_cells(results)
     targets = sorted({t for row in cells.values() for t in row})
     palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # 7: grey
-    markers = "osD^vP*Xhp<>"
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     dense = cells.get("dense")
     for ax in axes:
@@ -99,7 +103,7 @@ def plot_sweep(results: list[RunResult], path: str | Path, title: str = "") -> N
                 ax.axhline(mean[0], color="grey", lw=1.5, label="dense")
                 continue
             color = palette[others % len(palette)]
-            ax.plot(xs, mean, marker=markers[others % len(markers)], ms=5, color=color,
+            ax.plot(xs, mean, marker=MARKERS[others % len(MARKERS)], ms=5, color=color,
                     label=method, lw=2.8 if method == "dpf" else 1.3)
             ax.fill_between(xs, low, high, color=color, alpha=0.12)
             others += 1

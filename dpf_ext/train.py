@@ -340,6 +340,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
             "train_loss": float(epoch_loss) / len(order),
             "test_accuracy": accuracy,
             "sparsity": sparsity,
+            "target_sparsity": pruner.target_sparsity if pruner is not None else 0.0,
             "reactivations": int(pruner.reactivated_total.sum()) if pruner is not None else 0,
         })
         if log is not None:

@@ -212,14 +212,21 @@ def test_fsdp_training_keeps_ranks_identical_and_resumes(tmp_path):
     assert abs(r0["report"]["sparsity"] - 0.8) < 1e-3
 
 
-def _ddp_train(rank, world, steps):
+def _ddp_pruner(model, opt, method, steps):
+    if method == "dpf":
+        return dpf_ext.DPF(model, 0.8, total_steps=steps, update_every=2)
+    return dpf_ext.Pruner(model, method, 0.8, total_steps=steps, update_every=2, optimizer=opt)
+
+
+def _ddp_train(rank, world, steps, method="dpf", compute="dense"):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = dpf_ext.sparsify(_model())
-    pruner = dpf_ext.DPF(model, 0.8, total_steps=steps, update_every=2)
+    model = dpf_ext.sparsify(_model(), compute=compute)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    pruner = _ddp_pruner(model, opt, method, steps)
     ddp = DDP(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
-    return _ddp_steps(model, ddp, opt, pruner, rank, world, steps)
+    result = _ddp_steps(model, ddp, opt, pruner, rank, world, steps)
+    return {**result, "weights": [w.detach().clone() for w in model.parameters()]}
 
 
 def _ddp_steps(model, ddp, opt, pruner, rank, world, steps):
@@ -237,12 +244,18 @@ def _ddp_steps(model, ddp, opt, pruner, rank, world, steps):
     return {"history": history, "report": pruner.report().to_dict()}
 
 
-def test_ddp_matches_one_process_with_the_combined_batch(tmp_path):
+@pytest.mark.filterwarnings("ignore:.*entirely pruned")
+@pytest.mark.parametrize("method, compute", [("dpf", "dense"), ("dpf", "sparse"),
+                                             ("rigl", "sparse")])
+def test_ddp_matches_one_process_with_the_combined_batch(tmp_path, method, compute):
+    """Each rank on its part of the batch, the products dense or from the kept weights:
+    the same masks at every step as one process with the whole batch and dense products,
+    and the same weights to float tolerance."""
     steps, world = 12, 2
-    results = run_ranks(_ddp_train, world, tmp_path, steps)
+    results = run_ranks(_ddp_train, world, tmp_path, steps, method, compute)
     model = dpf_ext.sparsify(_model())
-    pruner = dpf_ext.DPF(model, 0.8, total_steps=steps, update_every=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    pruner = _ddp_pruner(model, opt, method, steps)
     for step in range(steps):
         x, y = _batch(step, 16 * world)
         nn.functional.cross_entropy(model(x), y).backward()
@@ -251,8 +264,15 @@ def test_ddp_matches_one_process_with_the_combined_batch(tmp_path):
         pruner.step()
         for r in results:
             assert all(torch.equal(a, b) for a, b in zip(r["history"][step], _masks(model))), step
+    def without_compute(report):
+        return {**report, "layers": [{k: v for k, v in row.items() if k != "compute"}
+                                     for row in report["layers"]]}
+
     for r in results:  # each rank reports the global model once
-        assert r["report"] == pruner.report().to_dict()
+        assert without_compute(r["report"]) == without_compute(pruner.report().to_dict())
+        assert [row["compute"] for row in r["report"]["layers"]] == [compute] * 3
+        for got, want in zip(r["weights"], model.parameters()):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-6)
 
 
 def _ddp_methods(rank, world, steps):
