@@ -11,7 +11,7 @@ DEPS := $(VENV)/.deps
 BUILT := $(VENV)/.built
 CMAKE_BUILD := build/cmake
 NVCC ?= $(firstword $(wildcard $(CUDA_HOME)/bin/nvcc /usr/local/cuda/bin/nvcc))
-SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
+SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.inc csrc/*/*.cu csrc/*/*.cuh)
 
 .PHONY: train test ctest pytest bench docs screenshots clean
 

@@ -58,7 +58,7 @@ def _step_fn(impl, weight, bias, mask, x):
         def step():
             w = weight.detach()
             csr = torch.sparse_csr_tensor(crow, col, w.view(-1)[index.pos], weight.shape)
-            csr_t = torch.sparse_csr_tensor(t_crow, t_col, w.view(-1)[index.t_pos],
+            csr_t = torch.sparse_csr_tensor(t_crow, t_col, w.view(-1)[index.pos][index.t_perm],
                                             (weight.shape[1], weight.shape[0]))
             xd = x.detach()
             (csr @ xd.t()).t() + bias.detach()

@@ -118,7 +118,8 @@ at::Tensor sampled_mm_cpu(const at::Tensor& dyt, const at::Tensor& xt, const at:
 
 // Both CSR indices of the kept entries of a 2-D bool mask (see dpf_ext/ops/sparse.py): by row
 // (ptr int64, idx int32 columns, pos int64 offsets r * s0 + c * s1) and by column (t_ptr,
-// t_idx rows, t_pos), in two passes over the mask and one write per kept entry.
+// t_idx rows, t_perm: the row-major position k of each entry, whose value is values[k]), in two
+// passes over the mask and one write per kept entry.
 std::vector<at::Tensor> sparse_index_cpu(const at::Tensor& mask, int64_t s0, int64_t s1) {
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.device().is_cpu(),
               "dpf::sparse_index: mask must be a 2-D bool CPU tensor");
@@ -142,26 +143,25 @@ std::vector<at::Tensor> sparse_index_cpu(const at::Tensor& mask, int64_t s0, int
   for (int64_t c = 0; c < cols; ++c) tp[c + 1] += tp[c];
   const int64_t nnz = p[rows];
   at::Tensor idx = at::empty({nnz}, i32), pos = at::empty({nnz}, i64);
-  at::Tensor t_idx = at::empty({nnz}, i32), t_pos = at::empty({nnz}, i64);
+  at::Tensor t_idx = at::empty({nnz}, i32), t_perm = at::empty({nnz}, i64);
   int32_t* ix = idx.data_ptr<int32_t>();
   int64_t* ps = pos.data_ptr<int64_t>();
   int32_t* tix = t_idx.data_ptr<int32_t>();
-  int64_t* tps = t_pos.data_ptr<int64_t>();
+  int64_t* tpm = t_perm.data_ptr<int64_t>();
   std::vector<int64_t> cursor(tp, tp + cols);  // the next free entry of each column
   int64_t k = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const bool* row = bits + r * cols;
     for (int64_t c = 0; c < cols; ++c) {
       if (!row[c]) continue;
-      const int64_t offset = r * s0 + c * s1;
-      ix[k] = int32_t(c);
-      ps[k++] = offset;
       const int64_t t = cursor[c]++;
       tix[t] = int32_t(r);
-      tps[t] = offset;
+      tpm[t] = k;
+      ix[k] = int32_t(c);
+      ps[k++] = r * s0 + c * s1;
     }
   }
-  return {ptr, idx, pos, t_ptr, t_idx, t_pos};
+  return {ptr, idx, pos, t_ptr, t_idx, t_perm};
 }
 
 }  // namespace

@@ -294,7 +294,8 @@ def sampled_mm(dyt: torch.Tensor, xt: torch.Tensor, ptr: torch.Tensor,
 def sparse_index(mask: torch.Tensor, s0: int, s1: int) -> list[torch.Tensor]:
     """Both CSR indices of the ``True`` entries of the 2-D bool ``mask``: by row (``ptr`` int64
     offsets, ``idx`` int32 columns, ``pos`` int64 storage offsets ``r * s0 + c * s1``) and by
-    column (``t_ptr``, ``t_idx`` int32 rows, ``t_pos``), each in row-major order of its own."""
+    column (``t_ptr``, ``t_idx`` int32 rows, ``t_perm`` int64: each entry's position in the
+    row-major order, where its value is), each in row-major order of its own."""
     def csr(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         at = m.nonzero()
         ptr = torch.zeros(m.shape[0] + 1, dtype=torch.int64, device=m.device)
@@ -303,4 +304,6 @@ def sparse_index(mask: torch.Tensor, s0: int, s1: int) -> list[torch.Tensor]:
 
     ptr, r, c = csr(mask)
     t_ptr, tc, tr = csr(mask.t())
-    return [ptr, c.to(torch.int32), r * s0 + c * s1, t_ptr, tr.to(torch.int32), tr * s0 + tc * s1]
+    order = torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
+    order[r, c] = torch.arange(r.numel(), device=mask.device)
+    return [ptr, c.to(torch.int32), r * s0 + c * s1, t_ptr, tr.to(torch.int32), order[tr, tc]]

@@ -32,9 +32,11 @@ OPS = ("sparse_mm", "sampled_mm")
 @dataclass(frozen=True)
 class SparseIndex:
     """Where the kept weights of a ``(rows, cols)`` weight are: CSR by row (``ptr``: int64,
-    ``rows + 1`` offsets; ``idx``: int32 columns) and by column (``t_ptr``, ``t_idx``: int32
-    rows), each with the flat storage offsets of its entries in the weight (``pos``,
-    ``t_pos``: int64), from which a call gathers the values."""
+    ``rows + 1`` offsets; ``idx``: int32 columns; ``pos``: int64 flat storage offsets in the
+    weight, from which a call gathers the values in this order) and by column (``t_ptr``,
+    ``t_idx``: int32 rows; ``t_perm``: int64, each entry's position in the row order, so
+    that the transposed product's values are ``values[t_perm]``, a gather from the kept
+    values instead of a strided walk over the weight)."""
 
     rows: int
     cols: int
@@ -43,7 +45,7 @@ class SparseIndex:
     pos: torch.Tensor
     t_ptr: torch.Tensor
     t_idx: torch.Tensor
-    t_pos: torch.Tensor
+    t_perm: torch.Tensor
 
     @property
     def nnz(self) -> int:
@@ -84,22 +86,24 @@ class _SparseLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, index, dense_grad):
         backend = _backend(x)
         xt = x.t().contiguous()
-        y = backend.sparse_mm(xt, _values(weight, index.pos), index.ptr, index.idx,
+        values = _values(weight, index.pos)
+        y = backend.sparse_mm(xt, values, index.ptr, index.idx,
                               None if bias is None else bias.detach())
-        ctx.save_for_backward(xt, weight)
+        ctx.save_for_backward(xt, weight, values)
         ctx.index, ctx.dense_grad, ctx.has_bias = index, dense_grad, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xt, weight = ctx.saved_tensors
+        xt, weight, values = ctx.saved_tensors
         index, backend = ctx.index, _backend(dy)
         dyt = dy.t().contiguous()
         dx = dw = db = None
         if not all_finite(dyt):  # as the dense path: 0 · NaN is NaN
             return (*_dense_backward(dy, xt, weight, index, ctx), None, None)
         if ctx.needs_input_grad[0]:
-            dx = backend.sparse_mm(dyt, _values(weight, index.t_pos), index.t_ptr, index.t_idx, None)
+            dx = backend.sparse_mm(dyt, values.index_select(0, index.t_perm), index.t_ptr,
+                                   index.t_idx, None)
         if ctx.needs_input_grad[1]:
             if ctx.dense_grad:
                 dw = torch.mm(dyt, xt.t())
