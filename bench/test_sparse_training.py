@@ -9,7 +9,6 @@ ResNet-20's 3x3 convolutions lowered to those sparse products (im2col), against 
 Thread count: the run's (``torch.set_num_threads``; ``OMP_NUM_THREADS=1 python bench/run.py
 -k sparse_training`` for the 1-thread figures)."""
 
-import copy
 
 import pytest
 import torch

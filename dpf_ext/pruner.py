@@ -11,16 +11,15 @@ from torch import nn
 
 from . import compute
 from .budgets import Budget, make_budget
-from .distributed import (Shards, average_over_ranks, check_same_on_all_ranks, is_sharded,
-                          local_weight_and_mask)
+from .distributed import Shards, average_over_ranks, check_same_on_all_ranks, is_sharded
 from .estimators import MaskedGradient, take_gradients
 from .first_pass import HistogramRequest
-from .methods.base import Method, PrunerView, Update, channel_major, full_weights
+from .methods.base import (Method, PrunerView, Update, channel_major, full_weights,
+                           zero_pruned_weights)
 from .methods import make_method
 from .convert import unsparsify
 from .coverage import coverage
 from .layers import prunable_layers
-from .optimizer_state import check_resettable, start_from_zero
 from .report import LayerReport, SparsityReport
 from .schedules import Schedule, check_sparsity, resolve_schedule
 
@@ -137,10 +136,6 @@ class Pruner:
         self.end_step = end_step
         self.seed = int(seed)
         self.optimizer = optimizer
-        if self.method.grows_from_zero or self.method.needs_optimizer:
-            if optimizer is None:
-                raise ValueError(f"{name} reads or resets the optimizer's state: pass optimizer=")
-            check_resettable(optimizer, name)
         if not self.method.sharded and is_sharded(self.layers[0][1].dense_weight):
             raise ValueError(f"{name} does not support sharded (fully_shard) weights; use DDP")
         self.estimator = self.method.estimator()
@@ -211,8 +206,7 @@ class Pruner:
                 raise RuntimeError("another pruner took over this model (replace=True)")
             raise RuntimeError("this pruner was finalized; build a new one to keep pruning")
         self.step_count += 1
-        if self.method.zeroes_pruned_weights:
-            self._zero_pruned()
+        self.method.after_step(self.view())
         if self.frozen:
             return
         freezing = self.step_count == self.freeze_at
@@ -297,11 +291,7 @@ class Pruner:
         if not self._feedback:
             self._zero_pruned()  # momentum may have moved them since the last update
         kept_before = self._kept_before(shards.masks)
-        before = ([m.clone() for m in shards.masks]
-                  if self.method.grows_from_zero and not initial else None)
         stats = self.method.update(u)
-        if before is not None:
-            start_from_zero(self.optimizer, self.full_weights(), shards.weights, shards.masks, before)
         dropped = kept_before + stats[:, 1] - stats[:, 0]
         kept = stats[:, 0]
         stats = shards.reduce(torch.cat([stats, dropped.reshape(-1, 1)], dim=1))
@@ -344,9 +334,7 @@ class Pruner:
     @torch.no_grad()
     def _zero_pruned(self) -> None:
         """``w ← mask ⊙ w`` for every layer (pruned weights become +0.0)."""
-        for _, layer in self.layers:
-            weight, mask = local_weight_and_mask(layer.dense_weight, layer.mask)
-            weight.masked_fill_(~mask, 0)
+        zero_pruned_weights(self.layers)
 
     def _install_estimators(self) -> None:
         """Give every layer the method's gradient estimator."""

@@ -6,7 +6,9 @@ file run through DPF, and bad input."""
 import copy
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -14,8 +16,8 @@ from torch import nn
 
 import dpf_ext
 from dpf_ext.budgets import ERK, Global, PerLayer, Uniform, erk_densities
-from dpf_ext.methods import METHODS, Method, Recipe, make_method, register_method
-from dpf_ext.methods.base import mask_of, select_top, write_masks
+from dpf_ext.methods import METHODS, Method, Recipe, make_method, method_options, register_method
+from dpf_ext.methods.base import mask_of, select_top, unrecorded, write_masks
 from dpf_ext.schedules import Constant
 
 
@@ -472,15 +474,14 @@ def test_a_method_in_one_file_runs_through_the_controller_and_the_cli(capsys):
         METHODS.pop("per_row")
 
 
+@dataclass(eq=False)
 class LargestGradientOnce(Method):
     """A user's fixed-mask method with a loop input: keep the largest ``|g|`` of one batch
     (``batch_loss``, which dpf-train hands to a method with that option), never update."""
 
     name = "grad_once"
     recipe = Recipe("constant", fixed=True)
-
-    def __init__(self, batch_loss=None):
-        self.batch_loss = batch_loss
+    batch_loss: Callable | None = unrecorded(None)
 
     def check(self, run):
         self.model = run.model
@@ -495,6 +496,35 @@ class LargestGradientOnce(Method):
             for i, chosen in zip(idx, select_top([scores[i] for i in idx], k, u.generator(idx[0]))):
                 new.append(mask_of(u.weights[i], chosen))
         return write_masks(u, new)
+
+
+def test_a_methods_options_are_its_fields_and_its_config_the_recorded_ones():
+    @dataclass(eq=False)
+    class Banded(Method):
+        name = "banded"
+        low: float = 0.1
+        high: float = 0.9
+        verbose: bool = unrecorded(False)
+
+        def update(self, u):
+            return write_masks(u, [(w.abs() >= self.low) & (w.abs() <= self.high)
+                                   for w in u.weights])
+
+    method = Banded(0.2, verbose=True)
+    assert method.config() == {"low": 0.2, "high": 0.9}
+    register_method("banded", Banded)
+    try:
+        assert method_options("banded") == ["low", "high", "verbose"]
+        model = dpf_ext.sparsify(_mlp())
+        saved = dpf_ext.Pruner(model, "banded", 0.5, total_steps=10, low=0.01).state_dict()
+        other = dpf_ext.Pruner(dpf_ext.sparsify(_mlp()), "banded", 0.5, total_steps=10, low=0.02)
+        with pytest.raises(ValueError, match="low"):
+            other.load_state_dict(saved)  # a recorded option differs: another run
+        quiet = dpf_ext.Pruner(dpf_ext.sparsify(_mlp()), "banded", 0.5, total_steps=10,
+                               low=0.01, verbose=True)
+        quiet.load_state_dict(saved)  # an unrecorded one may differ
+    finally:
+        METHODS.pop("banded")
 
 
 def test_a_fixed_mask_method_with_a_loop_input_is_one_class(tmp_path, capsys):

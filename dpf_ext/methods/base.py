@@ -8,6 +8,7 @@ writes the masks it was given and returns their counts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -16,8 +17,10 @@ import torch
 
 from .. import ops
 from ..budgets import Budget, Groups
+from ..distributed import local_weight_and_mask
 from ..estimators import Estimator, MaskedGradient
 from ..first_pass import HistogramRequest
+from ..optimizer_state import check_resettable, start_from_zero
 from ..schedules import Schedule
 from .recipe import Recipe
 
@@ -64,6 +67,18 @@ class Update:
     def __post_init__(self):
         self._groups: Groups | None = None
 
+    def start_from_zero(self, before: list[torch.Tensor]) -> None:
+        """Weights this update grew (pruned in ``before``, copies of ``masks`` taken before
+        writing them; kept now) start at 0 with their optimizer state reset (SGD's momentum,
+        Adam's moments); weights dropped and grown again at once keep both. For methods
+        that grow from zero (RigL, SET), after writing the masks."""
+        def stored(tensors):  # back from output channels first to the weights' layout
+            return [t.movedim(0, layer.channel_dim) if layer.channel_dim else t
+                    for t, layer in zip(tensors, self.layers)]
+
+        start_from_zero(self.optimizer, self.full_weights, stored(self.weights),
+                        stored(self.masks), stored(before))
+
     def generator(self, layer: int) -> torch.Generator:
         """A generator seeded by the pruner's seed, this step and ``layer``: the same draws
         on every rank and in a resumed run."""
@@ -99,6 +114,21 @@ class PrunerView:
         return channel_major(self.layers, tensors)
 
 
+def require_optimizer(run: PrunerView, name: str) -> None:
+    """Raise unless ``run`` has an optimizer whose per-weight state the methods can read and
+    reset (SGD, Adam, AdamW or their dpf_ext versions)."""
+    if run.optimizer is None:
+        raise ValueError(f"{name} reads or resets the optimizer's state: pass optimizer=")
+    check_resettable(run.optimizer, name)
+
+
+def zero_pruned_weights(layers: list) -> None:
+    """``w ← mask ⊙ w`` for every ``(name, layer)`` pair (pruned weights become +0.0)."""
+    for _, layer in layers:
+        weight, mask = local_weight_and_mask(layer.dense_weight, layer.mask)
+        weight.masked_fill_(~mask, 0)
+
+
 def full_weights(layers: list) -> list[torch.Tensor]:
     """The weights of ``(name, layer)`` pairs (whole: DTensors where sharded)."""
     return [layer.dense_weight for _, layer in layers]
@@ -111,10 +141,17 @@ def channel_major(layers: list, tensors: list[torch.Tensor]) -> list[torch.Tenso
             for t, (_, layer) in zip(tensors, layers)]
 
 
+def unrecorded(default):
+    """A method option (dataclass field) left out of :meth:`Method.config`: one that does
+    not choose the masks (a warning switch) or that comes from the training loop (a loss)."""
+    return field(default=default, metadata={"recorded": False})
+
+
 class Method:
-    """Base class of the mask-choosing methods. Override :meth:`update`; set ``name`` and
-    :attr:`recipe`; override :meth:`estimator`, :meth:`check`, :meth:`config`,
-    :meth:`state_dict` where the method needs to. Register it with
+    """Base class of the mask-choosing methods, written as dataclasses whose fields are
+    their options (``@dataclass(eq=False)``; checks in ``__post_init__``). Override
+    :meth:`update`; set ``name`` and :attr:`recipe`; override :meth:`estimator`,
+    :meth:`check`, :meth:`state_dict` where the method needs to. Register it with
     :func:`dpf_ext.methods.register_method` to make it available by name."""
 
     name: ClassVar[str] = ""
@@ -126,15 +163,6 @@ class Method:
     sharded: ClassVar[bool] = False
     """Whether :meth:`update` works on the rows of sharded (FSDP2) weights, with
     ``Update.reduce`` summing its counts across the ranks."""
-    grows_from_zero: ClassVar[bool] = False
-    """Whether weights it grows (pruned before the update, kept after) start at 0 with their
-    optimizer state reset (the controller does both)."""
-    needs_optimizer: ClassVar[bool] = False
-    """Whether it needs the optimizer (``Update.optimizer``): to read its state, or because
-    it grows from zero."""
-    zeroes_pruned_weights: ClassVar[bool] = False
-    """Whether pruned weights are set to 0 after every optimizer step (the controller does
-    it in ``step()``), for methods whose gradient is dense but whose pruned weights stay 0."""
 
     def estimator(self) -> Estimator:
         """The gradient estimator the layers use under this method."""
@@ -157,6 +185,11 @@ class Method:
         """Raise ``ValueError`` before training if this method cannot run on ``run``'s
         layers with its schedule and budget."""
 
+    def after_step(self, run: PrunerView) -> None:
+        """After every optimizer step, before a mask update that is due (nothing by default;
+        :func:`zero_pruned_weights` for a method whose pruned weights stay 0 under a dense
+        gradient)."""
+
     def update(self, u: Update) -> torch.Tensor:
         """Write the masks for ``u`` and return the ``(layers, 4)`` int64 counts of
         :data:`STATS` (this process's part)."""
@@ -168,8 +201,12 @@ class Method:
         return False
 
     def config(self) -> dict:
-        """The settings a resumed run must share (compared by ``load_state_dict``)."""
-        return {}
+        """The settings a resumed run must share (compared by ``load_state_dict``): the
+        dataclass fields, but those marked :func:`unrecorded` (none for a plain class)."""
+        if not dataclasses.is_dataclass(self):
+            return {}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("recorded", True)}
 
     def state_dict(self) -> dict:
         """State that continues across updates (none by default)."""

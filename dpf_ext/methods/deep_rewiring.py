@@ -6,16 +6,18 @@ dormant ones wake at random, so every layer keeps its count."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
-from .base import Method, Update, mask_of, random_masks, select_top, write_masks
+from .base import Method, Update, mask_of, random_masks, require_optimizer, select_top, write_masks
 from .recipe import Recipe
 
 WAKE = 1e-12
 """The parameter ``θ`` a connection wakes with."""
 
 
+@dataclass(eq=False)
 class DeepR(Method):
     """After every optimizer step (``update_every=1``), for each layer's active weights:
     ``θ ← θ - lr · l1 + lr · N(0, noise²)`` (the gradient step is the optimizer's, with the
@@ -27,14 +29,19 @@ class DeepR(Method):
 
     name = "deepr"
     recipe = Recipe("constant", update_every=1, budget="uniform")
-    needs_optimizer = True
 
-    def __init__(self, l1: float = 1e-5, noise: float = 1e-5):
-        for name, value in (("l1", l1), ("noise", noise)):
+    l1: float = 1e-5
+    noise: float = 1e-5
+
+    def __post_init__(self):
+        for name, value in (("l1", self.l1), ("noise", self.noise)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        self.l1, self.noise = float(l1), float(noise)
+        self.l1, self.noise = float(self.l1), float(self.noise)
         self._signs: dict[int, torch.Tensor] = {}
+
+    def check(self, run) -> None:
+        require_optimizer(run, self.name)  # the learning rate of the rewiring step
 
     def signs(self, u: Update, i: int) -> torch.Tensor:
         """The fixed signs (+1/-1) of layer ``i``'s connections."""
@@ -76,6 +83,3 @@ class DeepR(Method):
                                       wake.numel() - regrown, torch.zeros_like(regrown), regrown]))
             m.copy_(new)
         return torch.stack(stats).to(torch.int64)
-
-    def config(self) -> dict:
-        return {"l1": self.l1, "noise": self.noise}

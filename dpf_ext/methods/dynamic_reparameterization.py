@@ -4,6 +4,8 @@ the whole model prunes, random positions regrow, shared among layers by what sur
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .base import Method, Update, mask_of, random_masks, select_top, write_masks
@@ -11,6 +13,7 @@ from .recipe import Recipe
 from .sparse_momentum import redistribute
 
 
+@dataclass(eq=False)
 class DSR(Method):
     """At each rewire step, every active weight with ``|w| < H`` is pruned (one threshold
     ``H`` for all layers, so layers lose different shares); then ``H`` is halved if more
@@ -30,8 +33,13 @@ class DSR(Method):
     name = "dsr"
     recipe = Recipe("constant", update_every=100, budget="uniform")
 
-    def __init__(self, initial_threshold: float = 1e-3, prune_target: int | None = None,
-                 periods: dict[int, int] | None = None):
+    initial_threshold: float = 1e-3
+    prune_target: int | None = None
+    periods: dict[int, int] | None = None
+
+    def __post_init__(self):
+        initial_threshold, prune_target, periods = (self.initial_threshold, self.prune_target,
+                                                    self.periods)
         if isinstance(initial_threshold, bool) or not isinstance(initial_threshold, (int, float)) \
                 or not initial_threshold > 0:
             raise ValueError(f"initial_threshold must be a positive number, got {initial_threshold!r}")
@@ -83,10 +91,6 @@ class DSR(Method):
             stats.append(torch.tensor([keep.numel() + grow.numel(), grow.numel(), 0, 0]))
             m.copy_(mask_of(m, keep, grow))
         return torch.stack(stats).to(device=u.masks[0].device, dtype=torch.int64)
-
-    def config(self) -> dict:
-        return {"initial_threshold": self.initial_threshold, "prune_target": self.prune_target,
-                "periods": self.periods}
 
     def state_dict(self) -> dict:
         return {"threshold": self.threshold}

@@ -3,6 +3,8 @@ one threshold over the filters of a budget group."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import ops
@@ -16,6 +18,7 @@ def filter_scores(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().flatten(1).norm(dim=1)
 
 
+@dataclass(eq=False)
 class FilterMagnitude(Method):
     """Keep the filters of largest L2 norm; the sparsity counts filters. ``feedback`` and
     ``threshold``, ``feedback_clip``, ``pruned_decay`` as in
@@ -25,14 +28,17 @@ class FilterMagnitude(Method):
     name = "filter"
     sharded = True
 
-    def __init__(self, feedback: bool = True, threshold: str = "exact",
-                 feedback_clip: float | None = None, pruned_decay: float | None = None):
-        if threshold not in THRESHOLDS:
-            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
-        self.feedback = bool(feedback)
-        self.threshold = threshold
-        self.feedback_clip = check_positive(feedback_clip, "feedback_clip")
-        self.pruned_decay = check_positive(pruned_decay, "pruned_decay", strict=False)
+    feedback: bool = True
+    threshold: str = "exact"
+    feedback_clip: float | None = None
+    pruned_decay: float | None = None
+
+    def __post_init__(self):
+        if self.threshold not in THRESHOLDS:
+            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {self.threshold!r}")
+        self.feedback = bool(self.feedback)
+        self.feedback_clip = check_positive(self.feedback_clip, "feedback_clip")
+        self.pruned_decay = check_positive(self.pruned_decay, "pruned_decay", strict=False)
 
     def estimator(self):
         if not self.feedback:
@@ -53,7 +59,3 @@ class FilterMagnitude(Method):
         expanded = [s.view(-1, *[1] * (w.dim() - 1)).expand_as(w) for s, w in zip(scores, u.weights)]
         stats = ops.update_masks(expanded, taus, u.masks, shrink_only=not self.feedback)
         return torch.cat([stats, torch.zeros_like(stats)], dim=1)
-
-    def config(self) -> dict:
-        return {"feedback": self.feedback, "threshold": self.threshold,
-                "feedback_clip": self.feedback_clip, "pruned_decay": self.pruned_decay}

@@ -6,6 +6,7 @@ one-step schedule)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -15,7 +16,7 @@ from ..channels import BlowUpWatch, ChannelFloor, below, new_row_max
 from ..estimators import MaskedGradient, StraightThrough
 from ..first_pass import WarmStart
 from ..ops.bits import NONFINITE_BIN
-from .base import Method, Update
+from .base import Method, Update, unrecorded
 
 THRESHOLDS = ("exact", "approx")
 
@@ -56,6 +57,7 @@ def raise_nonfinite(u: Update) -> None:
                      f"{u.step}; masks left unchanged")
 
 
+@dataclass(eq=False)
 class Magnitude(Method):
     """Keep the largest ``|w|`` of each group of the budget (one global threshold by default).
 
@@ -75,17 +77,21 @@ class Magnitude(Method):
 
     sharded = True
 
-    def __init__(self, feedback: bool = True, threshold: str = "exact", channel_floor: bool = True,
-                 feedback_clip: float | None = None, pruned_decay: float | None = None,
-                 watch: bool = True):
-        if threshold not in THRESHOLDS:
-            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
-        self.feedback = bool(feedback)
-        self.threshold = threshold
-        self.channel_floor = bool(channel_floor)
-        self.feedback_clip = check_positive(feedback_clip, "feedback_clip")
-        self.pruned_decay = check_positive(pruned_decay, "pruned_decay", strict=False)
-        self.watch = bool(watch) and self.feedback
+    feedback: bool = True
+    threshold: str = "exact"
+    channel_floor: bool = True
+    feedback_clip: float | None = None
+    pruned_decay: float | None = None
+    watch: bool = unrecorded(True)
+
+    def __post_init__(self):
+        if self.threshold not in THRESHOLDS:
+            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {self.threshold!r}")
+        self.feedback = bool(self.feedback)
+        self.channel_floor = bool(self.channel_floor)
+        self.feedback_clip = check_positive(self.feedback_clip, "feedback_clip")
+        self.pruned_decay = check_positive(self.pruned_decay, "pruned_decay", strict=False)
+        self.watch = bool(self.watch) and self.feedback
         self._warm = WarmStart()
         self._floor: ChannelFloor | None = None
         self._watch: BlowUpWatch | None = None
@@ -159,11 +165,6 @@ class Magnitude(Method):
             self._watch.check(u.step, u.sparsity, row_max, layer_taus,
                               None if floor else [~e for e in emptied])
         return torch.cat([stats, forced, torch.zeros_like(forced)], dim=1)
-
-    def config(self) -> dict:
-        return {"feedback": self.feedback, "threshold": self.threshold,
-                "channel_floor": self.channel_floor, "feedback_clip": self.feedback_clip,
-                "pruned_decay": self.pruned_decay}
 
     def state_dict(self) -> dict:
         return {"warm_start": self._warm.state_dict()}

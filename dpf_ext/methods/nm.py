@@ -3,6 +3,8 @@ consecutive weights along a layer's reduction dimension (see :mod:`dpf_ext.patte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..estimators import MaskedGradient, StraightThrough
@@ -12,6 +14,7 @@ from .recipe import Recipe
 from .magnitude import check_positive
 
 
+@dataclass(eq=False)
 class NM(Method):
     """The N:M pattern where the schedule's target is not 0, dense where it is; with the
     straight-through estimator (``pruned_decay``: SR-STE's decay of the pruned weights), or
@@ -20,11 +23,15 @@ class NM(Method):
     name = "nm"
     sharded = True
 
-    def __init__(self, pattern: str | NMPattern = "2:4", pruned_decay: float | None = None,
-                 feedback: bool = True):
-        self.pattern = pattern if isinstance(pattern, NMPattern) else NMPattern.parse(pattern)
-        self.pruned_decay = check_positive(pruned_decay, "pruned_decay", strict=False)
-        self.feedback = bool(feedback)
+    pattern: str | NMPattern = "2:4"
+    pruned_decay: float | None = None
+    feedback: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, NMPattern):
+            self.pattern = NMPattern.parse(self.pattern)
+        self.pruned_decay = check_positive(self.pruned_decay, "pruned_decay", strict=False)
+        self.feedback = bool(self.feedback)
         self.recipe = Recipe("oneshot", sparsity=self.pattern.sparsity)
 
     def estimator(self):
@@ -61,5 +68,4 @@ class NM(Method):
         return torch.cat([stats, torch.zeros_like(stats)], dim=1)
 
     def config(self) -> dict:
-        return {"pattern": str(self.pattern), "pruned_decay": self.pruned_decay,
-                "feedback": self.feedback}
+        return {**super().config(), "pattern": str(self.pattern)}

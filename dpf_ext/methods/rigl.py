@@ -6,15 +6,17 @@ magnitude."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..budgets import ERK
-from .base import Method, Update, mask_of, random_masks, select_top, top_k, write_masks
+from .base import (Method, Update, mask_of, random_masks, require_optimizer, select_top, top_k,
+                   write_masks)
 from .recipe import Recipe
 from .magnitude import raise_nonfinite
 
 
+@dataclass(eq=False)
 class RigL(Method):
     """RigL's drop and growth, per layer, at constant sparsity.
 
@@ -38,16 +40,18 @@ class RigL(Method):
     name = "rigl"
     recipe = Recipe("constant", update_every=100, budget="erk", last_update=0.75)
     needs_gradient = True
-    grows_from_zero = True
 
-    def __init__(self, drop_fraction: float = 0.3):
-        if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not (
-                0 < drop_fraction <= 1):
-            raise ValueError(f"drop_fraction must be in (0, 1], got {drop_fraction!r}")
-        self.drop_fraction = float(drop_fraction)
+    drop_fraction: float = 0.3
+
+    def __post_init__(self):
+        d = self.drop_fraction
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
+            raise ValueError(f"drop_fraction must be in (0, 1], got {d!r}")
+        self.drop_fraction = float(d)
         self._end: int | None = None
 
     def check(self, run) -> None:
+        require_optimizer(run, self.name)  # new weights start with their state reset
         if run.end_step is None:
             raise ValueError(f"{self.name}'s drop fraction decays to its last update step: pass "
                              "total_steps= (the last update at 75% of it) or end_step=")
@@ -66,6 +70,7 @@ class RigL(Method):
         if u.initial:
             return write_masks(u, random_masks(u))
         fraction = self.drop_fraction_at(u.step)
+        before = [m.clone() for m in u.masks]
         stats = []
         for i, (w, m) in enumerate(zip(u.weights, u.masks)):
             generator = u.generator(i)
@@ -85,7 +90,5 @@ class RigL(Method):
             stats.append(torch.stack([regrown.new_tensor(active.numel()),
                                       grow.numel() - regrown, torch.zeros_like(regrown), regrown]))
             m.copy_(mask_of(m, keep, grow))
+        u.start_from_zero(before)
         return torch.stack(stats).to(torch.int64)
-
-    def config(self) -> dict:
-        return {"drop_fraction": self.drop_fraction}

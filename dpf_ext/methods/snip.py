@@ -4,15 +4,17 @@ batch; the mask is then fixed."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .base import Method, Update, mask_of, select_top, write_masks
+from .base import Method, Update, mask_of, select_top, unrecorded, write_masks
 from .recipe import Recipe
 
 
+@dataclass(eq=False)
 class SNIP(Method):
     """Connection sensitivity ``|g ⊙ w|`` on the batch ``batch_loss(model)`` (a scalar loss;
     normalisation layers in inference mode, as in the official code), one threshold over
@@ -23,11 +25,12 @@ class SNIP(Method):
     name = "snip"
     recipe = Recipe("constant", fixed=True, budget="global")
 
-    def __init__(self, batch_loss: Callable[[nn.Module], torch.Tensor] | None = None):
-        if batch_loss is None or not callable(batch_loss):
+    batch_loss: Callable[[nn.Module], torch.Tensor] | None = unrecorded(None)
+
+    def __post_init__(self):
+        if self.batch_loss is None or not callable(self.batch_loss):
             raise ValueError("snip scores the weights on one batch before training: pass "
                              "method_options={'batch_loss': lambda model: loss_fn(model(x), y)}")
-        self.batch_loss = batch_loss
         self._model: nn.Module | None = None
 
     def check(self, run) -> None:

@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..estimators import Estimator
-from .base import Method, Update, write_masks
+from .base import Method, Update, require_optimizer, write_masks
 from .recipe import Recipe
 
 PARAMETER = "str_threshold"
@@ -30,6 +32,7 @@ class SoftThreshold(Estimator):
         return weight.sign() * torch.relu(weight.abs() - tau)
 
 
+@dataclass(eq=False)
 class STR(Method):
     """A learnable threshold ``s`` per layer (a scalar parameter, ``initial_threshold`` at
     the start: ``sigmoid(-5)`` ≈ 0.0067), trained with the weights by the optimizer (a new
@@ -44,21 +47,24 @@ class STR(Method):
 
     name = "str"
     recipe = Recipe("constant", update_every=1, takes_target=False)
-    needs_optimizer = True
 
-    def __init__(self, initial_threshold: float = -5.0, weight_decay: float | None = None):
+    initial_threshold: float = -5.0
+    weight_decay: float | None = None
+
+    def __post_init__(self):
+        initial_threshold, weight_decay = self.initial_threshold, self.weight_decay
         if isinstance(initial_threshold, bool) or not isinstance(initial_threshold, (int, float)):
             raise ValueError(f"initial_threshold must be a number, got {initial_threshold!r}")
         if weight_decay is not None and (isinstance(weight_decay, bool) or
                                          not isinstance(weight_decay, (int, float)) or weight_decay < 0):
             raise ValueError(f"weight_decay must be a non-negative number or None, got {weight_decay!r}")
         self.initial_threshold = float(initial_threshold)
-        self.weight_decay = weight_decay
 
     def layer_estimator(self, i, shared):
         return SoftThreshold(self._layers[i])
 
     def check(self, run) -> None:
+        require_optimizer(run, self.name)  # the thresholds join it as a parameter group
         self._layers = [layer for _, layer in run.layers]
         fresh = []
         for layer in self._layers:
@@ -87,6 +93,3 @@ class STR(Method):
             weight = layer.dense_weight
             weight.copy_(SoftThreshold(layer).masked_weight(weight, layer.mask))
             del layer._parameters[PARAMETER]
-
-    def config(self) -> dict:
-        return {"initial_threshold": self.initial_threshold, "weight_decay": self.weight_decay}

@@ -6,12 +6,14 @@ smallest magnitudes gave up."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..estimators import StraightThrough
 from ..optimizer_state import check_momentum, momentum
-from .base import Method, Update, mask_of, random_masks, select_top, top_k, write_masks
+from .base import (Method, Update, mask_of, random_masks, require_optimizer, select_top, top_k,
+                   write_masks, zero_pruned_weights)
 from .recipe import Recipe
 from .magnitude import raise_nonfinite
 
@@ -48,6 +50,7 @@ def redistribute(total: int, shares: list[float], caps: list[int]) -> list[int]:
     return whole
 
 
+@dataclass(eq=False)
 class SparseMomentum(Method):
     """SNFS: gradients are not masked (the straight-through estimator) and pruned weights are
     set to 0 after every step, so the optimizer's momentum at a pruned position is the
@@ -68,24 +71,30 @@ class SparseMomentum(Method):
 
     name = "snfs"
     recipe = Recipe("constant", update_every="epoch", budget="uniform")
-    needs_optimizer = True
-    zeroes_pruned_weights = True
 
-    def __init__(self, prune_rate: float = 0.5, final_prune_rate: float = 0.005):
-        for name, value in (("prune_rate", prune_rate), ("final_prune_rate", final_prune_rate)):
+    prune_rate: float = 0.5
+    final_prune_rate: float = 0.005
+
+    def __post_init__(self):
+        for name in ("prune_rate", "final_prune_rate"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        self.prune_rate, self.final_prune_rate = float(prune_rate), float(final_prune_rate)
+            setattr(self, name, float(value))
         self._total: int | None = None
 
     def estimator(self):
         return StraightThrough()
 
     def check(self, run) -> None:
+        require_optimizer(run, self.name)  # growth reads its momentum
         if run.end_step is None and run.total_steps is None:
             raise ValueError("snfs decays its prune rate over training: pass total_steps=")
         self._total = run.total_steps or run.end_step
         check_momentum(run.optimizer, self.name)
+
+    def after_step(self, run) -> None:
+        zero_pruned_weights(run.layers)  # the gradient is dense; pruned weights stay 0
 
     def prune_rate_at(self, step: int) -> float:
         """The fraction of each layer's active weights dropped at ``step`` (cosine decay)."""
@@ -124,6 +133,3 @@ class SparseMomentum(Method):
                                       grow.numel() - regrown, torch.zeros_like(regrown), regrown]))
             m.copy_(mask_of(m, keep, grow))
         return torch.stack(stats).to(torch.int64)
-
-    def config(self) -> dict:
-        return {"prune_rate": self.prune_rate, "final_prune_rate": self.final_prune_rate}

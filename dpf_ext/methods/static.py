@@ -3,13 +3,15 @@ distribution (uniform, ER or ERK: the budget), never updated."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..budgets import ERK
 from .base import Method, Update, random_masks, write_masks
 from .recipe import Recipe
 
 
+@dataclass(eq=False)
 class Static(Method):
     """A random mask with the budget's per-layer counts (ERK by default), fixed for all of
     training; the gradient is masked. The baseline every dynamic method has to beat."""

@@ -5,6 +5,8 @@ the forward does not use small."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import ops
@@ -52,6 +54,7 @@ class TwoSets(Estimator):
         return ops.masked_weight(ops.masked_weight(weight, backward, False), mask, True)
 
 
+@dataclass(eq=False)
 class TopKAST(Method):
     """Per layer (the budget's counts, uniform by default), at every update: A = the
     ``k`` largest ``|w|`` (the forward's mask), B = A plus the next ``round(extra · n)``
@@ -66,7 +69,11 @@ class TopKAST(Method):
     name = "topkast"
     recipe = Recipe("constant", budget="uniform")
 
-    def __init__(self, extra: float = 0.1, penalty: float = 1e-4):
+    extra: float = 0.1
+    penalty: float = 1e-4
+
+    def __post_init__(self):
+        extra, penalty = self.extra, self.penalty
         if isinstance(extra, bool) or not isinstance(extra, (int, float)) or not 0 <= extra < 1:
             raise ValueError(f"extra must be in [0, 1), got {extra!r}")
         if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 0:
@@ -109,9 +116,6 @@ class TopKAST(Method):
         for i, b in enumerate(backward):
             self._install(i, b)
         return stats
-
-    def config(self) -> dict:
-        return {"extra": self.extra, "penalty": self.penalty}
 
     def state_dict(self) -> dict:
         return {"backward_sets": {i: (list(b.shape), pack_bits(b)) for i, b in self.backward_sets.items()},
