@@ -389,19 +389,19 @@ def _data(n):
     return out
 
 
-def _build(method, model, optimizer, total):
+def _build(method, model, optimizer, total, **settings):
     x, y = _data(1)[0]
     options = {"batch_loss": lambda m: nn.functional.cross_entropy(m(x), y)} if method == "snip" else {}
     sparsity = 0.8 if METHODS[method] is not dpf_ext.methods.STR else None  # str takes none
     return dpf_ext.Pruner(model, method, sparsity, total_steps=total,
                        update_every=1 if method in ("deepr", "str") else 3, optimizer=optimizer,
-                       seed=1, **options)
+                       seed=1, **options, **settings)
 
 
-def _train(method, data, start=0, state=None, total=24):
+def _train(method, data, start=0, state=None, total=24, **settings):
     model = dpf_ext.sparsify(_mlp())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    pruner = _build(method, model, optimizer, total)
+    pruner = _build(method, model, optimizer, total, **settings)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -634,10 +634,39 @@ def test_a_checkpoint_from_before_the_pruner_split_resumes_exactly(method):
     saved = torch.load(Path(__file__).parent / "data" / "pre_pruner_checkpoints.pt")[method]
     if method in ("dpf", "gradual"):
         assert saved["snapshot"]["pruner"]["config"]["method"] == "magnitude"
-    resumed, pruner, _, _ = _train(method, _data(24), start=11, state=saved["snapshot"])
+    # gradual and dnw had one global threshold then; today's default (per layer, as they
+    # were published) is another run
+    settings = {"budget": "global"} if method in ("gradual", "dnw") else {}
+    if settings:
+        with pytest.raises(ValueError, match="budget"):
+            _train(method, _data(24), start=11, state=saved["snapshot"])
+    resumed, pruner, _, _ = _train(method, _data(24), start=11, state=saved["snapshot"],
+                                   **settings)
     assert pruner.method.name == method
     for a, b in zip(saved["final"].values(), resumed.state_dict().values()):
         assert torch.equal(a, b), method
+
+
+def test_gradual_prunes_every_layer_to_the_target_and_global_is_dpf_without_feedback():
+    """Zhu & Gupta's rule: each layer at the schedule's sparsity; budget="global" gives one
+    threshold over all layers, whose masks are DPF's for the same weights."""
+    def model():
+        torch.manual_seed(0)
+        built = dpf_ext.sparsify(nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 10)))
+        with torch.no_grad():  # one threshold over both prunes the first layer most
+            built[1].weight.mul_(10)
+        return built
+
+    per_layer = dpf_ext.Pruner(model(), "gradual", 0.6, schedule=Constant(0.6))
+    assert per_layer.budget.name == "uniform"
+    assert [int((~layer.mask).sum()) for _, layer in per_layer.layers] == [360, 180]  # 60% each
+    masks = {}
+    for method in ("gradual", "dpf"):
+        pruner = dpf_ext.Pruner(model(), method, 0.6, schedule=Constant(0.6), budget="global",
+                                **({"channel_floor": False} if method == "dpf" else {}))
+        masks[method] = [layer.mask.clone() for _, layer in pruner.layers]
+    assert all(torch.equal(a, b) for a, b in zip(masks["gradual"], masks["dpf"]))
+    assert float(1 - masks["gradual"][0].float().mean()) > 0.8  # the small weights go first
 
 
 def test_the_pruner_runs_a_method_under_its_own_name_and_dpf_is_its_preset():

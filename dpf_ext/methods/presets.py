@@ -33,13 +33,15 @@ def dpf(threshold: str = "exact", channel_floor: bool | None = None,
 
 
 def gradual(threshold: str = "exact", filters: bool = False) -> Method:
-    """Zhu & Gupta's schedule with one global magnitude threshold and no feedback (masked
-    gradient; pruned weights zeroed and never back): DPF without the feedback. No channel
-    floor. ``filters``: whole output filters
-    (:class:`~dpf_ext.methods.filter.FilterMagnitude`)."""
-    if filters:
-        return FilterMagnitude(False, threshold)
-    return Magnitude(False, threshold, False)
+    """Gradual magnitude pruning as Zhu & Gupta (2017) publish it: every layer pruned to the
+    schedule's sparsity by its own magnitude threshold (the uniform budget), the gradient
+    masked (pruned weights zeroed and never back), no channel floor; on DPF's cubic
+    schedule and 16-step period (theirs: a few hundred steps). With ``budget="global"``
+    it is one global threshold: DPF without the feedback, DPF's own ablation.
+    ``filters``: whole output filters (:class:`~dpf_ext.methods.filter.FilterMagnitude`)."""
+    method = FilterMagnitude(False, threshold) if filters else Magnitude(False, threshold, False)
+    method.recipe = gradual.recipe
+    return method
 
 
 class _OneShot(Magnitude):
@@ -68,19 +70,20 @@ def oneshot(at_step: int = 0, threshold: str = "exact", pattern: str | None = No
 
 class _DNW(Magnitude):
     name = "dnw"
-    recipe = Recipe("constant", update_every=1)
+    recipe = Recipe("constant", update_every=1, budget="uniform")
 
 
 def dnw(threshold: str = "exact") -> Method:
-    """DNW (Wortsman et al. 2019), jaxpruner's ``magnitude_ste``: the top-k mask recomputed
-    at every step at a constant sparsity, straight-through gradient to the dense weights.
-    It is DPF with a mask update every step, no gradual schedule and no channel floor; DPF
-    adds the cubic ramp, a 16-step period and one global threshold (DNW's is per layer in
-    its paper; here the budget decides, global by default)."""
+    """DNW (Wortsman et al. 2019), jaxpruner's ``magnitude_ste``: the top-k mask of every
+    layer recomputed at every step at a constant sparsity (the uniform budget, as in its
+    paper), straight-through gradient to the dense weights. It is DPF with a mask update
+    every step, no gradual schedule, no channel floor and a threshold per layer; DPF adds
+    the cubic ramp, a 16-step period and one global threshold."""
     return _DNW(True, threshold, False)
 
 
-dpf.recipe = gradual.recipe = Magnitude.recipe
+dpf.recipe = Magnitude.recipe
+gradual.recipe = Recipe("ramp", budget="uniform")
 oneshot.recipe = _OneShot.recipe
 dnw.recipe = _DNW.recipe
 
