@@ -104,6 +104,7 @@ def plot_sweep(results: list[RunResult], path: str | Path, title: str = "") -> N
                 continue
             color = palette[others % len(palette)]
             ax.plot(xs, mean, marker=MARKERS[others % len(MARKERS)], ms=5, color=color,
+                    ls=LINE_STYLES[others // len(palette) % len(LINE_STYLES)],  # colour reused
                     label=method, lw=2.8 if method == "dpf" else 1.3)
             ax.fill_between(xs, low, high, color=color, alpha=0.12)
             others += 1
