@@ -66,9 +66,8 @@ def step_table(path: str) -> str:
         cases[key][p["compute"]] = b["stats"]["median"]
         if "peak_extra_bytes" in b.get("extra_info", {}):
             memory[key][p["compute"]] = b["extra_info"]["peak_extra_bytes"]
-    lines = ["| model | method | sparsity | plain torch (ms) | dpf_ext dense | dpf_ext sparse "
-             "| peak memory: plain torch (MiB) | dpf_ext dense | dpf_ext sparse |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | sparsity | torch (ms) | dense | sparse | torch peak (MiB) "
+             "| dense | sparse |", "|---|---|---|---|---|---|---|---|---|"]
     for key, t in sorted(cases.items()):
         base, mem = t["torch-dense"], memory.get(key, {})
         peak = (f"{mem['torch-dense'] / 2**20:.0f} | {mem['dense'] / mem['torch-dense']:.2f} | "
