@@ -289,7 +289,7 @@ class Pruner:
                    self.seed, initial, gradients, request if ready else None, self.shapes,
                    optimizer=self.optimizer)
         if not self._feedback:
-            self._zero_pruned()  # momentum may have moved them since the last update
+            zero_pruned_weights(self.layers)  # momentum may have moved them since the last update
         kept_before = self._kept_before(shards.masks)
         stats = self.method.update(u)
         dropped = kept_before + stats[:, 1] - stats[:, 0]
@@ -297,7 +297,7 @@ class Pruner:
         stats = shards.reduce(torch.cat([stats, dropped.reshape(-1, 1)], dim=1))
         shards.assemble_masks()
         if not self._feedback:
-            self._zero_pruned()
+            zero_pruned_weights(self.layers)
         self._kept = (kept, [m._version for m in shards.masks])
         self.reactivated_last = stats[:, 1]
         self.reactivated_total += stats[:, 1]
@@ -331,11 +331,6 @@ class Pruner:
                 RuntimeWarning, stacklevel=5,
             )
 
-    @torch.no_grad()
-    def _zero_pruned(self) -> None:
-        """``w ← mask ⊙ w`` for every layer (pruned weights become +0.0)."""
-        zero_pruned_weights(self.layers)
-
     def _install_estimators(self) -> None:
         """Give every layer the method's gradient estimator."""
         for (_, layer), estimator in zip(self.layers, self._estimators):
@@ -360,7 +355,7 @@ class Pruner:
         if unwrap:
             unsparsify(self.model)
         else:
-            self._zero_pruned()
+            zero_pruned_weights(self.layers)
         self.finalized = True
         return self.model
 
