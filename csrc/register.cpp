@@ -27,6 +27,12 @@ TORCH_LIBRARY(dpf, m) {
   // (rows, cols) with zeros elsewhere.
   m.def("sparse_mm(Tensor xt, Tensor values, Tensor ptr, Tensor idx, Tensor? bias) -> Tensor");
   m.def("sampled_mm(Tensor dyt, Tensor xt, Tensor ptr, Tensor idx) -> Tensor");
+  // The direct sparse convolution (stride 1, "same" padding, odd kernel), in torch's layout:
+  // x (N, C, H, W) with the kept weights CSR by output channel over the columns c * kh * kw +
+  // i * kw + j, giving (N, rows, H, W); and its weight gradient at the kept entries from dy
+  // (N, rows, H, W), giving the dense (rows, C * kh * kw) with zeros elsewhere.
+  m.def("sparse_conv(Tensor x, Tensor values, Tensor ptr, Tensor idx, int kh, int kw, Tensor? bias) -> Tensor");
+  m.def("sampled_conv(Tensor dy, Tensor x, Tensor ptr, Tensor idx, int kh, int kw) -> Tensor");
   // Both CSR indices (by row, by column) of a 2-D bool mask, with storage offsets r*s0 + c*s1.
   m.def("sparse_index(Tensor mask, int s0, int s1) -> Tensor[]");
   m.def(

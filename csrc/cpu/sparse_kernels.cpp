@@ -26,6 +26,10 @@ struct Vec1 {
 #define VSTORE(p, a) (*(p) = (a).v)
 #define VFMA(a, b, c) Vec1{(a).v * (b).v + (c).v}
 #define VSUM(a) ((a).v)
+#define VMASK uint32_t
+#define VMASK_BITS(b) (b)
+#define VLOADM(m, p) Vec1{((m) & 1u) ? *(p) : 0.0f}
+#define VSTOREM(m, p, a) (((m) & 1u) ? (void)(*(p) = (a).v) : (void)0)
 #include "sparse_simd.inc"
 }  // namespace scalar
 
@@ -48,6 +52,14 @@ static inline float hsum256(__m256 v) {
 #define VSTORE(p, a) _mm256_storeu_ps((p), (a))
 #define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define VSUM(a) hsum256(a)
+static inline __m256i mask_of_bits(uint32_t b) {
+  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(b)), lane), lane);
+}
+#define VMASK __m256i
+#define VMASK_BITS(b) mask_of_bits(b)
+#define VLOADM(m, p) _mm256_maskload_ps((p), (m))
+#define VSTOREM(m, p, a) _mm256_maskstore_ps((p), (m), (a))
 #include "sparse_simd.inc"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -64,16 +76,23 @@ namespace avx512 {
 #define VSTORE(p, a) _mm512_storeu_ps((p), (a))
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define VSUM(a) _mm512_reduce_add_ps(a)
+#define VMASK __mmask16
+#define VMASK_BITS(b) __mmask16(b)
+#define VLOADM(m, p) _mm512_maskz_loadu_ps((m), (p))
+#define VSTOREM(m, p, a) _mm512_mask_storeu_ps((p), (m), (a))
 #include "sparse_simd.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
 
 const Kernels* kernels(const char* isa) {
-  static const Kernels scalar_kernels{"scalar", scalar::spmm_rows, scalar::sddmm_rows};
+  static const Kernels scalar_kernels{"scalar", scalar::spmm_rows, scalar::sddmm_rows,
+                                          1, scalar::conv_planes, scalar::sampled_conv_planes};
 #ifdef DPF_SPARSE_X86
-  static const Kernels avx2_kernels{"avx2", avx2::spmm_rows, avx2::sddmm_rows};
-  static const Kernels avx512_kernels{"avx512", avx512::spmm_rows, avx512::sddmm_rows};
+  static const Kernels avx2_kernels{"avx2", avx2::spmm_rows, avx2::sddmm_rows,
+                                          8, avx2::conv_planes, avx2::sampled_conv_planes};
+  static const Kernels avx512_kernels{"avx512", avx512::spmm_rows, avx512::sddmm_rows,
+                                          16, avx512::conv_planes, avx512::sampled_conv_planes};
   __builtin_cpu_init();
   const bool has512 = __builtin_cpu_supports("avx512f");
   const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

@@ -19,10 +19,33 @@ using SddmmRows = void (*)(const int64_t* ptr, const int32_t* idx, const float* 
                            const float* xt, int64_t B, int64_t cols, float* g, float* acc,
                            int64_t r_begin, int64_t r_end);
 
+// Direct sparse convolution (stride 1, "same" padding), in torch's own layout: x (N, C, H, W)
+// and y (N, rows, H, W), planes of hw = H * W floats, image = C * hw. The kept weight k of
+// output channel r (CSR row r) is at input channel c and tap t = i * kw + j: it reads the
+// plane of c shifted by (i - ph, j - pw), from x + n * image + off[k] with off[k] = c * hw +
+// (i - ph) * W + (j - pw), and tap[k] = t. bits holds, for every tap and then for the output
+// plane itself (taps + 1 rows of ceil(hw / lanes) words, lanes: the instruction set's vector
+// width, kernels().lanes), one bit per lane: whether that lane's input (or output) position
+// is inside the plane. The items [begin, end) are the output planes n * rows + r.
+using ConvPlanes = void (*)(const int64_t* ptr, const int64_t* off, const int32_t* tap,
+                            const float* val, const float* x, int64_t image, int64_t rows,
+                            int64_t hw, const uint32_t* bits, int64_t taps, const float* bias,
+                            float* y, int64_t begin, int64_t end);
+// Its weight gradient at the kept entries, rows [r_begin, r_end) of g (rows, cols), zeros
+// elsewhere, from dy (N, rows, H, W) and x.
+using SampledConvPlanes = void (*)(const int64_t* ptr, const int32_t* idx, const int64_t* off,
+                                   const int32_t* tap, const float* dy, const float* x, int64_t N,
+                                   int64_t image, int64_t rows, int64_t hw, const uint32_t* bits,
+                                   int64_t taps, int64_t cols, float* g, int64_t r_begin,
+                                   int64_t r_end);
+
 struct Kernels {
   const char* isa;
   SpmmRows spmm_rows;
   SddmmRows sddmm_rows;
+  int64_t lanes;
+  ConvPlanes conv_planes;
+  SampledConvPlanes sampled_conv_planes;
 };
 
 // The kernels for the instruction set `isa` ("avx512", "avx2", "scalar"), or for the best one

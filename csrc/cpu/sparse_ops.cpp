@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "sparse_kernels.h"
@@ -116,6 +117,105 @@ at::Tensor sampled_mm_cpu(const at::Tensor& dyt, const at::Tensor& xt, const at:
   return g;
 }
 
+// What the convolution kernels need besides the index (see sparse_kernels.h): each kept
+// weight's offset and tap, and the lane masks of every tap's shifted plane and of the plane.
+struct ConvGeometry {
+  std::vector<int64_t> off;
+  std::vector<int32_t> tap;
+  std::vector<uint32_t> bits;
+};
+
+ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& idx, int64_t kh, int64_t kw,
+                           int64_t lanes) {
+  const int64_t H = x.size(2), W = x.size(3), hw = H * W, taps = kh * kw;
+  const int64_t ph = kh / 2, pw = kw / 2, nvec = (hw + lanes - 1) / lanes;
+  ConvGeometry geo;
+  const int32_t* ix = idx.data_ptr<int32_t>();
+  geo.off.resize(idx.numel());
+  geo.tap.resize(idx.numel());
+  for (int64_t k = 0; k < idx.numel(); ++k) {
+    const int64_t c = ix[k] / taps, t = ix[k] % taps;
+    geo.off[k] = c * hw + (t / kw - ph) * W + (t % kw - pw);
+    geo.tap[k] = int32_t(t);
+  }
+  geo.bits.assign((taps + 1) * nvec, 0u);
+  for (int64_t t = 0; t <= taps; ++t) {
+    const int64_t di = t < taps ? t / kw - ph : 0, dj = t < taps ? t % kw - pw : 0;
+    for (int64_t p = 0; p < hw; ++p) {
+      const int64_t h = p / W + di, w = p % W + dj;
+      if (h >= 0 && h < H && w >= 0 && w < W) geo.bits[t * nvec + p / lanes] |= 1u << (p % lanes);
+    }
+  }
+  return geo;
+}
+
+// The checks of both convolution ops.
+void check_conv(const at::Tensor& x, const at::Tensor& ptr, const at::Tensor& idx, int64_t kh,
+                int64_t kw, const char* op) {
+  check_float(x, 4, "x (N, C, H, W)", op);
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh % 2 == 1 && kw % 2 == 1, op,
+              ": the kernel sizes must be odd (\"same\" padding), got ", kh, "x", kw);
+  check_index(ptr, idx, x.size(1) * kh * kw, op);
+}
+
+// y (N, rows, H, W): the stride-1 "same" convolution of x (N, C, H, W) with the kept weights
+// (CSR by output channel over the columns c * kh * kw + i * kw + j), plus bias.
+at::Tensor sparse_conv_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& ptr,
+                           const at::Tensor& idx, int64_t kh, int64_t kw,
+                           const std::optional<at::Tensor>& bias) {
+  const char* op = "dpf::sparse_conv";
+  check_conv(x, ptr, idx, kh, kw, op);
+  check_float(values, 1, "values", op);
+  TORCH_CHECK(values.numel() == idx.numel(), op, ": one value per index entry");
+  const int64_t rows = ptr.numel() - 1, N = x.size(0), hw = x.size(2) * x.size(3);
+  if (bias) {
+    check_float(*bias, 1, "bias", op);
+    TORCH_CHECK(bias->numel() == rows, op, ": bias must have one entry per row");
+  }
+  at::Tensor y = at::empty({N, rows, x.size(2), x.size(3)}, x.options());
+  if (y.numel() == 0) return y;
+  const ConvGeometry geo = conv_geometry(x, idx, kh, kw, active->lanes);
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const float* v = values.data_ptr<float>();
+  const float* in = x.data_ptr<float>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  float* out = y.data_ptr<float>();
+  const auto conv = active->conv_planes;
+  const int64_t items = N * rows;
+  const int64_t chunk = std::max<int64_t>(1, items / (int64_t(at::get_num_threads()) * 8));
+  for_row_chunks(items, chunk, [&](int64_t i0, int64_t i1) {
+    conv(p, geo.off.data(), geo.tap.data(), v, in, x.size(1) * hw, rows, hw, geo.bits.data(),
+         kh * kw, b, out, i0, i1);
+  });
+  return y;
+}
+
+// g (rows, C * kh * kw): the weight gradient of sparse_conv at the kept entries, zeros
+// elsewhere, from the output gradient dy (N, rows, H, W).
+at::Tensor sampled_conv_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ptr,
+                            const at::Tensor& idx, int64_t kh, int64_t kw) {
+  const char* op = "dpf::sampled_conv";
+  check_conv(x, ptr, idx, kh, kw, op);
+  check_float(dy, 4, "dy (N, rows, H, W)", op);
+  const int64_t rows = ptr.numel() - 1, N = x.size(0), cols = x.size(1) * kh * kw;
+  TORCH_CHECK(dy.size(0) == N && dy.size(1) == rows && dy.size(2) == x.size(2) &&
+                  dy.size(3) == x.size(3),
+              op, ": dy must be (", N, ", ", rows, ", ", x.size(2), ", ", x.size(3), ")");
+  at::Tensor g = at::empty({rows, cols}, x.options());
+  if (g.numel() == 0) return g;
+  if (N == 0 || x.size(2) * x.size(3) == 0) return g.zero_();
+  const ConvGeometry geo = conv_geometry(x, idx, kh, kw, active->lanes);
+  const auto sampled = active->sampled_conv_planes;
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int32_t* i = idx.data_ptr<int32_t>();
+  const int64_t hw = x.size(2) * x.size(3);
+  for_row_chunks(rows, 1, [&](int64_t r0, int64_t r1) {
+    sampled(p, i, geo.off.data(), geo.tap.data(), dy.data_ptr<float>(), x.data_ptr<float>(), N,
+            x.size(1) * hw, rows, hw, geo.bits.data(), kh * kw, cols, g.data_ptr<float>(), r0, r1);
+  });
+  return g;
+}
+
 // Both CSR indices of the kept entries of a 2-D bool mask (see dpf_ext/ops/sparse.py): by row
 // (ptr int64, idx int32 columns, pos int64 offsets r * s0 + c * s1) and by column (t_ptr,
 // t_idx rows, t_perm: the row-major position k of each entry, whose value is values[k]), in two
@@ -183,6 +283,8 @@ TORCH_LIBRARY_IMPL(dpf, CPU, m) {
   m.impl("sparse_mm", &sparse_mm_cpu);
   m.impl("sampled_mm", &sampled_mm_cpu);
   m.impl("sparse_index", &sparse_index_cpu);
+  m.impl("sparse_conv", &sparse_conv_cpu);
+  m.impl("sampled_conv", &sampled_conv_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(dpf, m) {

@@ -20,6 +20,8 @@ Each op validates its input, picks a backend for the tensors' device (see
 - :func:`sparse_linear`: a Linear product from the kept weights only (forward, input
   gradient, dense or sampled weight gradient), through a :class:`SparseIndex` built from the
   mask (see :mod:`dpf_ext.ops.sparse`).
+- :func:`sparse_conv2d`: a stride-1 Conv2d from the kept weights only, the same three
+  products, through a :class:`ConvIndex` (see :mod:`dpf_ext.ops.sparse_conv`).
 - :func:`feedback_sgd_step`: the SGD update of the dense weights in one multi-tensor pass.
 - :func:`feedback_adamw_step`: the AdamW update of the dense weights in one multi-tensor
   pass.
@@ -36,10 +38,12 @@ from .bits import (FINITE_LIMIT, HIGH_BINS, LOW_BINS, MAX_GROUP, NONFINITE_BIN, 
 from . import reference
 from .dispatch import available_backends, backend_for
 from .sparse import SparseIndex, simd, sparse_linear
+from .sparse_conv import ConvIndex, sparse_conv2d
 from .window import Window
 from . import triton, compiled  # noqa: F401, I001  (register the backends built; last preferred)
 
 __all__ = [
+    "ConvIndex",
     "SparseIndex",
     "Window",
     "available_backends",
@@ -51,6 +55,7 @@ __all__ = [
     "masked_weight",
     "nm_masks",
     "simd",
+    "sparse_conv2d",
     "sparse_linear",
     "update_masks",
 ]

@@ -31,6 +31,12 @@ class OpBackend:
     def sampled_mm(self, dyt, xt, ptr, idx):
         return self.ops.sampled_mm(dyt, xt, ptr, idx)
 
+    def sparse_conv(self, x, values, ptr, idx, kh, kw, bias):
+        return self.ops.sparse_conv(x, values, ptr, idx, kh, kw, bias)
+
+    def sampled_conv(self, dy, x, ptr, idx, kh, kw):
+        return self.ops.sampled_conv(dy, x, ptr, idx, kh, kw)
+
     def sparse_index(self, mask, s0, s1):
         return self.ops.sparse_index(mask, s0, s1)
 
@@ -92,6 +98,11 @@ def register_abstract(namespace: str) -> None:
             lambda xt, values, ptr, idx, bias: xt.new_empty(xt.shape[1], ptr.shape[0] - 1))
         torch.library.register_fake(f"{namespace}::sampled_mm")(
             lambda dyt, xt, ptr, idx: xt.new_empty(ptr.shape[0] - 1, xt.shape[0]))
+        torch.library.register_fake(f"{namespace}::sparse_conv")(
+            lambda x, values, ptr, idx, kh, kw, bias: x.new_empty(
+                x.shape[0], ptr.shape[0] - 1, x.shape[2], x.shape[3]))
+        torch.library.register_fake(f"{namespace}::sampled_conv")(
+            lambda dy, x, ptr, idx, kh, kw: x.new_empty(ptr.shape[0] - 1, x.shape[1] * kh * kw))
         # sparse_index has data-dependent output sizes: built outside compiled graphs
     torch.library.register_fake(f"{namespace}::feedback_sgd_step")(lambda *args: None)
     torch.library.register_fake(f"{namespace}::feedback_adamw_step")(lambda *args: None)

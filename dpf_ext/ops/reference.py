@@ -291,6 +291,45 @@ def sampled_mm(dyt: torch.Tensor, xt: torch.Tensor, ptr: torch.Tensor,
     return g
 
 
+def _conv_inputs(x: torch.Tensor, idx: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """The input each kept weight multiplies at every output position: ``(N, nnz, H, W)``,
+    entry ``k`` of column ``c * kh * kw + i * kw + j`` reading ``x[n, c, h + i - kh // 2, w + j
+    - kw // 2]`` (zero outside the plane)."""
+    N, C, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2))
+    patches = padded.unfold(2, H, 1).unfold(3, W, 1)  # (N, C, kh, kw, H, W)
+    return patches.reshape(N, C * kh * kw, H, W)[:, idx.long()]
+
+
+def sparse_conv(x: torch.Tensor, values: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor,
+                kh: int, kw: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The stride-1 convolution with "same" padding (odd ``kh``, ``kw``) of ``x`` ``(N, C, H,
+    W)`` with the kept weights (CSR by output channel: ``ptr`` int64 offsets, ``idx`` int32
+    columns ``c * kh * kw + i * kw + j``): ``y[n, r, h, w] = bias[r] + Σ values[k] · x[n, c, h
+    + i - kh // 2, w + j - kw // 2]`` over the entries ``k`` of row ``r`` (zero outside the
+    plane), ``(N, rows, H, W)``, contiguous. As :func:`sparse_mm`, only kept weights multiply
+    the input."""
+    rows = ptr.numel() - 1
+    inputs = _conv_inputs(x, idx, kh, kw)
+    y = x.new_zeros(rows, x.shape[0], *x.shape[2:])
+    y.index_add_(0, _csr_rows(ptr), (values[None, :, None, None] * inputs).transpose(0, 1))
+    if bias is not None:
+        y += bias[:, None, None, None]
+    return y.transpose(0, 1).contiguous()
+
+
+def sampled_conv(dy: torch.Tensor, x: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor,
+                 kh: int, kw: int) -> torch.Tensor:
+    """The weight gradient of :func:`sparse_conv` at its kept entries: ``g[r, col] = Σ dy[n,
+    r, h, w] · x[n, c, h + i - kh // 2, w + j - kw // 2]`` for each entry ``(r, col)``, 0
+    elsewhere: ``(rows, C * kh * kw)``, contiguous."""
+    rows, cols = ptr.numel() - 1, x.shape[1] * kh * kw
+    r = _csr_rows(ptr)
+    g = x.new_zeros(rows, cols)
+    g[r, idx.long()] = (dy[:, r] * _conv_inputs(x, idx, kh, kw)).sum((0, 2, 3))
+    return g
+
+
 def sparse_index(mask: torch.Tensor, s0: int, s1: int) -> list[torch.Tensor]:
     """Both CSR indices of the ``True`` entries of the 2-D bool ``mask``: by row (``ptr`` int64
     offsets, ``idx`` int32 columns, ``pos`` int64 storage offsets ``r * s0 + c * s1``) and by

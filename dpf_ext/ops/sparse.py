@@ -75,16 +75,16 @@ def _values(weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return weight.detach().as_strided((span,), (1,)).index_select(0, pos)
 
 
-def _backend(x: torch.Tensor):
-    """The backend of the sparse ops for ``x``: the preferred one for its device in float32,
-    the reference in other dtypes (float64, for gradcheck)."""
-    return backend_for(x.device, "sparse_mm") if x.dtype == torch.float32 else reference
+def sparse_backend(x: torch.Tensor, op: str = "sparse_mm"):
+    """The backend of the sparse op ``op`` for ``x``: the preferred one with a kernel for it
+    on its device in float32, the reference in other dtypes (float64, for gradcheck)."""
+    return backend_for(x.device, op) if x.dtype == torch.float32 else reference
 
 
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, index, dense_grad):
-        backend = _backend(x)
+        backend = sparse_backend(x)
         xt = x.t().contiguous()
         values = _values(weight, index.pos)
         y = backend.sparse_mm(xt, values, index.ptr, index.idx,
@@ -96,7 +96,7 @@ class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xt, weight, values = ctx.saved_tensors
-        index, backend = ctx.index, _backend(dy)
+        index, backend = ctx.index, sparse_backend(dy)
         dyt = dy.t().contiguous()
         dx = dw = db = None
         if not all_finite(dyt):  # as the dense path: 0 · NaN is NaN
@@ -179,5 +179,5 @@ def kept_product(x: torch.Tensor, values: torch.Tensor, index: SparseIndex,
                          f"({index.rows}, {index.cols}) index of {index.nnz} entries")
     with torch.no_grad():
         xt = x.reshape(-1, index.cols).t().contiguous()
-        y = _backend(x).sparse_mm(xt, values, index.ptr, index.idx, bias)
+        y = sparse_backend(x).sparse_mm(xt, values, index.ptr, index.idx, bias)
     return y.reshape(*x.shape[:-1], index.rows)
