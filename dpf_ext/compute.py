@@ -1,6 +1,8 @@
 """Which product a DPF layer's forward runs: ``"dense"`` (``mask ⊙ w`` into torch's matrix
-product, every weight multiplied) or ``"sparse"`` (:func:`dpf_ext.ops.sparse_linear`: the
-kept weights only), or ``"auto"``: sparse where it is faster (:func:`prefers_sparse`).
+product or convolution, every weight multiplied) or ``"sparse"`` (the kept weights only:
+:func:`dpf_ext.ops.sparse_linear` for Linear layers and transformers' Conv1D,
+:func:`dpf_ext.ops.sparse_conv2d` for stride-1 Conv2d layers with "same" padding), or
+``"auto"``: sparse where it is faster (:func:`prefers_sparse`).
 
 A layer's ``compute`` attribute holds its mode (:func:`dpf_ext.nn.set_compute`, or
 ``sparsify(model, compute=...)``). The sparse path's index is rebuilt only when the mask
@@ -21,6 +23,7 @@ input holds NaN or Inf takes the dense path, so that they spread as they do ther
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from . import ops
 from .ops import reference
@@ -36,8 +39,9 @@ gradient, sampled weight gradient) of 768x768 and 1024x4096 layers is 0.5-0.7x d
 density 0.1 and slower than dense above about 0.3 (see ``docs/results.md``)."""
 
 AUTO_MIN_WEIGHTS = 16384
-"""``"auto"`` leaves layers with fewer weights dense: their products cost less than the
-sparse path's fixed work (transposes, gathers, the autograd node)."""
+"""``"auto"`` leaves Linear layers with fewer weights dense: their products cost less than the
+sparse path's fixed work (transposes, gathers, the autograd node). Convolutions have no such
+floor: each of their weights multiplies a whole input plane."""
 
 
 def check_mode(mode: str) -> str:
@@ -47,11 +51,30 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def _conv_unsupported(conv: nn.Conv2d) -> str | None:
+    """Why the Conv2d ``conv`` is not a stride-1 "same" convolution, or ``None``."""
+    kernel = conv.kernel_size
+    if any(k % 2 == 0 for k in kernel):
+        return f"its kernel {kernel} has an even size (the sparse convolution needs odd ones)"
+    for name, value, want in (("stride", conv.stride, (1, 1)), ("dilation", conv.dilation, (1, 1)),
+                              ("groups", conv.groups, 1), ("padding_mode", conv.padding_mode, "zeros")):
+        if value != want:
+            return f"its {name} is {value} (the sparse convolution needs {want})"
+    same = tuple(k // 2 for k in kernel)
+    if conv.padding not in ("same", same):
+        return f"its padding is {conv.padding} (the sparse convolution needs {same}: \"same\")"
+    return None
+
+
 def unsupported(layer) -> str | None:
     """Why ``layer`` (a DPF layer) cannot run sparse, or ``None`` if it can."""
     if not type(layer).sparse_product:
-        return (f"{type(layer).__name__} has no sparse path (Linear and transformers' Conv1D "
-                "have; attention and convolution layers run dense)")
+        return (f"{type(layer).__name__} has no sparse path (Linear, transformers' Conv1D and "
+                "Conv2d have; attention, Conv1d and Conv3d layers run dense)")
+    if isinstance(layer, nn.Conv2d):
+        reason = _conv_unsupported(layer)
+        if reason is not None:
+            return f"{type(layer).__name__}: {reason}"
     weight = layer.dense_weight
     if weight.dtype != torch.float32:
         return f"its weight is {weight.dtype}; the sparse kernels run float32"
@@ -74,13 +97,16 @@ def density(layer) -> float:
 
 def prefers_sparse(layer) -> bool:
     """The ``"auto"`` rule: sparse on the CPU where the compiled kernels are built, the
-    layer has at least :data:`AUTO_MIN_WEIGHTS` weights and its density is at most
-    :data:`AUTO_MAX_DENSITY`."""
+    layer (a Linear one) has at least :data:`AUTO_MIN_WEIGHTS` weights and its density is at
+    most :data:`AUTO_MAX_DENSITY`."""
     weight = layer.dense_weight
+    conv = isinstance(layer, nn.Conv2d)
     return (unsupported(layer) is None
             and weight.device.type == "cpu"
-            and ops.backend_for(weight.device, "sparse_mm") is not reference
-            and weight.numel() >= AUTO_MIN_WEIGHTS and density(layer) <= AUTO_MAX_DENSITY)
+            and ops.backend_for(weight.device, "sparse_conv" if conv else "sparse_mm")
+            is not reference
+            and (conv or weight.numel() >= AUTO_MIN_WEIGHTS)
+            and density(layer) <= AUTO_MAX_DENSITY)
 
 
 def runs_sparse(layer) -> bool:
@@ -111,15 +137,28 @@ def _weight_2d(layer, weight: torch.Tensor) -> torch.Tensor:
     return weight if layer.channel_dim == 0 else weight.t()
 
 
-def sparse_index(layer) -> ops.SparseIndex:
-    """The layer's :class:`~dpf_ext.ops.SparseIndex`, rebuilt when its mask has changed."""
+def sparse_index(layer) -> ops.SparseIndex | ops.ConvIndex:
+    """The layer's :class:`~dpf_ext.ops.SparseIndex` (a
+    :class:`~dpf_ext.ops.ConvIndex` for a convolution), rebuilt when its mask has changed."""
     mask, weight = layer.mask, layer.dense_weight
     key = (mask._version, mask.data_ptr(), weight.stride())
     cached = layer._sparse_cache.get("index")
     if cached is None or cached[0] != key:
-        cached = (key, ops.SparseIndex.from_mask(_weight_2d(layer, mask), _weight_2d(layer, weight)))
+        index = (ops.ConvIndex.from_mask(mask) if isinstance(layer, nn.Conv2d) else
+                 ops.SparseIndex.from_mask(_weight_2d(layer, mask), _weight_2d(layer, weight)))
+        cached = (key, index)
         layer._sparse_cache["index"] = cached
     return cached[1]
+
+
+def _sparse_weight(layer) -> tuple[torch.Tensor, bool]:
+    """The weight the sparse products read, with the estimator's gradient, and whether that
+    gradient is dense (the estimator's feedback, or a method reading this step's gradient)."""
+    weight = layer.dense_weight
+    if layer.powerprop is not None:
+        weight = effective(weight, layer.powerprop)
+    dense_grad = layer.estimator.feedback or layer.grad_tap.armed
+    return layer.grad_tap(layer.estimator.sparse_weight(weight, layer.mask, dense_grad)), dense_grad
 
 
 def linear(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -127,10 +166,18 @@ def linear(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | 
     layer's mode and density, or a non-finite ``x``)."""
     if not runs_sparse(layer) or not all_finite(x):
         return None
-    weight = layer.dense_weight
-    if layer.powerprop is not None:
-        weight = effective(weight, layer.powerprop)
-    dense_grad = layer.estimator.feedback or layer.grad_tap.armed
-    weight = layer.grad_tap(layer.estimator.sparse_weight(weight, layer.mask, dense_grad))
+    weight, dense_grad = _sparse_weight(layer)
     return ops.sparse_linear(x, _weight_2d(layer, weight), sparse_index(layer), bias,
                              dense_grad=dense_grad)
+
+
+def conv2d(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The Conv2d ``layer``'s convolution of ``x`` with ``m ⊙ w`` on the sparse path, or
+    ``None`` where the dense path must run (the layer's mode and density, or a non-finite
+    ``x``). An unbatched ``(C, H, W)`` input runs as a batch of one."""
+    if not runs_sparse(layer) or not all_finite(x):
+        return None
+    weight, dense_grad = _sparse_weight(layer)
+    batched = x if x.dim() == 4 else x.unsqueeze(0)
+    y = ops.sparse_conv2d(batched, weight, sparse_index(layer), bias, dense_grad=dense_grad)
+    return y if x.dim() == 4 else y.squeeze(0)

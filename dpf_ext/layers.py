@@ -41,8 +41,9 @@ class DPFLayer:
     weight_name: ClassVar[str] = "weight"
     channel_dim: ClassVar[int] = 0
     sparse_product: ClassVar[bool] = False
-    """Whether the forward is the product of the input with the ``(out, in)`` weight, which
-    :mod:`dpf_ext.compute` can run from the kept weights only (``compute="sparse"``)."""
+    """Whether :mod:`dpf_ext.compute` can run the forward from the kept weights only
+    (``compute="sparse"``): the product of the input with the ``(out, in)`` weight, or a
+    Conv2d."""
     mask: torch.Tensor
     estimator: Estimator
     grad_tap: GradientTap
@@ -123,7 +124,14 @@ class DPFConv1d(_DPFConv, nn.Conv1d):
 
 
 class DPFConv2d(_DPFConv, nn.Conv2d):
-    """``nn.Conv2d`` whose forward uses ``weight ⊙ mask``."""
+    """``nn.Conv2d`` whose forward uses ``weight ⊙ mask`` (the kept weights only where its
+    ``compute`` says sparse: stride-1 layers with "same" padding)."""
+
+    sparse_product = True
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = compute_paths.conv2d(self, input, self.bias)
+        return super().forward(input) if out is None else out
 
 
 class DPFConv3d(_DPFConv, nn.Conv3d):

@@ -34,6 +34,22 @@ def _skip_reason(name: str, device: str) -> str | None:
     return None
 
 
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def isa(request):
+    """Each instruction set of the CPU sparse kernels in turn (skipped where this CPU lacks
+    it, or the kernels are not built)."""
+    if ops.simd() == "none":
+        if STRICT:
+            pytest.fail("the C++ kernels were not built (DPF_EXT_STRICT_BUILD=1)")
+        pytest.skip("the C++ kernels are not built")
+    try:
+        previous = ops.simd(request.param)
+    except RuntimeError:
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    ops.simd(previous)
+
+
 @pytest.fixture(params=BACKENDS, ids=[b for b, _ in BACKENDS])
 def device(request, monkeypatch):
     """Runs the test once per backend; yields the device its tensors must live on."""

@@ -125,7 +125,9 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
     (["--sparsity", "1.0"], "got 1.0\n(see dpf-train --help)"),
     (["--sparsities", "0.5", "90"], "got 90.0 (a fraction: did you mean 0.9?)"),
     (["--method", "rigl", "--option", "drop_fractoin=0.3"], "did you mean drop_fraction?"),
-    (["--compute", "sparse", "--model", "cnn"], "--compute sparse: layers ['0', '3', '7']: DPFConv2d has no sparse path"),
+    (["--compute", "sparse", "--model", "resnet20"],
+     "--compute sparse: layers ['layer2.0.conv1', 'layer2.0.shortcut.0', 'layer3.0.conv1', "
+     "'layer3.0.shortcut.0']: DPFConv2d: its stride is (2, 2)"),
     (["--data-dir", "somewhere"], "--data-dir is read by --data cifar10 and imagefolder only; digits"),
     (["--out", __file__], "is a file: give a folder"),
 ])

@@ -15,20 +15,6 @@ from dpf_ext import compute, ops
 from dpf_ext.ops import SparseIndex, sparse_linear
 
 COMPILED = ops.simd() != "none"
-ISAS = ["avx512", "avx2", "scalar"]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Each instruction set of the CPU kernels in turn (the reference where none is built)."""
-    if not COMPILED:
-        pytest.skip("the C++ kernels are not built")
-    try:
-        previous = ops.simd(request.param)
-    except RuntimeError:
-        pytest.skip(f"this CPU has no {request.param}")
-    yield request.param
-    ops.simd(previous)
 
 
 def masked_dense(x, weight, mask, bias, dense_grad):
@@ -176,8 +162,11 @@ def cnn():
 
 
 def test_compute_modes_of_the_layers():
-    with pytest.raises(ValueError, match=r"layers \['0'\]: DPFConv2d has no sparse path.*compute='auto'"):
+    with pytest.raises(ValueError, match=r"layers \['0'\]: DPFConv2d: its padding is \(0, 0\) "
+                                         r"\(the sparse convolution needs \(1, 1\).*compute='auto'"):
         dpf_ext.sparsify(cnn(), compute="sparse")
+    with pytest.raises(ValueError, match=r"layers \['0'\]: DPFConv1d has no sparse path"):
+        dpf_ext.sparsify(nn.Sequential(nn.Conv1d(2, 2, 3)), compute="sparse")
     with pytest.raises(ValueError, match="compute must be one of"):
         dpf_ext.sparsify(cnn(), compute="fast")
     model = dpf_ext.sparsify(cnn(), compute="auto")
