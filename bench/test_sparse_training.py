@@ -2,9 +2,10 @@
 weight gradient) at 80-99% sparsity through dpf_ext's sparse products, against the dense
 layer, the masked dense layer (what every method ran before), torch's CSR route and
 SparseProp (``pip install sparseprop``; skipped with a message where it does not build);
-the cost of rebuilding the index at a mask update; whole training steps (MLP and a GPT-2
-built from a config) at 90-98% with a masked and a dense (DPF) weight gradient; and
-ResNet-20's 3x3 convolutions lowered to those sparse products (im2col), against dense.
+the cost of rebuilding the index at a mask update; whole training steps (MLP, a GPT-2
+built from a config and ResNet-20) at 90-98% with a masked and a dense (DPF) weight
+gradient; and ResNet-20's 3x3 convolutions through the direct sparse convolution, against
+dense, masked dense and SparseProp's.
 
 Thread count: the run's (``torch.set_num_threads``; ``OMP_NUM_THREADS=1 python bench/run.py
 -k sparse_training`` for the 1-thread figures)."""
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 import dpf_ext
-from dpf_ext.ops import SparseIndex, sparse_linear
+from dpf_ext.models import ResNet
+from dpf_ext.ops import ConvIndex, SparseIndex, sparse_conv2d, sparse_linear
 from memory import peak_extra_bytes
 from dpf_ext.schedules import Constant
 
@@ -115,6 +117,11 @@ def _mlp():
                          nn.Linear(1024, 10))
 
 
+def _resnet20():
+    torch.manual_seed(0)
+    return ResNet(20, 3, 10)
+
+
 def _gpt2():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=512, n_positions=64, n_embd=512, n_layer=2,
@@ -123,16 +130,22 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
-@pytest.mark.parametrize("compute", ["torch-dense", "dense", "sparse"])
+@pytest.mark.parametrize("compute", ["torch-dense", "dense", "sparse", "auto"])
 @pytest.mark.parametrize("method", ["static", "dpf"])
 @pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.98])
-@pytest.mark.parametrize("model_name", ["mlp", "gpt2"])
+@pytest.mark.parametrize("model_name", ["mlp", "gpt2", "resnet20"])
 def test_training_step(benchmark, model_name, sparsity, method, compute):
     """One optimizer step (forward, backward, SGD, the pruner's step; no mask update in the
-    timed steps) of a whole model; ``torch-dense`` is the plain model without dpf_ext."""
-    model = _mlp() if model_name == "mlp" else _gpt2()
-    if model_name == "mlp":
-        batch = (torch.randn(256, 1024), torch.randint(0, 10, (256,)))
+    timed steps) of a whole model; ``torch-dense`` is the plain model without dpf_ext.
+    ResNet-20 runs ``auto`` (its stride-2 convolutions have no sparse path), the others
+    ``sparse``."""
+    runs = "auto" if model_name == "resnet20" else "sparse"
+    if compute in ("sparse", "auto") and compute != runs:
+        pytest.skip(f"{model_name} runs compute={runs!r}")
+    model = {"mlp": _mlp, "gpt2": _gpt2, "resnet20": _resnet20}[model_name]()
+    if model_name != "gpt2":
+        batch = ((torch.randn(256, 1024), torch.randint(0, 10, (256,))) if model_name == "mlp"
+                 else (torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))))
         loss_fn = lambda m: nn.functional.cross_entropy(m(batch[0]), batch[1])  # noqa: E731
     else:
         ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
@@ -167,57 +180,51 @@ def test_training_step(benchmark, model_name, sparsity, method, compute):
 
 
 CONV_SHAPES = [(16, 32), (32, 16), (64, 8)]  # ResNet-20's 3x3 layers: (channels, side)
-CONV_IMPLS = ["torch-dense", "torch-masked", "dpf-sparse-lowered", "lowering-only"]
+CONV_IMPLS = ["torch-dense", "torch-masked", "dpf-sparse", "dpf-sparse-fullgrad", "sparseprop"]
 
 
-def _conv_step_fn(impl, weight, mask, x, dy):
-    """One training step of a 3x3 convolution (stride 1, padding 1) with ``impl``:
-    ``dpf-sparse-lowered`` runs it as a sparse product of the unfolded input (im2col, the
-    sampled weight gradient, col2im for the input gradient); ``lowering-only`` times that
-    lowering's data movement alone (unfold, the transposes and fold, no product)."""
-    c, side = weight.shape[1], x.shape[-1]
-    n = x.shape[0]
+def _conv_step_fn(impl, weight, bias, mask, x, dy):
+    """One training step of a 3x3 convolution (stride 1, padding 1) with ``impl``: forward,
+    then the gradients of the input, the weight (at the kept positions, or dense for
+    ``-fullgrad``) and the bias."""
     if impl == "torch-dense":
-        return lambda: torch.autograd.backward(nn.functional.conv2d(x, weight, padding=1), dy)
+        return lambda: torch.autograd.backward(nn.functional.conv2d(x, weight, bias, padding=1), dy)
     if impl == "torch-masked":
         return lambda: torch.autograd.backward(nn.functional.conv2d(
-            x, dpf_ext.ops.masked_weight(weight, mask, False), padding=1), dy)
-    if impl == "dpf-sparse-lowered":
-        index = SparseIndex.from_mask(mask.view(mask.shape[0], -1))
-
-        def step():
-            cols = nn.functional.unfold(x, 3, padding=1).transpose(1, 2)  # (n, L, c*9)
-            y = sparse_linear(cols, weight.view(weight.shape[0], -1), index, None, False)
-            y = y.transpose(1, 2).reshape(n, -1, side, side)
-            torch.autograd.backward(y, dy)
-        return step
-
-    def lowering():
-        cols = nn.functional.unfold(x.detach(), 3, padding=1).transpose(1, 2).contiguous()
-        cols.transpose(1, 2).contiguous()  # the weight gradient's operand
-        out = torch.empty(n, side * side, weight.shape[0]).transpose(1, 2).contiguous()
-        back = dy.reshape(n, weight.shape[0], -1).transpose(1, 2).contiguous()
-        nn.functional.fold(torch.empty(n, c * 9, side * side), side, 3, padding=1)
-        return out, back
-    return lowering
+            x, dpf_ext.ops.masked_weight(weight, mask, False), bias, padding=1), dy)
+    if impl.startswith("dpf-sparse"):
+        index = ConvIndex.from_mask(mask)
+        full = impl.endswith("fullgrad")
+        return lambda: torch.autograd.backward(sparse_conv2d(x, weight, index, bias, full), dy)
+    if impl == "sparseprop":
+        try:
+            from sparseprop.modules import SparseConv2d
+        except ImportError as exc:
+            pytest.skip(f"sparseprop is not installed ({exc}): pip install sparseprop")
+        with torch.no_grad():
+            dense = (weight * mask).detach().clone()
+        layer = SparseConv2d(dense, nn.Parameter(bias.detach().clone()), padding=1)
+        return lambda: torch.autograd.backward(layer(x), dy)
+    raise ValueError(impl)
 
 
 @pytest.mark.parametrize("impl", CONV_IMPLS)
-@pytest.mark.parametrize("sparsity", [0.9, 0.98])
+@pytest.mark.parametrize("sparsity", [0.8, 0.9, 0.95, 0.98, 0.99])
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: f"{s[0]}ch-{s[1]}px")
 def test_conv_training_step(benchmark, shape, sparsity, impl):
-    """ResNet-20's 3x3 convolutions, batch 64: dense, masked dense, and a lowering to the
-    sparse Linear products (what a sparse convolution built on them would cost)."""
+    """ResNet-20's 3x3 convolutions, batch 64: dense, masked dense, the direct sparse
+    convolution (sampled and dense weight gradient) and SparseProp's."""
     c, side = shape
     g = torch.Generator().manual_seed(0)
     weight = nn.Parameter(torch.randn(c, c, 3, 3, generator=g) / (9 * c) ** 0.5)
+    bias = nn.Parameter(torch.zeros(c))
     mask = torch.rand(c, c, 3, 3, generator=g) >= sparsity
     x = torch.randn(64, c, side, side, generator=g, requires_grad=True)
     dy = torch.randn(64, c, side, side, generator=g)
-    step = _conv_step_fn(impl, weight, mask, x, dy)
+    step = _conv_step_fn(impl, weight, bias, mask, x, dy)
 
     def run():
-        x.grad = weight.grad = None
+        x.grad = weight.grad = bias.grad = None
         step()
 
     benchmark.group = (f"conv 3x3 {c}->{c} at {side}x{side}, batch 64, {sparsity:.0%}, "

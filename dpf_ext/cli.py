@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .allocator import retain_freed_memory
 from .data import DATASETS, load_dataset
 from .budgets import BUDGETS
 from .methods import METHODS, method_options, recipe_of
@@ -386,6 +387,7 @@ def _start_worker(args: argparse.Namespace, parent: int) -> None:
     if args.out is not None:  # shared with the parent's: the folder stays locked while we run
         _worker["lock"] = FolderLock(args.out).acquire(shared=True)
     torch.set_num_threads(args.threads)
+    retain_freed_memory()
     _worker.update(args=args, data=load_dataset(args.data, args.data_dir),
                    log=RunLog(args.out) if args.out is not None else None)
 
@@ -532,6 +534,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                   f"{args.nm.m})")
             args.exclude = [*args.exclude, *unfit]
     torch.set_num_threads(args.threads)
+    retain_freed_memory()
     base = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
             if hasattr(args, f.name) and f.name not in ("method", "exclude", "seed", "options")}
     methods = args.methods

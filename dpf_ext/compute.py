@@ -38,6 +38,13 @@ on a 2-core AMD EPYC (AVX2), 1 thread, batch 64-256: one Linear step (forward, i
 gradient, sampled weight gradient) of 768x768 and 1024x4096 layers is 0.5-0.7x dense at
 density 0.1 and slower than dense above about 0.3 (see ``docs/results.md``)."""
 
+AUTO_MAX_DENSITY_CONV = 0.3
+"""The same for convolutions (:func:`dpf_ext.ops.sparse_conv2d`). Measured on a 2-core AMD
+EPYC (AVX-512), 1 thread, batch 64, ResNet-20's 3x3 layers (16 channels at 32x32 to 64 at
+8x8): one step with the sampled weight gradient is 1.0-1.4x faster than dense at density
+0.3, 0.7-0.9x as fast at 0.5; with the dense weight gradient 1.1-1.2x at 0.3 (see
+``docs/results.md``)."""
+
 AUTO_MIN_WEIGHTS = 16384
 """``"auto"`` leaves Linear layers with fewer weights dense: their products cost less than the
 sparse path's fixed work (transposes, gathers, the autograd node). Convolutions have no such
@@ -96,9 +103,9 @@ def density(layer) -> float:
 
 
 def prefers_sparse(layer) -> bool:
-    """The ``"auto"`` rule: sparse on the CPU where the compiled kernels are built, the
-    layer (a Linear one) has at least :data:`AUTO_MIN_WEIGHTS` weights and its density is at
-    most :data:`AUTO_MAX_DENSITY`."""
+    """The ``"auto"`` rule: sparse on the CPU where the compiled kernels are built and the
+    layer's density is at most :data:`AUTO_MAX_DENSITY` (a Linear layer of at least
+    :data:`AUTO_MIN_WEIGHTS` weights) or :data:`AUTO_MAX_DENSITY_CONV` (a convolution)."""
     weight = layer.dense_weight
     conv = isinstance(layer, nn.Conv2d)
     return (unsupported(layer) is None
@@ -106,7 +113,7 @@ def prefers_sparse(layer) -> bool:
             and ops.backend_for(weight.device, "sparse_conv" if conv else "sparse_mm")
             is not reference
             and (conv or weight.numel() >= AUTO_MIN_WEIGHTS)
-            and density(layer) <= AUTO_MAX_DENSITY)
+            and density(layer) <= (AUTO_MAX_DENSITY_CONV if conv else AUTO_MAX_DENSITY))
 
 
 def runs_sparse(layer) -> bool:
