@@ -27,6 +27,9 @@ TORCH_LIBRARY(dpf, m) {
   // (rows, cols) with zeros elsewhere.
   m.def("sparse_mm(Tensor xt, Tensor values, Tensor ptr, Tensor idx, Tensor? bias) -> Tensor");
   m.def("sampled_mm(Tensor dyt, Tensor xt, Tensor ptr, Tensor idx) -> Tensor");
+  // Their layout: x (B, cols) as the batch-major xt (cols, B), with the sum over the batch of
+  // each column when sums (the bias gradient; else an empty tensor).
+  m.def("batch_major(Tensor x, bool sums) -> (Tensor, Tensor)");
   // The direct sparse convolution (stride 1, "same" padding, odd kernel), in torch's layout:
   // x (N, C, H, W) with the kept weights CSR by output channel over the columns c * kh * kw +
   // i * kw + j, giving (N, rows, H, W); and its weight gradient at the kept entries from dy

@@ -334,3 +334,18 @@ def test_the_compiled_index_equals_the_reference(case):
         want = reference.sparse_index(mask, *strides)
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not COMPILED, reason="compares the compiled op with the reference")
+@pytest.mark.parametrize("shape", [(1, 1), (7, 17), (65, 100), (256, 40), (9, 8)])
+def test_batch_major_equals_the_reference(isa, shape):
+    """The transposed activations and the bias gradient: whole 8x8 blocks, their edges, and
+    a view whose rows are apart by more than their length."""
+    from dpf_ext.ops import reference
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape[0], shape[1] + 3, generator=g)[:, 2:2 + shape[1]]
+    for sums in (False, True):
+        got, want = torch.ops.dpf.batch_major(x, sums), reference.batch_major(x, sums)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)

@@ -56,6 +56,26 @@ static inline __m256i mask_of_bits(uint32_t b) {
   const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(b)), lane), lane);
 }
+// d[c * ldd + r] = s[r * lds + c] for an 8 x 8 block.
+static inline void transpose8x8(const float* s, int64_t lds, float* d, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(d + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(d + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#define TRANSPOSE8 transpose8x8
 #define VMASK __m256i
 #define VMASK_BITS(b) mask_of_bits(b)
 #define VLOADM(m, p) _mm256_maskload_ps((p), (m))
@@ -76,6 +96,7 @@ namespace avx512 {
 #define VSTORE(p, a) _mm512_storeu_ps((p), (a))
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define VSUM(a) _mm512_reduce_add_ps(a)
+#define TRANSPOSE8 avx2::transpose8x8
 #define VMASK __mmask16
 #define VMASK_BITS(b) __mmask16(b)
 #define VLOADM(m, p) _mm512_maskz_loadu_ps((m), (p))
@@ -87,12 +108,15 @@ namespace avx512 {
 
 const Kernels* kernels(const char* isa) {
   static const Kernels scalar_kernels{"scalar", scalar::spmm_rows, scalar::sddmm_rows,
-                                          1, scalar::conv_planes, scalar::sampled_conv_planes};
+                                          1, scalar::conv_planes, scalar::sampled_conv_planes,
+                                          scalar::batch_major};
 #ifdef DPF_SPARSE_X86
   static const Kernels avx2_kernels{"avx2", avx2::spmm_rows, avx2::sddmm_rows,
-                                          8, avx2::conv_planes, avx2::sampled_conv_planes};
+                                          8, avx2::conv_planes, avx2::sampled_conv_planes,
+                                          avx2::batch_major};
   static const Kernels avx512_kernels{"avx512", avx512::spmm_rows, avx512::sddmm_rows,
-                                          16, avx512::conv_planes, avx512::sampled_conv_planes};
+                                          16, avx512::conv_planes, avx512::sampled_conv_planes,
+                                          avx512::batch_major};
   __builtin_cpu_init();
   const bool has512 = __builtin_cpu_supports("avx512f");
   const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

@@ -39,6 +39,11 @@ using SampledConvPlanes = void (*)(const int64_t* ptr, const int32_t* idx, const
                                    int64_t taps, int64_t cols, float* g, int64_t r_begin,
                                    int64_t r_end);
 
+// xt (cols, B) = x (B, cols; rows ld_x floats apart) transposed, for the columns
+// [c_begin, c_end); with sums, also the sum over the batch of each of those columns.
+using BatchMajor = void (*)(const float* x, int64_t ld_x, int64_t B, float* xt, float* sums,
+                            int64_t c_begin, int64_t c_end);
+
 struct Kernels {
   const char* isa;
   SpmmRows spmm_rows;
@@ -46,6 +51,7 @@ struct Kernels {
   int64_t lanes;
   ConvPlanes conv_planes;
   SampledConvPlanes sampled_conv_planes;
+  BatchMajor batch_major;
 };
 
 // The kernels for the instruction set `isa` ("avx512", "avx2", "scalar"), or for the best one

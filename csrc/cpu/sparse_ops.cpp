@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -115,6 +116,30 @@ at::Tensor sampled_mm_cpu(const at::Tensor& dyt, const at::Tensor& xt, const at:
       sddmm(p, i, dy, x, B, cols, out, acc, c * chunk, std::min(rows, (c + 1) * chunk));
   });
   return g;
+}
+
+// (xt, sums): x (B, cols; unit column stride) as the batch-major xt (cols, B), and the sum
+// over the batch of each column when `sums` (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> batch_major_cpu(const at::Tensor& x, bool sums) {
+  const char* op = "dpf::batch_major";
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu() &&
+                  (x.stride(1) == 1 || x.size(1) <= 1) && x.stride(0) >= 0,
+              op, ": x must be a 2-D float32 CPU tensor with unit column stride");
+  const int64_t B = x.size(0), cols = x.size(1);
+  at::Tensor xt = at::empty({cols, B}, x.options());
+  at::Tensor s = at::empty({sums ? cols : 0}, x.options());
+  if (cols == 0) return {xt, s};
+  if (B == 0) {
+    s.zero_();
+    return {xt, s};
+  }
+  const float* in = x.data_ptr<float>();
+  float* out = xt.data_ptr<float>();
+  float* sum = sums ? s.data_ptr<float>() : nullptr;
+  const auto kernel = active->batch_major;
+  const int64_t ld = B > 1 ? x.stride(0) : cols;
+  for_row_chunks(cols, 64, [&](int64_t c0, int64_t c1) { kernel(in, ld, B, out, sum, c0, c1); });
+  return {xt, s};
 }
 
 // What the convolution kernels need besides the index (see sparse_kernels.h): each kept
@@ -285,6 +310,7 @@ TORCH_LIBRARY_IMPL(dpf, CPU, m) {
   m.impl("sparse_index", &sparse_index_cpu);
   m.impl("sparse_conv", &sparse_conv_cpu);
   m.impl("sampled_conv", &sampled_conv_cpu);
+  m.impl("batch_major", &batch_major_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(dpf, m) {

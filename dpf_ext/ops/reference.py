@@ -291,6 +291,12 @@ def sampled_mm(dyt: torch.Tensor, xt: torch.Tensor, ptr: torch.Tensor,
     return g
 
 
+def batch_major(x: torch.Tensor, sums: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xt, s)``: ``x`` ``(B, cols)`` as the batch-major ``xt`` ``(cols, B)``, contiguous, and
+    ``s`` the sum over the batch of each column when ``sums`` (the bias gradient; else empty)."""
+    return x.t().contiguous(), x.sum(0) if sums else x.new_empty(0)
+
+
 def _conv_inputs(x: torch.Tensor, idx: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """The input each kept weight multiplies at every output position: ``(N, nnz, H, W)``,
     entry ``k`` of column ``c * kh * kw + i * kw + j`` reading ``x[n, c, h + i - kh // 2, w + j

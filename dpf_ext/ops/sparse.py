@@ -85,7 +85,7 @@ class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, index, dense_grad):
         backend = sparse_backend(x)
-        xt = x.t().contiguous()
+        xt = _batch_major(x, False)[0]
         values = _values(weight, index.pos)
         y = backend.sparse_mm(xt, values, index.ptr, index.idx,
                               None if bias is None else bias.detach())
@@ -97,9 +97,9 @@ class _SparseLinear(torch.autograd.Function):
     def backward(ctx, dy):
         xt, weight, values = ctx.saved_tensors
         index, backend = ctx.index, sparse_backend(dy)
-        dyt = dy.t().contiguous()
+        dyt, sums = _batch_major(dy, True)
         dx = dw = db = None
-        if not all_finite(dyt):  # as the dense path: 0 · NaN is NaN
+        if not all_finite(sums):  # as the dense path: 0 · NaN is NaN
             return (*_dense_backward(dy, xt, weight, index, ctx), None, None)
         if ctx.needs_input_grad[0]:
             dx = backend.sparse_mm(dyt, values.index_select(0, index.t_perm), index.t_ptr,
@@ -110,8 +110,16 @@ class _SparseLinear(torch.autograd.Function):
             else:
                 dw = backend.sampled_mm(dyt, xt, index.ptr, index.idx)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(0)
+            db = sums
         return dx, dw, db, None, None
+
+
+def _batch_major(x: torch.Tensor, sums: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``(B, cols)`` as ``(cols, B)`` and, with ``sums``, the sum over the batch of each
+    column (the ``batch_major`` op; the reference's outside float32)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return sparse_backend(x, "batch_major").batch_major(x, sums)
 
 
 def all_finite(t: torch.Tensor) -> bool:
