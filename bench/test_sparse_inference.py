@@ -60,7 +60,7 @@ def test_model(benchmark, name, sparsity, impl):
     model, x = _model(name, sparsity)
     if impl == "dpf_ext-converted":
         model = copy.deepcopy(model)
-        dpf_ext.to_sparse_inference(model, repeats=5)
+        dpf_ext.to_sparse_inference(model, repeats=5, example=x)
     benchmark.group = f"{name} at {sparsity:.0%}, batch 64 (inference)"
     with torch.no_grad():
         benchmark.pedantic(model, args=(x,), rounds=10, warmup_rounds=2)

@@ -58,7 +58,7 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def _conv_unsupported(conv: nn.Conv2d) -> str | None:
+def conv2d_unsupported(conv: nn.Conv2d) -> str | None:
     """Why the Conv2d ``conv`` is not a stride-1 "same" convolution, or ``None``."""
     kernel = conv.kernel_size
     if any(k % 2 == 0 for k in kernel):
@@ -79,7 +79,7 @@ def unsupported(layer) -> str | None:
         return (f"{type(layer).__name__} has no sparse path (Linear, transformers' Conv1D and "
                 "Conv2d have; attention, Conv1d and Conv3d layers run dense)")
     if isinstance(layer, nn.Conv2d):
-        reason = _conv_unsupported(layer)
+        reason = conv2d_unsupported(layer)
         if reason is not None:
             return f"{type(layer).__name__}: {reason}"
     weight = layer.dense_weight

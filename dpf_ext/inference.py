@@ -1,12 +1,13 @@
 """Faster inference with the sparse weights: ``to_sparse_inference``.
 
 Pruned Linear layers (``nn.Linear`` and transformers' ``Conv1D``, plain with zeros or DPF
-layers) become :class:`SparseLinear` modules that multiply with their kept weights only
-(the sparse products of :mod:`dpf_ext.ops.sparse`, the kernels training uses), but only
-those for which a measurement on this machine, at conversion time, shows the sparse product
-beating the dense one (``bench/test_sparse_inference.py`` reports the crossovers). What stays
-dense is reported, with the reason. Convolutions stay dense: no sparse convolution here
-beats the dense one on the CPU.
+layers) become :class:`SparseLinear` modules, and pruned stride-1 ``nn.Conv2d`` layers with
+"same" padding :class:`SparseConv2d` modules, that multiply with their kept weights only
+(the sparse products of :mod:`dpf_ext.ops.sparse` and :mod:`dpf_ext.ops.sparse_conv`, the
+kernels training uses), but only those for which a measurement on this machine, at
+conversion time, shows the sparse product beating the dense one
+(``bench/test_sparse_inference.py`` reports the crossovers). What stays dense is reported,
+with the reason.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .compute import conv2d_unsupported
 from .layers import DPFLayer
 from .ops.sparse import SparseIndex, kept_product
+from .ops.sparse_conv import ConvIndex, kept_conv
 
 
 class SparseLinear(nn.Module):
@@ -43,13 +46,34 @@ class SparseLinear(nn.Module):
                 f"sparsity={1 - self.values.numel() / (self.in_features * self.out_features):.2%}")
 
 
+class SparseConv2d(nn.Module):
+    """An inference-only stride-1 Conv2d with "same" padding holding its kept weights
+    (``values``, in the order of its :class:`~dpf_ext.ops.ConvIndex`) and their index;
+    ``weight`` is the ``(out, in, kh, kw)`` dense weight with zeros it is built from."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        weight = weight.detach()
+        self.index = ConvIndex.from_mask(weight != 0)
+        self.register_buffer("values", weight.reshape(-1)[self.index.rows.pos].clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kept_conv(x, self.values, self.index, self.bias)
+
+    def extra_repr(self) -> str:
+        out, inp, kh, kw = self.index.shape
+        return (f"{inp}, {out}, kernel_size=({kh}, {kw}), padding=({kh // 2}, {kw // 2}), "
+                f"sparsity={1 - self.values.numel() / (out * inp * kh * kw):.2%}")
+
+
 @dataclass(frozen=True)
 class InferenceChoice:
-    """What :func:`to_sparse_inference` measured for one Linear layer and decided; ``reason``
-    says why a layer stays dense."""
+    """What :func:`to_sparse_inference` measured for one Linear or Conv2d layer and decided;
+    ``reason`` says why a layer stays dense."""
 
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     sparsity: float
     dense_ms: float
     sparse_ms: float
@@ -79,37 +103,86 @@ def _linear_weight(module: nn.Module) -> torch.Tensor | None:
     return weight.detach().t() if is_conv1d else weight.detach()
 
 
+def _conv_inputs(model: nn.Module, example) -> dict[str, torch.Size]:
+    """The input shape of each ``nn.Conv2d`` of ``model`` in one forward of ``example`` (a
+    tensor, or a tuple of the model's inputs); empty without ``example``."""
+    if example is None:
+        return {}
+    shapes: dict[str, torch.Size] = {}
+
+    def record(name):
+        def hook(module, args):
+            shapes.setdefault(name, args[0].shape)  # returns None: the input is kept
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
+             if isinstance(m, nn.Conv2d)]
+    try:
+        model(*example) if isinstance(example, tuple) else model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def _candidate(name: str, module: nn.Module, batch_size: int, conv_inputs: dict):
+    """``(weight, sparse module, input, dense product, why not)`` for a layer
+    :func:`to_sparse_inference` may swap; ``None`` for other modules."""
+    weight = _linear_weight(module)
+    if weight is not None:
+        x = torch.randn(batch_size, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        return (weight, lambda: SparseLinear(weight, module.bias), x,
+                lambda: nn.functional.linear(x, weight, module.bias), "")
+    if not isinstance(module, nn.Conv2d):
+        return None
+    weight = (module.masked_weight() if isinstance(module, DPFLayer) else module.weight).detach()
+    padding = (weight.shape[2] // 2, weight.shape[3] // 2)
+    shape = conv_inputs.get(name)
+    x = None if shape is None else torch.randn(shape, device=weight.device, dtype=weight.dtype)
+    why = conv2d_unsupported(module) or ("" if shape is not None else
+                                         "a convolution: pass example= to measure it")
+    return (weight, lambda: SparseConv2d(weight, module.bias), x,
+            lambda: nn.functional.conv2d(x, weight, module.bias, padding=padding), why)
+
+
 @torch.no_grad()
 def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: float = 1.1,
-                        min_sparsity: float = 0.5, repeats: int = 20) -> list[InferenceChoice]:
+                        min_sparsity: float = 0.5, repeats: int = 20,
+                        example=None) -> list[InferenceChoice]:
     """Swap, in place, each Linear layer of ``model`` (``nn.Linear``, transformers'
     ``Conv1D``) whose sparse product is at least ``min_speedup`` times faster than its dense
     one, measured here on a random batch of ``batch_size`` rows, for a
-    :class:`SparseLinear`. DPF layers are taken with their masks applied. Returns one
-    :class:`InferenceChoice` per Linear layer: measured and swapped, measured and left dense,
-    or left dense untried (``reason``: under ``min_sparsity``, or a dtype without sparse
-    kernels). The result is for inference only (no gradient reaches the weights).
+    :class:`SparseLinear`; and, given ``example`` (the model's input: a tensor, or a tuple of
+    its inputs), each stride-1 "same" ``nn.Conv2d`` for a :class:`SparseConv2d` the same
+    way, measured at the input shape it sees in one forward of ``example``. DPF layers are
+    taken with their masks applied. Returns one :class:`InferenceChoice` per Linear or
+    Conv2d layer: measured and swapped, measured and left dense, or left dense untried
+    (``reason``: under ``min_sparsity``, a dtype without sparse kernels, a convolution
+    without a sparse path or without ``example``). The result is for inference only (no
+    gradient reaches the weights).
     """
     if batch_size < 1 or min_speedup <= 0 or not 0 <= min_sparsity < 1 or repeats < 1:
         raise ValueError("batch_size and repeats must be >= 1, min_speedup > 0, "
                          "min_sparsity in [0, 1)")
     modules = dict(model.named_modules())
+    conv_inputs = _conv_inputs(model, example)
     choices = []
     for name, module in list(modules.items()):
-        weight = _linear_weight(module) if name else None
-        if weight is None:
+        found = _candidate(name, module, batch_size, conv_inputs) if name else None
+        if found is None:
             continue
+        weight, build, x, dense, why = found
         sparsity = 1.0 - int((weight != 0).sum()) / weight.numel()
-        untried = (f"sparsity {sparsity:.1%} under min_sparsity" if sparsity < min_sparsity else
-                   f"{weight.dtype} has no sparse kernels (float32 has)"
-                   if weight.dtype != torch.float32 else "")
+        untried = (why or (f"sparsity {sparsity:.1%} under min_sparsity"
+                           if sparsity < min_sparsity else "")
+                   or (f"{weight.dtype} has no sparse kernels (float32 has)"
+                       if weight.dtype != torch.float32 else ""))
         if untried:
             choices.append(InferenceChoice(name, tuple(weight.shape), sparsity, float("nan"),
                                            float("nan"), False, untried))
             continue
-        candidate = SparseLinear(weight, module.bias).to(weight.device)
-        x = torch.randn(batch_size, weight.shape[1], device=weight.device, dtype=weight.dtype)
-        dense_ms = _median_ms(lambda: nn.functional.linear(x, weight, module.bias), repeats)
+        candidate = build().to(weight.device)
+        dense_ms = _median_ms(dense, repeats)
         sparse_ms = _median_ms(lambda: candidate(x), repeats)
         use = dense_ms >= min_speedup * sparse_ms
         choices.append(InferenceChoice(name, tuple(weight.shape), sparsity, dense_ms, sparse_ms,

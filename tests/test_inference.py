@@ -66,3 +66,28 @@ def test_gpt2_conv1d_layers_convert_and_what_stays_dense_is_reported():
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
     dense = dpf_ext.to_sparse_inference(nn.Sequential(nn.Linear(8, 8)), repeats=1)
     assert [(c.sparse, c.reason) for c in dense] == [(False, "sparsity 0.0% under min_sparsity")]
+
+
+def test_convolutions_convert_given_an_example_and_what_stays_dense_is_reported():
+    from dpf_ext.inference import SparseConv2d
+
+    torch.manual_seed(0)
+    model = dpf_ext.sparsify(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(16 * 4 * 4, 10)))
+    dpf_ext.DPF(model, schedule=Constant(0.95), scope="layer")
+    x = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    untried = dpf_ext.to_sparse_inference(copy.deepcopy(model), repeats=1)
+    assert {c.name: c.reason for c in untried if c.name != "6"} == {
+        "0": "a convolution: pass example= to measure it",
+        "2": "a convolution: pass example= to measure it",
+        "4": "its stride is (2, 2) (the sparse convolution needs (1, 1))"}
+    choices = dpf_ext.to_sparse_inference(model, min_speedup=1e-9, repeats=1, example=x)
+    assert [c.name for c in choices if c.sparse] == ["0", "2", "6"]
+    assert isinstance(model[0], SparseConv2d) and isinstance(model[2], SparseConv2d)
+    assert "sparsity=9" in repr(model[2]) and not isinstance(model[4], SparseConv2d)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model[:2](x[0]), model[:2](x[:1])[0])  # unbatched

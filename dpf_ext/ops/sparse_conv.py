@@ -137,3 +137,19 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: ConvIndex,
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"the {name} is {t.dtype}, the input {x.dtype}")
     return _SparseConv2d.apply(x, weight, bias, index, dense_grad)
+
+
+def kept_conv(x: torch.Tensor, values: torch.Tensor, index: ConvIndex,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The "same" stride-1 convolution of ``x`` (``(N, C, H, W)`` or ``(C, H, W)``) with the
+    weight whose kept entries are ``values`` (in ``index``'s CSR order), without autograd:
+    the inference product of a layer that keeps only its values."""
+    if x.shape[-3] != index.shape[1] or values.numel() != index.nnz or x.dim() not in (3, 4):
+        raise ValueError(f"input {tuple(x.shape)} and {values.numel()} values for a "
+                         f"{index.shape} index of {index.nnz} entries")
+    _, _, kh, kw = index.shape
+    with torch.no_grad():
+        batched = (x if x.dim() == 4 else x.unsqueeze(0)).contiguous()
+        y = sparse_backend(x, "sparse_conv").sparse_conv(batched, values, index.rows.ptr,
+                                                         index.rows.idx, kh, kw, bias)
+    return y if x.dim() == 4 else y.squeeze(0)
