@@ -106,6 +106,29 @@ namespace avx512 {
 #pragma GCC pop_options
 #endif
 
+ConvGeometry conv_geometry(const int32_t* idx, int64_t nnz, int64_t H, int64_t W, int64_t kh,
+                           int64_t kw, int64_t lanes) {
+  const int64_t hw = H * W, taps = kh * kw, ph = kh / 2, pw = kw / 2;
+  const int64_t nvec = (hw + lanes - 1) / lanes;
+  ConvGeometry geo;
+  geo.off.resize(nnz);
+  geo.tap.resize(nnz);
+  for (int64_t k = 0; k < nnz; ++k) {
+    const int64_t c = idx[k] / taps, t = idx[k] % taps;
+    geo.off[k] = c * hw + (t / kw - ph) * W + (t % kw - pw);
+    geo.tap[k] = int32_t(t);
+  }
+  geo.bits.assign((taps + 1) * nvec, 0u);
+  for (int64_t t = 0; t <= taps; ++t) {  // the last row: the plane itself
+    const int64_t di = t < taps ? t / kw - ph : 0, dj = t < taps ? t % kw - pw : 0;
+    for (int64_t p = 0; p < hw; ++p) {
+      const int64_t h = p / W + di, w = p % W + dj;
+      if (h >= 0 && h < H && w >= 0 && w < W) geo.bits[t * nvec + p / lanes] |= 1u << (p % lanes);
+    }
+  }
+  return geo;
+}
+
 const Kernels* kernels(const char* isa) {
   static const Kernels scalar_kernels{"scalar", scalar::spmm_rows, scalar::sddmm_rows,
                                           1, scalar::conv_planes, scalar::sampled_conv_planes,

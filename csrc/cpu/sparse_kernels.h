@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace dpf {
 namespace sparse {
@@ -38,6 +39,17 @@ using SampledConvPlanes = void (*)(const int64_t* ptr, const int32_t* idx, const
                                    int64_t image, int64_t rows, int64_t hw, const uint32_t* bits,
                                    int64_t taps, int64_t cols, float* g, int64_t r_begin,
                                    int64_t r_end);
+
+// What the convolution kernels need besides the index, for planes of H x W: each kept weight's
+// offset and tap (from its column idx[k] = c * kh * kw + t), and the lane masks (bits) of
+// every tap's shifted plane and of the plane itself, for vectors of `lanes` floats.
+struct ConvGeometry {
+  std::vector<int64_t> off;
+  std::vector<int32_t> tap;
+  std::vector<uint32_t> bits;
+};
+ConvGeometry conv_geometry(const int32_t* idx, int64_t nnz, int64_t H, int64_t W, int64_t kh,
+                           int64_t kw, int64_t lanes);
 
 // xt (cols, B) = x (B, cols; rows ld_x floats apart) transposed, for the columns
 // [c_begin, c_end); with sums, also the sum over the batch of each of those columns.

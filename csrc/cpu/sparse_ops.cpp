@@ -142,38 +142,6 @@ std::tuple<at::Tensor, at::Tensor> batch_major_cpu(const at::Tensor& x, bool sum
   return {xt, s};
 }
 
-// What the convolution kernels need besides the index (see sparse_kernels.h): each kept
-// weight's offset and tap, and the lane masks of every tap's shifted plane and of the plane.
-struct ConvGeometry {
-  std::vector<int64_t> off;
-  std::vector<int32_t> tap;
-  std::vector<uint32_t> bits;
-};
-
-ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& idx, int64_t kh, int64_t kw,
-                           int64_t lanes) {
-  const int64_t H = x.size(2), W = x.size(3), hw = H * W, taps = kh * kw;
-  const int64_t ph = kh / 2, pw = kw / 2, nvec = (hw + lanes - 1) / lanes;
-  ConvGeometry geo;
-  const int32_t* ix = idx.data_ptr<int32_t>();
-  geo.off.resize(idx.numel());
-  geo.tap.resize(idx.numel());
-  for (int64_t k = 0; k < idx.numel(); ++k) {
-    const int64_t c = ix[k] / taps, t = ix[k] % taps;
-    geo.off[k] = c * hw + (t / kw - ph) * W + (t % kw - pw);
-    geo.tap[k] = int32_t(t);
-  }
-  geo.bits.assign((taps + 1) * nvec, 0u);
-  for (int64_t t = 0; t <= taps; ++t) {
-    const int64_t di = t < taps ? t / kw - ph : 0, dj = t < taps ? t % kw - pw : 0;
-    for (int64_t p = 0; p < hw; ++p) {
-      const int64_t h = p / W + di, w = p % W + dj;
-      if (h >= 0 && h < H && w >= 0 && w < W) geo.bits[t * nvec + p / lanes] |= 1u << (p % lanes);
-    }
-  }
-  return geo;
-}
-
 // The checks of both convolution ops.
 void check_conv(const at::Tensor& x, const at::Tensor& ptr, const at::Tensor& idx, int64_t kh,
                 int64_t kw, const char* op) {
@@ -199,7 +167,8 @@ at::Tensor sparse_conv_cpu(const at::Tensor& x, const at::Tensor& values, const 
   }
   at::Tensor y = at::empty({N, rows, x.size(2), x.size(3)}, x.options());
   if (y.numel() == 0) return y;
-  const ConvGeometry geo = conv_geometry(x, idx, kh, kw, active->lanes);
+  const sparse::ConvGeometry geo = sparse::conv_geometry(idx.data_ptr<int32_t>(), idx.numel(), x.size(2),
+                                                         x.size(3), kh, kw, active->lanes);
   const int64_t* p = ptr.data_ptr<int64_t>();
   const float* v = values.data_ptr<float>();
   const float* in = x.data_ptr<float>();
@@ -229,7 +198,8 @@ at::Tensor sampled_conv_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
   at::Tensor g = at::empty({rows, cols}, x.options());
   if (g.numel() == 0) return g;
   if (N == 0 || x.size(2) * x.size(3) == 0) return g.zero_();
-  const ConvGeometry geo = conv_geometry(x, idx, kh, kw, active->lanes);
+  const sparse::ConvGeometry geo = sparse::conv_geometry(idx.data_ptr<int32_t>(), idx.numel(), x.size(2),
+                                                         x.size(3), kh, kw, active->lanes);
   const auto sampled = active->sampled_conv_planes;
   const int64_t* p = ptr.data_ptr<int64_t>();
   const int32_t* i = idx.data_ptr<int32_t>();

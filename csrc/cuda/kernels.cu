@@ -372,6 +372,55 @@ __global__ void sampled_mm_kernel(const int64_t* ptr, const int32_t* idx, const 
   }
 }
 
+// The direct sparse convolution (stride 1, "same" padding; see csrc/cpu/sparse_kernels.h):
+// one thread per output element of y (N, rows, H, W), consecutive threads on consecutive
+// positions of a plane, so that each kept weight's shifted plane is read coalesced.
+__global__ void sparse_conv_kernel(const int64_t* ptr, const int32_t* idx, const float* val,
+                                   const float* x, int64_t N, int64_t C, int64_t H, int64_t W,
+                                   int64_t kh, int64_t kw, const float* bias, float* y,
+                                   int64_t rows) {
+  const int64_t hw = H * W, taps = kh * kw, total = N * rows * hw;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / (rows * hw), r = i / hw % rows, h = i % hw / W, w = i % W;
+    float acc = bias != nullptr ? bias[r] : 0.0f;
+    for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) {
+      const int64_t c = idx[k] / taps, t = idx[k] % taps;
+      const int64_t ih = h + t / kw - kh / 2, iw = w + t % kw - kw / 2;
+      if (ih >= 0 && ih < H && iw >= 0 && iw < W) acc += val[k] * x[((n * C + c) * H + ih) * W + iw];
+    }
+    y[i] = acc;
+  }
+}
+
+// Its weight gradient at the kept entries: one block per output channel (striding over
+// them), the row of g zeroed, then each thread sums the products over the images and
+// positions for some of the row's kept weights.
+__global__ void sampled_conv_kernel(const int64_t* ptr, const int32_t* idx, const float* dy,
+                                    const float* x, int64_t N, int64_t C, int64_t H, int64_t W,
+                                    int64_t kh, int64_t kw, int64_t rows, float* g) {
+  const int64_t hw = H * W, taps = kh * kw, cols = C * taps;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float* row = g + r * cols;
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) row[j] = 0.0f;
+    __syncthreads();  // the zeros before the kept entries
+    for (int64_t k = ptr[r] + threadIdx.x; k < ptr[r + 1]; k += blockDim.x) {
+      const int64_t c = idx[k] / taps, t = idx[k] % taps;
+      const int64_t di = t / kw - kh / 2, dj = t % kw - kw / 2;
+      float acc = 0.0f;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t h = 0; h < H; ++h) {
+          if (h + di < 0 || h + di >= H) continue;
+          for (int64_t w = 0; w < W; ++w)
+            if (w + dj >= 0 && w + dj < W)
+              acc += dy[((n * rows + r) * H + h) * W + w] * x[((n * C + c) * H + h + di) * W + w + dj];
+        }
+      row[idx[k]] = acc;
+    }
+    __syncthreads();  // the row done before the block's threads move on
+  }
+}
+
 int grid_for(int64_t chunks, int cap) {
   return static_cast<int>(chunks < cap ? chunks : cap);
 }
@@ -552,6 +601,25 @@ cudaError_t sampled_mm(const int64_t* ptr, const int32_t* idx, const float* dyt,
                        int64_t B, int64_t rows, int64_t cols, float* g, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
   sampled_mm_kernel<<<grid_for(rows, 65535), 128, 0, stream>>>(ptr, idx, dyt, xt, B, rows, cols, g);
+  return cudaGetLastError();
+}
+
+cudaError_t sparse_conv(const int64_t* ptr, const int32_t* idx, const float* val, const float* x,
+                        int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                        const float* bias, float* y, int64_t rows, cudaStream_t stream) {
+  const int64_t total = N * rows * H * W;
+  if (total == 0) return cudaSuccess;
+  sparse_conv_kernel<<<grid_for((total + 255) / 256, 65535), 256, 0, stream>>>(
+      ptr, idx, val, x, N, C, H, W, kh, kw, bias, y, rows);
+  return cudaGetLastError();
+}
+
+cudaError_t sampled_conv(const int64_t* ptr, const int32_t* idx, const float* dy, const float* x,
+                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                         int64_t rows, float* g, cudaStream_t stream) {
+  if (rows == 0 || C * kh * kw == 0) return cudaSuccess;
+  sampled_conv_kernel<<<grid_for(rows, 65535), 128, 0, stream>>>(ptr, idx, dy, x, N, C, H, W, kh,
+                                                                 kw, rows, g);
   return cudaGetLastError();
 }
 

@@ -114,5 +114,18 @@ cudaError_t sparse_mm(const int64_t* ptr, const int32_t* idx, const float* val, 
 cudaError_t sampled_mm(const int64_t* ptr, const int32_t* idx, const float* dyt, const float* xt,
                        int64_t B, int64_t rows, int64_t cols, float* g, cudaStream_t stream);
 
+// The direct sparse convolution (stride 1, "same" padding, odd kh and kw): y (N, rows, H, W) =
+// bias + the kept weights (CSR by output channel over the columns c * kh * kw + i * kw + j)
+// convolved with x (N, C, H, W); bias may be null.
+cudaError_t sparse_conv(const int64_t* ptr, const int32_t* idx, const float* val, const float* x,
+                        int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                        const float* bias, float* y, int64_t rows, cudaStream_t stream);
+
+// g (rows, C * kh * kw): its weight gradient at the kept entries from dy (N, rows, H, W), 0
+// elsewhere.
+cudaError_t sampled_conv(const int64_t* ptr, const int32_t* idx, const float* dy, const float* x,
+                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                         int64_t rows, float* g, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace dpf

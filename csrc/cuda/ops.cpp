@@ -288,6 +288,60 @@ at::Tensor sampled_mm_cuda(const at::Tensor& dyt, const at::Tensor& xt, const at
   return g;
 }
 
+void check_conv_args(const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& idx,
+                     int64_t kh, int64_t kw, const char* op) {
+  TORCH_CHECK(a.is_cuda() && a.scalar_type() == at::kFloat && a.dim() == 4 && a.is_contiguous(),
+              op, ": the activations must be contiguous 4-D float32 CUDA tensors");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh % 2 == 1 && kw % 2 == 1, op,
+              ": the kernel sizes must be odd (\"same\" padding)");
+  TORCH_CHECK(ptr.is_cuda() && ptr.scalar_type() == at::kLong && ptr.dim() == 1 && ptr.numel() >= 1 &&
+                  ptr.is_contiguous() && idx.is_cuda() && idx.scalar_type() == at::kInt &&
+                  idx.dim() == 1 && idx.is_contiguous(),
+              op, ": ptr must be contiguous int64 and idx contiguous int32, on the GPU");
+}
+
+at::Tensor sparse_conv_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& ptr,
+                            const at::Tensor& idx, int64_t kh, int64_t kw,
+                            const std::optional<at::Tensor>& bias) {
+  check_conv_args(x, ptr, idx, kh, kw, "dpf::sparse_conv");
+  TORCH_CHECK(values.is_cuda() && values.scalar_type() == at::kFloat && values.is_contiguous() &&
+                  values.numel() == idx.numel(),
+              "dpf::sparse_conv: one contiguous float32 value per index entry");
+  const int64_t rows = ptr.numel() - 1;
+  if (bias) {
+    TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                    bias->numel() == rows,
+                "dpf::sparse_conv: bias must be a contiguous float32 tensor of one entry per row");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({x.size(0), rows, x.size(2), x.size(3)}, x.options());
+  check_cuda(cuda::sparse_conv(ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(),
+                               values.const_data_ptr<float>(), x.const_data_ptr<float>(), x.size(0),
+                               x.size(1), x.size(2), x.size(3), kh, kw,
+                               bias ? bias->const_data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                               rows, c10::cuda::getCurrentCUDAStream()),
+             "sparse_conv");
+  return y;
+}
+
+at::Tensor sampled_conv_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ptr,
+                             const at::Tensor& idx, int64_t kh, int64_t kw) {
+  check_conv_args(x, ptr, idx, kh, kw, "dpf::sampled_conv");
+  check_conv_args(dy, ptr, idx, kh, kw, "dpf::sampled_conv");
+  const int64_t rows = ptr.numel() - 1;
+  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(1) == rows && dy.size(2) == x.size(2) &&
+                  dy.size(3) == x.size(3),
+              "dpf::sampled_conv: dy must be (N, rows, H, W) of x's N, H and W");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor g = at::empty({rows, x.size(1) * kh * kw}, x.options());
+  check_cuda(cuda::sampled_conv(ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(),
+                                dy.const_data_ptr<float>(), x.const_data_ptr<float>(), x.size(0),
+                                x.size(1), x.size(2), x.size(3), kh, kw, rows, g.data_ptr<float>(),
+                                c10::cuda::getCurrentCUDAStream()),
+             "sampled_conv");
+  return g;
+}
+
 void feedback_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                             const c10::List<bool>& fresh, double lr, double momentum, double dampening,
                             bool nesterov, double weight_decay, bool maximize, at::TensorList masks,
@@ -400,6 +454,8 @@ TORCH_LIBRARY_IMPL(dpf, CUDA, m) {
   m.impl("masked_weight", &masked_weight_cuda);
   m.impl("sparse_mm", &sparse_mm_cuda);
   m.impl("sampled_mm", &sampled_mm_cuda);
+  m.impl("sparse_conv", &sparse_conv_cuda);
+  m.impl("sampled_conv", &sampled_conv_cuda);
   m.impl("nm_masks", &nm_masks_cuda);
   m.impl("feedback_sgd_step", &feedback_sgd_step_cuda);
   m.impl("feedback_adamw_step", &feedback_adamw_step_cuda);

@@ -648,6 +648,67 @@ void test_sparse_products() {
   }
 }
 
+// The sparse convolution against the CPU kernels (scalar path): kernels 1x1, 3x3, 5x3, planes
+// smaller than the kernel, empty output and input channels, a fully pruned and a fully kept
+// weight, one image.
+void test_sparse_convolution() {
+  const sparse::Kernels* ref = sparse::kernels("scalar");
+  struct Shape {
+    int64_t N, C, R, H, W, kh, kw;
+    double density;
+  };
+  const Shape shapes[] = {{1, 1, 1, 1, 1, 1, 1, 1.0}, {3, 5, 4, 7, 6, 3, 3, 0.3},
+                          {2, 4, 6, 2, 3, 5, 3, 0.5}, {1, 3, 2, 9, 5, 3, 3, 0.0},
+                          {2, 2, 3, 4, 4, 3, 3, 1.0}, {4, 6, 5, 5, 8, 1, 1, 0.4}};
+  std::uniform_real_distribution<float> uniform(-1.f, 1.f);
+  for (const auto& sh : shapes) {
+    std::bernoulli_distribution keep(sh.density);
+    const int64_t cols = sh.C * sh.kh * sh.kw, hw = sh.H * sh.W;
+    std::vector<int64_t> ptr(sh.R + 1, 0);
+    std::vector<int32_t> idx;
+    std::vector<float> val;
+    for (int64_t r = 0; r < sh.R; ++r) {
+      for (int64_t c = 0; c < cols; ++c)
+        if (r % 3 != 2 && c / (sh.kh * sh.kw) % 4 != 3 && keep(rng)) {  // empty channels
+          idx.push_back(int32_t(c));
+          val.push_back(uniform(rng));
+        }
+      ptr[r + 1] = int64_t(idx.size());
+    }
+    std::vector<float> x(sh.N * sh.C * hw), dy(sh.N * sh.R * hw), bias(sh.R);
+    for (auto& v : x) v = uniform(rng);
+    for (auto& v : dy) v = uniform(rng);
+    for (auto& v : bias) v = uniform(rng);
+    const sparse::ConvGeometry geo = sparse::conv_geometry(idx.data(), int64_t(idx.size()), sh.H, sh.W,
+                                                           sh.kh, sh.kw, ref->lanes);
+    const std::string name = std::to_string(sh.R) + "x" + std::to_string(sh.C) + "x" +
+                             std::to_string(sh.kh) + "x" + std::to_string(sh.kw) + " on " +
+                             std::to_string(sh.N) + "x" + std::to_string(sh.H) + "x" + std::to_string(sh.W);
+    for (const bool with_bias : {true, false}) {
+      std::vector<float> want(sh.N * sh.R * hw), got(want.size(), -7.f);
+      const float* b = with_bias ? bias.data() : nullptr;
+      ref->conv_planes(ptr.data(), geo.off.data(), geo.tap.data(), val.data(), x.data(), sh.C * hw, sh.R,
+                       hw, geo.bits.data(), sh.kh * sh.kw, b, want.data(), 0, sh.N * sh.R);
+      check_cuda(cuda::sparse_conv(ptr.data(), idx.data(), val.data(), x.data(), sh.N, sh.C, sh.H, sh.W,
+                                   sh.kh, sh.kw, b, got.data(), sh.R, nullptr),
+                 "sparse_conv launch");
+      bool ok = true;
+      for (size_t i = 0; i < want.size(); ++i) ok &= std::fabs(got[i] - want[i]) <= 1e-5f * (1 + std::fabs(want[i]));
+      check(ok, "sparse_conv " + name + (with_bias ? " bias" : ""));
+    }
+    std::vector<float> want(sh.R * cols), got(want.size(), -7.f);
+    ref->sampled_conv_planes(ptr.data(), idx.data(), geo.off.data(), geo.tap.data(), dy.data(), x.data(),
+                             sh.N, sh.C * hw, sh.R, hw, geo.bits.data(), sh.kh * sh.kw, cols, want.data(),
+                             0, sh.R);
+    check_cuda(cuda::sampled_conv(ptr.data(), idx.data(), dy.data(), x.data(), sh.N, sh.C, sh.H, sh.W,
+                                  sh.kh, sh.kw, sh.R, got.data(), nullptr),
+               "sampled_conv launch");
+    bool ok = true;
+    for (size_t i = 0; i < want.size(); ++i) ok &= std::fabs(got[i] - want[i]) <= 1e-4f * (1 + std::fabs(want[i]));
+    check(ok, "sampled_conv " + name);
+  }
+}
+
 int main() {
   test_launch_limits();
   test_histograms<float>();
@@ -672,6 +733,7 @@ int main() {
   test_gpu_classes<float>();
   test_gpu_classes<Half>();
   test_sparse_products();
+  test_sparse_convolution();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;
 }
