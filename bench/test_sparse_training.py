@@ -94,7 +94,7 @@ def test_linear_training_step(benchmark, shape, batch, sparsity, impl):
     benchmark.group = (f"Linear {shape[0]}->{shape[1]} step, batch {batch}, {sparsity:.0%}, "
                        f"{torch.get_num_threads()} thread(s)")
     benchmark.extra_info.update(sparsity=sparsity, batch=batch, shape=list(shape))
-    benchmark.pedantic(run, rounds=7, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=15, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("impl", ["torch-dense-product", "index-rebuild"])
@@ -172,7 +172,7 @@ def test_training_step(benchmark, model_name, sparsity, method, compute):
     if pruner is not None:
         benchmark.extra_info["sparse_layers"] = sum(
             v == "sparse" for v in dpf_ext.compute_report(model).values())
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=9, warmup_rounds=2)
     # after the warm-up rounds: the step's own peak, not the first call's allocations
     benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(step)
     benchmark.extra_info["weights_bytes"] = sum(
@@ -230,4 +230,4 @@ def test_conv_training_step(benchmark, shape, sparsity, impl):
     benchmark.group = (f"conv 3x3 {c}->{c} at {side}x{side}, batch 64, {sparsity:.0%}, "
                        f"{torch.get_num_threads()} thread(s)")
     benchmark.extra_info.update(sparsity=sparsity, conv=list(shape))
-    benchmark.pedantic(run, rounds=7, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=15, warmup_rounds=2)

@@ -58,16 +58,19 @@ def run_ranks(fn, world, tmp_path, *args):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
-def _model():
+def _model(kind="mlp"):
     torch.manual_seed(0)
+    if kind == "cnn":  # convolutions with a sparse path, and a Linear head
+        return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                             nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
     # the last layer has 2 rows: with 3 ranks one rank holds none of it
     return nn.Sequential(nn.Linear(10, 48), nn.ReLU(), nn.Linear(48, 24), nn.ReLU(), nn.Linear(24, 2))
 
 
-def _batch(step, size=16):
+def _batch(step, size=16, kind="mlp"):
     g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(size, 10, generator=g)
-    return x, (x[:, 0] > 0).long()
+    x = torch.randn(size, 10, generator=g) if kind == "mlp" else torch.randn(size, 2, 4, 4, generator=g)
+    return x, (x.reshape(size, -1)[:, 0] > 0).long()
 
 
 def _masks(model):
@@ -218,23 +221,23 @@ def _ddp_pruner(model, opt, method, steps):
     return dpf_ext.Pruner(model, method, 0.8, total_steps=steps, update_every=2, optimizer=opt)
 
 
-def _ddp_train(rank, world, steps, method="dpf", compute="dense"):
+def _ddp_train(rank, world, steps, method="dpf", compute="dense", kind="mlp"):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = dpf_ext.sparsify(_model(), compute=compute)
+    model = dpf_ext.sparsify(_model(kind), compute=compute)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     pruner = _ddp_pruner(model, opt, method, steps)
     ddp = DDP(model)
-    result = _ddp_steps(model, ddp, opt, pruner, rank, world, steps)
+    result = _ddp_steps(model, ddp, opt, pruner, rank, world, steps, kind)
     return {**result, "weights": [w.detach().clone() for w in model.parameters()]}
 
 
-def _ddp_steps(model, ddp, opt, pruner, rank, world, steps):
+def _ddp_steps(model, ddp, opt, pruner, rank, world, steps, kind="mlp"):
     """Train ``steps`` steps, each rank on its part of the batch; the masks of every step
     and the final report."""
     history = []
     for step in range(steps):
-        x, y = _batch(step, 16 * world)
+        x, y = _batch(step, 16 * world, kind)
         part = slice(rank * 16, (rank + 1) * 16)
         nn.functional.cross_entropy(ddp(x[part]), y[part]).backward()
         opt.step()
@@ -245,19 +248,21 @@ def _ddp_steps(model, ddp, opt, pruner, rank, world, steps):
 
 
 @pytest.mark.filterwarnings("ignore:.*entirely pruned")
-@pytest.mark.parametrize("method, compute", [("dpf", "dense"), ("dpf", "sparse"),
-                                             ("rigl", "sparse")])
-def test_ddp_matches_one_process_with_the_combined_batch(tmp_path, method, compute):
-    """Each rank on its part of the batch, the products dense or from the kept weights:
-    the same masks at every step as one process with the whole batch and dense products,
-    and the same weights to float tolerance."""
+@pytest.mark.parametrize("method, compute, kind", [
+    ("dpf", "dense", "mlp"), ("dpf", "sparse", "mlp"), ("rigl", "sparse", "mlp"),
+    ("rigl", "sparse", "cnn")])
+def test_ddp_matches_one_process_with_the_combined_batch(tmp_path, method, compute, kind):
+    """Each rank on its part of the batch, the products dense or from the kept weights
+    (Linear layers, or convolutions and a Linear head): the same masks at every step as one
+    process with the whole batch and dense products, and the same weights to float
+    tolerance."""
     steps, world = 12, 2
-    results = run_ranks(_ddp_train, world, tmp_path, steps, method, compute)
-    model = dpf_ext.sparsify(_model())
+    results = run_ranks(_ddp_train, world, tmp_path, steps, method, compute, kind)
+    model = dpf_ext.sparsify(_model(kind))
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     pruner = _ddp_pruner(model, opt, method, steps)
     for step in range(steps):
-        x, y = _batch(step, 16 * world)
+        x, y = _batch(step, 16 * world, kind)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()

@@ -399,7 +399,7 @@ __global__ void sparse_conv_kernel(const int64_t* ptr, const int32_t* idx, const
 __global__ void sampled_conv_kernel(const int64_t* ptr, const int32_t* idx, const float* dy,
                                     const float* x, int64_t N, int64_t C, int64_t H, int64_t W,
                                     int64_t kh, int64_t kw, int64_t rows, float* g) {
-  const int64_t hw = H * W, taps = kh * kw, cols = C * taps;
+  const int64_t taps = kh * kw, cols = C * taps;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     float* row = g + r * cols;
     for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) row[j] = 0.0f;
