@@ -118,8 +118,12 @@ def figure(rows: dict, impls: list[str], title, label, out: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = sorted(rows)
-    fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(4 * ((len(keys) + 1) // 2), 7),
-                             sharey=True)
+    nrows = 1 if len(keys) <= 3 else 2
+    ncols = -(-len(keys) // nrows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.5 * nrows + 0.5), sharey=True,
+                             squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
     styles = dict(zip(LAYER_IMPLS, ["s:", "o-", "^-", "x--", "d-."]))
     for ax, key in zip(axes.flat, keys):
         sparsities = sorted(rows[key])
