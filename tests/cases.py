@@ -1,7 +1,9 @@
-"""Weight sets shared by the op tests of every backend: random and adversarial."""
+"""Weight sets shared by the op tests of every backend (random and adversarial), and the
+check shared by the sparse-compute tests."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -52,3 +54,15 @@ def kth_largest(weights: list[torch.Tensor], k: int) -> torch.Tensor:
 def ks_for(n: int) -> list[int]:
     """Thresholds ranks worth testing for n weights: the ends, the middle, odd spots."""
     return sorted({1, min(2, n), n // 3 or 1, n // 2 or 1, max(n - 1, 1), n})
+
+
+def assert_same_training(dense_run, sparse_run) -> None:
+    """Two runs ``(losses, model)`` of one recipe, with dense and with sparse products, end
+    with equal masks and losses and weights equal to float tolerance."""
+    (dense_losses, dense), (sparse_losses, sparse) = dense_run, sparse_run
+    assert sparse_losses == pytest.approx(dense_losses, rel=1e-5, abs=1e-6)
+    for (name, a), b in zip(dense.state_dict().items(), sparse.state_dict().values()):
+        if name.endswith("mask"):
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -141,6 +141,17 @@ def _dense_backward(dy, xt, weight, index, ctx):
     return dx, dw, db
 
 
+def check_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """A ``TypeError`` naming the tensor unless input, weight and bias share one dtype that the
+    sparse ops run: float32 (compiled kernels) or float64 (the reference)."""
+    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"the sparse products run in float32 (float64: the reference); "
+                            f"the {name} is {t.dtype}")
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"the {name} is {t.dtype}, the input {x.dtype}")
+
+
 def simd(isa: str = "") -> str:
     """The instruction set of the CPU sparse kernels: ``"avx512"``, ``"avx2"`` (with FMA) or
     ``"scalar"``, chosen at load time as the best this CPU has. Passing one (or ``"auto"``)
@@ -167,12 +178,7 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: SparseIndex,
                          f"({index.rows}, {index.cols})")
     if x.shape[-1] != index.cols:
         raise ValueError(f"input has {x.shape[-1]} features, the weight takes {index.cols}")
-    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"the sparse products run in float32 (float64: the reference); "
-                            f"the {name} is {t.dtype}")
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"the {name} is {t.dtype}, the input {x.dtype}")
+    check_dtypes(x, weight, bias)
     lead = x.shape[:-1]
     y = _SparseLinear.apply(x.reshape(-1, index.cols), weight, bias, index, dense_grad)
     return y.reshape(*lead, index.rows)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sparse import SparseIndex, all_finite, sparse_backend
+from .sparse import SparseIndex, all_finite, check_dtypes, sparse_backend
 
 OPS = ("sparse_conv", "sampled_conv")
 
@@ -130,12 +130,7 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: ConvIndex,
         raise ValueError(f"input must be (N, {index.shape[1]}, H, W), got {tuple(x.shape)}")
     if any(k % 2 == 0 for k in index.shape[2:]):
         raise ValueError(f"the kernel {index.shape[2:]} must have odd sizes (\"same\" padding)")
-    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"the sparse convolution runs in float32 (float64: the reference); "
-                            f"the {name} is {t.dtype}")
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"the {name} is {t.dtype}, the input {x.dtype}")
+    check_dtypes(x, weight, bias)
     return _SparseConv2d.apply(x, weight, bias, index, dense_grad)
 
 
