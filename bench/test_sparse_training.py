@@ -3,7 +3,7 @@ weight gradient) at 80-99% sparsity through dpf_ext's sparse products, against t
 layer, the masked dense layer (what every method ran before), torch's CSR route and
 SparseProp (``pip install sparseprop``; skipped with a message where it does not build);
 the cost of rebuilding the index at a mask update; whole training steps (MLP, a GPT-2
-built from a config and ResNet-20) at 90-98% with a masked and a dense (DPF) weight
+built from a config, an nn.TransformerEncoder and ResNet-20) at 90-98% with a masked and a dense (DPF) weight
 gradient; and ResNet-20's 3x3 convolutions through the direct sparse convolution, against
 dense, masked dense and SparseProp's.
 
@@ -122,6 +122,13 @@ def _resnet20():
     return ResNet(20, 3, 10)
 
 
+def _encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(512, 8, dim_feedforward=2048, dropout=0.0, batch_first=True)
+    return nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                         nn.Linear(512, 10))
+
+
 def _gpt2():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=512, n_positions=64, n_embd=512, n_layer=2,
@@ -133,7 +140,7 @@ def _gpt2():
 @pytest.mark.parametrize("compute", ["torch-dense", "dense", "sparse", "auto"])
 @pytest.mark.parametrize("method", ["static", "dpf"])
 @pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.98])
-@pytest.mark.parametrize("model_name", ["mlp", "gpt2", "resnet20"])
+@pytest.mark.parametrize("model_name", ["mlp", "gpt2", "encoder", "resnet20"])
 def test_training_step(benchmark, model_name, sparsity, method, compute):
     """One optimizer step (forward, backward, SGD, the pruner's step; no mask update in the
     timed steps) of a whole model; ``torch-dense`` is the plain model without dpf_ext.
@@ -142,8 +149,11 @@ def test_training_step(benchmark, model_name, sparsity, method, compute):
     runs = "auto" if model_name == "resnet20" else "sparse"
     if compute in ("sparse", "auto") and compute != runs:
         pytest.skip(f"{model_name} runs compute={runs!r}")
-    model = {"mlp": _mlp, "gpt2": _gpt2, "resnet20": _resnet20}[model_name]()
-    if model_name != "gpt2":
+    model = {"mlp": _mlp, "gpt2": _gpt2, "encoder": _encoder, "resnet20": _resnet20}[model_name]()
+    if model_name == "encoder":  # 8 sequences of 64 tokens, a label per token
+        tokens, labels = torch.randn(8, 64, 512), torch.randint(0, 10, (8 * 64,))
+        loss_fn = lambda m: nn.functional.cross_entropy(m(tokens).reshape(-1, 10), labels)  # noqa: E731
+    elif model_name != "gpt2":
         batch = ((torch.randn(256, 1024), torch.randint(0, 10, (256,))) if model_name == "mlp"
                  else (torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))))
         loss_fn = lambda m: nn.functional.cross_entropy(m(batch[0]), batch[1])  # noqa: E731

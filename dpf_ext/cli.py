@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with any method")
     p.add_argument("--compute", choices=["dense", "sparse", "auto"], default=defaults.compute,
                    help="the layers' products: dense (mask * weight), sparse (the kept weights "
-                        "only; Linear layers and stride-1 'same' Conv2d), auto (sparse where "
-                        "faster, see dpf_ext.compute)")
+                        "only; Linear layers, attention projections and stride-1 'same' "
+                        "Conv2d), auto (sparse where faster, see dpf_ext.compute)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 instead of DDP")
     p.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",

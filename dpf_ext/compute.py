@@ -1,6 +1,7 @@
 """Which product a DPF layer's forward runs: ``"dense"`` (``mask ⊙ w`` into torch's matrix
 product or convolution, every weight multiplied) or ``"sparse"`` (the kept weights only:
-:func:`dpf_ext.ops.sparse_linear` for Linear layers and transformers' Conv1D,
+:func:`dpf_ext.ops.sparse_linear` for Linear layers, transformers' Conv1D and the
+projections of ``nn.MultiheadAttention`` (:mod:`dpf_ext.sparse_attention`),
 :func:`dpf_ext.ops.sparse_conv2d` for stride-1 Conv2d layers with "same" padding), or
 ``"auto"``: sparse where it is faster (:func:`prefers_sparse`).
 
@@ -73,13 +74,24 @@ def conv2d_unsupported(conv: nn.Conv2d) -> str | None:
     return None
 
 
+def attention_unsupported(attention: nn.MultiheadAttention) -> str | None:
+    """Why :mod:`dpf_ext.sparse_attention` does not cover this attention layer, or ``None``."""
+    if attention.bias_k is not None or attention.add_zero_attn or not attention._qkv_same_embed_dim:
+        return "add_bias_kv, add_zero_attn and separate kdim/vdim have no sparse path"
+    return None
+
+
 def unsupported(layer) -> str | None:
     """Why ``layer`` (a DPF layer) cannot run sparse, or ``None`` if it can."""
     if not type(layer).sparse_product:
-        return (f"{type(layer).__name__} has no sparse path (Linear, transformers' Conv1D and "
-                "Conv2d have; attention, Conv1d and Conv3d layers run dense)")
+        return (f"{type(layer).__name__} has no sparse path (Linear, transformers' Conv1D, "
+                "nn.MultiheadAttention and Conv2d have; Conv1d and Conv3d layers run dense)")
     if isinstance(layer, nn.Conv2d):
         reason = conv2d_unsupported(layer)
+        if reason is not None:
+            return f"{type(layer).__name__}: {reason}"
+    if isinstance(layer, nn.MultiheadAttention):
+        reason = attention_unsupported(layer)
         if reason is not None:
             return f"{type(layer).__name__}: {reason}"
     weight = layer.dense_weight
@@ -144,21 +156,29 @@ def _weight_2d(layer, weight: torch.Tensor) -> torch.Tensor:
     return weight if layer.channel_dim == 0 else weight.t()
 
 
-def sparse_index(layer) -> ops.SparseIndex | ops.ConvIndex:
+def sparse_index(layer, rows: slice | None = None) -> ops.SparseIndex | ops.ConvIndex:
     """The layer's :class:`~dpf_ext.ops.SparseIndex` (a
-    :class:`~dpf_ext.ops.ConvIndex` for a convolution), rebuilt when its mask has changed."""
+    :class:`~dpf_ext.ops.ConvIndex` for a convolution), rebuilt when its mask has changed;
+    with ``rows``, the index of those output rows alone (an attention layer's ``q``, ``k``
+    or ``v`` block)."""
     mask, weight = layer.mask, layer.dense_weight
     key = (mask._version, mask.data_ptr(), weight.stride())
-    cached = layer._sparse_cache.get("index")
+    name = ("index", None if rows is None else (rows.start, rows.stop))
+    cached = layer._sparse_cache.get(name)
     if cached is None or cached[0] != key:
-        index = (ops.ConvIndex.from_mask(mask) if isinstance(layer, nn.Conv2d) else
-                 ops.SparseIndex.from_mask(_weight_2d(layer, mask), _weight_2d(layer, weight)))
+        if isinstance(layer, nn.Conv2d):
+            index = ops.ConvIndex.from_mask(mask)
+        else:
+            mask2, weight2 = _weight_2d(layer, mask), _weight_2d(layer, weight)
+            if rows is not None:
+                mask2, weight2 = mask2[rows], weight2[rows]
+            index = ops.SparseIndex.from_mask(mask2, weight2)
         cached = (key, index)
-        layer._sparse_cache["index"] = cached
+        layer._sparse_cache[name] = cached
     return cached[1]
 
 
-def _sparse_weight(layer) -> tuple[torch.Tensor, bool]:
+def sparse_weight(layer) -> tuple[torch.Tensor, bool]:
     """The weight the sparse products read, with the estimator's gradient, and whether that
     gradient is dense (the estimator's feedback, or a method reading this step's gradient)."""
     weight = layer.dense_weight
@@ -173,7 +193,7 @@ def linear(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | 
     layer's mode and density, or a non-finite ``x``)."""
     if not runs_sparse(layer) or not all_finite(x):
         return None
-    weight, dense_grad = _sparse_weight(layer)
+    weight, dense_grad = sparse_weight(layer)
     return ops.sparse_linear(x, _weight_2d(layer, weight), sparse_index(layer), bias,
                              dense_grad=dense_grad)
 
@@ -184,7 +204,7 @@ def conv2d(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | 
     ``x``). An unbatched ``(C, H, W)`` input runs as a batch of one."""
     if not runs_sparse(layer) or not all_finite(x):
         return None
-    weight, dense_grad = _sparse_weight(layer)
+    weight, dense_grad = sparse_weight(layer)
     batched = x if x.dim() == 4 else x.unsqueeze(0)
     y = ops.sparse_conv2d(batched, weight, sparse_index(layer), bias, dense_grad=dense_grad)
     return y if x.dim() == 4 else y.squeeze(0)

@@ -184,6 +184,10 @@ def set_compute(model: nn.Module, compute: str) -> nn.Module:
                 + "; use compute='auto' to run those dense")
     for _, m in layers:
         m.compute = compute
+    for _, m in layers:  # torch's forward reads the output projection of these densely
+        if (isinstance(m, nn.MultiheadAttention) and isinstance(m.out_proj, DPFLayer)
+                and compute_paths.attention_unsupported(m)):
+            m.out_proj.compute = "dense"
     return model
 
 

@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from . import compute as compute_paths
+from . import sparse_attention
 from .distributed import is_sharded
 from .estimators import Estimator, GradientTap, StraightThrough
 from .ops.bits import SUPPORTED_DTYPES
+from .ops.sparse import all_finite
 from .powerprop import effective
 from .state_dict_forms import read_state_dict_form, state_dict_hook
 
@@ -139,24 +141,38 @@ class DPFConv3d(_DPFConv, nn.Conv3d):
 
 
 class DPFOutProjection(DPFLayer, nn.modules.linear.NonDynamicallyQuantizableLinear):
-    """The output projection of a :class:`DPFMultiheadAttention` (which reads its masked
-    weight, densely; called on its own it is a dense :class:`DPFLinear`)."""
+    """The output projection of a :class:`DPFMultiheadAttention`: a :class:`DPFLinear`
+    (sparse where its ``compute`` says), whose masked weight torch's attention forward
+    reads where the attention layer runs dense."""
+
+    sparse_product = True
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(input, self.masked_weight(), self.bias)
+        out = compute_paths.linear(self, input, self.bias)
+        return nn.functional.linear(input, self.masked_weight(), self.bias) if out is None else out
 
 
 class DPFMultiheadAttention(DPFLayer, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose packed input projection (``in_proj_weight``, 3E x E:
     the channels are its 3E output features) and output projection (a
-    :class:`DPFOutProjection`) are masked. torch's fused attention kernel still runs where
-    torch chooses it (inference without grad), on the masked weights."""
+    :class:`DPFOutProjection`) are masked. With ``compute`` ``"sparse"`` or ``"auto"`` the
+    forward is :func:`dpf_ext.sparse_attention.forward`: each projection sparse or dense as
+    its own layer's path says. With ``"dense"`` (and for inputs holding NaN or Inf) torch's
+    forward runs on the masked weights, its fused attention kernel included where torch
+    chooses it (inference without grad)."""
 
     weight_name = "in_proj_weight"
+    sparse_product = True
 
-    def forward(self, *args, **kwargs):
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        args = (query, key, value, key_padding_mask, need_weights, attn_mask,
+                average_attn_weights, is_causal)
+        if (self.compute != "dense" and compute_paths.attention_unsupported(self) is None
+                and all(all_finite(t) for t in {id(t): t for t in (query, key, value)}.values())):
+            return sparse_attention.forward(self, *args)
         with masked_weights_in_place(self):
-            return super().forward(*args, **kwargs)
+            return super().forward(*args)
 
 
 class DPFTransformerEncoderLayer(nn.TransformerEncoderLayer):
