@@ -56,6 +56,27 @@ def ks_for(n: int) -> list[int]:
     return sorted({1, min(2, n), n // 3 or 1, n // 2 or 1, max(n - 1, 1), n})
 
 
+def train_steps(model, method, steps, batch, **options) -> list[float]:
+    """``steps`` SGD steps of ``model`` under ``Pruner(model, method, 0.8, ...)`` on the
+    batches ``batch(generator)`` gives (inputs, class labels); the losses."""
+    import dpf_ext
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = dpf_ext.Pruner(model, method, 0.8, total_steps=steps * 2, optimizer=optimizer,
+                            seed=3, **options)
+    g = _gen(4)
+    losses = []
+    for _ in range(steps):
+        x, y = batch(g)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def assert_same_training(dense_run, sparse_run) -> None:
     """Two runs ``(losses, model)`` of one recipe, with dense and with sparse products, end
     with equal masks and losses and weights equal to float tolerance."""

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dpf_ext
-from cases import assert_same_training
+from cases import assert_same_training, train_steps
 
 E, HEADS = 32, 4
 
@@ -124,21 +124,8 @@ def encoder():
                          nn.Flatten(), nn.Linear(6 * E, 3))
 
 
-def train(model, method, steps, **options):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pruner = dpf_ext.Pruner(model, method, 0.8, total_steps=steps * 2, optimizer=optimizer,
-                            seed=3, **options)
-    g = torch.Generator().manual_seed(4)
-    losses = []
-    for _ in range(steps):
-        x, y = torch.randn(4, 6, E, generator=g), torch.randint(0, 3, (4,), generator=g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        pruner.step()
-        losses.append(float(loss.detach()))
-    return losses
+def batch(g):
+    return torch.randn(4, 6, E, generator=g), torch.randint(0, 3, (4,), generator=g)
 
 
 @pytest.mark.parametrize("method, options", [("static", {}), ("rigl", {"update_every": 3}),
@@ -147,7 +134,7 @@ def test_transformer_training_matches_the_dense_path(method, options):
     runs = []
     for mode in ("dense", "sparse"):
         model = dpf_ext.sparsify(encoder(), compute=mode)
-        runs.append((train(model, method, 6, **options), model))
+        runs.append((train_steps(model, method, 6, batch, **options), model))
     report = dpf_ext.compute_report(runs[1][1])
     assert all(v == "sparse" for v in report.values()), report
     assert any(name.endswith("self_attn") for name in report)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import dpf_ext
-from cases import assert_same_training
+from cases import assert_same_training, train_steps
 from dpf_ext import compute, ops
 from dpf_ext.ops import SparseIndex, sparse_linear
 
@@ -225,21 +225,8 @@ METHODS = {  # method: (options, whether a float difference can flip a later mas
 }
 
 
-def train(model, method, steps, **options):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pruner = dpf_ext.Pruner(model, method, 0.8, total_steps=steps * 2, optimizer=optimizer,
-                         seed=3, **options)
-    g = torch.Generator().manual_seed(4)
-    losses = []
-    for _ in range(steps):
-        x, y = torch.randn(16, 24, generator=g), torch.randint(0, 5, (16,), generator=g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        pruner.step()
-        losses.append(float(loss))
-    return losses, pruner
+def batch(g):
+    return torch.randn(16, 24, generator=g), torch.randint(0, 5, (16,), generator=g)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -249,7 +236,7 @@ def test_training_steps_match_the_dense_path_for_every_method(method):
     runs = []
     for mode in ("dense", "sparse"):
         model = dpf_ext.sparsify(mlp(), compute=mode)
-        losses, _ = train(model, method, 10, **METHODS[method])
+        losses = train_steps(model, method, 10, batch, **METHODS[method])
         runs.append((losses, model))
     assert all(v == "sparse" for v in dpf_ext.compute_report(runs[1][1]).values())
     assert_same_training(*runs)
@@ -274,9 +261,9 @@ def test_dpf_straight_through_gradient_matches_the_dense_path():
 
 def test_a_resumed_sparse_run_ends_as_the_uninterrupted_one():
     straight = dpf_ext.sparsify(mlp(), compute="sparse")
-    losses, _ = train(straight, "rigl", 8, update_every=3)
+    train_steps(straight, "rigl", 8, batch, update_every=3)
     first = dpf_ext.sparsify(mlp(), compute="sparse")
-    train(first, "rigl", 8, update_every=3)
+    train_steps(first, "rigl", 8, batch, update_every=3)
     again = dpf_ext.sparsify(mlp(), compute="sparse")
     again.load_state_dict(first.state_dict())
     x = torch.randn(4, 24)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import dpf_ext
-from cases import assert_same_training
+from cases import assert_same_training, train_steps
 from dpf_ext import ops
 from dpf_ext.ops import ConvIndex, reference, sparse_conv2d
 
@@ -187,21 +187,8 @@ def test_unbatched_input_runs_as_a_batch_of_one():
     torch.testing.assert_close(model[0](x), model[0](x[None])[0])
 
 
-def train(model, method, steps, **options):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pruner = dpf_ext.Pruner(model, method, 0.8, total_steps=steps * 2, optimizer=optimizer,
-                            seed=3, **options)
-    g = torch.Generator().manual_seed(4)
-    losses = []
-    for _ in range(steps):
-        x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        pruner.step()
-        losses.append(float(loss.detach()))
-    return losses
+def batch(g):
+    return torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
 
 
 @pytest.mark.parametrize("method, options", [("static", {}), ("set", {"update_every": 3}),
@@ -213,7 +200,7 @@ def test_training_steps_match_the_dense_path_for_every_method(method, options):
     runs = []
     for mode in ("dense", "sparse"):
         model = dpf_ext.sparsify(conv_model(), compute=mode)
-        runs.append((train(model, method, 8, **options), model))
+        runs.append((train_steps(model, method, 8, batch, **options), model))
     assert dpf_ext.compute_report(runs[1][1]) == {"0": "sparse", "2": "sparse", "6": "sparse"}
     assert_same_training(*runs)
 
