@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import dpf_ext
-from cases import assert_same_training, train_steps
+from cases import assert_resume_is_exact, assert_same_training, train_steps
 from dpf_ext import compute, ops
 from dpf_ext.ops import SparseIndex, sparse_linear
 
@@ -260,14 +260,16 @@ def test_dpf_straight_through_gradient_matches_the_dense_path():
 
 
 def test_a_resumed_sparse_run_ends_as_the_uninterrupted_one():
-    straight = dpf_ext.sparsify(mlp(), compute="sparse")
-    train_steps(straight, "rigl", 8, batch, update_every=3)
-    first = dpf_ext.sparsify(mlp(), compute="sparse")
-    train_steps(first, "rigl", 8, batch, update_every=3)
-    again = dpf_ext.sparsify(mlp(), compute="sparse")
-    again.load_state_dict(first.state_dict())
-    x = torch.randn(4, 24)
-    torch.testing.assert_close(again(x), straight(x), rtol=0, atol=0)
+    """RigL through sparse Linear layers: a run checkpointed mid-way (model, optimizer, pruner) and
+    continued in fresh objects, whose index is rebuilt from the loaded masks, ends as the
+    uninterrupted one."""
+    def build():
+        model = dpf_ext.sparsify(mlp(), compute="sparse")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, optimizer, dpf_ext.Pruner(model, "rigl", 0.8, total_steps=16,
+                                                update_every=3, optimizer=optimizer, seed=3)
+
+    assert_resume_is_exact(build, batch, torch.randn(4, 24))
 
 
 def test_gpt2_conv1d_runs_sparse_and_matches_dense():

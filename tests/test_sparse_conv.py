@@ -2,16 +2,14 @@
 against torch's convolution of ``mask ⊙ w``: the ops on random and adversarial masks and
 shapes for every instruction set this CPU has, the compiled ops against the reference,
 float64 gradcheck, NaN and Inf, Conv2d layers in every compute mode and every method's
-training steps, and torch.compile."""
-
-import copy
+training steps, resume and torch.compile."""
 
 import pytest
 import torch
 from torch import nn
 
 import dpf_ext
-from cases import assert_same_training, train_steps
+from cases import assert_resume_is_exact, assert_same_training, train_steps
 from dpf_ext import ops
 from dpf_ext.ops import ConvIndex, reference, sparse_conv2d
 
@@ -206,36 +204,16 @@ def test_training_steps_match_the_dense_path_for_every_method(method, options):
 
 
 def test_a_resumed_sparse_run_ends_as_the_uninterrupted_one():
-    """RigL through sparse convolutions, 8 steps straight against 4, a checkpoint of model,
-    optimizer and pruner, and 4 more in fresh objects."""
+    """RigL through sparse convolutions: a run checkpointed mid-way (model, optimizer, pruner) and
+    continued in fresh objects, whose index is rebuilt from the loaded masks, ends as the
+    uninterrupted one."""
     def build():
         model = dpf_ext.sparsify(conv_model(), compute="sparse")
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        pruner = dpf_ext.Pruner(model, "rigl", 0.8, total_steps=16, update_every=3,
-                                optimizer=optimizer, seed=3)
-        return model, optimizer, pruner
+        return model, optimizer, dpf_ext.Pruner(model, "rigl", 0.8, total_steps=16,
+                                                update_every=3, optimizer=optimizer, seed=3)
 
-    def steps(model, optimizer, pruner, start, stop):
-        for step in range(start, stop):
-            g = torch.Generator().manual_seed(step)
-            x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            pruner.step()
-
-    straight = build()
-    steps(*straight, 0, 8)
-    first = build()
-    steps(*first, 0, 4)
-    saved = [copy.deepcopy(part.state_dict()) for part in first]
-    again = build()
-    for part, state in zip(again, saved):
-        part.load_state_dict(state)
-    steps(*again, 4, 8)
-    x = torch.randn(4, 3, 6, 6)
-    torch.testing.assert_close(again[0](x), straight[0](x), rtol=0, atol=0)
-    assert dpf_ext.compute_report(again[0])["2"] == "sparse"
+    assert_resume_is_exact(build, batch, torch.randn(4, 3, 6, 6))
 
 
 def test_dpf_straight_through_gradient_matches_the_dense_path():
