@@ -4,8 +4,8 @@ back to the system.
 With glibc's default settings a large tensor freed by one step is returned to the system and
 the next step's tensor of that size is mapped again, page by page: every step then pays a
 page fault per 4 KiB of each large activation, gradient and output it allocates. On a 2-core
-AMD EPYC (1 thread) that cost 0.9-2.3 ms of a 3.6 ms sparse ResNet-20 3x3 convolution step
-and about 10 ms of its 21 ms dense one (``docs/results.md``). :func:`retain_freed_memory`
+AMD EPYC (1 thread) that cost 2.3 ms of a 3.6 ms sparse ResNet-20 3x3 convolution step
+(16 channels at 32x32, 98%) and about 10 ms of its 21 ms dense one (``docs/results.md``). :func:`retain_freed_memory`
 sets glibc's thresholds so that allocations up to 32 MiB come from the heap and freed memory
 stays there for the next step (what caching allocators such as jemalloc or PyTorch's own
 CUDA allocator do); the process then keeps its peak memory. ``dpf-train`` calls it at start.

@@ -155,10 +155,10 @@ class DPFOutProjection(DPFLayer, nn.modules.linear.NonDynamicallyQuantizableLine
 class DPFMultiheadAttention(DPFLayer, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose packed input projection (``in_proj_weight``, 3E x E:
     the channels are its 3E output features) and output projection (a
-    :class:`DPFOutProjection`) are masked. With ``compute`` ``"sparse"`` or ``"auto"`` the
-    forward is :func:`dpf_ext.sparse_attention.forward`: each projection sparse or dense as
-    its own layer's path says. With ``"dense"`` (and for inputs holding NaN or Inf) torch's
-    forward runs on the masked weights, its fused attention kernel included where torch
+    :class:`DPFOutProjection`) are masked. Unless both its ``compute`` and its output
+    projection's are ``"dense"``, the forward is :func:`dpf_ext.sparse_attention.forward`:
+    each projection sparse or dense as its own layer's path says. Otherwise (and for inputs
+    holding NaN or Inf) torch's forward runs on the masked weights, its fused attention kernel included where torch
     chooses it (inference without grad)."""
 
     weight_name = "in_proj_weight"
@@ -168,7 +168,8 @@ class DPFMultiheadAttention(DPFLayer, nn.MultiheadAttention):
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         args = (query, key, value, key_padding_mask, need_weights, attn_mask,
                 average_attn_weights, is_causal)
-        if (self.compute != "dense" and compute_paths.attention_unsupported(self) is None
+        if ((self.compute, self.out_proj.compute) != ("dense", "dense")
+                and compute_paths.attention_unsupported(self) is None
                 and all(all_finite(t) for t in {id(t): t for t in (query, key, value)}.values())):
             return sparse_attention.forward(self, *args)
         with masked_weights_in_place(self):

@@ -104,6 +104,9 @@ def test_both_projections_read_the_kept_weights_only():
         q = inputs(True)[0]
         assert torch.isfinite(sparse(q, q, q)[0]).all(), name
         assert torch.isnan(dense(q, q, q)[0]).any(), name
+    sparse.compute = "dense"  # the output projection alone set sparse: it runs sparse
+    assert dpf_ext.compute_report(nn.Sequential(sparse)) == {"0": "dense", "0.out_proj": "sparse"}
+    assert torch.isfinite(sparse(q, q, q)[0]).all()
 
 
 def test_the_report_and_what_has_no_sparse_path():

@@ -57,6 +57,12 @@ void check_float(const at::Tensor& t, int64_t dim, const char* what, const char*
               op, ": ", what, " must be a contiguous ", dim, "-D float32 CPU tensor");
 }
 
+void check_bias(const std::optional<at::Tensor>& bias, int64_t rows, const char* op) {
+  if (!bias) return;
+  check_float(*bias, 1, "bias", op);
+  TORCH_CHECK(bias->numel() == rows, op, ": bias must have one entry per row");
+}
+
 // y (B, rows) = the CSR matrix (ptr, idx, values) times xt (cols, B), plus bias.
 at::Tensor sparse_mm_cpu(const at::Tensor& xt, const at::Tensor& values, const at::Tensor& ptr,
                          const at::Tensor& idx, const std::optional<at::Tensor>& bias) {
@@ -66,10 +72,7 @@ at::Tensor sparse_mm_cpu(const at::Tensor& xt, const at::Tensor& values, const a
   check_index(ptr, idx, xt.size(0), op);
   TORCH_CHECK(values.numel() == idx.numel(), op, ": one value per index entry");
   const int64_t rows = ptr.numel() - 1, B = xt.size(1);
-  if (bias) {
-    check_float(*bias, 1, "bias", op);
-    TORCH_CHECK(bias->numel() == rows, op, ": bias must have one entry per row");
-  }
+  check_bias(bias, rows, op);
   at::Tensor y = at::empty({B, rows}, xt.options());
   if (B == 0 || rows == 0) return y;
   const int64_t* p = ptr.data_ptr<int64_t>();
@@ -161,10 +164,7 @@ at::Tensor sparse_conv_cpu(const at::Tensor& x, const at::Tensor& values, const 
   check_float(values, 1, "values", op);
   TORCH_CHECK(values.numel() == idx.numel(), op, ": one value per index entry");
   const int64_t rows = ptr.numel() - 1, N = x.size(0), hw = x.size(2) * x.size(3);
-  if (bias) {
-    check_float(*bias, 1, "bias", op);
-    TORCH_CHECK(bias->numel() == rows, op, ": bias must have one entry per row");
-  }
+  check_bias(bias, rows, op);
   at::Tensor y = at::empty({N, rows, x.size(2), x.size(3)}, x.options());
   if (y.numel() == 0) return y;
   const sparse::ConvGeometry geo = sparse::conv_geometry(idx.data_ptr<int32_t>(), idx.numel(), x.size(2),

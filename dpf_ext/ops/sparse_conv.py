@@ -85,8 +85,9 @@ class _SparseConv2d(torch.autograd.Function):
         index, backend = ctx.index, sparse_backend(dy, "sparse_conv")
         _, _, kh, kw = index.shape
         padding, needs = [kh // 2, kw // 2], ctx.needs_input_grad
-        db = dy.sum((0, 2, 3)) if ctx.has_bias and needs[2] else None
-        if not all_finite(dy):  # as the dense path: 0 · NaN is NaN
+        sums = dy.sum((0, 2, 3))  # the bias gradient, and one read of dy to check it is finite
+        db = sums if ctx.has_bias and needs[2] else None
+        if not all_finite(sums):  # as the dense path: 0 · NaN is NaN
             kept = _kept(index, weight)
             dx, dw, _ = torch.ops.aten.convolution_backward(
                 dy, x, weight.detach() * kept, None, [1, 1], padding, [1, 1], False, [0, 0], 1,
