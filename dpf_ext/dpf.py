@@ -3,14 +3,10 @@
 
 from __future__ import annotations
 
-import inspect
-import warnings
-
 import torch
 from torch import nn
 
 from .budgets import Budget
-from .methods.base import Method
 from .methods.presets import dpf_options
 from .pruner import Pruner
 from .schedules import Schedule
@@ -41,8 +37,6 @@ class DPF(Pruner):
         watch: warn of the signs of a feedback blow-up.
         pattern: ``"N:M"`` (e.g. ``"2:4"``) for N:M sparsity.
         pruned_decay: SR-STE's decay of the pruned weights (``None``: off).
-        method, method_options: deprecated: another method under this class's name; use
-            :class:`Pruner` (``Pruner(model, "rigl", 0.9, ...)``).
 
     ``schedule``, ``update_every``, ``total_steps``, ``freeze_at``, ``replace``, ``budget``,
     ``optimizer``, ``end_step`` and ``seed`` are :class:`Pruner`'s (see
@@ -66,37 +60,18 @@ class DPF(Pruner):
         replace: bool = False,
         pattern: str | None = None,
         pruned_decay: float | None = None,
-        method: str | Method | None = None,
-        method_options: dict | None = None,
         budget: str | Budget | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         end_step: int | None = None,
         seed: int = 0,
     ):
-        own = dict(scope=scope, feedback=feedback, threshold=threshold,
-                   channel_floor=channel_floor, feedback_clip=feedback_clip, watch=watch,
-                   pattern=pattern, pruned_decay=pruned_decay)
-        if method is None:
-            if method_options:
-                raise ValueError("method_options need a method=; DPF's options are its arguments")
-            built = dpf_options(**own)
-        else:
-            name = method if isinstance(method, str) else method.name
-            warnings.warn(
-                f"DPF(method={name!r}) runs {name} under DPF's name; use "
-                f"dpf_ext.Pruner(model, {name!r}, sparsity, ...) (DPF's method= goes in the "
-                "next release)", DeprecationWarning, stacklevel=2)
-            defaults = inspect.signature(dpf_options).parameters
-            changed = [k for k, v in own.items() if v != defaults[k].default]
-            if changed:
-                raise ValueError(f"{changed} are options of DPF's own method; with method= pass "
-                                 "a method's options in method_options=")
-            built = method
+        built = dpf_options(scope=scope, feedback=feedback, threshold=threshold,
+                            channel_floor=channel_floor, feedback_clip=feedback_clip,
+                            watch=watch, pattern=pattern, pruned_decay=pruned_decay)
         if scope == "layer":
             if budget is not None:
                 raise ValueError("scope='layer' is budget='uniform': pass one of them")
             budget = "uniform"
         super().__init__(model, built, sparsity, schedule=schedule, update_every=update_every,
                          budget=budget, total_steps=total_steps, end_step=end_step,
-                         freeze_at=freeze_at, optimizer=optimizer, seed=seed, replace=replace,
-                         **(method_options or {}))
+                         freeze_at=freeze_at, optimizer=optimizer, seed=seed, replace=replace)

@@ -28,16 +28,6 @@ _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDi
 """The pruner managing each DPF layer (weakly: neither is kept alive by this)."""
 
 
-def upgrade_config(config: dict) -> dict:
-    """A saved pruner config in today's form: before methods carried their own names, DPF
-    and gradual pruning were recorded as ``magnitude`` (told apart by ``feedback``), and the
-    controller recorded a ``scope`` that the method and budget now hold."""
-    config = {k: v for k, v in config.items() if k != "scope"}
-    if config.get("method") == "magnitude":
-        config["method"] = "dpf" if config.get("feedback", True) else "gradual"
-    return config
-
-
 class Pruner:
     """The controller of sparse training: runs a mask-choosing ``method`` on the DPF layers of
     ``model``, deciding when the masks change and to what sparsity; the method decides which
@@ -409,7 +399,7 @@ class Pruner:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; the pruner's settings must match the saved ones."""
         mine = self._config()
-        saved = upgrade_config(state["config"])
+        saved = state["config"]
         diff = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
         if diff:
             details = "; ".join(f"{k}: saved {s!r}, this pruner {m!r}" for k, (s, m) in diff.items())

@@ -7,7 +7,6 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -572,10 +571,6 @@ def test_bad_input_is_a_clear_error_before_training():
         dpf_ext.Pruner(model, "rigl", 0.9, optimizer=optimizer)
     with pytest.raises(ValueError, match=r"'rigl' takes no option \['scope'\]"):
         dpf_ext.Pruner(model, "rigl", 0.9, scope="filter", total_steps=10, optimizer=optimizer)
-    with pytest.raises(ValueError, match=r"\['scope'\] are options of DPF's own method"):
-        with pytest.warns(DeprecationWarning):
-            dpf_ext.DPF(model, 0.9, method="rigl", scope="filter", total_steps=10,
-                        optimizer=optimizer)
     with pytest.raises(ValueError, match="SGD with momentum=0 keeps none"):
         dpf_ext.Pruner(model, "snfs", 0.9, total_steps=10, update_every=5, optimizer=optimizer)
     with pytest.raises(ValueError, match="pass update_every=: snfs has no default period"):
@@ -625,28 +620,6 @@ def test_a_run_too_short_for_an_update_warns_and_names_the_fix(method):
         dpf_ext.Pruner(model, "static", 0.5, total_steps=40, replace=True)  # fixed by design
 
 
-@pytest.mark.filterwarnings("ignore::dpf_ext.nn.UnfinalizedWarning")
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_a_checkpoint_from_before_the_pruner_split_resumes_exactly(method):
-    # tests/data/pre_pruner_checkpoints.pt: _train's step-10 snapshot and final weights of
-    # each method as written by the DPF-only controller (dpf and gradual saved as
-    # "magnitude", with the controller's "scope")
-    saved = torch.load(Path(__file__).parent / "data" / "pre_pruner_checkpoints.pt")[method]
-    if method in ("dpf", "gradual"):
-        assert saved["snapshot"]["pruner"]["config"]["method"] == "magnitude"
-    # gradual and dnw had one global threshold then; today's default (per layer, as they
-    # were published) is another run
-    settings = {"budget": "global"} if method in ("gradual", "dnw") else {}
-    if settings:
-        with pytest.raises(ValueError, match="budget"):
-            _train(method, _data(24), start=11, state=saved["snapshot"])
-    resumed, pruner, _, _ = _train(method, _data(24), start=11, state=saved["snapshot"],
-                                   **settings)
-    assert pruner.method.name == method
-    for a, b in zip(saved["final"].values(), resumed.state_dict().values()):
-        assert torch.equal(a, b), method
-
-
 def test_gradual_prunes_every_layer_to_the_target_and_global_is_dpf_without_feedback():
     """Zhu & Gupta's rule: each layer at the schedule's sparsity; budget="global" gives one
     threshold over all layers, whose masks are DPF's for the same weights."""
@@ -683,9 +656,5 @@ def test_the_pruner_runs_a_method_under_its_own_name_and_dpf_is_its_preset():
     assert dpf.update_every == 16 and dpf.schedule.final == 0.9
     gradual = dpf_ext.Pruner(dpf_ext.sparsify(_mlp()), "gradual", 0.9, total_steps=400)
     assert gradual.method.name == "gradual" and "gradual" in str(gradual.report())
-    with pytest.warns(DeprecationWarning, match=r"use dpf_ext.Pruner\(model, 'set'"):
-        old = dpf_ext.DPF(dpf_ext.sparsify(_mlp()), 0.9, method="set", total_steps=400,
-                          optimizer=optimizer, method_options={"drop_fraction": 0.5})
-    assert old.method.name == "set" and old.method.drop_fraction == 0.5
     with pytest.raises(ValueError, match="needs the target sparsity: pass sparsity="):
         dpf_ext.Pruner(dpf_ext.sparsify(_mlp()), "static")
