@@ -1,6 +1,7 @@
 # Two entry points, each doing all set-up on a fresh machine:
 #   make train   create .venv, install, build, run the default dpf-train job (DPF on digits)
-#   make test    create .venv, install, build, run the C++ unit tests (ctest) and pytest
+#   make test    create .venv, install, build, run the C++ unit tests (ctest), pytest, and
+#                the installed-wheel check (a wheel built from the checkout, in a fresh venv)
 #   make docs    build the documentation site into build/docs (strict: warnings fail)
 #   make screenshots  render the site's main pages in headless Chromium (build/screenshots)
 # DPF_EXT_STRICT_BUILD=1 makes a failed kernel build fatal (CI sets it).
@@ -13,7 +14,7 @@ CMAKE_BUILD := build/cmake
 NVCC ?= $(firstword $(wildcard $(CUDA_HOME)/bin/nvcc /usr/local/cuda/bin/nvcc))
 SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.inc csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: train test ctest pytest bench docs screenshots clean
+.PHONY: train test ctest pytest wheel-check bench docs screenshots clean
 
 $(DEPS): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +37,11 @@ ctest:
 pytest: $(BUILT)
 	$(PY) -m pytest tests
 
-test: ctest pytest
+# build a wheel, install it into a fresh venv, import, train a few steps (tests/wheel/)
+wheel-check: $(BUILT)
+	$(PY) tests/wheel/check.py
+
+test: ctest pytest wheel-check
 
 docs: $(DEPS)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
@@ -58,4 +63,4 @@ bench: $(BUILT)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info runs dpf_ext/*.so
+	rm -rf $(VENV) build dist *.egg-info runs dpf_ext/*.so

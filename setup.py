@@ -1,5 +1,8 @@
 """Build and install dpf_ext: ``pip install --no-build-isolation -e .`` (torch first).
 
+The metadata is in ``pyproject.toml``; this file adds what depends on the machine: the
+compiled extension and the torch requirement it implies.
+
 Builds the compiled extension ``dpf_ext._C`` that this machine can build: the C++ CPU
 kernels wherever a C++ compiler exists, plus the CUDA kernels where torch has CUDA and
 nvcc is found (``CUDA_HOME``; ``TORCH_CUDA_ARCH_LIST`` picks the architectures, as for any
@@ -30,7 +33,7 @@ def extension_and_cmdclass():
             raise
         _say("torch is not importable, installing pure Python (install torch first and use "
              "--no-build-isolation to build the kernels)")
-        return [], {}
+        return [], {}, ["torch>=2.11"]  # the oldest release tested (the GPU machines')
 
     class OptionalBuildExt(BuildExtension):
         """Builds the extension; without DPF_EXT_STRICT_BUILD a failure is not fatal."""
@@ -56,22 +59,16 @@ def extension_and_cmdclass():
         ext = CUDAExtension("dpf_ext._C", sources=sources, **options)
     else:
         ext = CppExtension("dpf_ext._C", sources=sources, **options)
-    return [ext], {"build_ext": OptionalBuildExt}
+    # a torch extension loads only into the torch release it was compiled against
+    release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    return [ext], {"build_ext": OptionalBuildExt}, [f"torch=={release}.*"]
 
 
-ext_modules, cmdclass = extension_and_cmdclass()
+ext_modules, cmdclass, install_requires = extension_and_cmdclass()
 
 setup(
-    name="dpf_ext",
-    version="0.1.0",
-    description="Dynamic Pruning with Feedback for PyTorch: one-pass sparse training",
-    packages=["dpf_ext", "dpf_ext.ops", "dpf_ext.triton_kernels"],  # the last: triton_kernels/ (a link)
-    python_requires=">=3.10",
-    # torch is deliberately absent: pip would replace the installed build with the newest
-    # CUDA one. Install torch first (requirements-dev.txt pins it).
-    install_requires=["numpy", "scikit-learn", "matplotlib", "tqdm"],
-    extras_require={"triton": ["triton"], "transformers": ["transformers"]},
-    entry_points={"console_scripts": ["dpf-train=dpf_ext.cli:main"]},
+    # torch is the only requirement: the command line's extra is dpf_ext[train]
+    install_requires=install_requires,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -11,7 +11,7 @@ from torch import nn
 
 import dpf_ext
 from dpf_ext import ops
-from dpf_ext.models import resnet50
+from dpf_ext.app.models import resnet50
 from workloads import (THRESHOLD_METHODS, first_pass_args, interleaved_medians,
                        prune_global_unstructured, prune_modules, weight_set)
 

@@ -83,8 +83,8 @@ ROUND = 100  # steps per round: one RigL/SET/DSR update, six of DPF's, 100 of De
 def _method_trainer(method):
     """A function running ROUND training steps of the small CNN (batch 64, 1x16x16) with
     ``method`` (``dense``: no pruner), as ``dpf-train`` builds it."""
-    from dpf_ext.cli_pruner import make_pruner
-    from dpf_ext.models import build_model
+    from dpf_ext.app.cli_pruner import make_pruner
+    from dpf_ext.app.models import build_model
 
     torch.manual_seed(0)
     model = build_model("cnn", (1, 16, 16), 10)

@@ -10,7 +10,7 @@ from torch import nn
 
 import dpf_ext
 from dpf_ext.inference import SparseLinear
-from dpf_ext.models import build_model
+from dpf_ext.app.models import build_model
 from dpf_ext.schedules import Constant
 
 SHAPES = [(512, 64), (256, 512), (1024, 1024), (4096, 4096)]

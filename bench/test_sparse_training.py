@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import dpf_ext
-from dpf_ext.models import ResNet
+from dpf_ext.app.models import ResNet
 from dpf_ext.ops import ConvIndex, SparseIndex, sparse_conv2d, sparse_linear
 from memory import peak_extra_bytes
 from dpf_ext.schedules import Constant

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dpf_ext
-from dpf_ext.models import ResNet
+from dpf_ext.app.models import ResNet
 from workloads import interleaved_medians, training_steps
 
 STEPS = 16

@@ -9,7 +9,7 @@
     sparse_model = pruner.finalize()
 """
 
-from . import budgets, estimators, methods, ops, schedules
+from . import allocator, budgets, methods, nn, ops, schedules
 from .checkpoint import load_sparse, save_sparse
 from .inference import to_semi_structured, to_sparse_inference
 from .nn import (DPFConv1d, DPFConv2d, DPFConv3d, DPFLayer, DPFLinear, DPFMultiheadAttention,
@@ -31,9 +31,10 @@ __all__ = [
     "DPFMultiheadAttention",
     "LayerReport",
     "Pruner",
+    "allocator",
     "budgets",
-    "estimators",
     "methods",
+    "nn",
     "SparsityReport",
     "compute_report",
     "coverage",

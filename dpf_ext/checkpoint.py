@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layers import DPFLayer
-from .state_dict_forms import PRUNED_SUFFIX, UnfinalizedWarning
-from .powerprop import SUFFIX as POWERPROP_SUFFIX
+from .nn.layers import DPFLayer
+from .nn.state_dict_forms import PRUNED_SUFFIX, UnfinalizedWarning
+from .nn.powerprop import SUFFIX as POWERPROP_SUFFIX
 from .ops.bits import pack_bits, unpack_bits
 
 FORMAT = "dpf_ext.sparse/1"

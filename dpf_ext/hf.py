@@ -1,5 +1,5 @@
 """Hugging Face transformers integration: the ``Trainer`` callback (and, from
-:mod:`dpf_ext.conv1d`, the DPF version of transformers' ``Conv1D`` layer).
+:mod:`dpf_ext.nn.conv1d`, the DPF version of transformers' ``Conv1D`` layer).
 
 Importing this module imports transformers."""
 
@@ -9,9 +9,9 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .conv1d import DPFConv1D
-from .convert import set_state_dict_form
-from .layers import dpf_layers
+from .nn.conv1d import DPFConv1D
+from .nn.convert import set_state_dict_form
+from .nn.layers import dpf_layers
 from .dpf import DPF
 from .pruner import Pruner
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .compute import conv2d_unsupported
-from .layers import DPFLayer
+from .nn.compute import conv2d_unsupported
+from .nn.layers import DPFLayer
 from .ops.sparse import SparseIndex, kept_product
 from .ops.sparse_conv import ConvIndex, kept_conv
 

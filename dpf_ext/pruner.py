@@ -9,17 +9,17 @@ import weakref
 import torch
 from torch import nn
 
-from . import compute
+from .nn import compute
 from .budgets import Budget, make_budget
 from .distributed import Shards, average_over_ranks, check_same_on_all_ranks, is_sharded
-from .estimators import MaskedGradient, take_gradients
-from .first_pass import HistogramRequest
+from .nn.estimators import MaskedGradient, take_gradients
+from .methods.first_pass import HistogramRequest
 from .methods.base import (Method, PrunerView, Update, channel_major, full_weights,
                            zero_pruned_weights)
 from .methods import make_method
-from .convert import unsparsify
-from .coverage import coverage
-from .layers import prunable_layers
+from .nn.convert import unsparsify
+from .nn.coverage import coverage
+from .nn.layers import prunable_layers
 from .report import LayerReport, SparsityReport
 from .schedules import Schedule, check_sparsity, resolve_schedule
 

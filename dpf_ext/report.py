@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .coverage import Coverage
+from .nn.coverage import Coverage
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class LayerReport:
     """Weights the last update dropped and grew again at once (they keep their value)."""
     compute: str = "dense"
     """The product the layer's next forward runs: ``"sparse"`` (the kept weights only) or
-    ``"dense"`` (see :mod:`dpf_ext.compute`)."""
+    ``"dense"`` (see :mod:`dpf_ext.nn.compute`)."""
 
     @property
     def sparsity(self) -> float:
@@ -50,7 +50,7 @@ class SparsityReport:
     frozen: bool
     layers: list[LayerReport]
     coverage: Coverage | None = None
-    """The model's :class:`~dpf_ext.coverage.Coverage`: what is pruned and what stays dense."""
+    """The model's :class:`~dpf_ext.nn.coverage.Coverage`: what is pruned and what stays dense."""
     pattern: str | None = None
     """The N:M pattern (``"2:4"``) the masks follow, if any."""
     method: str | None = None

@@ -12,7 +12,7 @@ of every batch of the bundled digits data; every rank ends with the same masks (
 import argparse
 import sys
 
-from dpf_ext.cli import main
+from dpf_ext.app.cli import main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

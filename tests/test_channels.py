@@ -11,7 +11,7 @@ from torch import nn
 
 import dpf_ext
 from dpf_ext import ops
-from dpf_ext.channels import new_row_max
+from dpf_ext.methods.channels import new_row_max
 from dpf_ext.schedules import Constant
 
 from cases import ks_for, weight_cases

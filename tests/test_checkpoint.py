@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dpf_ext
-from dpf_ext.models import build_model
+from dpf_ext.app.models import build_model
 from dpf_ext.schedules import Constant
 
 

@@ -138,7 +138,7 @@ def _rescaled(model, pruner):
 
 
 def _sharded_warm_masks(rank, world):
-    from dpf_ext.first_pass import WarmStart
+    from dpf_ext.methods.first_pass import WarmStart
     WarmStart.pays = lambda self, weights: True  # windows for the small model (this process)
     out = []
     for settings in SETTINGS:
@@ -355,7 +355,7 @@ def _bn_steps(rank, world, sync=True, steps=3):
     """SGD steps of the BatchNorm model, this rank on its share of each batch, with the
     statistics synchronised or not; the per-step outputs and input gradients, and the final
     state."""
-    from dpf_ext.sync_batch_norm import synchronize_batch_norm
+    from dpf_ext.app.sync_batch_norm import synchronize_batch_norm
 
     model = synchronize_batch_norm(_bn_model()) if sync else _bn_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -392,7 +392,7 @@ def test_sync_batch_norm_over_two_processes_is_batch_norm_over_the_whole_batch(t
 
 
 def test_sync_batch_norm_in_one_process_is_batch_norm():
-    from dpf_ext.sync_batch_norm import SyncBatchNorm, synchronize_batch_norm
+    from dpf_ext.app.sync_batch_norm import SyncBatchNorm, synchronize_batch_norm
 
     model = _bn_model()
     reference = _bn_model()

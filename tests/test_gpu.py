@@ -7,7 +7,7 @@ from torch import nn
 
 import dpf_ext
 from dpf_ext import ops
-from dpf_ext.models import ResNet
+from dpf_ext.app.models import ResNet
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

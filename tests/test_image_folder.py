@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpf_ext.cli import main
-from dpf_ext.image_folder import ATTEMPTS, ImageFolder, random_resized_box
-from dpf_ext.train import TrainConfig, train
+from dpf_ext.app.cli import main
+from dpf_ext.app.image_folder import ATTEMPTS, ImageFolder, random_resized_box
+from dpf_ext.app.train import TrainConfig, train
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -1,7 +1,10 @@
-"""The package's modules import each other without a circle, counting imports inside
-functions (which would otherwise hide one)."""
+"""The package's modules import each other without a circle and only downwards through its
+layers (``docs/kernels.md#layout``), counting imports inside functions (which would
+otherwise hide one)."""
 
 import ast
+import subprocess
+import sys
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
@@ -75,13 +78,70 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def package_graph() -> dict[str, set[str]]:
-    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+    # triton_kernels is a link to the top-level folder, which rglob does not follow
+    paths = [*PACKAGE.rglob("*.py"), *(PACKAGE / "triton_kernels").glob("*.py")]
+    return {module_name(p): imports_of(p) for p in paths}
 
 
 def test_the_package_has_no_import_circle():
     graph = package_graph()
     assert len(graph) > 30 and graph["dpf_ext.nn"]  # the walk found the package
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def layer_of(module: str) -> str:
+    """The layer of a package module: its subpackage (``app``, ``nn``, ...) or ``top``;
+    ``python -m dpf_ext`` (``__main__``) is the application's."""
+    if module == "dpf_ext.__main__":
+        return "app"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) \
+        else "top"
+
+
+ALLOWED = {
+    "ops": {"ops", "triton_kernels", "dpf_ext._C"},
+    "triton_kernels": {"triton_kernels", "dpf_ext.ops.bits", "dpf_ext.ops.reference"},
+    "nn": {"nn", "ops", "dpf_ext.distributed"},
+}
+"""What each lower layer may import (a layer's name, or a module's); the top level and
+``methods`` may import everything but ``app``, and ``app`` anything."""
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """The imports of ``graph`` that point up through the package's layers."""
+    bad = []
+    for module, targets in sorted(graph.items()):
+        layer = layer_of(module)
+        for target in sorted(targets):
+            if layer == "app":
+                continue
+            if layer_of(target) == "app":
+                bad.append(f"{module} -> {target} (the library never imports the application)")
+            elif layer in ALLOWED and not {layer_of(target), target} & ALLOWED[layer]:
+                bad.append(f"{module} -> {target} ({layer} imports only {sorted(ALLOWED[layer])})")
+    return bad
+
+
+def test_imports_point_down_through_the_layers():
+    graph = package_graph()
+    assert {layer_of(m) for m in graph} >= {"top", "app", "nn", "methods", "ops", "triton_kernels"}
+    assert layering_violations(graph) == []
+
+
+def test_the_top_level_keeps_at_most_16_modules():
+    assert len(list(PACKAGE.glob("*.py"))) <= 16, sorted(p.name for p in PACKAGE.glob("*.py"))
+
+
+@pytest.mark.parametrize("graph, violation", [
+    ({"dpf_ext.pruner": {"dpf_ext.app.train"}}, "library never imports the application"),
+    ({"dpf_ext.ops.sparse": {"dpf_ext.nn.layers"}}, "ops imports only"),
+    ({"dpf_ext.nn.layers": {"dpf_ext.pruner"}}, "nn imports only"),
+])
+def test_the_layering_check_finds_upward_imports(graph, violation):
+    assert violation in " ".join(layering_violations(graph))
+    assert layering_violations({"dpf_ext.app.cli": {"dpf_ext.pruner"},
+                                "dpf_ext.nn.layers": {"dpf_ext.ops.bits"}}) == []
 
 
 @pytest.mark.parametrize("graph, circle", [
@@ -92,6 +152,14 @@ def test_the_circle_finder_finds_circles(graph, circle):
     assert find_cycle(graph) == circle
 
 
+def test_the_public_modules_are_there_after_import_dpf_ext():
+    # a fresh interpreter: the test session has imported every module already
+    code = ("import dpf_ext; dpf_ext.allocator.retain_freed_memory; dpf_ext.nn.sparsify; "
+            "dpf_ext.budgets.ERK; dpf_ext.schedules.Cubic; dpf_ext.methods.METHODS; "
+            "dpf_ext.ops.simd; import sys; assert 'dpf_ext.app' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_imports_inside_functions_count():
     # layer_types imports conv1d (and with it transformers) inside a function only
-    assert "dpf_ext.conv1d" in imports_of(PACKAGE / "layer_types.py")
+    assert "dpf_ext.nn.conv1d" in imports_of(PACKAGE / "nn" / "layer_types.py")

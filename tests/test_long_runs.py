@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpf_ext.cli import main
+from dpf_ext.app.cli import main
 
 ARGS = ["--model", "mlp", "--epochs", "3", "--threads", "1", "--no-progress",
         "--checkpoint-every", "5", "--sparsity", "0.9"]
@@ -39,13 +39,13 @@ else:
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, *args, **kwargs)
     torch.optim.SGD.step = dying
-from dpf_ext.cli import main
+from dpf_ext.app.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 
 
 def _cli(*args, kill=None):
-    code = KILLER if kill else "import sys; from dpf_ext.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = KILLER if kill else "import sys; from dpf_ext.app.cli import main; sys.exit(main(sys.argv[1:]))"
     extra = [str(kill[0]), kill[1]] if kill else []
     return subprocess.run([sys.executable, "-c", code, *extra, *args], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -218,7 +218,7 @@ def _free_port() -> int:
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    from dpf_ext.resume import Checkpoints
+    from dpf_ext.app.resume import Checkpoints
 
     checkpoints = Checkpoints(tmp_path, keep=2)
     checkpoints.save({"step": 5}, 5)
@@ -264,7 +264,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.stem)
 def test_every_recipe_reads_as_the_command_line(recipe):
-    from dpf_ext.cli import build_parser, recipe_argv
+    from dpf_ext.app.cli import build_parser, recipe_argv
 
     parser = build_parser()
     argv, contents = recipe_argv(recipe, parser)
@@ -411,7 +411,7 @@ def test_a_killed_jobs_parent_leaves_no_live_worker(tmp_path):
 
 
 def test_a_folder_being_written_is_not_resumed_into(tmp_path, capsys):
-    from dpf_ext.resume import FolderLock
+    from dpf_ext.app.resume import FolderLock
 
     args = ["--model", "mlp", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]
     assert main(args) == 0

@@ -465,7 +465,7 @@ def test_a_method_in_one_file_runs_through_the_controller_and_the_cli(capsys):
             optimizer.step()
             pruner.step()
         assert all((layer.mask.sum(1) == layer.mask.shape[1] // 4).all() for _, layer in pruner.layers)
-        from dpf_ext.cli import main
+        from dpf_ext.app.cli import main
 
         assert main(["--method", "per_row", "--model", "mlp", "--epochs", "1", "--no-progress"]) == 0
         assert "per_row" in capsys.readouterr().out
@@ -527,7 +527,7 @@ def test_a_methods_options_are_its_fields_and_its_config_the_recorded_ones():
 
 
 def test_a_fixed_mask_method_with_a_loop_input_is_one_class(tmp_path, capsys):
-    from dpf_ext.cli import main
+    from dpf_ext.app.cli import main
 
     register_method("grad_once", LargestGradientOnce)
     try:

@@ -67,7 +67,7 @@ def test_real_models_are_covered_pruned_and_reload_strictly(name):
     model, make_inputs = BUILDERS[name]()
     original_keys = set(model.state_dict())
     dpf_ext.sparsify(model)
-    cov = dpf_ext.coverage(model)
+    cov = dpf_ext.nn.coverage(model)
     assert cov.fraction_without_embeddings >= 0.95, str(cov)
     pruner = dpf_ext.DPF(model, 0.8, total_steps=8, update_every=4)
     _train(model, pruner, make_inputs)
@@ -127,7 +127,7 @@ def test_multihead_attention_with_separate_projections_is_reported_not_pruned():
     model.attn = nn.MultiheadAttention(8, 2, kdim=5, vdim=5)
     dpf_ext.sparsify(model)
     assert not isinstance(model.attn, dpf_ext.DPFMultiheadAttention)
-    reasons = {name: reason for name, _, reason in dpf_ext.coverage(model).dense}
+    reasons = {name: reason for name, _, reason in dpf_ext.nn.coverage(model).dense}
     assert "separate q/k/v" in reasons["attn.q_proj_weight"]
     assert "attention layer stays dense" in reasons["attn.out_proj.weight"]
 
@@ -138,7 +138,7 @@ def test_tied_output_layer_stays_dense_and_the_embedding_is_never_pruned():
     embedding = model.transformer.wte.weight.detach().clone()
     dpf_ext.sparsify(model)
     assert not isinstance(model.lm_head, dpf_ext.DPFLayer)
-    reasons = dict((n, r) for n, _, r in dpf_ext.coverage(model).dense)
+    reasons = dict((n, r) for n, _, r in dpf_ext.nn.coverage(model).dense)
     assert "tied" in reasons["transformer.wte.weight"]
     pruner = dpf_ext.DPF(model, schedule=Constant(0.9))
     pruner.finalize(unwrap=True)

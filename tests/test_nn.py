@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from dpf_ext import DPFConv1d, DPFConv2d, DPFConv3d, DPFLinear, sparsify, unsparsify
-from dpf_ext.estimators import MaskedGradient
-from dpf_ext.models import ResNet
+from dpf_ext.nn.estimators import MaskedGradient
+from dpf_ext.app.models import ResNet
 
 
 def small_model():

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import dpf_ext
-from dpf_ext.channels import new_row_max
+from dpf_ext.methods.channels import new_row_max
 from dpf_ext import DPFSGD, ops
-from dpf_ext.first_pass import WarmStart
+from dpf_ext.methods.first_pass import WarmStart
 
 
 def _model(seed=0):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import dpf_ext
-from dpf_ext.patterns import NMPattern, gemm_view
+from dpf_ext.methods.patterns import NMPattern, gemm_view
 from dpf_ext.schedules import OneShot
 
 

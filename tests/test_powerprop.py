@@ -95,7 +95,7 @@ def test_bad_exponent_is_an_error():
 
 
 def test_powerprop_composes_with_a_method_from_the_cli(capsys):
-    from dpf_ext.cli import main
+    from dpf_ext.app.cli import main
 
     assert main(["--method", "rigl", "--model", "mlp", "--epochs", "1", "--powerprop", "2",
                  "--no-progress"]) == 0

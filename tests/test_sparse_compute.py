@@ -12,7 +12,8 @@ from torch import nn
 
 import dpf_ext
 from cases import assert_resume_is_exact, assert_same_training, train_steps
-from dpf_ext import compute, ops
+from dpf_ext import ops
+from dpf_ext.nn import compute
 from dpf_ext.ops import SparseIndex, sparse_linear
 
 COMPILED = ops.simd() != "none"

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from dpf_ext.cli import main
-from dpf_ext.sweep import sweep_cells, sweep_table
-from dpf_ext.train import RunResult, TrainConfig
+from dpf_ext.app.cli import main
+from dpf_ext.app.sweep import sweep_cells, sweep_table
+from dpf_ext.app.train import RunResult, TrainConfig
 
 
 def _result(method, sparsity, seed, accuracy, diverged=False):

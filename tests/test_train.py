@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from dpf_ext.cli import main
-from dpf_ext.data import load_cifar10, load_dataset, load_digits
-from dpf_ext.models import MODELS, build_model
-from dpf_ext.train import TrainConfig, train
+from dpf_ext.app.cli import main
+from dpf_ext.app.data import load_cifar10, load_dataset, load_digits
+from dpf_ext.app.models import MODELS, build_model
+from dpf_ext.app.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def digits():
 
 
 def test_gratings_tasks():
-    from dpf_ext.data import grating_classes
+    from dpf_ext.app.data import grating_classes
 
     assert grating_classes() == [(0, 1.5), (36, 1.5), (72, 1.5), (108, 1.5), (144, 1.5),
                                  (0, 3.0), (36, 3.0), (72, 3.0), (108, 3.0), (144, 3.0)]
@@ -218,7 +218,7 @@ def test_updates_until_fixes_the_masks_from_then_on(digits):
 
 
 def test_ramp_until_moves_the_end_of_the_cubic_schedule(tmp_path):
-    from dpf_ext.cli import main
+    from dpf_ext.app.cli import main
 
     for ramp, out in ((None, tmp_path / "default"), (0.5, tmp_path / "half")):
         argv = ["--model", "mlp", "--epochs", "2", "--no-progress", "--out", str(out)]

@@ -18,9 +18,9 @@ import torch
 from .. import ops
 from ..budgets import Budget, Groups
 from ..distributed import local_weight_and_mask
-from ..estimators import Estimator, MaskedGradient
-from ..first_pass import HistogramRequest
-from ..optimizer_state import check_resettable, start_from_zero
+from ..nn.estimators import Estimator, MaskedGradient
+from .first_pass import HistogramRequest
+from .optimizer_state import check_resettable, start_from_zero
 from ..schedules import Schedule
 from .recipe import Recipe
 

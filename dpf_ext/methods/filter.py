@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..estimators import MaskedGradient, StraightThrough
+from ..nn.estimators import MaskedGradient, StraightThrough
 from .base import Method, Update
 from .magnitude import THRESHOLDS, check_positive, raise_nonfinite
 

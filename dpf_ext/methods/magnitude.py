@@ -12,9 +12,9 @@ import torch
 
 from .. import ops
 from ..budgets import Global
-from ..channels import BlowUpWatch, ChannelFloor, below, new_row_max
-from ..estimators import MaskedGradient, StraightThrough
-from ..first_pass import WarmStart
+from .channels import BlowUpWatch, ChannelFloor, below, new_row_max
+from ..nn.estimators import MaskedGradient, StraightThrough
+from .first_pass import WarmStart
 from ..ops.bits import NONFINITE_BIN
 from .base import Method, Update, unrecorded
 
@@ -38,7 +38,7 @@ def threshold(weights, k, exact, reduce, row_max, histogram=None, window=None) -
     keeping ``k`` of the others; +Inf (the forced weights alone) for ``k == 0``, NaN if a
     weight is. ``histogram``: the first pass, if already counted (with ``window``);
     ``window`` lets the exact search finish in that pass when the threshold moved little
-    (see :class:`~dpf_ext.first_pass.WarmStart`)."""
+    (see :class:`~dpf_ext.methods.first_pass.WarmStart`)."""
     if k < 1:
         if histogram is None:  # the pass still records the rows and meets any NaN
             histogram = ops.magnitude_histogram(weights, row_max=row_max)
@@ -68,9 +68,9 @@ class Magnitude(Method):
         threshold: ``"exact"`` (histogram passes) or ``"approx"`` (one pass; keeps the whole
             histogram bin at the threshold, a relative error below 2^-7 in magnitude).
         channel_floor: keep every output channel's largest weight, inside the same budget
-            (see :class:`dpf_ext.channels.ChannelFloor`).
+            (see :class:`dpf_ext.methods.channels.ChannelFloor`).
         feedback_clip: with feedback, bound the pruned weights' gradient (see
-            :class:`dpf_ext.estimators.StraightThrough`).
+            :class:`dpf_ext.nn.estimators.StraightThrough`).
         pruned_decay: with feedback, SR-STE's decay of the pruned weights.
         watch: warn of the signs of a feedback blow-up (with feedback only).
     """

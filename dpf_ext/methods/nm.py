@@ -1,5 +1,5 @@
 """N:M structured sparsity with feedback: every update keeps the N largest of each M
-consecutive weights along a layer's reduction dimension (see :mod:`dpf_ext.patterns`)."""
+consecutive weights along a layer's reduction dimension (see :mod:`dpf_ext.methods.patterns`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..estimators import MaskedGradient, StraightThrough
-from ..patterns import NMPattern
+from ..nn.estimators import MaskedGradient, StraightThrough
+from .patterns import NMPattern
 from .base import Method, Update
 from .recipe import Recipe
 from .magnitude import check_positive

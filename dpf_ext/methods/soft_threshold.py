@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..estimators import Estimator
+from ..nn.estimators import Estimator
 from .base import Method, Update, require_optimizer, write_masks
 from .recipe import Recipe
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..estimators import StraightThrough
-from ..optimizer_state import check_momentum, momentum
+from ..nn.estimators import StraightThrough
+from .optimizer_state import check_momentum, momentum
 from .base import (Method, Update, mask_of, random_masks, require_optimizer, select_top, top_k,
                    write_masks, zero_pruned_weights)
 from .recipe import Recipe

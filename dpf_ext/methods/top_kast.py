@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..estimators import Estimator
+from ..nn.estimators import Estimator
 from ..ops.bits import pack_bits, unpack_bits
 from .base import Method, Update, select_top, write_masks, mask_of
 from .recipe import Recipe

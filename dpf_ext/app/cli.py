@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .allocator import retain_freed_memory
+from ..allocator import retain_freed_memory
 from .data import DATASETS, load_dataset
-from .budgets import BUDGETS
-from .methods import METHODS, method_options, recipe_of
+from ..budgets import BUDGETS
+from ..methods import METHODS, method_options, recipe_of
 from .models import MODELS, build_model
-from .convert import sparsify
-from .layers import dpf_layers
-from .patterns import NMPattern, reduction
-from .methods.magnitude import THRESHOLDS
-from .methods.presets import SCOPES
+from ..nn.convert import sparsify
+from ..nn.layers import dpf_layers
+from ..methods.patterns import NMPattern, reduction
+from ..methods.magnitude import THRESHOLDS
+from ..methods.presets import SCOPES
 from .resume import CheckpointError, Checkpoints, FolderInUse, FolderLock, check_same_run
 from .resume import load as load_checkpoint
 from .run_outputs import summary_table, write_outputs
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute", choices=["dense", "sparse", "auto"], default=defaults.compute,
                    help="the layers' products: dense (mask * weight), sparse (the kept weights "
                         "only; Linear layers, attention projections and stride-1 'same' "
-                        "Conv2d), auto (sparse where faster, see dpf_ext.compute)")
+                        "Conv2d), auto (sparse where faster, see dpf_ext.nn.compute)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 instead of DDP")
     p.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",

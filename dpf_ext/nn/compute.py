@@ -1,7 +1,7 @@
 """Which product a DPF layer's forward runs: ``"dense"`` (``mask ⊙ w`` into torch's matrix
 product or convolution, every weight multiplied) or ``"sparse"`` (the kept weights only:
 :func:`dpf_ext.ops.sparse_linear` for Linear layers, transformers' Conv1D and the
-projections of ``nn.MultiheadAttention`` (:mod:`dpf_ext.sparse_attention`),
+projections of ``nn.MultiheadAttention`` (:mod:`dpf_ext.nn.sparse_attention`),
 :func:`dpf_ext.ops.sparse_conv2d` for stride-1 Conv2d layers with "same" padding), or
 ``"auto"``: sparse where it is faster (:func:`prefers_sparse`).
 
@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
-from .ops import reference
-from .ops.sparse import all_finite
+from .. import ops
+from ..ops import reference
+from ..ops.sparse import all_finite
 from .powerprop import effective
 
 MODES = ("dense", "sparse", "auto")
@@ -75,7 +75,7 @@ def conv2d_unsupported(conv: nn.Conv2d) -> str | None:
 
 
 def attention_unsupported(attention: nn.MultiheadAttention) -> str | None:
-    """Why :mod:`dpf_ext.sparse_attention` does not cover this attention layer, or ``None``."""
+    """Why :mod:`dpf_ext.nn.sparse_attention` does not cover this attention layer, or ``None``."""
     if attention.bias_k is not None or attention.add_zero_attn or not attention._qkv_same_embed_dim:
         return "add_bias_kv, add_zero_attn and separate kdim/vdim have no sparse path"
     return None

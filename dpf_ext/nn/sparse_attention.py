@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from . import compute
-from .ops import sparse_linear
+from ..ops import sparse_linear
 
 
 def _projections(layer, query, key, value):
@@ -57,7 +57,7 @@ def _same(fn, query, key, value):
 def forward(layer, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
             average_attn_weights=True, is_causal=False):
     """``layer(query, key, value, ...)`` (an ``nn.MultiheadAttention`` whose configuration
-    :func:`dpf_ext.compute.unsupported` accepts) with the projections' products from the
+    :func:`dpf_ext.nn.compute.unsupported` accepts) with the projections' products from the
     kept weights: ``(output, attention weights or None)`` as torch's forward returns them."""
     batched = query.dim() == 3
     if layer.batch_first and batched:

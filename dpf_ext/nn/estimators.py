@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from . import ops
+from .. import ops
 
 
 class _ClipPrunedGradient(torch.autograd.Function):

@@ -1,6 +1,6 @@
 """Output channels under DPF: the channel floor that keeps every channel alive and the watch
 that warns before a channel's feedback gradient blows up (the feedback clip, for channels
-left with very few weights, is an estimator: :func:`dpf_ext.estimators.clip_pruned_gradient`).
+left with very few weights, is an estimator: :func:`dpf_ext.nn.estimators.clip_pruned_gradient`).
 
 A channel is a row of a prunable weight: an output feature of a Linear, an output filter of
 a ConvNd (``weight.shape[0]`` rows). Both objects work from each row's largest magnitude,
@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from .ops.bits import FINITE_LIMIT
+from ..ops.bits import FINITE_LIMIT
 
 BLOWUP_RATIO = 100.0
 """The watch warns when a layer's largest dense weight exceeds this multiple of the

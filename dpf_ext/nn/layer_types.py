@@ -49,7 +49,7 @@ def register_prunable(torch_type: type, dpf_type: type) -> None:
 
 
 def register_transformers() -> None:
-    """Register transformers' ``Conv1D`` (see :mod:`dpf_ext.conv1d`) if transformers is already
+    """Register transformers' ``Conv1D`` (see :mod:`dpf_ext.nn.conv1d`) if transformers is already
     imported; never imports it."""
     if "transformers.pytorch_utils" in sys.modules:
         from .conv1d import Conv1D, DPFConv1D

@@ -62,7 +62,7 @@ def random_resized_box(width: int, height: int, draws: list[float],
 
 class ImageFolder:
     """The ``imagefolder`` data set (``--data imagefolder --data-dir ROOT``): the same
-    interface as :class:`dpf_ext.data.Dataset` (``train_batch``, ``test_batches``), images
+    interface as :class:`dpf_ext.app.data.Dataset` (``train_batch``, ``test_batches``), images
     read from disk. ``size``: the side of the training and evaluation crops; ``resize``: the
     shorter side before evaluation's centre crop; ``threads``: decoding threads."""
 

@@ -11,7 +11,7 @@
 - ``cifar10``: CIFAR-10 from its python-format batches on disk (``data_batch_1..5`` and
   ``test_batch``, in ``data_dir`` or ``data_dir/cifar-10-batches-py``); never downloaded.
 - ``imagefolder``: images in ``data_dir/train/<class>/`` and ``data_dir/val/<class>/``
-  (ImageNet's layout), read from disk as needed: :class:`dpf_ext.image_folder.ImageFolder`.
+  (ImageNet's layout), read from disk as needed: :class:`dpf_ext.app.image_folder.ImageFolder`.
 
 Training reads a data set through ``train_size``, ``train_batch(idx, generator)`` and
 ``test_batches(batch_size)``, which both kinds provide.

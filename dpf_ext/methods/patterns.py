@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
-from .ops.bits import MAX_GROUP
+from .. import ops
+from ..ops.bits import MAX_GROUP
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The dense weight stays the real ``nn.Parameter`` under its usual name, so optimizers,
 ``state_dict`` and distributed wrappers see a normal model; the forward uses
-``mask ⊙ weight`` through its estimator (:mod:`dpf_ext.estimators`), whose backward hands
+``mask ⊙ weight`` through its estimator (:mod:`dpf_ext.nn.estimators`), whose backward hands
 the full gradient to the dense weight (the DPF estimator) or the masked gradient.
 """
 
@@ -16,10 +16,10 @@ from torch import nn
 
 from . import compute as compute_paths
 from . import sparse_attention
-from .distributed import is_sharded
+from ..distributed import is_sharded
 from .estimators import Estimator, GradientTap, StraightThrough
-from .ops.bits import SUPPORTED_DTYPES
-from .ops.sparse import all_finite
+from ..ops.bits import SUPPORTED_DTYPES
+from ..ops.sparse import all_finite
 from .powerprop import effective
 from .state_dict_forms import read_state_dict_form, state_dict_hook
 
@@ -32,18 +32,18 @@ class DPFLayer:
     the channel floor keeps one weight per channel).
 
     Attributes: ``mask`` (bool buffer, all ones until a pruner writes it), ``estimator``
-    (the :class:`~dpf_ext.estimators.Estimator` that passes the gradient of ``mask ⊙ w`` to
+    (the :class:`~dpf_ext.nn.estimators.Estimator` that passes the gradient of ``mask ⊙ w`` to
     ``w``; the pruner's method sets it), ``grad_tap`` (a
-    :class:`~dpf_ext.estimators.GradientTap`, for methods that grow weights by their dense
+    :class:`~dpf_ext.nn.estimators.GradientTap`, for methods that grow weights by their dense
     gradient), ``state_dict_form`` (see :func:`set_state_dict_form`) and ``powerprop``
-    (``None``, or the exponent α of :mod:`dpf_ext.powerprop`: the parameter is then ``v`` and
+    (``None``, or the exponent α of :mod:`dpf_ext.nn.powerprop`: the parameter is then ``v`` and
     the forward's weight ``v · |v|^(α-1)``).
     """
 
     weight_name: ClassVar[str] = "weight"
     channel_dim: ClassVar[int] = 0
     sparse_product: ClassVar[bool] = False
-    """Whether :mod:`dpf_ext.compute` can run the forward from the kept weights only
+    """Whether :mod:`dpf_ext.nn.compute` can run the forward from the kept weights only
     (``compute="sparse"``): the product of the input with the ``(out, in)`` weight, or a
     Conv2d."""
     mask: torch.Tensor
@@ -62,7 +62,7 @@ class DPFLayer:
         self.powerprop: float | None = None
         self.compute = "dense"
         """Which product the forward runs: ``"dense"``, ``"sparse"`` or ``"auto"`` (see
-        :mod:`dpf_ext.compute`, :func:`set_compute`)."""
+        :mod:`dpf_ext.nn.compute`, :func:`set_compute`)."""
         self._sparse_cache: dict = {}
         self._register_state_dict_hook(state_dict_hook)
 
@@ -156,7 +156,7 @@ class DPFMultiheadAttention(DPFLayer, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose packed input projection (``in_proj_weight``, 3E x E:
     the channels are its 3E output features) and output projection (a
     :class:`DPFOutProjection`) are masked. Unless both its ``compute`` and its output
-    projection's are ``"dense"``, the forward is :func:`dpf_ext.sparse_attention.forward`:
+    projection's are ``"dense"``, the forward is :func:`dpf_ext.nn.sparse_attention.forward`:
     each projection sparse or dense as its own layer's path says. Otherwise (and for inputs
     holding NaN or Inf) torch's forward runs on the masked weights, its fused attention kernel included where torch
     chooses it (inference without grad)."""

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from .distributed import is_sharded
+from ..distributed import is_sharded
 from .powerprop import SUFFIX as POWERPROP_SUFFIX
 from .powerprop import effective, parameter
 

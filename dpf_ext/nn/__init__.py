@@ -3,7 +3,7 @@
 A DPF layer is its torch layer plus a bool ``mask`` buffer of its prunable weight's shape.
 The dense weight stays the real ``nn.Parameter`` under its usual name, so optimizers,
 ``state_dict`` and distributed wrappers see a normal model; the forward uses
-``mask ⊙ weight`` through its estimator (:mod:`dpf_ext.estimators`), whose backward hands
+``mask ⊙ weight`` through its estimator (:mod:`dpf_ext.nn.estimators`), whose backward hands
 the full gradient to the dense weight (the DPF estimator) or the masked gradient.
 
 Which module types become DPF layers is a registry (:func:`register_prunable`): Linear,
@@ -11,10 +11,10 @@ Conv1d/2d/3d, ``nn.MultiheadAttention`` (its packed input projection and its out
 projection) and, when transformers is imported, its ``Conv1D``. Your own layer type is
 made prunable the same way; see :func:`register_prunable`.
 
-This module is the public import path; the code lives by concern in :mod:`dpf_ext.layers`
-(the layers), :mod:`dpf_ext.layer_types` (the registry), :mod:`dpf_ext.convert`
-(``sparsify`` and the model-wide settings), :mod:`dpf_ext.state_dict_forms` and
-:mod:`dpf_ext.coverage`.
+This module is the public import path; the code lives by concern in :mod:`dpf_ext.nn.layers`
+(the layers), :mod:`dpf_ext.nn.layer_types` (the registry), :mod:`dpf_ext.nn.convert`
+(``sparsify`` and the model-wide settings), :mod:`dpf_ext.nn.state_dict_forms` and
+:mod:`dpf_ext.nn.coverage`.
 """
 
 from .convert import Exclude, compute_report, set_compute, set_state_dict_form, sparsify, unsparsify

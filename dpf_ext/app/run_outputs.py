@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .methods import METHODS, recipe_of
+from ..methods import METHODS, recipe_of
 from .sweep import LINE_STYLES, MARKERS, mean_std, plot_sweep, sweep_table
 from .train import RunResult, ranks, run_name
 
@@ -43,7 +43,7 @@ def summary_table(results: list[RunResult]) -> str:
 def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = None,
                   data_name: str = "") -> list[Path]:
     """Write ``metrics.json``, the plots (for a sweep over sparsities ``sweep.md`` and
-    ``sweep.png`` instead: :func:`dpf_ext.sweep.sweep_table`, :func:`dpf_ext.sweep.plot_sweep`)
+    ``sweep.png`` instead: :func:`dpf_ext.app.sweep.sweep_table`, :func:`dpf_ext.app.sweep.plot_sweep`)
     and each trained model (``model-<method>.pt``, or
     ``model-<method>-seed<k>.pt`` with several seeds: the finalized ``state_dict``, which
     loads into the original architecture) into ``out``; return the paths written.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .optim import DPFAdamW, DPFSGD
+from ..optim import DPFAdamW, DPFSGD
 
 RESETTABLE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 """The per-weight state entries of SGD, Adam and AdamW (and of dpf_ext's fused versions)."""

@@ -14,15 +14,15 @@ import torch.distributed as dist
 from torch import nn
 
 from .data import Dataset
-from .distributed import is_sharded
+from ..distributed import is_sharded
 from .cli_pruner import make_pruner
-from .methods import METHODS, method_options, recipe_of
+from ..methods import METHODS, method_options, recipe_of
 from .models import build_model
-from .convert import sparsify
-from .state_dict_forms import UnfinalizedWarning
+from ..nn.convert import sparsify
+from ..nn.state_dict_forms import UnfinalizedWarning
 from .sync_batch_norm import synchronize_batch_norm
-from .report import SparsityReport
-from .schedules import Cubic
+from ..report import SparsityReport
+from ..schedules import Cubic
 from .resume import Checkpoints, check_same_run
 
 
@@ -77,14 +77,14 @@ class TrainConfig:
     feedback_clip: float | None = None
     """DPF's feedback clip (see :class:`dpf_ext.DPF`)."""
     pattern: str | None = None
-    """An N:M pattern (``"2:4"``) instead of ``sparsity`` (see :func:`dpf_ext.cli_pruner.make_pruner`)."""
+    """An N:M pattern (``"2:4"``) instead of ``sparsity`` (see :func:`dpf_ext.app.cli_pruner.make_pruner`)."""
     budget: str | None = None
     """The layer-wise budget (``"global"``, ``"uniform"``, ``"erk"``, ``"er"``); ``None``: the
     method's."""
     options: dict = field(default_factory=dict)
     """The method's options (see :func:`dpf_ext.methods.method_options`)."""
     powerprop: float | None = None
-    """Powerpropagation's exponent α (see :mod:`dpf_ext.powerprop`); ``None``: off."""
+    """Powerpropagation's exponent α (see :mod:`dpf_ext.nn.powerprop`); ``None``: off."""
     ramp_until: float | None = None
     """DPF's and gradual pruning's cubic schedule reaches the target at this fraction of
     training (``None``: 0.75); the other methods keep their schedules."""
@@ -93,12 +93,12 @@ class TrainConfig:
     controller's ``end_step``); ``None``: the method's (DPF: to the end, RigL: 0.75)."""
     compute: str = "dense"
     """The product the DPF layers run: ``"dense"``, ``"sparse"`` or ``"auto"`` (see
-    :mod:`dpf_ext.compute`)."""
+    :mod:`dpf_ext.nn.compute`)."""
     fsdp: bool = False
     """Under ``torchrun``: shard the model with FSDP2 instead of DDP."""
     sync_bn: bool = True
     """Under ``torchrun``: BatchNorm layers normalise with the statistics of the global batch
-    (:mod:`dpf_ext.sync_batch_norm`), as one process does; ``False``: each process with its
+    (:mod:`dpf_ext.app.sync_batch_norm`), as one process does; ``False``: each process with its
     own share."""
     seed: int = 0
     device: str = "cpu"
@@ -120,7 +120,7 @@ class RunResult:
     """Whether the run stopped on a non-finite loss (its accuracy is then NaN)."""
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     """The trained model: masks folded in, plain torch layers (its ``state_dict`` loads into
-    the architecture that :func:`dpf_ext.models.build_model` builds)."""
+    the architecture that :func:`dpf_ext.app.models.build_model` builds)."""
 
     def to_dict(self) -> dict:
         """Plain data (JSON-serialisable), without the model."""

@@ -8,9 +8,9 @@ import struct
 
 import torch
 
-from . import ops
+from .. import ops
 from .channels import new_row_max
-from .ops.bits import HIGH_BINS, LOW_BINS
+from ..ops.bits import HIGH_BINS, LOW_BINS
 
 
 class HistogramRequest:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .methods import make_method, method_options
-from .patterns import NMPattern
-from .pruner import Pruner
-from .schedules import OneShot
+from ..methods import make_method, method_options
+from ..methods.patterns import NMPattern
+from ..pruner import Pruner
+from ..schedules import OneShot
 
 
 def make_pruner(method: str, model: nn.Module, sparsity: float, total_steps: int,

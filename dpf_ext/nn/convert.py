@@ -14,7 +14,7 @@ from torch import nn
 
 from . import compute as compute_paths
 from .coverage import coverage
-from .distributed import is_sharded, local_weight_and_mask
+from ..distributed import is_sharded, local_weight_and_mask
 from .layer_types import PRUNABLE, WEIGHT_READERS, register_transformers
 from .layers import DPFLayer, DPFMultiheadAttention
 from .powerprop import check_alpha, effective, parameter
@@ -79,14 +79,14 @@ def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense",
     mask shared by all its users, if all of them are prunable layers; a weight tied to an
     embedding or another module whose forward DPF does not mask is an error then.
 
-    ``powerprop`` (α >= 1): Powerpropagation (:mod:`dpf_ext.powerprop`): each new DPF
+    ``powerprop`` (α >= 1): Powerpropagation (:mod:`dpf_ext.nn.powerprop`): each new DPF
     layer's parameter becomes ``v = sign(w) |w|^(1/α)``, so that its weight ``v |v|^(α-1)``
     starts equal to the plain one; ``state_dict`` and :func:`unsparsify` give the weight
     (and, for resuming, ``v`` under ``<weight>_powerprop``).
 
     ``compute``: the product the layers' forward runs, ``"dense"`` (the default),
     ``"sparse"`` (the kept weights only) or ``"auto"`` (sparse where faster); see
-    :func:`set_compute` and :mod:`dpf_ext.compute`.
+    :func:`set_compute` and :mod:`dpf_ext.nn.compute`.
 
     What stays dense and why is logged (logger ``"dpf_ext"``) and shown by
     :func:`coverage` and the pruner's report. Calling ``sparsify`` again is harmless.
@@ -165,7 +165,7 @@ def sparsify(model: nn.Module, exclude: Exclude = None, tied: str = "dense",
 
 def set_compute(model: nn.Module, compute: str) -> nn.Module:
     """Set the ``compute`` mode (``"dense"``, ``"sparse"``, ``"auto"``; see
-    :mod:`dpf_ext.compute`) of every DPF layer of ``model``; returns ``model``.
+    :mod:`dpf_ext.nn.compute`) of every DPF layer of ``model``; returns ``model``.
     ``"sparse"`` where a layer has no sparse path is a ``ValueError`` naming the layers,
     and changes nothing; ``"auto"`` leaves such layers dense (the pruner's report and
     :func:`compute_report` say which run sparse)."""
