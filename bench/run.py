@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from dpf_ext.app.run_outputs import cpu_name
 
 HERE = Path(__file__).parent
 BASELINE = re.compile(r"torch|dense")  # cases the dpf_ext ones are compared with
@@ -31,13 +32,7 @@ def machine_name() -> str:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
     else:
-        model = platform.processor() or "cpu"
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name = f"cpu-{os.cpu_count()}core-{model}"
+        name = f"cpu-{os.cpu_count()}core-{cpu_name()}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from run import machine_name  # noqa: E402
 
+from dpf_ext.app.run_outputs import cpu_name  # noqa: E402
+
 HERE = Path(__file__).parent
 JOBS = {"default job": [], "--compare dpf,rigl": ["--compare", "dpf,rigl"]}
 THREADS = (1, 2)
@@ -72,9 +74,7 @@ def main() -> None:
         finally:
             if spinner:
                 spinner.kill()
-    with open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    record = {"machine": f"{os.cpu_count()} cores, {cpu}", "rows": rows}
+    record = {"machine": f"{os.cpu_count()} cores, {cpu_name()}", "rows": rows}
     path = HERE / "results" / f"thread-defaults-{machine_name()}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"| job | load | threads | OMP_WAIT_POLICY | wall s | CPU s |\n|---|---|---|---|---|---|")

@@ -39,7 +39,7 @@ class DPF(Pruner):
         pruned_decay: SR-STE's decay of the pruned weights (``None``: off).
 
     ``schedule``, ``update_every``, ``total_steps``, ``freeze_at``, ``replace``, ``budget``,
-    ``optimizer``, ``end_step`` and ``seed`` are :class:`Pruner`'s (see
+    ``optimizer``, ``end_step``, ``seed`` and ``check_every`` are :class:`Pruner`'s (see
     :func:`dpf_ext.methods.presets.dpf_options` for how the options combine).
     """
 
@@ -64,6 +64,7 @@ class DPF(Pruner):
         optimizer: torch.optim.Optimizer | None = None,
         end_step: int | None = None,
         seed: int = 0,
+        check_every: int | None = 100,
     ):
         built = dpf_options(scope=scope, feedback=feedback, threshold=threshold,
                             channel_floor=channel_floor, feedback_clip=feedback_clip,
@@ -74,4 +75,5 @@ class DPF(Pruner):
             budget = "uniform"
         super().__init__(model, built, sparsity, schedule=schedule, update_every=update_every,
                          budget=budget, total_steps=total_steps, end_step=end_step,
-                         freeze_at=freeze_at, optimizer=optimizer, seed=seed, replace=replace)
+                         freeze_at=freeze_at, optimizer=optimizer, seed=seed, replace=replace,
+                         check_every=check_every)

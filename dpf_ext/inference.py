@@ -4,10 +4,10 @@ Pruned Linear layers (``nn.Linear`` and transformers' ``Conv1D``, plain with zer
 layers) become :class:`SparseLinear` modules, and pruned stride-1 ``nn.Conv2d`` layers with
 "same" padding :class:`SparseConv2d` modules, that multiply with their kept weights only
 (the sparse products of :mod:`dpf_ext.ops.sparse` and :mod:`dpf_ext.ops.sparse_conv`, the
-kernels training uses), but only those for which a measurement on this machine, at
-conversion time, shows the sparse product beating the dense one
-(``bench/test_sparse_inference.py`` reports the crossovers). What stays dense is reported,
-with the reason.
+kernels training uses), but only those that a rule of density and size (the default: the
+same model always converts the same way) or a measurement on this machine at conversion
+time says are faster sparse (``bench/test_sparse_inference.py`` reports the crossovers).
+What stays dense is reported, with the reason.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .nn.compute import conv2d_unsupported
+from .nn.compute import AUTO_MAX_DENSITY_CONV, conv2d_unsupported
 from .nn.layers import DPFLayer
 from .ops.sparse import SparseIndex, kept_product
 from .ops.sparse_conv import ConvIndex, kept_conv
@@ -67,10 +67,37 @@ class SparseConv2d(nn.Module):
                 f"sparsity={1 - self.values.numel() / (out * inp * kh * kw):.2%}")
 
 
+LINEAR_RULE = ((2**20, 0.2), (2**17, 0.05))
+"""``decide="rule"``: a Linear layer of at least the first number of weights converts at
+the second density (fraction kept) or lower; smaller ones stay dense. From
+``bench/results/sparse-inference-cpu-2core-intel-xeon.json`` (2-core Intel Xeon, batch 64),
+with a margin over the default 1.1x: 1024x1024 is 1.44x the dense layer's speed at density
+0.2, 256x512 1.12x at 0.05, 512x64 at most 1.03x at any density. Convolutions convert at
+:data:`~dpf_ext.nn.compute.AUTO_MAX_DENSITY_CONV` or lower (training's rule: a forward alone
+gains more)."""
+
+DECISIONS = ("rule", "measure")
+
+
+def rule_says_dense(weight: torch.Tensor, conv: bool) -> str:
+    """Why :data:`LINEAR_RULE` (or, for a convolution, its density limit) keeps ``weight``
+    dense; ``""`` if it converts."""
+    density = int((weight != 0).sum()) / weight.numel()
+    if conv:
+        limit = AUTO_MAX_DENSITY_CONV
+        return "" if density <= limit else f"density {density:.4f} above the rule's {limit} for convolutions"
+    for size, limit in LINEAR_RULE:
+        if weight.numel() >= size:
+            return "" if density <= limit else (
+                f"density {density:.4f} above the rule's {limit} for {size:,}+ weights")
+    return f"fewer than {LINEAR_RULE[-1][0]:,} weights: too small to gain (the rule)"
+
+
 @dataclass(frozen=True)
 class InferenceChoice:
     """What :func:`to_sparse_inference` measured for one Linear or Conv2d layer and decided;
-    ``reason`` says why a layer stays dense."""
+    ``reason`` says why a layer stays dense. The times are NaN where nothing was measured
+    (``repeats=0``, a convolution without ``example``, a layer left untried)."""
 
     name: str
     shape: tuple[int, ...]
@@ -139,31 +166,38 @@ def _candidate(name: str, module: nn.Module, batch_size: int, conv_inputs: dict)
     padding = (weight.shape[2] // 2, weight.shape[3] // 2)
     shape = conv_inputs.get(name)
     x = None if shape is None else torch.randn(shape, device=weight.device, dtype=weight.dtype)
-    why = conv2d_unsupported(module) or ("" if shape is not None else
-                                         "a convolution: pass example= to measure it")
+    why = conv2d_unsupported(module) or ""
     return (weight, lambda: SparseConv2d(weight, module.bias), x,
             lambda: nn.functional.conv2d(x, weight, module.bias, padding=padding), why)
 
 
 @torch.no_grad()
 def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: float = 1.1,
-                        min_sparsity: float = 0.5, repeats: int = 20,
-                        example=None) -> list[InferenceChoice]:
-    """Swap, in place, each Linear layer of ``model`` (``nn.Linear``, transformers'
-    ``Conv1D``) whose sparse product is at least ``min_speedup`` times faster than its dense
-    one, measured here on a random batch of ``batch_size`` rows, for a
-    :class:`SparseLinear`; and, given ``example`` (the model's input: a tensor, or a tuple of
-    its inputs), each stride-1 "same" ``nn.Conv2d`` for a :class:`SparseConv2d` the same
-    way, measured at the input shape it sees in one forward of ``example``. DPF layers are
-    taken with their masks applied. Returns one :class:`InferenceChoice` per Linear or
-    Conv2d layer: measured and swapped, measured and left dense, or left dense untried
-    (``reason``: under ``min_sparsity``, a dtype without sparse kernels, a convolution
-    without a sparse path or without ``example``). The result is for inference only (no
-    gradient reaches the weights).
+                        min_sparsity: float = 0.5, repeats: int = 20, example=None,
+                        decide: str = "rule") -> list[InferenceChoice]:
+    """Swap, in place, each pruned Linear layer of ``model`` (``nn.Linear``, transformers'
+    ``Conv1D``) for a :class:`SparseLinear`, and each pruned stride-1 "same" ``nn.Conv2d``
+    for a :class:`SparseConv2d`, where the sparse product is the faster one. DPF layers are
+    taken with their masks applied.
+
+    ``decide="rule"`` (the default) decides by density and size (:data:`LINEAR_RULE`): the
+    same model converts the same way on every run. ``decide="measure"`` times both products
+    here, on a random batch of ``batch_size`` rows (a convolution at the input shape it sees
+    in one forward of ``example``: the model's input, a tensor or a tuple of its inputs),
+    and converts where the sparse one is at least ``min_speedup`` times faster; timings vary
+    from run to run, so can the decisions. Either way both products are timed
+    (``repeats`` runs each, the median; ``repeats=0`` times nothing under the rule) and the
+    times returned: one :class:`InferenceChoice` per Linear or Conv2d layer, converted or
+    left dense with the ``reason`` (under ``min_sparsity``, a dtype without sparse kernels,
+    a convolution without a sparse path, the rule, or the measurement). The result is for
+    inference only (no gradient reaches the weights).
     """
-    if batch_size < 1 or min_speedup <= 0 or not 0 <= min_sparsity < 1 or repeats < 1:
-        raise ValueError("batch_size and repeats must be >= 1, min_speedup > 0, "
-                         "min_sparsity in [0, 1)")
+    if decide not in DECISIONS:
+        raise ValueError(f"decide must be one of {DECISIONS}, got {decide!r}")
+    if batch_size < 1 or min_speedup <= 0 or not 0 <= min_sparsity < 1 or repeats < 0 \
+            or (decide == "measure" and repeats < 1):
+        raise ValueError("batch_size must be >= 1, repeats >= 1 (0 allowed with decide='rule'), "
+                         "min_speedup > 0, min_sparsity in [0, 1)")
     modules = dict(model.named_modules())
     conv_inputs = _conv_inputs(model, example)
     choices = []
@@ -172,22 +206,30 @@ def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: flo
         if found is None:
             continue
         weight, build, x, dense, why = found
+        conv = isinstance(module, nn.Conv2d)
         sparsity = 1.0 - int((weight != 0).sum()) / weight.numel()
         untried = (why or (f"sparsity {sparsity:.1%} under min_sparsity"
                            if sparsity < min_sparsity else "")
                    or (f"{weight.dtype} has no sparse kernels (float32 has)"
-                       if weight.dtype != torch.float32 else ""))
+                       if weight.dtype != torch.float32 else "")
+                   or ("a convolution: pass example= to measure it"
+                       if decide == "measure" and x is None else ""))
         if untried:
             choices.append(InferenceChoice(name, tuple(weight.shape), sparsity, float("nan"),
                                            float("nan"), False, untried))
             continue
         candidate = build().to(weight.device)
-        dense_ms = _median_ms(dense, repeats)
-        sparse_ms = _median_ms(lambda: candidate(x), repeats)
-        use = dense_ms >= min_speedup * sparse_ms
+        dense_ms = sparse_ms = float("nan")
+        if repeats and x is not None:
+            dense_ms = _median_ms(dense, repeats)
+            sparse_ms = _median_ms(lambda: candidate(x), repeats)
+        if decide == "rule":
+            reason = rule_says_dense(weight, conv)
+        else:
+            reason = "" if dense_ms >= min_speedup * sparse_ms else "the dense product is faster here"
         choices.append(InferenceChoice(name, tuple(weight.shape), sparsity, dense_ms, sparse_ms,
-                                       use, "" if use else "the dense product is faster here"))
-        if use:
+                                       not reason, reason))
+        if not reason:
             parent_name, _, child = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child, candidate)
     return choices

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 
@@ -23,6 +24,10 @@ from .nn.layers import prunable_layers
 from .report import LayerReport, SparsityReport
 from .schedules import Schedule, check_sparsity, resolve_schedule
 
+
+STARVED = 10
+"""A layer sharing one threshold with others is *starved* when it keeps less than
+1/``STARVED`` of the fraction its group keeps (warned once per layer)."""
 
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 """The pruner managing each DPF layer (weakly: neither is kept alive by this)."""
@@ -63,6 +68,9 @@ class Pruner:
         replace: take over layers that another live, unfinalized pruner manages (that
             pruner stops: its :meth:`step` raises). Without it, that is an error: two
             pruners would overwrite each other's masks.
+        check_every: steps between the checks (:meth:`check_finite`) that the weights are
+            finite, at the steps where no mask update checks them (a method whose masks are
+            fixed, a frozen pruner); ``None``: never. One read of the weights per check.
         method_options: the options of the named ``method`` (see
             :func:`dpf_ext.methods.method_options`).
 
@@ -86,6 +94,7 @@ class Pruner:
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
         replace: bool = False,
+        check_every: int | None = 100,
         **method_options,
     ):
         self.layers = prunable_layers(model)
@@ -119,6 +128,10 @@ class Pruner:
         if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int)
                                      or end_step < 0):
             raise ValueError(f"end_step must be a non-negative int or None, got {end_step!r}")
+        if check_every is not None and (isinstance(check_every, bool)
+                                        or not isinstance(check_every, int) or check_every < 1):
+            raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
+        self.check_every = check_every
         self.budget = make_budget(recipe.budget if budget is None else budget)
         self.update_every = update_every
         self.total_steps = total_steps
@@ -147,6 +160,7 @@ class Pruner:
         self.dropped_last = torch.zeros_like(self.reactivated_last)
         self.regrown_last = torch.zeros_like(self.reactivated_last)
         self._empty: set[str] = set()
+        self._starved: set[str] = set()
         self._request: HistogramRequest | None = None
         self._kept: tuple[torch.Tensor, list[int]] | None = None  # see _kept_before
         self._estimators = [self.method.layer_estimator(i, self.estimator)
@@ -197,14 +211,29 @@ class Pruner:
             raise RuntimeError("this pruner was finalized; build a new one to keep pruning")
         self.step_count += 1
         self.method.after_step(self.view())
+        updating = not self.frozen and (self.step_count == self.freeze_at
+                                        or self._due(self.step_count))
+        if not updating and self.check_every and self.step_count % self.check_every == 0:
+            self.check_finite()
         if self.frozen:
             return
-        freezing = self.step_count == self.freeze_at
-        if freezing or self._due(self.step_count):
+        if updating:
             self.update_masks()
-        if freezing:
+        if self.step_count == self.freeze_at:
             self.freeze()
         self._arm_taps()
+
+    @torch.no_grad()
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` naming the layers whose weights hold NaN or Inf (the run has
+        diverged); :meth:`step` calls it every ``check_every`` steps that update no masks."""
+        finite = torch.stack([torch.isfinite(layer.dense_weight).all() for _, layer in self.layers])
+        if not bool(finite.all()):
+            bad = [name for name, ok in zip(self.names, finite.tolist()) if not ok]
+            raise ValueError(f"{self.method.name} at step {self.step_count}: non-finite (NaN or "
+                             f"Inf) weights in {bad}; training has diverged (a lower learning "
+                             "rate or gradient clipping may help; resume from a checkpoint "
+                             "before it)")
 
     def _due(self, step: int) -> bool:
         """Whether the masks update at ``step``: every ``update_every`` steps, and at the
@@ -298,6 +327,7 @@ class Pruner:
         self.target_kept = u.target_kept if u.target_kept is not None else sum(
             k for _, k in u.groups())
         self._warn_empty_layers(stats[:, 0])
+        self._warn_starved_layers(stats[:, 0], u.groups())
 
     def _kept_before(self, masks: list[torch.Tensor]) -> torch.Tensor:
         """This process's kept count per mask: the last update's while no one has written
@@ -320,6 +350,36 @@ class Pruner:
                 "budget, or excluding these layers in dpf_ext.sparsify",
                 RuntimeWarning, stacklevel=5,
             )
+
+    def _warn_starved_layers(self, kept: torch.Tensor, groups) -> None:
+        """Warn (once per layer) of layers that one threshold shared with other layers
+        leaves far sparser than their group: typically layers initialised or trained at a
+        smaller scale than the others (GPT-2's ``c_proj``)."""
+        kept = kept.tolist()
+        sizes = [math.prod(shape) for shape in self.shapes]
+        found = []
+        for layers, _ in groups:
+            if len(layers) < 2:
+                continue
+            share = sum(kept[i] for i in layers) / sum(sizes[i] for i in layers)
+            for i in layers:
+                name = self.names[i]
+                if 0 < kept[i] < share * sizes[i] / STARVED and name not in self._starved:
+                    found.append(f"{name!r} {kept[i] / sizes[i]:.2%} (its threshold keeps "
+                                 f"{share:.2%} of the {len(layers)} layers it spans)")
+                    self._starved.add(name)
+        if found:
+            floor = "the channel floor (channel_floor=True), " \
+                if "channel_floor" in self.method.config() else ""
+            warnings.warn(
+                f"step {self.step_count}: one threshold over several layers ({self.method.name}, "
+                f"budget {self.budget.name!r}) keeps of these layers' weights only "
+                f"{'; '.join(found)}: layers at a smaller scale than the others lose most of "
+                "their weights to a shared threshold. A "
+                f"per-layer budget (budget='erk' or 'uniform'), {floor}or leaving such layers "
+                "dense (dpf_ext.sparsify(model, exclude=[...])) keeps them (the docs: Training, "
+                "global thresholds across layers of different scale)",
+                RuntimeWarning, stacklevel=5)
 
     def _install_estimators(self) -> None:
         """Give every layer the method's gradient estimator."""

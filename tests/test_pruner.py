@@ -2,6 +2,7 @@
 finalize and bad input."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -291,6 +292,55 @@ def test_non_finite_weights_raise_and_lose_nothing():
                    for a, b in zip(weights, [p.detach() for p in model.parameters()]))
 
 
+@pytest.mark.parametrize("method", ["static", "dpf-frozen"])
+def test_a_run_gone_non_finite_is_reported_where_no_update_checks(method):
+    # static never updates its masks; a frozen DPF pruner (retraining) neither
+    torch.manual_seed(0)
+    model = dpf_ext.sparsify(mlp())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if method == "static":
+        pruner = dpf_ext.Pruner(model, "static", 0.5, check_every=5)
+    else:
+        pruner = dpf_ext.DPF(model, 0.5, total_steps=20, freeze_at=2, check_every=5)
+    x = torch.randn(8, 20)
+    for step in range(1, 5):
+        model(x).sum().backward()
+        optimizer.step()
+        pruner.step()
+        if step == 4:  # after the last update-free step before the check
+            with torch.no_grad():
+                kept = model[0].mask.nonzero()[0]
+                model[0].weight[tuple(kept)] = float("nan")
+    with pytest.raises(ValueError, match=r"at step 5: non-finite \(NaN or Inf\) weights in \['0'\]"):
+        pruner.step()
+    quiet = dpf_ext.Pruner(dpf_ext.sparsify(mlp()), "static", 0.5, check_every=None)
+    with torch.no_grad():
+        quiet.model[0].weight.fill_(float("nan"))
+    for _ in range(200):
+        quiet.step()  # never checks
+    with pytest.raises(ValueError, match="check_every must be a positive int or None, got 0"):
+        dpf_ext.Pruner(dpf_ext.sparsify(mlp()), "static", 0.5, check_every=0)
+
+
+def test_a_layer_starved_by_a_shared_threshold_is_warned_of_once():
+    def model():
+        torch.manual_seed(0)
+        built = dpf_ext.sparsify(nn.Sequential(nn.Linear(40, 40), nn.Linear(40, 40)))
+        with torch.no_grad():
+            built[1].weight.mul_(0.62)  # GPT-2's c_proj: a smaller scale than the others
+        return built
+
+    with pytest.warns(RuntimeWarning, match=r"budget 'global'\) keeps of these layers' weights "
+                      r"only '1' .*its threshold keeps 20.00% of the 2 layers.*budget='erk'"):
+        pruner = dpf_ext.DPF(model(), schedule=Constant(0.8), channel_floor=False)
+    assert pruner.report().layers[1].kept < 0.02 * 1600
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.update_masks()  # once per layer
+        dpf_ext.DPF(model(), schedule=Constant(0.8), budget="uniform")  # one threshold each
+        dpf_ext.DPF(model(), schedule=Constant(0.3))  # 70% of the first, 60% of the second
+
+
 @pytest.mark.parametrize("scope", ["global", "layer", "filter"])
 def test_nan_is_caught_in_every_scope(scope):
     model = dpf_ext.sparsify(mlp())
@@ -362,9 +412,9 @@ def test_the_channel_floor_keeps_every_channel_inside_the_budget():
     model = dpf_ext.sparsify(mlp())
     with torch.no_grad():
         model[4].weight.mul_(1e-6)  # the classifier falls under any global threshold
-    import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error")  # no layer entirely pruned
+        warnings.filterwarnings("ignore", ".*one threshold over several layers")  # starved: yes
         pruner = dpf_ext.DPF(model, schedule=Constant(0.5))
     classifier = model[4]
     assert classifier.mask.sum(1).tolist() == [1, 1, 1, 1]  # each row keeps its largest

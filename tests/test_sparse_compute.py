@@ -334,3 +334,45 @@ def test_batch_major_equals_the_reference(isa, shape):
         got, want = torch.ops.dpf.batch_major(x, sums), reference.batch_major(x, sums)
         assert torch.equal(got[0], want[0])
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+AUTOCAST_MODELS = {
+    "linear": (lambda: nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16)),
+               lambda x: x, (8, 32)),
+    "conv2d": (lambda: nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(8, 4, 3, padding=1)),
+               lambda x: x, (2, 4, 6, 6)),
+    "attention": (lambda: nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True)),
+                  None, (2, 5, 16)),
+}
+
+
+def _autocast_step(kind, compute_mode, input_dtype):
+    build, _, shape = AUTOCAST_MODELS[kind]
+    torch.manual_seed(0)
+    model = dpf_ext.sparsify(build(), compute=compute_mode)
+    dpf_ext.Pruner(model, "static", 0.7)  # masks drawn from the seed: the same in both runs
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(input_dtype)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model[0](x, x, x, need_weights=False)[0] if kind == "attention" else model(x)
+    y.float().square().sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    return y, x.grad, grads, dpf_ext.compute_report(model)
+
+
+@pytest.mark.skipif(not COMPILED, reason="the compiled sparse kernels are not built")
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["f32-in", "bf16-in"])
+@pytest.mark.parametrize("kind", sorted(AUTOCAST_MODELS))
+def test_the_sparse_path_follows_autocast_as_the_dense_one(kind, input_dtype):
+    y_dense, dx_dense, g_dense, report = _autocast_step(kind, "dense", input_dtype)
+    y_sparse, dx_sparse, g_sparse, sparse_report = _autocast_step(kind, "sparse", input_dtype)
+    assert set(report.values()) == {"dense"} and set(sparse_report.values()) == {"sparse"}
+    assert y_sparse.dtype == y_dense.dtype == torch.bfloat16
+    assert dx_sparse.dtype == dx_dense.dtype == input_dtype
+    # bfloat16 has 8 bits of mantissa; the sparse path rounds once, the dense one per product
+    torch.testing.assert_close(y_sparse.float(), y_dense.float(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(dx_sparse.float(), dx_dense.float(), rtol=0.1, atol=0.1)
+    for a, b in zip(g_sparse, g_dense):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.1 * b.abs().max().item())

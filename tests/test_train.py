@@ -114,6 +114,26 @@ def test_cli_bad_arguments_fail_before_training(args, message, tmp_path, capsys)
     assert not out.exists() or not any(out.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.5"], "--sparsity must be in [0, 1), got 1.5\n"),  # no percent hint
+    (["--sparsity", "90"], "got 90.0 (a fraction: did you mean 0.9?)"),
+    (["--method", "rigl", "--option", "drop_fractoin=0.5"],
+     "--option ['drop_fractoin']: rigl takes ['drop_fraction'] (did you mean drop_fraction?)"),
+])
+def test_cli_errors_read_as_sentences(args, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "mlp", "--epochs", "1", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_cli_warnings_read_as_messages(capsys):
+    # RigL's first update falls after a 1-epoch run: the pruner warns
+    assert main(["--model", "mlp", "--epochs", "1", "--no-progress", "--method", "rigl"]) == 0
+    err = capsys.readouterr().err
+    assert "dpf-train: warning: rigl's masks never change in this run" in err
+    assert "return Pruner(" not in err and "UserWarning" not in err
+
+
 def test_cli_unwritable_out_fails_before_training(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

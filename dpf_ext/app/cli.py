@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -159,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _percent_hint(value: float) -> str:
-    """A hint for a sparsity given in percent (``90`` for ``0.9``); none for 1.0 itself
-    (everything pruned) or anything that is not a plausible percentage."""
-    return f" (a fraction: did you mean {value / 100:g}?)" if 1 < value < 100 else ""
+    """A hint for a sparsity given in percent (``90`` for ``0.9``); none for anything that is
+    not a plausible percentage (under 10: 1.5 is not a sparsity of 1.5%)."""
+    return f" (a fraction: did you mean {value / 100:g}?)" if 10 <= value < 100 else ""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -237,7 +238,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     bad = sorted(set(args.options) - valid)
     if bad:
         near = [n for b in bad for n in difflib.get_close_matches(b, sorted(valid), 1)]
-        parser.error(f"--option {bad}: {', '.join(args.methods)} take {sorted(valid) or 'no options'}"
+        takes = "takes" if len(args.methods) == 1 else "take"
+        parser.error(f"--option {bad}: {', '.join(args.methods)} {takes} {sorted(valid) or 'no options'}"
                      + (f" (did you mean {', '.join(near)}?)" if near else ""))
     takers = {key: [m for m in args.methods if m != "dense" and key in method_options(m)]
               for key in ("filters", "pattern")}
@@ -298,14 +300,22 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                      "--overwrite to replace it")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file: give a folder (made if missing)")
-    if args.out is not None:
+    if args.resume not in (None, "auto"):
         try:
-            args.out.mkdir(parents=True, exist_ok=True)
-            probe = args.out / ".dpf-train-write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
+            load_checkpoint(args.resume)
+        except CheckpointError as exc:
+            parser.error(f"--resume {args.resume}: {exc}")
+
+
+def make_out(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Create ``--out`` (once every argument is checked) and check that it takes files."""
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".dpf-train-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
 
 
 def _resume_from(args: argparse.Namespace, configs: list[TrainConfig]) -> dict[str, Path]:
@@ -348,6 +358,11 @@ def _run(args: argparse.Namespace, config: TrainConfig, data, log, writer: bool 
         explicit = args.resume_from.get(run_name(config, bool(args.sparsities)))
         state = ({**load_checkpoint(explicit), "path": explicit} if explicit is not None
                  else checkpoints.latest())  # the runs PATH is not of: their own latest
+        if state is not None and "result" in state:  # PATH is another folder's done.pt
+            check_same_run(state["config"], asdict(config), state["path"])
+            if writer:
+                checkpoints.finish({k: state[k] for k in ("config", "model", "result")})
+            return _with_model(state["result"], state["model"], data)
         if state is None and writer:
             print(f"{run_name(config, True)}: nothing to resume in {checkpoints.folder}, "
                   "training from step 0")
@@ -385,6 +400,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def _start_worker(args: argparse.Namespace, parent: int) -> None:
     _exit_with_parent(parent)
+    warnings.showwarning = show_warning
     if args.out is not None:  # shared with the parent's: the folder stays locked while we run
         _worker["lock"] = FolderLock(args.out).acquire(shared=True)
     torch.set_num_threads(args.threads)
@@ -481,7 +497,20 @@ def recipe_argv(path: Path, parser: argparse.ArgumentParser) -> tuple[list[str],
     return argv, recipe
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: a warning reads as a message
+    (``dpf-train: warning: ...``), not as a source line."""
+    print(f"dpf-train: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``dpf-train``: parse ``argv`` (default: the process's), train, write; the exit status."""
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        return _parse_and_run(argv)
+
+
+def _parse_and_run(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -566,6 +595,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         + (f", {args.jobs} runs at a time" if args.jobs > 1 else ""))
     lock = FolderLock(args.out) if args.out is not None and writer else None
     if lock is not None:
+        make_out(parser, args)
         try:
             lock.acquire()
         except FolderInUse as exc:

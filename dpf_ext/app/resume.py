@@ -119,26 +119,42 @@ class FolderLock:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / self.NAME
         self._file = None
+        self._owner = False
 
     def acquire(self, shared: bool = False) -> "FolderLock":
         """Take the lock: exclusive (the first process: no one else may be writing), or
         ``shared`` (a worker of the process that holds it). Raises :class:`FolderInUse`."""
         import fcntl
 
-        self._file = open(self.path, "a+")
-        if not shared:
-            try:
-                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.release()
-                raise FolderInUse(f"{self.path.parent} is being written by another live process "
-                                  "(dpf-train or one of its --jobs workers); wait for it to end "
-                                  "or stop it, then resume") from None
-        fcntl.flock(self._file, fcntl.LOCK_SH)  # the workers may share it
-        return self
+        while True:
+            self._file = open(self.path, "a+")
+            self._owner = not shared
+            if not shared:
+                try:
+                    fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self._file.close()
+                    self._file = None
+                    raise FolderInUse(f"{self.path.parent} is being written by another live "
+                                      "process (dpf-train or one of its --jobs workers); wait "
+                                      "for it to end or stop it, then resume") from None
+                if not self._is_current():  # its holder removed it as we opened it: again
+                    self._file.close()
+                    continue
+            fcntl.flock(self._file, fcntl.LOCK_SH)  # the workers may share it
+            return self
+
+    def _is_current(self) -> bool:
+        """Whether the file this lock holds is still the one at :attr:`path`."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
-        """Let go of the lock."""
+        """Let go of the lock; the process that took it exclusively removes the file."""
         if self._file is not None:
+            if self._owner and self._is_current():
+                self.path.unlink(missing_ok=True)
             self._file.close()
             self._file = None

@@ -14,6 +14,16 @@ from .sweep import LINE_STYLES, MARKERS, mean_std, plot_sweep, sweep_table
 from .train import RunResult, ranks, run_name
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s "model name"; else what :mod:`platform`
+    knows, else ``"unknown CPU"``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def summary_table(results: list[RunResult]) -> str:
     """One row per method (and target, in a sweep): accuracy (mean ± standard deviation over
     its seeds that did not diverge), sparsity, reactivations, wall time, seeds, diverged."""
@@ -52,9 +62,10 @@ def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out.mkdir(parents=True, exist_ok=True)
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
+    machine = {"platform": platform.platform(), "processor": cpu_name(),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "processes": ranks()[1]}
     versions = {"python": platform.python_version(), "torch": torch.__version__,
@@ -92,14 +103,17 @@ def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = Non
         (line,) = ax_sp.plot(epochs, [100 * h["sparsity"] for h in r.history], **style)
         target = [h.get("target_sparsity") for h in r.history]
         if r.config.method in METHODS and recipe_of(r.config.method).takes_target and (
-                None not in target):
-            ax_sp.plot(epochs, [100 * t for t in target], color=line.get_color(), lw=3,
-                       alpha=0.25, label=None if targets_drawn else "target (each method's)")
+                None not in target):  # wide and pale, above the data line: seen where they meet
+            ax_sp.plot(epochs, [100 * t for t in target], color=line.get_color(), lw=6,
+                       alpha=0.3, zorder=3,
+                       label=None if targets_drawn else "target (each method's)")
             targets_drawn = True
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="Loss over training")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Accuracy over training")
     ax_sp.set(xlabel="epoch", ylabel="sparsity (%)", title="Sparsity and its target")
+    ax_sp.set_ylim(bottom=0)  # sparsity is never negative: no axis below 0 for a dense run
     for ax in (ax_loss, ax_acc, ax_sp):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs on short runs
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

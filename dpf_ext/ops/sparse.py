@@ -19,6 +19,7 @@ them). Only float32 has compiled sparse kernels.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,28 @@ def _dense_backward(dy, xt, weight, index, ctx):
     return dx, dw, db
 
 
+def follows_autocast(product):
+    """``product`` (whose first argument is the input) as autocast runs a matrix product:
+    where autocast is on for the input's device, the kernels compute in float32 (the
+    floating-point tensors among the arguments are cast to it, autocast itself off inside)
+    and the output comes back in autocast's dtype, so a layer on the sparse path returns
+    what the same layer on the dense path returns. The casts are differentiable: the
+    gradients reach the arguments in their own dtypes."""
+    @functools.wraps(product)
+    def run(x: torch.Tensor, *args, **kwargs):
+        kind = x.device.type
+        if not torch.is_autocast_enabled(kind):
+            return product(x, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(kind)
+
+        def f32(a):
+            return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        with torch.autocast(kind, enabled=False):
+            out = product(f32(x), *map(f32, args), **{k: f32(v) for k, v in kwargs.items()})
+        return out.to(dtype)
+    return run
+
+
 def check_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """A ``TypeError`` naming the tensor unless input, weight and bias share one dtype that the
     sparse ops run: float32 (compiled kernels) or float64 (the reference)."""
@@ -162,12 +185,14 @@ def simd(isa: str = "") -> str:
     return torch.ops.dpf.sparse_simd(isa)
 
 
+@follows_autocast
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: SparseIndex,
                   bias: torch.Tensor | None = None, dense_grad: bool = True) -> torch.Tensor:
     """``x (m ⊙ w)ᵀ + b`` with ``m`` the positions of ``index`` (built from the mask of
     ``weight``, a ``(out, in)`` tensor or view), computed from the kept weights only.
 
-    ``x``: ``(..., in)``; float32 (float64 runs the reference ops). The backward gives ``x`` the gradient through the
+    ``x``: ``(..., in)``; float32 (float64 runs the reference ops; under autocast, float32
+    and the output in autocast's dtype: :func:`follows_autocast`). The backward gives ``x`` the gradient through the
     kept weights, ``bias`` the usual one and ``weight`` the gradient of ``m ⊙ w``: at every
     position (``dense_grad``, one dense product) or at the kept ones only (zeros elsewhere).
     A non-finite ``x`` or output gradient is not special-cased here: pruned weights do not
@@ -184,6 +209,7 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: SparseIndex,
     return y.reshape(*lead, index.rows)
 
 
+@follows_autocast
 def kept_product(x: torch.Tensor, values: torch.Tensor, index: SparseIndex,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x Wᵀ + b`` for the weight whose kept entries are ``values`` (in ``index``'s CSR

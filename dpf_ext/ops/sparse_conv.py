@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sparse import SparseIndex, all_finite, check_dtypes, sparse_backend
+from .sparse import SparseIndex, all_finite, check_dtypes, follows_autocast, sparse_backend
 
 OPS = ("sparse_conv", "sampled_conv")
 
@@ -111,13 +111,15 @@ class _SparseConv2d(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+@follows_autocast
 def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: ConvIndex,
                   bias: torch.Tensor | None = None, dense_grad: bool = True) -> torch.Tensor:
     """``conv2d(x, m ⊙ w, b, stride=1, padding=(kh // 2, kw // 2))`` with ``m`` the positions
     of ``index``, computed from the kept weights only; the kernel sizes must be odd ("same"
     padding: the output has the input's height and width).
 
-    ``x``: ``(N, C, H, W)``, float32 (float64 runs the reference ops); ``weight``: ``(out, C,
+    ``x``: ``(N, C, H, W)``, float32 (float64 runs the reference ops; autocast as
+    :func:`~dpf_ext.ops.sparse_linear`); ``weight``: ``(out, C,
     kh, kw)``. The backward gives ``x`` the gradient through the kept weights, ``bias`` the
     usual one and ``weight`` the gradient of ``m ⊙ w``: at every position (``dense_grad``, one
     dense product) or at the kept ones only (zeros elsewhere). As
@@ -135,6 +137,7 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: ConvIndex,
     return _SparseConv2d.apply(x, weight, bias, index, dense_grad)
 
 
+@follows_autocast
 def kept_conv(x: torch.Tensor, values: torch.Tensor, index: ConvIndex,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """The "same" stride-1 convolution of ``x`` (``(N, C, H, W)`` or ``(C, H, W)``) with the
