@@ -97,6 +97,40 @@ def test_linear_training_step(benchmark, shape, batch, sparsity, impl):
     benchmark.pedantic(run, rounds=15, warmup_rounds=2)
 
 
+@pytest.mark.parametrize("op", ["forward", "input-gradient", "sampled-gradient"])
+@pytest.mark.parametrize("lanes", [0, 16, 32, 64], ids=lambda n: f"panel-{n or 'derived'}")
+@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: f"{s[0]}to{s[1]}")
+def test_linear_op_split(benchmark, shape, batch, sparsity, lanes, op):
+    """Where a sparse step's time goes: each CPU op alone (the forward product, the input
+    gradient through the transposed index, the sampled weight gradient) at each batch panel
+    width (:func:`dpf_ext.ops.panel_lanes`; ``derived``: from the L2 size). The sampled
+    gradient reads the whole batch (its panel is not set): one width only."""
+    if dpf_ext.ops.simd() == "none":
+        pytest.skip("the compiled kernels are not built")
+    if op == "sampled-gradient" and lanes:
+        pytest.skip("the sampled gradient has no panel width to set")
+    weight, _, mask, _ = _case(shape, sparsity, batch)
+    index = SparseIndex.from_mask(mask)
+    values = weight.detach().reshape(-1)[index.pos].contiguous()
+    g = torch.Generator().manual_seed(1)
+    xt = torch.randn(shape[0], batch, generator=g)
+    dyt = torch.randn(shape[1], batch, generator=g)
+    fn = {"forward": lambda: torch.ops.dpf.sparse_mm(xt, values, index.ptr, index.idx, None),
+          "input-gradient": lambda: torch.ops.dpf.sparse_mm(
+              dyt, values[index.t_perm].contiguous(), index.t_ptr, index.t_idx, None),
+          "sampled-gradient": lambda: torch.ops.dpf.sampled_mm(dyt, xt, index.ptr, index.idx)}[op]
+    previous = dpf_ext.ops.panel_lanes(lanes)
+    try:
+        benchmark.group = (f"Linear {shape[0]}->{shape[1]} ops, batch {batch}, {sparsity:.0%}, "
+                           f"{torch.get_num_threads()} thread(s)")
+        benchmark.extra_info.update(kept=int(index.idx.numel()), batch=batch, op=op, lanes=lanes)
+        benchmark.pedantic(fn, rounds=15, warmup_rounds=2)
+    finally:
+        dpf_ext.ops.panel_lanes(previous)
+
+
 @pytest.mark.parametrize("impl", ["torch-dense-product", "index-rebuild"])
 @pytest.mark.parametrize("sparsity", [0.9, 0.99])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}to{s[1]}")

@@ -30,6 +30,8 @@ TORCH_LIBRARY(dpf, m) {
   // Their layout: x (B, cols) as the batch-major xt (cols, B), with the sum over the batch of
   // each column when sums (the bias gradient; else an empty tensor).
   m.def("batch_major(Tensor x, bool sums) -> (Tensor, Tensor)");
+  // The kept values of a 2-D weight (any strides) in the order of its CSR index (ptr, idx).
+  m.def("kept_values(Tensor weight, Tensor ptr, Tensor idx) -> Tensor");
   // The direct sparse convolution (stride 1, "same" padding, odd kernel), in torch's layout:
   // x (N, C, H, W) with the kept weights CSR by output channel over the columns c * kh * kw +
   // i * kw + j, giving (N, rows, H, W); and its weight gradient at the kept entries from dy

@@ -322,6 +322,21 @@ def test_the_compiled_index_equals_the_reference(case):
 
 
 @pytest.mark.skipif(not COMPILED, reason="compares the compiled op with the reference")
+@pytest.mark.parametrize("case", ["empty-rows", "empty-cols", "all-pruned", "one-kept", "all-kept"])
+def test_the_compiled_kept_values_equal_the_reference(case):
+    """The values gathered in the index's order, from a weight and from a transposed view."""
+    from dpf_ext.ops import reference
+
+    weight = torch.randn(40, 24, generator=torch.Generator().manual_seed(5))
+    for w in (weight, weight.t()):
+        mask = adversarial_masks(*w.shape)[case]
+        index = SparseIndex.from_mask(mask, w)
+        got = torch.ops.dpf.kept_values(w, index.ptr, index.idx)
+        assert torch.equal(got, reference.kept_values(w, index.ptr, index.idx))
+        assert torch.equal(got, w[mask])  # row-major order
+
+
+@pytest.mark.skipif(not COMPILED, reason="compares the compiled op with the reference")
 @pytest.mark.parametrize("shape", [(1, 1), (7, 17), (65, 100), (256, 40), (9, 8)])
 def test_batch_major_equals_the_reference(isa, shape):
     """The transposed activations and the bias gradient: whole 8x8 blocks, their edges, and
@@ -376,3 +391,30 @@ def test_the_sparse_path_follows_autocast_as_the_dense_one(kind, input_dtype):
     for a, b in zip(g_sparse, g_dense):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0.1, atol=0.1 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("lanes", [0, 8, 16, 32, 64], ids=lambda n: f"panel-{n or 'derived'}")
+@pytest.mark.parametrize("batch", [1, 7, 16, 17, 63, 65, 130])
+def test_every_panel_width_matches_the_masked_dense_path(isa, lanes, batch):
+    """The batch panels' edges: a batch that is not a multiple of the panel, one row, rows
+    with no kept weight, every width the instruction set has (and the derived one)."""
+    x, weight, mask, bias = random_case(70, 90, batch, 0.2, seed=batch + lanes)
+    mask[::7] = False  # empty rows of the index (and of the transposed one's columns)
+    mask[:, ::11] = False
+    previous = ops.panel_lanes(lanes)
+    try:
+        for dense_grad in (False, True):
+            assert_close_all(both(x, weight, mask, bias, dense_grad))
+    finally:
+        ops.panel_lanes(previous)
+    assert ops.panel_lanes() == previous
+
+
+def test_the_panel_setting_is_checked_and_the_caches_are_read():
+    if not COMPILED:
+        assert ops.panel_lanes() == -1 and ops.cache_bytes() == (0, 0)
+        return
+    l1, l2 = ops.cache_bytes()
+    assert 4096 <= l1 <= l2  # what sysconf or /sys says, or the fallbacks (32 KiB, 1 MiB)
+    with pytest.raises(ValueError, match="lanes must be a non-negative int"):
+        ops.panel_lanes(-3)

@@ -3,7 +3,14 @@
 // the target regions use AVX-512 or AVX2, and kernels() picks them only where the CPU has them.
 #include "sparse_kernels.h"
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -12,6 +19,29 @@
 
 namespace dpf {
 namespace sparse {
+
+namespace {
+// The size of this CPU's level-`level` data (or unified) cache in bytes: sysconf where the C
+// library knows it, else /sys/devices/system/cpu/cpu0/cache, else `fallback`.
+int64_t read_cache_bytes(int level, int64_t fallback) {
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+  const long from_libc = sysconf(level == 1 ? _SC_LEVEL1_DCACHE_SIZE : _SC_LEVEL2_CACHE_SIZE);
+  if (from_libc > 0) return from_libc;
+#endif
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream lvl(dir + "level"), type(dir + "type"), size(dir + "size");
+    int l = 0;
+    std::string t, text;
+    if (!(lvl >> l) || !(type >> t) || !(size >> text) || l != level || t == "Instruction") continue;
+    int64_t n = std::atoll(text.c_str());
+    if (text.back() == 'K') n <<= 10;
+    if (text.back() == 'M') n <<= 20;
+    if (n > 0) return n;
+  }
+  return fallback;
+}
+}  // namespace
 
 namespace scalar {
 struct Vec1 {
@@ -25,6 +55,7 @@ struct Vec1 {
 #define VLOAD(p) Vec1{*(p)}
 #define VSTORE(p, a) (*(p) = (a).v)
 #define VFMA(a, b, c) Vec1{(a).v * (b).v + (c).v}
+#define VADD(a, b) Vec1{(a).v + (b).v}
 #define VSUM(a) ((a).v)
 #define VMASK uint32_t
 #define VMASK_BITS(b) (b)
@@ -51,6 +82,7 @@ static inline float hsum256(__m256 v) {
 #define VLOAD(p) _mm256_loadu_ps(p)
 #define VSTORE(p, a) _mm256_storeu_ps((p), (a))
 #define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define VADD(a, b) _mm256_add_ps((a), (b))
 #define VSUM(a) hsum256(a)
 static inline __m256i mask_of_bits(uint32_t b) {
   const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -95,6 +127,7 @@ namespace avx512 {
 #define VLOAD(p) _mm512_loadu_ps(p)
 #define VSTORE(p, a) _mm512_storeu_ps((p), (a))
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define VADD(a, b) _mm512_add_ps((a), (b))
 #define VSUM(a) _mm512_reduce_add_ps(a)
 #define TRANSPOSE8 avx2::transpose8x8
 #define VMASK __mmask16
@@ -129,15 +162,53 @@ ConvGeometry conv_geometry(const int32_t* idx, int64_t nnz, int64_t H, int64_t W
   return geo;
 }
 
+int64_t cache_bytes(int level) {
+  static const int64_t sizes[2] = {read_cache_bytes(1, 32 << 10), read_cache_bytes(2, 1 << 20)};
+  return sizes[level == 1 ? 0 : 1];
+}
+
+namespace {
+std::atomic<int64_t> fixed_panel_lanes{0};
+}
+
+int64_t set_panel_lanes(int64_t lanes) { return fixed_panel_lanes.exchange(lanes < 0 ? 0 : lanes); }
+
+int64_t panel_vectors(const Kernels* k, int64_t cols, int64_t B) {
+  if (const int64_t lanes = fixed_panel_lanes.load()) {
+    int64_t vb = 1;
+    while (vb * 2 <= k->max_panel_vectors && vb * 2 * k->lanes <= lanes) vb *= 2;
+    return vb;
+  }
+  // the panel (cols x vb * lanes floats) in half of L2, the rest for the index, the values and
+  // the output tile; no wider than the batch needs
+  const int64_t budget = cache_bytes(2) / 2;
+  int64_t vb = k->max_panel_vectors;
+  while (vb > 1 && (cols * vb * k->lanes * int64_t(sizeof(float)) > budget ||
+                    (vb / 2) * k->lanes >= B))
+    vb /= 2;
+  return vb;
+}
+
+void spmm(const Kernels* k, const int64_t* ptr, const int32_t* idx, const float* val,
+          const float* xt, int64_t B, int64_t cols, const float* bias, float* y, int64_t rows) {
+  const int64_t vb = panel_vectors(k, cols, B), P = vb * k->lanes;
+  std::vector<float> panel(std::max<int64_t>(cols * P, 1));
+  for (int64_t b0 = 0; b0 < B; b0 += P) {
+    const int64_t w = std::min(P, B - b0);
+    k->pack_panel(xt, B, b0, w, P, panel.data(), 0, cols);
+    k->spmm_panel(ptr, idx, val, panel.data(), vb, bias, y, rows, b0, w, 0, rows);
+  }
+}
+
 const Kernels* kernels(const char* isa) {
-  static const Kernels scalar_kernels{"scalar", scalar::spmm_rows, scalar::sddmm_rows,
+  static const Kernels scalar_kernels{"scalar", scalar::pack_panel, scalar::spmm_panel, scalar::kMaxPanelVectors, scalar::sddmm_rows,
                                           1, scalar::conv_planes, scalar::sampled_conv_planes,
                                           scalar::batch_major};
 #ifdef DPF_SPARSE_X86
-  static const Kernels avx2_kernels{"avx2", avx2::spmm_rows, avx2::sddmm_rows,
+  static const Kernels avx2_kernels{"avx2", avx2::pack_panel, avx2::spmm_panel, avx2::kMaxPanelVectors, avx2::sddmm_rows,
                                           8, avx2::conv_planes, avx2::sampled_conv_planes,
                                           avx2::batch_major};
-  static const Kernels avx512_kernels{"avx512", avx512::spmm_rows, avx512::sddmm_rows,
+  static const Kernels avx512_kernels{"avx512", avx512::pack_panel, avx512::spmm_panel, avx512::kMaxPanelVectors, avx512::sddmm_rows,
                                           16, avx512::conv_planes, avx512::sampled_conv_planes,
                                           avx512::batch_major};
   __builtin_cpu_init();

@@ -81,10 +81,19 @@ at::Tensor sparse_mm_cpu(const at::Tensor& xt, const at::Tensor& values, const a
   const float* x = xt.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
-  const auto spmm = active->spmm_rows;
-  for_row_chunks(rows, chunk_rows(rows), [&](int64_t r0, int64_t r1) {
-    spmm(p, i, v, x, B, b, out, rows, r0, r1);
-  });
+  // panel by panel: the threads pack it together, then share it, each a chunk of rows
+  const int64_t cols = xt.size(0), vb = sparse::panel_vectors(active, cols, B),
+                P = vb * active->lanes;
+  at::Tensor buffer = at::empty({std::max<int64_t>(cols * P, 1)}, xt.options());
+  float* panel = buffer.data_ptr<float>();
+  const sparse::Kernels* k = active;
+  for (int64_t b0 = 0; b0 < B; b0 += P) {
+    const int64_t w = std::min(P, B - b0);
+    for_row_chunks(cols, 256, [&](int64_t c0, int64_t c1) { k->pack_panel(x, B, b0, w, P, panel, c0, c1); });
+    for_row_chunks(rows, chunk_rows(rows), [&](int64_t r0, int64_t r1) {
+      k->spmm_panel(p, i, v, panel, vb, b, out, rows, b0, w, r0, r1);
+    });
+  }
   return y;
 }
 
@@ -119,6 +128,35 @@ at::Tensor sampled_mm_cpu(const at::Tensor& dyt, const at::Tensor& xt, const at:
       sddmm(p, i, dy, x, B, cols, out, acc, c * chunk, std::min(rows, (c + 1) * chunk));
   });
   return g;
+}
+
+// values[k] = weight[r, idx[k]] for the entries k of each row r of the CSR index: the kept
+// values in the index's order, read row by row (int32 columns: half the index bytes of
+// flat int64 offsets).
+at::Tensor kept_values_cpu(const at::Tensor& weight, const at::Tensor& ptr, const at::Tensor& idx) {
+  const char* op = "dpf::kept_values";
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.device().is_cpu(),
+              op, ": weight must be a 2-D float32 CPU tensor");
+  check_index(ptr, idx, weight.size(1), op);
+  const int64_t rows = ptr.numel() - 1;
+  TORCH_CHECK(rows == weight.size(0), op, ": the index has ", rows, " rows, the weight ", weight.size(0));
+  at::Tensor values = at::empty({idx.numel()}, weight.options());
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int32_t* i = idx.data_ptr<int32_t>();
+  const float* w = weight.data_ptr<float>();
+  float* out = values.data_ptr<float>();
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
+  for_row_chunks(rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = w + r * s0;
+      if (s1 == 1) {
+        for (int64_t k = p[r]; k < p[r + 1]; ++k) out[k] = row[i[k]];
+      } else {
+        for (int64_t k = p[r]; k < p[r + 1]; ++k) out[k] = row[int64_t(i[k]) * s1];
+      }
+    }
+  });
+  return values;
 }
 
 // (xt, sums): x (B, cols; unit column stride) as the batch-major xt (cols, B), and the sum
@@ -281,10 +319,28 @@ TORCH_LIBRARY_IMPL(dpf, CPU, m) {
   m.impl("sparse_conv", &sparse_conv_cpu);
   m.impl("sampled_conv", &sampled_conv_cpu);
   m.impl("batch_major", &batch_major_cpu);
+  m.impl("kept_values", &kept_values_cpu);
 }
+
+// The panel width of the CPU sparse products in floats: a positive `lanes` fixes it (rounded
+// down to a power-of-two number of vectors of the instruction set), 0 derives it from the
+// cache sizes again, -1 only asks; returns the setting before the call (0: derived).
+int64_t sparse_panel(int64_t lanes) {
+  if (lanes < 0) {
+    const int64_t now = sparse::set_panel_lanes(0);
+    sparse::set_panel_lanes(now);
+    return now;
+  }
+  return sparse::set_panel_lanes(lanes);
+}
+
+// The CPU's L1 data and L2 cache sizes in bytes, as the sparse kernels read them.
+std::vector<int64_t> sparse_cache_bytes() { return {sparse::cache_bytes(1), sparse::cache_bytes(2)}; }
 
 TORCH_LIBRARY_FRAGMENT(dpf, m) {
   m.def("sparse_simd(str isa) -> str", &sparse_simd);
+  m.def("sparse_panel(int lanes) -> int", &sparse_panel);
+  m.def("sparse_cache_bytes() -> int[]", &sparse_cache_bytes);
 }
 
 }  // namespace dpf

@@ -627,8 +627,8 @@ void test_sparse_products() {
     for (const bool with_bias : {true, false}) {
       std::vector<float> want(sh.B * sh.rows), got(sh.B * sh.rows, -7.f);
       const float* b = with_bias ? bias.data() : nullptr;
-      ref->spmm_rows(ptr.data(), idx.data(), val.data(), xt.data(), sh.B, b, want.data(), sh.rows, 0,
-                     sh.rows);
+      sparse::spmm(ref, ptr.data(), idx.data(), val.data(), xt.data(), sh.B, sh.cols, b, want.data(),
+                   sh.rows);
       check_cuda(cuda::sparse_mm(ptr.data(), idx.data(), val.data(), xt.data(), sh.B, b, got.data(),
                                  sh.rows, nullptr),
                  "sparse_mm launch");

@@ -37,7 +37,7 @@ from .bits import (FINITE_LIMIT, HIGH_BINS, LOW_BINS, MAX_GROUP, NONFINITE_BIN, 
                    bits_to_float)
 from . import reference
 from .dispatch import available_backends, backend_for
-from .sparse import SparseIndex, simd, sparse_linear
+from .sparse import SparseIndex, cache_bytes, panel_lanes, simd, sparse_linear
 from .sparse_conv import ConvIndex, sparse_conv2d
 from .window import Window
 from . import triton, compiled  # noqa: F401, I001  (register the backends built; last preferred)
@@ -48,12 +48,14 @@ __all__ = [
     "Window",
     "available_backends",
     "backend_for",
+    "cache_bytes",
     "feedback_adamw_step",
     "feedback_sgd_step",
     "global_threshold",
     "magnitude_histogram",
     "masked_weight",
     "nm_masks",
+    "panel_lanes",
     "simd",
     "sparse_conv2d",
     "sparse_linear",

@@ -34,6 +34,9 @@ class OpBackend:
     def batch_major(self, x, sums):
         return self.ops.batch_major(x, sums)
 
+    def kept_values(self, weight, ptr, idx):
+        return self.ops.kept_values(weight, ptr, idx)
+
     def sparse_conv(self, x, values, ptr, idx, kh, kw, bias):
         return self.ops.sparse_conv(x, values, ptr, idx, kh, kw, bias)
 
@@ -101,6 +104,8 @@ def register_abstract(namespace: str) -> None:
             lambda xt, values, ptr, idx, bias: xt.new_empty(xt.shape[1], ptr.shape[0] - 1))
         torch.library.register_fake(f"{namespace}::sampled_mm")(
             lambda dyt, xt, ptr, idx: xt.new_empty(ptr.shape[0] - 1, xt.shape[0]))
+        torch.library.register_fake(f"{namespace}::kept_values")(
+            lambda weight, ptr, idx: weight.new_empty(idx.shape[0]))
         torch.library.register_fake(f"{namespace}::batch_major")(
             lambda x, sums: (x.new_empty(x.shape[1], x.shape[0]),
                              x.new_empty(x.shape[1] if sums else 0)))

@@ -291,6 +291,12 @@ def sampled_mm(dyt: torch.Tensor, xt: torch.Tensor, ptr: torch.Tensor,
     return g
 
 
+def kept_values(weight: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``values[k] = weight[r, idx[k]]`` for the entries ``k`` of each row ``r`` of the CSR index
+    ``(ptr, idx)`` of the 2-D ``weight`` (any strides): its kept values in the index's order."""
+    return weight[_csr_rows(ptr), idx.long()]
+
+
 def batch_major(x: torch.Tensor, sums: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(xt, s)``: ``x`` ``(B, cols)`` as the batch-major ``xt`` ``(cols, B)``, contiguous, and
     ``s`` the sum over the batch of each column when ``sums`` (the bias gradient; else empty)."""

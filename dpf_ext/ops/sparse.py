@@ -70,12 +70,6 @@ class SparseIndex:
         return SparseIndex(rows, cols, *backend.sparse_index(mask.detach(), s0, s1))
 
 
-def _values(weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The entries of ``weight`` at the flat storage offsets ``pos`` (from its first element)."""
-    span = 1 + sum((n - 1) * s for n, s in zip(weight.shape, weight.stride()))
-    return weight.detach().as_strided((span,), (1,)).index_select(0, pos)
-
-
 def sparse_backend(x: torch.Tensor, op: str = "sparse_mm"):
     """The backend of the sparse op ``op`` for ``x``: the preferred one with a kernel for it
     on its device in float32, the reference in other dtypes (float64, for gradcheck)."""
@@ -87,7 +81,8 @@ class _SparseLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, index, dense_grad):
         backend = sparse_backend(x)
         xt = _batch_major(x, False)[0]
-        values = _values(weight, index.pos)
+        values = sparse_backend(weight, "kept_values").kept_values(weight.detach(), index.ptr,
+                                                                   index.idx)
         y = backend.sparse_mm(xt, values, index.ptr, index.idx,
                               None if bias is None else bias.detach())
         ctx.save_for_backward(xt, weight, values)
@@ -183,6 +178,30 @@ def simd(isa: str = "") -> str:
     if not hasattr(torch.ops.dpf, "sparse_simd"):
         return "none"
     return torch.ops.dpf.sparse_simd(isa)
+
+
+def panel_lanes(lanes: int | None = None) -> int:
+    """The batch panel width of the CPU sparse products, in floats: derived per product from
+    the L2 size (:func:`cache_bytes`; ``0`` is returned then) unless fixed. Passing a
+    positive ``lanes`` fixes it for the process (rounded down to a power-of-two number of
+    vectors of the instruction set, one vector at least), ``0`` derives it again; returns the
+    setting before the call. For measurements and tests; ``-1`` if the kernels are not
+    built."""
+    if not hasattr(torch.ops.dpf, "sparse_panel"):
+        return -1
+    if lanes is not None and (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 0):
+        raise ValueError(f"lanes must be a non-negative int or None, got {lanes!r}")
+    return torch.ops.dpf.sparse_panel(-1 if lanes is None else lanes)
+
+
+def cache_bytes() -> tuple[int, int]:
+    """This CPU's L1 data and L2 cache sizes in bytes as the sparse kernels read them at load
+    time (``sysconf``, else ``/sys/devices/system/cpu/cpu0/cache``); ``(0, 0)`` if the
+    kernels are not built."""
+    if not hasattr(torch.ops.dpf, "sparse_cache_bytes"):
+        return (0, 0)
+    l1, l2 = torch.ops.dpf.sparse_cache_bytes()
+    return (l1, l2)
 
 
 @follows_autocast

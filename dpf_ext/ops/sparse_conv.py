@@ -72,7 +72,8 @@ class _SparseConv2d(torch.autograd.Function):
         backend = sparse_backend(x, "sparse_conv")
         _, _, kh, kw = index.shape
         x = x.contiguous()
-        values = weight.detach().reshape(-1).index_select(0, index.rows.pos)
+        values = sparse_backend(weight, "kept_values").kept_values(
+            weight.detach().reshape(weight.shape[0], -1), index.rows.ptr, index.rows.idx)
         y = backend.sparse_conv(x, values, index.rows.ptr, index.rows.idx, kh, kw,
                                 None if bias is None else bias.detach())
         ctx.save_for_backward(x, weight, values)
