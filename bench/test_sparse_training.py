@@ -114,12 +114,13 @@ def test_linear_op_split(benchmark, shape, batch, sparsity, lanes, op):
     weight, _, mask, _ = _case(shape, sparsity, batch)
     index = SparseIndex.from_mask(mask)
     values = weight.detach().reshape(-1)[index.pos].contiguous()
+    values_t = values[index.t_perm].contiguous()  # the transposed index's order
     g = torch.Generator().manual_seed(1)
     xt = torch.randn(shape[0], batch, generator=g)
     dyt = torch.randn(shape[1], batch, generator=g)
     fn = {"forward": lambda: torch.ops.dpf.sparse_mm(xt, values, index.ptr, index.idx, None),
-          "input-gradient": lambda: torch.ops.dpf.sparse_mm(
-              dyt, values[index.t_perm].contiguous(), index.t_ptr, index.t_idx, None),
+          "input-gradient": lambda: torch.ops.dpf.sparse_mm(dyt, values_t, index.t_ptr,
+                                                            index.t_idx, None),
           "sampled-gradient": lambda: torch.ops.dpf.sampled_mm(dyt, xt, index.ptr, index.idx)}[op]
     previous = dpf_ext.ops.panel_lanes(lanes)
     try:
