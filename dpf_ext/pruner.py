@@ -68,6 +68,11 @@ class Pruner:
         replace: take over layers that another live, unfinalized pruner manages (that
             pruner stops: its :meth:`step` raises). Without it, that is an error: two
             pruners would overwrite each other's masks.
+        sparse_init: rescale, once the first masks are set at construction, each unit's
+            (output channel's) kept weights by ``sqrt(fan_in / kept fan_in)``, so that a
+            unit's input has the variance the layer's dense initialisation gave it (Evci et
+            al. 2022); units that keep every weight, and methods that start dense, are left
+            as they are. Default off: the methods' published initialisation.
         check_every: steps between the checks (:meth:`check_finite`) that the weights are
             finite, at the steps where no mask update checks them (a method whose masks are
             fixed, a frozen pruner); ``None``: never. One read of the weights per check.
@@ -94,6 +99,7 @@ class Pruner:
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
         replace: bool = False,
+        sparse_init: bool = False,
         check_every: int | None = 100,
         **method_options,
     ):
@@ -168,6 +174,8 @@ class Pruner:
         self._feedback = all(e.feedback for e in self._estimators)
         self._install_estimators()
         self._update_masks(initial=True)
+        if sparse_init:
+            self._rescale_to_kept_fan_in()
         self._warn_if_masks_never_change()
         if freeze_at == 0:
             self.freeze()
@@ -222,6 +230,20 @@ class Pruner:
         if self.step_count == self.freeze_at:
             self.freeze()
         self._arm_taps()
+
+    @torch.no_grad()
+    def _rescale_to_kept_fan_in(self) -> None:
+        """``sparse_init``: each unit's weights times ``sqrt(fan_in / kept fan_in)``."""
+        if is_sharded(self.layers[0][1].dense_weight):
+            raise ValueError("sparse_init needs each unit's whole row of weights: it does not "
+                             "support sharded (fully_shard) weights; use DDP")
+        for (_, layer), weight, mask in zip(self.layers, self.channel_major(self.full_weights()),
+                                            self.channel_major([l.mask for _, l in self.layers])):
+            rows = mask.reshape(mask.shape[0], -1)
+            kept = rows.sum(1)
+            scale = torch.where(kept > 0, (rows.shape[1] / kept.clamp(min=1)).sqrt(),
+                                torch.ones_like(kept, dtype=weight.dtype)).to(weight.dtype)
+            weight.mul_(scale.reshape(-1, *([1] * (weight.dim() - 1))))
 
     @torch.no_grad()
     def check_finite(self) -> None:

@@ -474,3 +474,32 @@ def test_dropped_counts_see_masks_written_between_updates():
     assert sum(expected) > 0
     pruner.update_masks()  # nothing changed since: nothing dropped
     assert pruner.report().dropped_last == 0
+
+
+def test_sparse_init_rescales_each_unit_to_its_kept_fan_in():
+    """Hand-checked: a unit keeping k of its n inputs is multiplied by sqrt(n / k)."""
+    torch.manual_seed(0)
+    model = dpf_ext.sparsify(nn.Sequential(nn.Linear(4, 3), nn.Conv2d(2, 2, 3, padding=1)))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].weight.fill_(1.0)
+    pruner = dpf_ext.Pruner(model, "static", 0.5, budget="uniform", sparse_init=True)
+    linear, conv = model[0], model[1]
+    for row, mask in zip(linear.weight, linear.mask):
+        k = int(mask.sum())
+        assert torch.allclose(row[mask], torch.full((k,), (4 / k) ** 0.5))  # fan-in 4
+    for unit, mask in zip(conv.weight, conv.mask):
+        k = int(mask.sum())
+        assert torch.allclose(unit[mask], torch.full((k,), (18 / k) ** 0.5))  # fan-in 2·3·3
+    assert pruner.report().sparsity == pytest.approx(0.5, abs=0.05)
+    # a unit that keeps every weight, and a method that starts dense, are left alone
+    dense_start = dpf_ext.sparsify(nn.Sequential(nn.Linear(4, 3)))
+    before = dense_start[0].weight.detach().clone()
+    dpf_ext.Pruner(dense_start, "dpf", 0.5, total_steps=10, sparse_init=True)
+    assert torch.equal(dense_start[0].weight, before)
+    # off by default: the published initialisation
+    plain = dpf_ext.sparsify(nn.Sequential(nn.Linear(4, 3)))
+    with torch.no_grad():
+        plain[0].weight.fill_(1.0)
+    dpf_ext.Pruner(plain, "static", 0.5, budget="uniform")
+    assert set(plain[0].weight[plain[0].mask].tolist()) == {1.0}

@@ -247,3 +247,15 @@ def test_ramp_until_moves_the_end_of_the_cubic_schedule(tmp_path):
                    ["history"][0]["sparsity"] for name in ("default", "half")}
     assert first_epoch["half"] == pytest.approx(0.9, abs=1e-3)  # reached at 50% of training
     assert first_epoch["default"] < 0.85  # the default ramp ends at 75%
+
+
+def test_cli_sparse_init_trains_a_static_sparse_mlp(tmp_path):
+    """Measured over 3 seeds (5 epochs, 90%): 66.6 ± 8.8% without, 93.2 ± 0.8% with; the
+    test asks for a clear margin, not a CPU's exact figures."""
+    accuracy = {}
+    for flag in ([], ["--sparse-init"]):
+        out = tmp_path / ("with" if flag else "without")
+        assert main(["--method", "static", "--model", "mlp", "--epochs", "5", "--sparsity", "0.9",
+                     "--no-progress", "--threads", "1", "--out", str(out), *flag]) == 0
+        accuracy[bool(flag)] = json.loads((out / "metrics.json").read_text())["runs"][0]["accuracy"]
+    assert accuracy[True] >= 0.85 and accuracy[True] > accuracy[False] + 0.1, accuracy

@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "threads; results do not depend on N")
     p.add_argument("--no-channel-floor", action="store_true",
                    help="DPF without the channel floor (the paper's unguarded algorithm)")
+    p.add_argument("--sparse-init", action="store_true",
+                   help="rescale each unit's kept weights by sqrt(fan-in / kept fan-in) once "
+                        "the first masks are set (methods that start sparse: static, SET, "
+                        "RigL, SNIP, ...; off: their published initialisation)")
     p.add_argument("--pattern", default=None,
                    help="N:M structured sparsity (e.g. 2:4) instead of --sparsity: dpf keeps "
                         "updating the N:M masks with feedback, oneshot prunes once and retrains "

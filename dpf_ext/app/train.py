@@ -74,6 +74,9 @@ class TrainConfig:
     exclude: tuple[str, ...] = ()
     channel_floor: bool = True
     """DPF's channel floor (the baselines run without it)."""
+    sparse_init: bool = False
+    """Rescale each unit's kept weights to its kept fan-in once the first masks are set (the
+    :class:`~dpf_ext.Pruner`'s ``sparse_init``)."""
     feedback_clip: float | None = None
     """DPF's feedback clip (see :class:`dpf_ext.DPF`)."""
     pattern: str | None = None
@@ -254,7 +257,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
         config.method, model, config.sparsity, total_steps,
         prune_at=round(config.oneshot_at * total_steps), scope=config.scope,
         channel_floor=config.channel_floor, pattern=config.pattern, optimizer=optimizer,
-        seed=config.seed,
+        seed=config.seed, sparse_init=config.sparse_init,
         batch_loss=first_loss,
         options=config.options, **controller,
     )
