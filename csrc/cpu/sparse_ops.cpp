@@ -81,18 +81,33 @@ at::Tensor sparse_mm_cpu(const at::Tensor& xt, const at::Tensor& values, const a
   const float* x = xt.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
-  // panel by panel: the threads pack it together, then share it, each a chunk of rows
+  // One parallel region: the work items are (panel, chunk of rows), panel by panel; each
+  // thread packs a panel into its own buffer when its next item is of another one (a panel
+  // costs cols x P floats to pack, its rows' products nnz x P multiply-adds).
   const int64_t cols = xt.size(0), vb = sparse::panel_vectors(active, cols, B),
-                P = vb * active->lanes;
-  at::Tensor buffer = at::empty({std::max<int64_t>(cols * P, 1)}, xt.options());
-  float* panel = buffer.data_ptr<float>();
+                P = vb * active->lanes, panels = (B + P - 1) / P;
+  const int64_t chunk = chunk_rows(rows), chunks = (rows + chunk - 1) / chunk;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels * chunks));
   const sparse::Kernels* k = active;
-  for (int64_t b0 = 0; b0 < B; b0 += P) {
-    const int64_t w = std::min(P, B - b0);
-    for_row_chunks(cols, 256, [&](int64_t c0, int64_t c1) { k->pack_panel(x, B, b0, w, P, panel, c0, c1); });
-    for_row_chunks(rows, chunk_rows(rows), [&](int64_t r0, int64_t r1) {
-      k->spmm_panel(p, i, v, panel, vb, b, out, rows, b0, w, r0, r1);
-    });
+  at::Tensor buffers = at::empty({threads, std::max<int64_t>(cols * P, 1)}, xt.options());
+  std::atomic<int64_t> next{0}, slot{0};
+  auto work = [&](int64_t, int64_t) {
+    float* panel = buffers.data_ptr<float>() + slot.fetch_add(1) * buffers.size(1);
+    int64_t held = -1;
+    for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < panels * chunks;) {
+      const int64_t n = item / chunks, b0 = n * P, w = std::min(P, B - b0);
+      if (n != held) {
+        k->pack_panel(x, B, b0, w, P, panel, 0, cols);
+        held = n;
+      }
+      const int64_t r0 = (item % chunks) * chunk;
+      k->spmm_panel(p, i, v, panel, vb, b, out, rows, b0, w, r0, std::min(rows, r0 + chunk));
+    }
+  };
+  if (threads == 1) {
+    work(0, 1);
+  } else {
+    at::parallel_for(0, threads, 1, work);
   }
   return y;
 }
