@@ -37,6 +37,8 @@ class DPF(Pruner):
         watch: warn of the signs of a feedback blow-up.
         pattern: ``"N:M"`` (e.g. ``"2:4"``) for N:M sparsity.
         pruned_decay: SR-STE's decay of the pruned weights (``None``: off).
+        pruned_decay_ramp: with ``pattern``, AST's schedule of that decay: linear from 0 to
+            ``pruned_decay`` over this many steps (:class:`~dpf_ext.methods.nm.NM`).
 
     ``schedule``, ``update_every``, ``total_steps``, ``freeze_at``, ``replace``, ``budget``,
     ``optimizer``, ``end_step``, ``seed`` and ``check_every`` are :class:`Pruner`'s (see
@@ -60,6 +62,7 @@ class DPF(Pruner):
         replace: bool = False,
         pattern: str | None = None,
         pruned_decay: float | None = None,
+        pruned_decay_ramp: int | None = None,
         budget: str | Budget | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         end_step: int | None = None,
@@ -68,7 +71,8 @@ class DPF(Pruner):
     ):
         built = dpf_options(scope=scope, feedback=feedback, threshold=threshold,
                             channel_floor=channel_floor, feedback_clip=feedback_clip,
-                            watch=watch, pattern=pattern, pruned_decay=pruned_decay)
+                            watch=watch, pattern=pattern, pruned_decay=pruned_decay,
+                            pruned_decay_ramp=pruned_decay_ramp)
         if scope == "layer":
             if budget is not None:
                 raise ValueError("scope='layer' is budget='uniform': pass one of them")

@@ -137,3 +137,35 @@ def test_semi_structured_linear_matches_the_dense_one_on_gpu():
         expected = model(x)
         assert dpf_ext.to_semi_structured(model) == ["0", "2"]
         torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_ast_ramps_the_pruned_decay_linearly_and_resumes_it():
+    """Hand-checked AST schedule, pruned_decay 0.5 over 4 steps: the k-th forward (after k
+    optimizer steps) decays the pruned weights by 0, 0.125, 0.25, 0.375, 0.5, 0.5."""
+    model = dpf_ext.sparsify(nn.Sequential(nn.Linear(8, 4, bias=False)))
+    pruner = dpf_ext.DPF(model, pattern="2:4", pruned_decay=0.5, pruned_decay_ramp=4)
+    layer, x = model[0], torch.randn(3, 8)
+    plain = torch.ones(3, 4).t() @ x  # the straight-through gradient
+    for expected in (0.0, 0.125, 0.25, 0.375, 0.5, 0.5):
+        layer.weight.grad = None
+        model(x).sum().backward()
+        torch.testing.assert_close(layer.weight.grad,
+                                   plain + expected * layer.weight.detach() * ~layer.mask)
+        pruner.step()  # no optimizer: the weights and masks stay, the step advances
+    # resumed at step 2 in fresh objects: the next forward decays by 0.25, as uninterrupted
+    fresh = dpf_ext.sparsify(nn.Sequential(nn.Linear(8, 4, bias=False)))
+    fresh.load_state_dict(model.state_dict())
+    again = dpf_ext.DPF(fresh, pattern="2:4", pruned_decay=0.5, pruned_decay_ramp=4)
+    state = pruner.state_dict()
+    state["step_count"] = 2
+    state["method"] = {"decay_step": 2}
+    again.load_state_dict(state)
+    fresh(x).sum().backward()
+    torch.testing.assert_close(fresh[0].weight.grad,
+                               plain + 0.25 * fresh[0].weight.detach() * ~fresh[0].mask)
+    with pytest.raises(ValueError, match="decay_ramp ramps pruned_decay"):
+        dpf_ext.DPF(model, pattern="2:4", pruned_decay_ramp=4, replace=True)
+    with pytest.raises(ValueError, match="decay_ramp must be a positive int"):
+        dpf_ext.DPF(model, pattern="2:4", pruned_decay=0.5, pruned_decay_ramp=0, replace=True)
+    with pytest.raises(ValueError, match="option of N:M training"):
+        dpf_ext.DPF(model, 0.5, pruned_decay=0.5, pruned_decay_ramp=4, replace=True)

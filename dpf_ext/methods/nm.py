@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..nn.estimators import MaskedGradient, StraightThrough
+from ..nn.estimators import DecayRamp, MaskedGradient, StraightThrough
 from .patterns import NMPattern
 from .base import Method, Update
 from .recipe import Recipe
@@ -18,7 +18,12 @@ from .magnitude import check_positive
 class NM(Method):
     """The N:M pattern where the schedule's target is not 0, dense where it is; with the
     straight-through estimator (``pruned_decay``: SR-STE's decay of the pruned weights), or
-    the masked gradient with ``feedback=False`` (one-shot N:M pruning and retraining)."""
+    the masked gradient with ``feedback=False`` (one-shot N:M pruning and retraining).
+
+    ``decay_ramp``: AST's schedule of that decay (Huang et al. 2024, the official code's
+    ``get_decay``): it grows linearly from 0 at step 0 to ``pruned_decay`` at step
+    ``decay_ramp`` and stays there. The decay enters the pruned weights' gradient as
+    SR-STE's does (AST adds it to AdamW's update after the moment estimates)."""
 
     name = "nm"
     sharded = True
@@ -26,6 +31,7 @@ class NM(Method):
     pattern: str | NMPattern = "2:4"
     pruned_decay: float | None = None
     feedback: bool = True
+    decay_ramp: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, NMPattern):
@@ -33,9 +39,30 @@ class NM(Method):
         self.pruned_decay = check_positive(self.pruned_decay, "pruned_decay", strict=False)
         self.feedback = bool(self.feedback)
         self.recipe = Recipe("oneshot", sparsity=self.pattern.sparsity)
+        self._ramp = None
+        if self.decay_ramp is not None:
+            if isinstance(self.decay_ramp, bool) or not isinstance(self.decay_ramp, int) \
+                    or self.decay_ramp < 1:
+                raise ValueError(f"decay_ramp must be a positive int (steps), got {self.decay_ramp!r}")
+            if not self.pruned_decay or not self.feedback:
+                raise ValueError("decay_ramp ramps pruned_decay: pass pruned_decay= (with feedback)")
+            self._ramp = DecayRamp(self.pruned_decay, self.decay_ramp)
 
     def estimator(self):
-        return StraightThrough(decay=self.pruned_decay) if self.feedback else MaskedGradient()
+        if not self.feedback:
+            return MaskedGradient()
+        return StraightThrough(decay=self._ramp if self._ramp is not None else self.pruned_decay)
+
+    def after_step(self, run) -> None:
+        if self._ramp is not None:
+            self._ramp.step += 1
+
+    def state_dict(self) -> dict:
+        return {} if self._ramp is None else {"decay_step": self._ramp.step}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        if self._ramp is not None:
+            self._ramp.step = int(state.get("decay_step", 0))
 
     def check(self, run) -> None:
         self.pattern.check(run.layers)

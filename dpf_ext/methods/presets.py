@@ -91,14 +91,15 @@ dnw.recipe = _DNW.recipe
 def dpf_options(scope: str = "global", feedback: bool = True, threshold: str = "exact",
                channel_floor: bool | None = None, feedback_clip: float | None = None,
                watch: bool = True, pattern: str | None = None,
-               pruned_decay: float | None = None) -> Method:
+               pruned_decay: float | None = None, pruned_decay_ramp: int | None = None) -> Method:
     """The method that :class:`dpf_ext.DPF`'s own arguments describe.
 
     ``scope``: ``"global"`` (one magnitude threshold over all prunable weights), ``"layer"``
     (the same sparsity in every layer: the uniform budget) or ``"filter"`` (whole output
     filters by L2 norm, :class:`~dpf_ext.methods.filter.FilterMagnitude`). ``pattern``
     (``"2:4"``): N:M sparsity (:class:`~dpf_ext.methods.nm.NM`; excludes ``scope`` and the
-    channel floor). Otherwise :class:`~dpf_ext.methods.magnitude.Magnitude`, whose
+    channel floor; ``pruned_decay_ramp``: AST's ramp of ``pruned_decay``, the N:M method's
+    ``decay_ramp``). Otherwise :class:`~dpf_ext.methods.magnitude.Magnitude`, whose
     docstring describes ``feedback``, ``threshold``, ``channel_floor`` (default on),
     ``feedback_clip``, ``pruned_decay`` and ``watch``."""
     if scope not in SCOPES:
@@ -109,7 +110,10 @@ def dpf_options(scope: str = "global", feedback: bool = True, threshold: str = "
         if scope != "global" or channel_floor:
             raise ValueError("pattern= chooses the masks by itself: it excludes scope= and "
                              "channel_floor=")
-        return NM(pattern, pruned_decay, feedback)
+        return NM(pattern, pruned_decay, feedback, pruned_decay_ramp)
+    if pruned_decay_ramp is not None:
+        raise ValueError("pruned_decay_ramp (AST's schedule) is an option of N:M training: "
+                         "pass pattern=")
     if scope == "filter":
         if channel_floor:
             raise ValueError("channel_floor applies to the global and layer scopes; the filter "

@@ -88,29 +88,43 @@ class Estimator:
         return None
 
 
+class DecayRamp:
+    """A pruned-weight decay that grows linearly from 0 to ``final`` over ``steps`` optimizer
+    steps and then stays (AST's schedule, Huang et al. 2024: ``final * min(1, step /
+    steps)``); ``float()`` of it is the decay at its ``step``, which its owner advances."""
+
+    def __init__(self, final: float, steps: int):
+        self.final, self.steps, self.step = float(final), int(steps), 0
+
+    def __float__(self) -> float:
+        return self.final * min(1.0, self.step / self.steps)
+
+    def __repr__(self) -> str:
+        return f"DecayRamp({self.final}, {self.steps}, step={self.step})"
+
+
 @dataclass(frozen=True)
 class StraightThrough(Estimator):
     """DPF's estimator: the full gradient reaches the dense weights. ``clip``: bound the
     pruned weights' gradient (see :func:`clip_pruned_gradient`); ``decay``: add
-    ``decay * w`` to it (see :func:`decay_pruned`)."""
+    ``decay * w`` to it (see :func:`decay_pruned`; a :class:`DecayRamp` for a decay that
+    grows over training)."""
 
     clip: float | None = None
-    decay: float | None = None
+    decay: float | DecayRamp | None = None
     feedback: ClassVar[bool] = True
 
-    def masked_weight(self, weight, mask):
+    def _with_decay(self, weight, mask):
         if self.clip is not None:
             weight = clip_pruned_gradient(weight, mask, self.clip)
-        if self.decay:
-            weight = decay_pruned(weight, mask, self.decay)
-        return ops.masked_weight(weight, mask, True)
+        decay = 0.0 if self.decay is None else float(self.decay)
+        return decay_pruned(weight, mask, decay) if decay else weight
+
+    def masked_weight(self, weight, mask):
+        return ops.masked_weight(self._with_decay(weight, mask), mask, True)
 
     def sparse_weight(self, weight, mask, dense_gradient):
-        if self.clip is not None:
-            weight = clip_pruned_gradient(weight, mask, self.clip)
-        if self.decay:
-            weight = decay_pruned(weight, mask, self.decay)
-        return weight
+        return self._with_decay(weight, mask)
 
 
 class _MaskGradient(torch.autograd.Function):
