@@ -79,17 +79,16 @@ gains more)."""
 DECISIONS = ("rule", "measure")
 
 
-def rule_says_dense(weight: torch.Tensor, conv: bool) -> str:
-    """Why :data:`LINEAR_RULE` (or, for a convolution, its density limit) keeps ``weight``
-    dense; ``""`` if it converts."""
-    density = int((weight != 0).sum()) / weight.numel()
+def rule_says_dense(size: int, density: float, conv: bool) -> str:
+    """Why :data:`LINEAR_RULE` (or, for a convolution, its density limit) keeps a weight of
+    ``size`` entries, ``density`` of them non-zero, dense; ``""`` if it converts."""
     if conv:
         limit = AUTO_MAX_DENSITY_CONV
         return "" if density <= limit else f"density {density:.4f} above the rule's {limit} for convolutions"
-    for size, limit in LINEAR_RULE:
-        if weight.numel() >= size:
+    for weights, limit in LINEAR_RULE:
+        if size >= weights:
             return "" if density <= limit else (
-                f"density {density:.4f} above the rule's {limit} for {size:,}+ weights")
+                f"density {density:.4f} above the rule's {limit} for {weights:,}+ weights")
     return f"fewer than {LINEAR_RULE[-1][0]:,} weights: too small to gain (the rule)"
 
 
@@ -207,7 +206,8 @@ def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: flo
             continue
         weight, build, x, dense, why = found
         conv = isinstance(module, nn.Conv2d)
-        sparsity = 1.0 - int((weight != 0).sum()) / weight.numel()
+        density = int((weight != 0).sum()) / weight.numel()
+        sparsity = 1.0 - density
         untried = (why or (f"sparsity {sparsity:.1%} under min_sparsity"
                            if sparsity < min_sparsity else "")
                    or (f"{weight.dtype} has no sparse kernels (float32 has)"
@@ -224,7 +224,7 @@ def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: flo
             dense_ms = _median_ms(dense, repeats)
             sparse_ms = _median_ms(lambda: candidate(x), repeats)
         if decide == "rule":
-            reason = rule_says_dense(weight, conv)
+            reason = rule_says_dense(weight.numel(), density, conv)
         else:
             reason = "" if dense_ms >= min_speedup * sparse_ms else "the dense product is faster here"
         choices.append(InferenceChoice(name, tuple(weight.shape), sparsity, dense_ms, sparse_ms,

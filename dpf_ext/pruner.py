@@ -348,8 +348,9 @@ class Pruner:
         self.target_sparsity = sparsity
         self.target_kept = u.target_kept if u.target_kept is not None else sum(
             k for _, k in u.groups())
-        self._warn_empty_layers(stats[:, 0])
-        self._warn_starved_layers(stats[:, 0], u.groups())
+        kept_now = stats[:, 0].tolist()  # one read-back for both checks
+        self._warn_empty_layers(kept_now)
+        self._warn_starved_layers(kept_now, u.groups())
 
     def _kept_before(self, masks: list[torch.Tensor]) -> torch.Tensor:
         """This process's kept count per mask: the last update's while no one has written
@@ -358,10 +359,9 @@ class Pruner:
             return self._kept[0]
         return torch.stack([torch.count_nonzero(m) for m in masks])
 
-    def _warn_empty_layers(self, kept: torch.Tensor) -> None:
-        emptied = [name for (name, _), k in zip(self.layers, kept.tolist())
-                   if k == 0 and name not in self._empty]
-        self._empty = {name for (name, _), k in zip(self.layers, kept.tolist()) if k == 0}
+    def _warn_empty_layers(self, kept: list[int]) -> None:
+        emptied = [name for name, k in zip(self.names, kept) if k == 0 and name not in self._empty]
+        self._empty = {name for name, k in zip(self.names, kept) if k == 0}
         if emptied:
             floor = ("channel_floor=True (the default), "
                      if "channel_floor" in self.method.config() else "")
@@ -373,11 +373,10 @@ class Pruner:
                 RuntimeWarning, stacklevel=5,
             )
 
-    def _warn_starved_layers(self, kept: torch.Tensor, groups) -> None:
+    def _warn_starved_layers(self, kept: list[int], groups) -> None:
         """Warn (once per layer) of layers that one threshold shared with other layers
         leaves far sparser than their group: typically layers initialised or trained at a
         smaller scale than the others (GPT-2's ``c_proj``)."""
-        kept = kept.tolist()
         sizes = [math.prod(shape) for shape in self.shapes]
         found = []
         for layers, _ in groups:

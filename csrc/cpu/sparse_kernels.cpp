@@ -171,7 +171,9 @@ namespace {
 std::atomic<int64_t> fixed_panel_lanes{0};
 }
 
-int64_t set_panel_lanes(int64_t lanes) { return fixed_panel_lanes.exchange(lanes < 0 ? 0 : lanes); }
+int64_t set_panel_lanes(int64_t lanes) {
+  return lanes < 0 ? fixed_panel_lanes.load() : fixed_panel_lanes.exchange(lanes);
+}
 
 int64_t panel_vectors(const Kernels* k, int64_t cols, int64_t B) {
   if (const int64_t lanes = fixed_panel_lanes.load()) {

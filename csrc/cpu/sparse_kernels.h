@@ -89,14 +89,14 @@ int64_t panel_vectors(const Kernels* k, int64_t cols, int64_t B);
 
 // Fix the panel width at `lanes` floats (rounded down to a power-of-two number of vectors, at
 // least one, at most max_panel_vectors), or, with 0, derive it from the cache sizes again;
-// returns the previous setting (0: derived). For tests and measurements.
+// a negative `lanes` only asks. Returns the setting before the call (0: derived). For tests
+// and measurements.
 int64_t set_panel_lanes(int64_t lanes);
 
 // The whole product y (B, rows) = bias + xt (cols, B) times the CSR matrix, one thread, panel
 // by panel (the ATen glue runs the same steps with threads).
 void spmm(const Kernels* k, const int64_t* ptr, const int32_t* idx, const float* val,
           const float* xt, int64_t B, int64_t cols, const float* bias, float* y, int64_t rows);
-
 
 // The kernels for the instruction set `isa` ("avx512", "avx2", "scalar"), or for the best one
 // this CPU has (`isa` null or "auto"). Null if that set is not built or not supported here.

@@ -337,24 +337,14 @@ TORCH_LIBRARY_IMPL(dpf, CPU, m) {
   m.impl("kept_values", &kept_values_cpu);
 }
 
-// The panel width of the CPU sparse products in floats: a positive `lanes` fixes it (rounded
-// down to a power-of-two number of vectors of the instruction set), 0 derives it from the
-// cache sizes again, -1 only asks; returns the setting before the call (0: derived).
-int64_t sparse_panel(int64_t lanes) {
-  if (lanes < 0) {
-    const int64_t now = sparse::set_panel_lanes(0);
-    sparse::set_panel_lanes(now);
-    return now;
-  }
-  return sparse::set_panel_lanes(lanes);
-}
-
 // The CPU's L1 data and L2 cache sizes in bytes, as the sparse kernels read them.
 std::vector<int64_t> sparse_cache_bytes() { return {sparse::cache_bytes(1), sparse::cache_bytes(2)}; }
 
 TORCH_LIBRARY_FRAGMENT(dpf, m) {
   m.def("sparse_simd(str isa) -> str", &sparse_simd);
-  m.def("sparse_panel(int lanes) -> int", &sparse_panel);
+  // the panel width in floats: positive fixes it, 0 derives it again, -1 only asks
+  // (sparse_kernels.h: set_panel_lanes)
+  m.def("sparse_panel(int lanes) -> int", &sparse::set_panel_lanes);
   m.def("sparse_cache_bytes() -> int[]", &sparse_cache_bytes);
 }
 
