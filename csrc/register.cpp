@@ -27,6 +27,9 @@ TORCH_LIBRARY(dpf, m) {
   // (rows, cols) with zeros elsewhere.
   m.def("sparse_mm(Tensor xt, Tensor values, Tensor ptr, Tensor idx, Tensor? bias) -> Tensor");
   m.def("sampled_mm(Tensor dyt, Tensor xt, Tensor ptr, Tensor idx) -> Tensor");
+  // The same sums at the kept positions only, one per kept weight in the index's order (the
+  // gradient of a layer that stores only its kept values).
+  m.def("sampled_values(Tensor dyt, Tensor xt, Tensor ptr, Tensor idx) -> Tensor");
   // Their layout: x (B, cols) as the batch-major xt (cols, B), with the sum over the batch of
   // each column when sums (the bias gradient; else an empty tensor).
   m.def("batch_major(Tensor x, bool sums) -> (Tensor, Tensor)");

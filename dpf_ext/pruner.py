@@ -20,10 +20,15 @@ from .methods.base import (Method, PrunerView, Update, channel_major, full_weigh
 from .methods import make_method
 from .nn.convert import unsparsify
 from .nn.coverage import coverage
-from .nn.layers import prunable_layers
+from .nn import values_storage
+from .nn.layers import DPFMultiheadAttention, DPFTransformerEncoderLayer, prunable_layers
+from .ops import SparseIndex
 from .report import LayerReport, SparsityReport
 from .schedules import Schedule, check_sparsity, resolve_schedule
 
+
+STORAGES = ("dense", "values")
+"""How the pruned layers hold their weights (:class:`Pruner`'s ``storage``)."""
 
 STARVED = 10
 """A layer sharing one threshold with others is *starved* when it keeps less than
@@ -76,6 +81,15 @@ class Pruner:
         check_every: steps between the checks (:meth:`check_finite`) that the weights are
             finite, at the steps where no mask update checks them (a method whose masks are
             fixed, a frozen pruner); ``None``: never. One read of the weights per check.
+        storage: ``"dense"`` (the dense weight and a mask per layer) or ``"values"``: each
+            layer keeps only its kept values and their index
+            (:mod:`dpf_ext.nn.values_storage`), for methods that never read the pruned
+            weights (:attr:`~dpf_ext.methods.Method.values_storage`: static, SET, RigL, SNIP)
+            on Linear layers. The layers' weight parameters become their values: build the
+            optimizer after the pruner, or pass it as ``optimizer=`` (its parameters are
+            replaced and its state carried over). A model built on the meta device starts
+            here without a dense tensor: the first masks are drawn as positions and the kept
+            values from each layer's own initialisation (on the CPU).
         method_options: the options of the named ``method`` (see
             :func:`dpf_ext.methods.method_options`).
 
@@ -101,9 +115,16 @@ class Pruner:
         replace: bool = False,
         sparse_init: bool = False,
         check_every: int | None = 100,
+        storage: str = "dense",
         **method_options,
     ):
-        self.layers = prunable_layers(model)
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        self.storage = storage
+        self.layers = prunable_layers(model, allow_meta=storage == "values")
+        if any(values_storage.is_values(layer) for _, layer in self.layers):
+            raise ValueError("this model's layers are on values storage already (another "
+                             "pruner's): finalize() it first, or build the model anew")
         self.model = model
         self.names = [name for name, _ in self.layers]
         self.shapes = [tuple(w.shape) for w in self.channel_major(self.full_weights())]
@@ -149,11 +170,16 @@ class Pruner:
             raise ValueError(f"{name} does not support sharded (fully_shard) weights; use DDP")
         self.estimator = self.method.estimator()
         """The method's gradient estimator (per layer: ``method.layer_estimator``)."""
+        meta = [layer.dense_weight.device.type == "meta" for _, layer in self.layers]
+        if storage == "values":
+            self._check_values_storage(any(meta))
         self.method.check(self.view())
         check_same_on_all_ranks(self._config())
         self._take_over(replace)
 
         device = self.layers[0][1].dense_weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
         self.step_count = 0
         self.frozen = False
         self.finalized = False
@@ -173,13 +199,94 @@ class Pruner:
                             for i in range(len(self.layers))]
         self._feedback = all(e.feedback for e in self._estimators)
         self._install_estimators()
-        self._update_masks(initial=True)
-        if sparse_init:
-            self._rescale_to_kept_fan_in()
+        if any(meta):
+            self._start_on_meta(sparse_init)
+        else:
+            self._update_masks(initial=True)
+            if sparse_init:
+                self._rescale_to_kept_fan_in()
+            if storage == "values":
+                for _, layer in self.layers:
+                    values_storage.compress(layer, optimizer)
+        self._versions = self._value_versions()
         self._warn_if_masks_never_change()
         if freeze_at == 0:
             self.freeze()
         self._arm_taps()
+
+    def _check_values_storage(self, meta: bool) -> None:
+        """Raise ``ValueError`` unless the method, the layers and the model can train on
+        values storage (and, for a model on the meta device, start there)."""
+        name = self.method.name
+        if not self.method.values_storage:
+            if self.estimator.feedback:
+                why = (f"{name} trains its pruned weights (the feedback: they may come back), "
+                       "and values storage holds no pruned weight")
+            else:
+                why = (f"{name} reads or updates the pruned weights' values (or changes how many "
+                       "weights a layer keeps), and values storage holds none")
+            raise ValueError(f"storage='values': {why}; values storage runs static, set, rigl "
+                             "and snip: use storage='dense' for this method")
+        refused = {}
+        for layer_name, layer in self.layers:
+            if (reason := values_storage.unsupported(layer)) is not None:
+                refused.setdefault(reason, []).append(layer_name)
+        if refused:
+            raise ValueError("storage='values': " + "; ".join(
+                f"layers {names}: {reason}" for reason, names in refused.items()))
+        if any(isinstance(m, (DPFMultiheadAttention, DPFTransformerEncoderLayer))
+               for m in self.model.modules()):
+            raise ValueError("storage='values' does not cover nn.MultiheadAttention or "
+                             "nn.TransformerEncoderLayer (torch reads their weights directly); "
+                             "use storage='dense'")
+        if is_sharded(self.layers[0][1].dense_weight):
+            raise ValueError("storage='values' does not support sharded (fully_shard) weights")
+        if meta:
+            prunable = {id(t) for _, layer in self.layers for t in (layer.dense_weight, layer.bias)}
+            others = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+                      if t.device.type == "meta" and id(t) not in prunable
+                      and not n.endswith(".mask") and n != "mask"]
+            if others:
+                raise ValueError(f"the model is on the meta device, and the pruner materializes "
+                                 f"only its prunable layers' weights and biases: materialize and "
+                                 f"initialise {others[:5]}{'...' if len(others) > 5 else ''} first")
+            if not all(layer.dense_weight.device.type == "meta" for _, layer in self.layers):
+                raise ValueError("some prunable layers are on the meta device and some not: "
+                                 "build all of them on the meta device, or none")
+
+    @torch.no_grad()
+    def _start_on_meta(self, sparse_init: bool) -> None:
+        """The first masks and kept values of a model built on the meta device, on the CPU,
+        without a tensor of a layer's dense size (values storage)."""
+        sparsity = self.schedule.sparsity_at(0)
+        check_sparsity(sparsity, "scheduled sparsity at step 0")
+        weights = [layer.dense_weight for _, layer in self.layers]
+        u = Update(0, sparsity, self.names, [layer for _, layer in self.layers], weights, [],
+                   weights, self.budget, None, self.seed, True, shapes=self.shapes)
+        positions = self.method.initial_positions(u)
+        if positions is None:
+            raise ValueError(f"{self.method.name} needs the dense weights to choose its first "
+                             "masks (it scores them): build the model on a real device (storage="
+                             "'values' then keeps the kept values only from there on)")
+        cpu = torch.device("cpu")
+        for (_, layer), at in zip(self.layers, positions):
+            rows, cols = values_storage.dense_shape(layer)
+            index = SparseIndex.from_positions(rows, cols, at.to(cpu))
+            values = values_storage.init_values(layer, index, cpu)
+            if sparse_init:
+                kept = index.ptr.diff()
+                scale = torch.where(kept > 0, (cols / kept.clamp(min=1)).sqrt(), 1.0)
+                values.mul_(torch.repeat_interleave(scale.to(values.dtype), kept))
+            values_storage.to_values(layer, index, values, self.optimizer)
+        self.target_sparsity = sparsity
+        self.target_kept = sum(k for _, k in u.groups())
+
+    def _value_versions(self) -> list[int] | None:
+        """The version counters of the layers' values (values storage), to see that an
+        optimizer updates them."""
+        if self.storage != "values":
+            return None
+        return [layer.dense_weight._version for _, layer in self.layers]
 
     def view(self) -> PrunerView:
         """What the method may read of this pruner."""
@@ -217,6 +324,13 @@ class Pruner:
             if self._replaced:
                 raise RuntimeError("another pruner took over this model (replace=True)")
             raise RuntimeError("this pruner was finalized; build a new one to keep pruning")
+        self._check_values_updated()
+        try:
+            self._step()
+        finally:
+            self._versions = self._value_versions()
+
+    def _step(self) -> None:
         self.step_count += 1
         self.method.after_step(self.view())
         updating = not self.frozen and (self.step_count == self.freeze_at
@@ -230,6 +344,20 @@ class Pruner:
         if self.step_count == self.freeze_at:
             self.freeze()
         self._arm_taps()
+
+    def _check_values_updated(self) -> None:
+        """On values storage, raise if the layers' values got gradients and no optimizer
+        changed them since the last step: an optimizer built before the pruner (and not
+        given to it) steps the dense weights, which the layers no longer use."""
+        if self.storage != "values":
+            return
+        values = [layer.dense_weight for _, layer in self.layers]
+        if any(v.grad is not None for v in values) and \
+                [v._version for v in values] == self._versions:
+            raise RuntimeError(
+                "storage='values': the layers' values got gradients but were not updated since "
+                "the last step; the optimizer holds the dense weights the pruner replaced. Build "
+                "the optimizer after the pruner, or pass it as Pruner(..., optimizer=opt)")
 
     @torch.no_grad()
     def _rescale_to_kept_fan_in(self) -> None:
@@ -316,8 +444,13 @@ class Pruner:
     def _update_masks(self, initial: bool = False) -> None:
         sparsity = self.schedule.sparsity_at(self.step_count)
         check_sparsity(sparsity, f"scheduled sparsity at step {self.step_count}")
-        full_weights = self.full_weights()
-        shards = Shards(self.names, full_weights, [layer.mask for _, layer in self.layers])
+        values = self.storage == "values" and not initial  # the first masks precede the values
+        if values:  # the method reads and writes dense copies, stored back after
+            dense = [values_storage.dense(layer) for _, layer in self.layers]
+            full_weights, masks = [w for w, _ in dense], [m for _, m in dense]
+        else:
+            full_weights, masks = self.full_weights(), [layer.mask for _, layer in self.layers]
+        shards = Shards(self.names, full_weights, masks)
         gradients = None
         if self.method.needs_gradient and not initial:
             gradients = self.channel_major(average_over_ranks(
@@ -329,7 +462,7 @@ class Pruner:
                    full_weights, self.budget, shards.reduce if shards.group is not None else None,
                    self.seed, initial, gradients, request if ready else None, self.shapes,
                    optimizer=self.optimizer)
-        if not self._feedback:
+        if not self._feedback and not values:
             zero_pruned_weights(self.layers)  # momentum may have moved them since the last update
         kept_before = self._kept_before(shards.masks)
         stats = self.method.update(u)
@@ -337,7 +470,10 @@ class Pruner:
         kept = stats[:, 0]
         stats = shards.reduce(torch.cat([stats, dropped.reshape(-1, 1)], dim=1))
         shards.assemble_masks()
-        if not self._feedback:
+        if values:
+            for (_, layer), weight, mask in zip(self.layers, full_weights, masks):
+                values_storage.store(layer, weight, mask, self.optimizer)
+        elif not self._feedback:
             zero_pruned_weights(self.layers)
         self._kept = (kept, [m._version for m in shards.masks])
         self.reactivated_last = stats[:, 1]
@@ -421,6 +557,9 @@ class Pruner:
         :func:`dpf_ext.unsparsify`), whose ``state_dict`` loads into the original
         architecture. The pruner cannot step afterwards.
         """
+        if self.storage == "values":
+            for _, layer in self.layers:
+                values_storage.to_dense(layer)
         with torch.no_grad():
             self.method.finalize(self.view())
         if unwrap:
@@ -432,19 +571,21 @@ class Pruner:
 
     def sparsity(self) -> float:
         """Actual fraction of prunable weights that the masks prune."""
-        kept = int(torch.stack([layer.mask.sum() for _, layer in self.layers]).sum())  # one sync
-        return 1.0 - kept / sum(layer.mask.numel() for _, layer in self.layers)
+        kept = int(torch.stack([values_storage.kept(layer) for _, layer in self.layers]).sum())
+        return 1.0 - kept / sum(math.prod(values_storage.dense_shape(layer))
+                                for _, layer in self.layers)
 
     def report(self) -> SparsityReport:
         """Per-layer table of shapes, kept weights, sparsity, reactivations (grown weights),
         dropped and regrown-at-once weights and the weights the channel floor forced at the
         last update."""
-        kept = torch.stack([layer.mask.sum() for _, layer in self.layers])
+        kept = torch.stack([values_storage.kept(layer) for _, layer in self.layers])
         kept, last, total, forced, dropped, regrown = torch.stack(
             [kept, self.reactivated_last, self.reactivated_total, self.forced_last,
              self.dropped_last, self.regrown_last]).tolist()
         rows = [
-            LayerReport(name, tuple(layer.dense_weight.shape), layer.dense_weight.numel(), kept[i],
+            LayerReport(name, values_storage.dense_shape(layer),
+                        math.prod(values_storage.dense_shape(layer)), kept[i],
                         last[i], total[i], forced[i], dropped[i], regrown[i], compute.path(layer))
             for i, (name, layer) in enumerate(self.layers)
         ]
@@ -458,7 +599,7 @@ class Pruner:
             "method": self.method.name, **self.method.config(), "schedule": repr(self.schedule),
             "update_every": self.update_every, "end_step": self.end_step,
             "freeze_at": self.freeze_at, "budget": repr(self.budget),
-            "seed": self.seed, "layers": self.names,
+            "seed": self.seed, "layers": self.names, "storage": self.storage,
         }
 
     def state_dict(self) -> dict:

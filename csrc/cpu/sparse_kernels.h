@@ -24,7 +24,8 @@ using SpmmPanel = void (*)(const int64_t* ptr, const int32_t* idx, const float* 
                            const float* panel, int64_t vb, const float* bias, float* y,
                            int64_t ldy, int64_t b0, int64_t w, int64_t r_begin, int64_t r_end);
 // G[r, :] = 0, then G[r, c] = sum_b dYt[r, b] * Xt[c, b] at the kept (r, c), rows [r_begin, r_end);
-// acc: scratch of one float per kept weight of those rows. (Panels of the batch that fit L2
+// acc: one float per kept weight of those rows (scratch; with g null, the result: the sums in
+// the index's order). (Panels of the batch that fit L2
 // were measured slower here: each panel costs every kept weight a horizontal sum.)
 using SddmmRows = void (*)(const int64_t* ptr, const int32_t* idx, const float* dyt,
                            const float* xt, int64_t B, int64_t cols, float* g, float* acc,

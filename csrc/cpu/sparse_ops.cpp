@@ -112,37 +112,62 @@ at::Tensor sparse_mm_cpu(const at::Tensor& xt, const at::Tensor& values, const a
   return y;
 }
 
-// g (rows, cols): dyt (rows, B) times xt (cols, B) transposed at the kept positions, 0 elsewhere.
-at::Tensor sampled_mm_cpu(const at::Tensor& dyt, const at::Tensor& xt, const at::Tensor& ptr,
-                          const at::Tensor& idx) {
-  const char* op = "dpf::sampled_mm";
-  check_float(dyt, 2, "dyt", op);
-  check_float(xt, 2, "xt", op);
-  check_index(ptr, idx, xt.size(0), op);
+// The sampled product dyt (rows, B) times xt (cols, B) transposed at the kept positions,
+// written either into the dense g (rows, cols; 0 elsewhere) or, with g null, into `values`
+// (one float per kept weight, in the index's order).
+void sampled_rows(const at::Tensor& dyt, const at::Tensor& xt, const at::Tensor& ptr,
+                  const at::Tensor& idx, float* g, float* values) {
   const int64_t rows = ptr.numel() - 1, cols = xt.size(0), B = xt.size(1);
-  TORCH_CHECK(dyt.size(0) == rows && dyt.size(1) == B, op, ": dyt must be (rows, B) = (", rows,
-              ", ", B, ")");
-  at::Tensor g = at::empty({rows, cols}, xt.options());
   const int64_t* p = ptr.data_ptr<int64_t>();
   const int32_t* i = idx.data_ptr<int32_t>();
   const float* dy = dyt.data_ptr<float>();
   const float* x = xt.data_ptr<float>();
-  float* out = g.data_ptr<float>();
   const auto sddmm = active->sddmm_rows;
   const int64_t chunk = std::max<int64_t>(1, rows / (int64_t(at::get_num_threads()) * 8));
-  int64_t most = 0;  // the scratch: the most kept weights of any chunk
-  for (int64_t r0 = 0; r0 < rows; r0 += chunk) most = std::max(most, p[std::min(rows, r0 + chunk)] - p[r0]);
-  at::Tensor scratch = at::empty({at::get_num_threads(), std::max<int64_t>(most, 1)}, xt.options());
-  std::atomic<int64_t> slot{0};
   const int64_t chunks = (rows + chunk - 1) / chunk;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
-  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> next{0}, slot{0};
+  at::Tensor scratch;
+  if (values == nullptr) {  // the scratch: the most kept weights of any chunk
+    int64_t most = 0;
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) most = std::max(most, p[std::min(rows, r0 + chunk)] - p[r0]);
+    scratch = at::empty({threads, std::max<int64_t>(most, 1)}, xt.options());
+  }
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    float* acc = scratch.data_ptr<float>() + slot.fetch_add(1) * scratch.size(1);
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
-      sddmm(p, i, dy, x, B, cols, out, acc, c * chunk, std::min(rows, (c + 1) * chunk));
+    float* acc = values == nullptr ? scratch.data_ptr<float>() + slot.fetch_add(1) * scratch.size(1) : nullptr;
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      const int64_t r0 = c * chunk, r1 = std::min(rows, r0 + chunk);
+      sddmm(p, i, dy, x, B, cols, g, values == nullptr ? acc : values + p[r0], r0, r1);
+    }
   });
+}
+
+void check_sampled_args(const at::Tensor& dyt, const at::Tensor& xt, const at::Tensor& ptr,
+                        const at::Tensor& idx, const char* op) {
+  check_float(dyt, 2, "dyt", op);
+  check_float(xt, 2, "xt", op);
+  check_index(ptr, idx, xt.size(0), op);
+  const int64_t rows = ptr.numel() - 1, B = xt.size(1);
+  TORCH_CHECK(dyt.size(0) == rows && dyt.size(1) == B, op, ": dyt must be (rows, B) = (", rows,
+              ", ", B, ")");
+}
+
+// g (rows, cols): dyt (rows, B) times xt (cols, B) transposed at the kept positions, 0 elsewhere.
+at::Tensor sampled_mm_cpu(const at::Tensor& dyt, const at::Tensor& xt, const at::Tensor& ptr,
+                          const at::Tensor& idx) {
+  check_sampled_args(dyt, xt, ptr, idx, "dpf::sampled_mm");
+  at::Tensor g = at::empty({ptr.numel() - 1, xt.size(0)}, xt.options());
+  sampled_rows(dyt, xt, ptr, idx, g.data_ptr<float>(), nullptr);
   return g;
+}
+
+// The same products at the kept positions only: one value per kept weight, in the index's order.
+at::Tensor sampled_values_cpu(const at::Tensor& dyt, const at::Tensor& xt, const at::Tensor& ptr,
+                              const at::Tensor& idx) {
+  check_sampled_args(dyt, xt, ptr, idx, "dpf::sampled_values");
+  at::Tensor values = at::empty({idx.numel()}, xt.options());
+  sampled_rows(dyt, xt, ptr, idx, nullptr, values.data_ptr<float>());
+  return values;
 }
 
 // values[k] = weight[r, idx[k]] for the entries k of each row r of the CSR index: the kept
@@ -330,6 +355,7 @@ std::string sparse_simd(const std::string& isa) {
 TORCH_LIBRARY_IMPL(dpf, CPU, m) {
   m.impl("sparse_mm", &sparse_mm_cpu);
   m.impl("sampled_mm", &sampled_mm_cpu);
+  m.impl("sampled_values", &sampled_values_cpu);
   m.impl("sparse_index", &sparse_index_cpu);
   m.impl("sparse_conv", &sparse_conv_cpu);
   m.impl("sampled_conv", &sampled_conv_cpu);

@@ -372,6 +372,25 @@ __global__ void sampled_mm_kernel(const int64_t* ptr, const int32_t* idx, const 
   }
 }
 
+// One thread per kept weight: its batch dot product, written at its place in the index's order.
+__global__ void sampled_values_kernel(const int64_t* ptr, const int32_t* idx, const float* dyt,
+                                      const float* xt, int64_t B, int64_t rows, float* values) {
+  const int64_t nnz = ptr[rows];
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < nnz;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    int64_t lo = 0, hi = rows;  // the row of entry k: the last r with ptr[r] <= k
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (ptr[mid] <= k) lo = mid; else hi = mid;
+    }
+    const float* dy = dyt + lo * B;
+    const float* x = xt + int64_t(idx[k]) * B;
+    float acc = 0.0f;
+    for (int64_t j = 0; j < B; ++j) acc += dy[j] * x[j];
+    values[k] = acc;
+  }
+}
+
 // The direct sparse convolution (stride 1, "same" padding; see csrc/cpu/sparse_kernels.h):
 // one thread per output element of y (N, rows, H, W), consecutive threads on consecutive
 // positions of a plane, so that each kept weight's shifted plane is read coalesced.
@@ -601,6 +620,15 @@ cudaError_t sampled_mm(const int64_t* ptr, const int32_t* idx, const float* dyt,
                        int64_t B, int64_t rows, int64_t cols, float* g, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
   sampled_mm_kernel<<<grid_for(rows, 65535), 128, 0, stream>>>(ptr, idx, dyt, xt, B, rows, cols, g);
+  return cudaGetLastError();
+}
+
+cudaError_t sampled_values(const int64_t* ptr, const int32_t* idx, const float* dyt,
+                           const float* xt, int64_t B, int64_t rows, int64_t nnz, float* values,
+                           cudaStream_t stream) {
+  if (nnz == 0) return cudaSuccess;
+  sampled_values_kernel<<<grid_for((nnz + 127) / 128, 65535), 128, 0, stream>>>(ptr, idx, dyt, xt, B,
+                                                                                rows, values);
   return cudaGetLastError();
 }
 

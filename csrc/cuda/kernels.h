@@ -114,6 +114,11 @@ cudaError_t sparse_mm(const int64_t* ptr, const int32_t* idx, const float* val, 
 cudaError_t sampled_mm(const int64_t* ptr, const int32_t* idx, const float* dyt, const float* xt,
                        int64_t B, int64_t rows, int64_t cols, float* g, cudaStream_t stream);
 
+// values (nnz): the same dot products at the kept entries only, in the index's order.
+cudaError_t sampled_values(const int64_t* ptr, const int32_t* idx, const float* dyt,
+                           const float* xt, int64_t B, int64_t rows, int64_t nnz, float* values,
+                           cudaStream_t stream);
+
 // The direct sparse convolution (stride 1, "same" padding, odd kh and kw): y (N, rows, H, W) =
 // bias + the kept weights (CSR by output channel over the columns c * kh * kw + i * kw + j)
 // convolved with x (N, C, H, W); bias may be null.

@@ -288,6 +288,20 @@ at::Tensor sampled_mm_cuda(const at::Tensor& dyt, const at::Tensor& xt, const at
   return g;
 }
 
+at::Tensor sampled_values_cuda(const at::Tensor& dyt, const at::Tensor& xt, const at::Tensor& ptr,
+                               const at::Tensor& idx) {
+  check_sparse_args(dyt, xt, ptr, idx, "dpf::sampled_values");
+  const int64_t rows = ptr.numel() - 1, B = xt.size(1);
+  TORCH_CHECK(dyt.size(0) == rows && dyt.size(1) == B, "dpf::sampled_values: dyt must be (rows, B)");
+  const c10::cuda::CUDAGuard guard(xt.device());
+  at::Tensor values = at::empty({idx.numel()}, xt.options());
+  check_cuda(cuda::sampled_values(ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(),
+                                  dyt.const_data_ptr<float>(), xt.const_data_ptr<float>(), B, rows,
+                                  idx.numel(), values.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+             "sampled_values");
+  return values;
+}
+
 void check_conv_args(const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& idx,
                      int64_t kh, int64_t kw, const char* op) {
   TORCH_CHECK(a.is_cuda() && a.scalar_type() == at::kFloat && a.dim() == 4 && a.is_contiguous(),
@@ -454,6 +468,7 @@ TORCH_LIBRARY_IMPL(dpf, CUDA, m) {
   m.impl("masked_weight", &masked_weight_cuda);
   m.impl("sparse_mm", &sparse_mm_cuda);
   m.impl("sampled_mm", &sampled_mm_cuda);
+  m.impl("sampled_values", &sampled_values_cuda);
   m.impl("sparse_conv", &sparse_conv_cuda);
   m.impl("sampled_conv", &sampled_conv_cuda);
   m.impl("nm_masks", &nm_masks_cuda);

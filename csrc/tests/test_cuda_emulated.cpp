@@ -645,6 +645,15 @@ void test_sparse_products() {
     bool ok = true;
     for (size_t i = 0; i < want.size(); ++i) ok &= std::fabs(got[i] - want[i]) <= 1e-5f * (1 + std::fabs(want[i]));
     check(ok, "sampled_mm " + name);
+    std::vector<float> vals(idx.size(), -7.f), want_vals(idx.size() + 1);
+    ref->sddmm_rows(ptr.data(), idx.data(), dyt.data(), xt.data(), sh.B, sh.cols, nullptr,
+                    want_vals.data(), 0, sh.rows);
+    check_cuda(cuda::sampled_values(ptr.data(), idx.data(), dyt.data(), xt.data(), sh.B, sh.rows,
+                                    int64_t(idx.size()), vals.data(), nullptr),
+               "sampled_values launch");
+    ok = true;
+    for (size_t k = 0; k < vals.size(); ++k) ok &= std::fabs(vals[k] - want_vals[k]) <= 1e-5f * (1 + std::fabs(want_vals[k]));
+    check(ok, "sampled_values " + name);
   }
 }
 

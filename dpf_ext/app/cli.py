@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rescale each unit's kept weights by sqrt(fan-in / kept fan-in) once "
                         "the first masks are set (methods that start sparse: static, SET, "
                         "RigL, SNIP, ...; off: their published initialisation)")
+    p.add_argument("--storage", choices=["dense", "values"], default=defaults.storage,
+                   help="how pruned layers hold their weights: dense (weight and mask) or values "
+                        "(the kept values and their index only: memory that grows with the kept "
+                        "weights; Linear layers, methods static, set, rigl, snip)")
     p.add_argument("--pattern", default=None,
                    help="N:M structured sparsity (e.g. 2:4) instead of --sparsity: dpf keeps "
                         "updating the N:M masks with feedback, oneshot prunes once and retrains "
@@ -554,6 +558,12 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             sparsify(build_model(args.model, data.input_shape, data.num_classes), exclude=args.exclude)
         except ValueError as exc:
             parser.error(f"--exclude: {exc}")
+    if args.storage == "values":
+        refused = [m for m in args.methods if m != "dense"
+                   and not getattr(METHODS.get(m), "values_storage", False)]
+        if refused:
+            parser.error(f"--storage values: {refused} read or train the pruned weights, which "
+                         "values storage does not hold (it runs static, set, rigl, snip)")
     if args.compute == "sparse":
         try:
             sparsify(build_model(args.model, data.input_shape, data.num_classes),

@@ -77,6 +77,9 @@ class TrainConfig:
     sparse_init: bool = False
     """Rescale each unit's kept weights to its kept fan-in once the first masks are set (the
     :class:`~dpf_ext.Pruner`'s ``sparse_init``)."""
+    storage: str = "dense"
+    """How the pruned layers hold their weights: ``"dense"`` or ``"values"`` (the kept values
+    only; the :class:`~dpf_ext.Pruner`'s ``storage``)."""
     feedback_clip: float | None = None
     """DPF's feedback clip (see :class:`dpf_ext.DPF`)."""
     pattern: str | None = None
@@ -257,7 +260,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
         config.method, model, config.sparsity, total_steps,
         prune_at=round(config.oneshot_at * total_steps), scope=config.scope,
         channel_floor=config.channel_floor, pattern=config.pattern, optimizer=optimizer,
-        seed=config.seed, sparse_init=config.sparse_init,
+        seed=config.seed, sparse_init=config.sparse_init, storage=config.storage,
         batch_loss=first_loss,
         options=config.options, **controller,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -18,6 +19,7 @@ import torch
 from .. import ops
 from ..budgets import Budget, Groups
 from ..distributed import local_weight_and_mask
+from ..nn import values_storage
 from ..nn.estimators import Estimator, MaskedGradient
 from .first_pass import HistogramRequest
 from .optimizer_state import check_resettable, start_from_zero
@@ -83,7 +85,8 @@ class Update:
         """A generator seeded by the pruner's seed, this step and ``layer``: the same draws
         on every rank and in a resumed run."""
         key = hashlib.blake2b(f"{self.seed}/{self.step}/{layer}".encode(), digest_size=8).digest()
-        return torch.Generator(device=self.weights[layer].device).manual_seed(
+        device = self.weights[layer].device
+        return torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(
             int.from_bytes(key, "little") & (2**63 - 1))
 
 
@@ -163,6 +166,16 @@ class Method:
     sharded: ClassVar[bool] = False
     """Whether :meth:`update` works on the rows of sharded (FSDP2) weights, with
     ``Update.reduce`` summing its counts across the ranks."""
+    values_storage: ClassVar[bool] = False
+    """Whether the method runs on values storage (``Pruner(storage="values")``): its masks
+    never read the pruned weights' values, its gradient is masked, and each layer keeps a
+    constant number of weights."""
+
+    def initial_positions(self, u: Update) -> list[torch.Tensor] | None:
+        """The first masks (``u.initial``) as each layer's sorted flat kept positions, drawn
+        without reading the weights, for a model built on the meta device; ``None`` (the
+        default): the method needs the dense weights at initialisation."""
+        return None
 
     def estimator(self) -> Estimator:
         """The gradient estimator the layers use under this method."""
@@ -313,6 +326,24 @@ def write_masks(u: Update, new: list[torch.Tensor], regrown: list[torch.Tensor] 
     for m, n in zip(u.masks, new):
         m.copy_(n)
     return counts(kept, reactivated, regrown)
+
+
+def random_positions(u: Update) -> list[torch.Tensor]:
+    """The kept positions of random masks with the budget's counts, as :func:`random_masks`
+    draws them in distribution (each group's count uniformly among its positions; not the
+    same draws), without a tensor of a layer's size: sorted flat positions per layer, on the
+    CPU."""
+    out: list[torch.Tensor] = [None] * len(u.shapes)
+    for idx, k in u.groups():
+        sizes = [math.prod(u.shapes[i]) for i in idx]
+        chosen = values_storage.random_positions(sum(sizes), k, u.generator(idx[0]),
+                                                 torch.device("cpu"))
+        start = 0
+        for i, size in zip(idx, sizes):
+            lo, hi = torch.searchsorted(chosen, torch.tensor([start, start + size])).tolist()
+            out[i] = chosen[lo:hi] - start
+            start += size
+    return out
 
 
 def random_masks(u: Update) -> list[torch.Tensor]:

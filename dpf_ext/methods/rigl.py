@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import (Method, Update, mask_of, random_masks, require_optimizer, select_top, top_k,
-                   write_masks)
+from .base import (Method, Update, mask_of, random_masks, random_positions, require_optimizer,
+                   select_top, top_k, write_masks)
 from .recipe import Recipe
 from .magnitude import raise_nonfinite
 
@@ -40,6 +40,7 @@ class RigL(Method):
     name = "rigl"
     recipe = Recipe("constant", update_every=100, budget="erk", last_update=0.75)
     needs_gradient = True
+    values_storage = True
 
     drop_fraction: float = 0.3
 
@@ -65,6 +66,9 @@ class RigL(Method):
         """Non-negative growth scores of layer ``i``, a tensor the update may overwrite (RigL:
         the dense gradient's magnitude, in place of the gradient, which is the update's)."""
         return u.gradients[i].abs_()
+
+    def initial_positions(self, u: Update) -> list[torch.Tensor]:
+        return random_positions(u)
 
     def update(self, u: Update) -> torch.Tensor:
         if u.initial:

@@ -24,6 +24,7 @@ class SNIP(Method):
 
     name = "snip"
     recipe = Recipe("constant", fixed=True, budget="global")
+    values_storage = True
 
     batch_loss: Callable[[nn.Module], torch.Tensor] | None = unrecorded(None)
 

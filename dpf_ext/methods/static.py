@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, Update, random_masks, write_masks
+from .base import Method, Update, random_masks, random_positions, write_masks
 from .recipe import Recipe
 
 
@@ -18,6 +18,10 @@ class Static(Method):
 
     name = "static"
     recipe = Recipe("constant", fixed=True, budget="erk")
+    values_storage = True
+
+    def initial_positions(self, u: Update) -> list[torch.Tensor]:
+        return random_positions(u)
 
     def update(self, u: Update) -> torch.Tensor:
         return write_masks(u, random_masks(u))

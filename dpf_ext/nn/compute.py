@@ -23,6 +23,8 @@ input holds NaN or Inf takes the dense path, so that they spread as they do ther
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -83,6 +85,8 @@ def attention_unsupported(attention: nn.MultiheadAttention) -> str | None:
 
 def unsupported(layer) -> str | None:
     """Why ``layer`` (a DPF layer) cannot run sparse, or ``None`` if it can."""
+    if layer.storage == "values":
+        return None  # its forward is always the sparse product
     if not type(layer).sparse_product:
         return (f"{type(layer).__name__} has no sparse path (Linear, transformers' Conv1D, "
                 "nn.MultiheadAttention and Conv2d have; Conv1d and Conv3d layers run dense)")
@@ -105,6 +109,8 @@ def unsupported(layer) -> str | None:
 
 def density(layer) -> float:
     """The fraction of ``layer``'s weights its mask keeps (counted once per mask change)."""
+    if layer.storage == "values":
+        return layer.weight.numel() / max(1, math.prod(layer.dense_shape))
     mask = layer.mask
     key = (mask._version, mask.data_ptr())
     cached = layer._sparse_cache.get("density")
@@ -131,6 +137,8 @@ def prefers_sparse(layer) -> bool:
 def runs_sparse(layer) -> bool:
     """Whether ``layer``'s next forward takes the sparse path under its ``compute`` mode;
     ``"sparse"`` on a layer that cannot is a ``ValueError`` saying why."""
+    if layer.storage == "values":
+        return True
     if layer.compute == "dense":
         return False
     if layer.compute == "sparse":
@@ -143,7 +151,10 @@ def runs_sparse(layer) -> bool:
 
 def path(layer) -> str:
     """``"sparse"`` or ``"dense"``: the product ``layer``'s next forward runs (a layer set to
-    ``"sparse"`` that cannot is reported ``"dense"``; its forward raises)."""
+    ``"sparse"`` that cannot is reported ``"dense"``; its forward raises). A layer on values
+    storage is always ``"sparse"``."""
+    if layer.storage == "values":
+        return "sparse"
     if layer.compute == "dense":
         return "dense"
     if layer.compute == "sparse":

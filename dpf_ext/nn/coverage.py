@@ -4,12 +4,14 @@ convolution weights that is prunable, and what stays dense and why."""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .layers import DPFLayer
+from .values_storage import dense_shape
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class Coverage:
 
 def coverage(model: nn.Module) -> Coverage:
     """What :func:`sparsify` covered in ``model`` (see :class:`Coverage`)."""
-    pruned_ids = {id(m.dense_weight) for m in model.modules() if isinstance(m, DPFLayer)}
+    pruned_ids = {id(m.dense_weight): math.prod(dense_shape(m))
+                  for m in model.modules() if isinstance(m, DPFLayer)}
     recorded: dict[int, list[str]] = {}
     for pname, reason in getattr(model, "_dpf_dense", {}).items():
         with contextlib.suppress(AttributeError):
@@ -70,14 +73,15 @@ def coverage(model: nn.Module) -> Coverage:
     pruned = total = embeddings = 0
     dense = []
     for pid, (pname, module, p) in owners.items():
+        if pid in pruned_ids:  # its dense size (a layer on values storage holds a 1-D tensor)
+            total += pruned_ids[pid]
+            pruned += pruned_ids[pid]
+            continue
         if p.dim() < 2:
             continue
         total += p.numel()
         is_embedding = isinstance(module, (nn.Embedding, nn.EmbeddingBag))
         embeddings += p.numel() if is_embedding else 0
-        if pid in pruned_ids:
-            pruned += p.numel()
-            continue
         notes = recorded.get(pid, [])
         if is_embedding:
             reason = "embedding" + (f" (also {'; '.join(notes)})" if notes else "")

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import compute as compute_paths
 from . import sparse_attention
+from . import values_storage
 from ..distributed import is_sharded
 from .estimators import Estimator, GradientTap, StraightThrough
 from ..ops.bits import SUPPORTED_DTYPES
@@ -60,6 +61,9 @@ class DPFLayer:
         self.grad_tap = GradientTap()
         self.state_dict_form = "dense"
         self.powerprop: float | None = None
+        self.storage = "dense"
+        """``"dense"`` (the weight parameter and a mask of its shape) or ``"values"`` (the kept
+        values only: :mod:`dpf_ext.nn.values_storage`)."""
         self.compute = "dense"
         """Which product the forward runs: ``"dense"``, ``"sparse"`` or ``"auto"`` (see
         :mod:`dpf_ext.nn.compute`, :func:`set_compute`)."""
@@ -76,8 +80,17 @@ class DPFLayer:
         """Whether pruned weights receive gradient (the estimator's)."""
         return self.estimator.feedback
 
+    def __getattr__(self, name: str):
+        if name == "mask" and self.__dict__.get("storage") == "values":
+            raise AttributeError(f"{type(self).__name__} is on values storage: it holds no mask "
+                                 "(its kept positions are its kept_* index buffers)")
+        return super().__getattr__(name)
+
     def masked_weight(self) -> torch.Tensor:
         """The weight the forward uses: ``weight ⊙ mask`` with the estimator's gradient."""
+        if self.storage == "values":
+            raise RuntimeError(f"{type(self).__name__} is on values storage: it holds no dense "
+                               "weight (its forward is the sparse product of its kept values)")
         weight = self.dense_weight
         if self.powerprop is not None:
             weight = effective(weight, self.powerprop)
@@ -117,6 +130,8 @@ class DPFLinear(DPFLayer, nn.Linear):
     sparse_product = True
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.storage == "values":
+            return values_storage.linear(self, input)
         out = compute_paths.linear(self, input, self.bias)
         return nn.functional.linear(input, self.masked_weight(), self.bias) if out is None else out
 
@@ -198,9 +213,9 @@ def dpf_layers(model: nn.Module) -> list[tuple[str, DPFLayer]]:
     return out
 
 
-def prunable_layers(model: nn.Module) -> list[tuple[str, "DPFLayer"]]:
-    """:func:`dpf_layers` of ``model``, checked for pruning: at least one, materialized, of a
-    supported dtype, not under FSDP1, sharded only where the channels are dim 0; else a
+def prunable_layers(model: nn.Module, allow_meta: bool = False) -> list[tuple[str, "DPFLayer"]]:
+    """:func:`dpf_layers` of ``model``, checked for pruning: at least one, materialized
+    (unless ``allow_meta``), of a supported dtype, not under FSDP1, sharded only where the channels are dim 0; else a
     ``ValueError`` or ``TypeError`` naming the problem."""
     layers = dpf_layers(model)
     if not layers:
@@ -210,10 +225,11 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, "DPFLayer"]]:
         )
     for name, layer in layers:
         name = name or type(layer).__name__ + " (the model itself)"
-        if layer.dense_weight.device.type == "meta":
+        if layer.dense_weight.device.type == "meta" and not allow_meta:
             raise ValueError(
                 f"layer {name!r} has its weight on the meta device: materialize the model "
-                "first (model.to_empty(device=...) and initialise or load its weights)"
+                "first (model.to_empty(device=...) and initialise or load its weights), or "
+                "build the pruner with storage='values', which draws the kept weights only"
             )
         if layer.dense_weight.dtype not in SUPPORTED_DTYPES:
             raise TypeError(

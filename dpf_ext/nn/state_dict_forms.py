@@ -29,7 +29,10 @@ pruned weights (zeros where kept)."""
 def state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
     """State-dict hook of the DPF layers: writes the sparse form (see
     :func:`set_state_dict_form`), or warns (:class:`UnfinalizedWarning`) that the dense form
-    holds the dense weights."""
+    holds the dense weights. A layer on values storage writes its values and index as they
+    are (:mod:`dpf_ext.nn.values_storage`)."""
+    if module.storage == "values":
+        return
     name = prefix + module.weight_name
     if module.powerprop is not None:  # the effective weight, and the parameter for resuming
         state_dict[name + POWERPROP_SUFFIX] = state_dict[name].detach()
@@ -58,8 +61,16 @@ def state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
 def read_state_dict_form(layer, state_dict: dict, prefix: str) -> None:
     """Turn ``layer``'s entries of ``state_dict`` (either form, or a plain model's) into the
     dense form it loads, in place: the dense weight from the kept and the pruned values, the
-    powerprop parameter, and an all-ones mask where a dense checkpoint has none."""
+    powerprop parameter, and an all-ones mask where a dense checkpoint has none. A layer on
+    values storage loads only its own form (values and index buffers)."""
     name, mask = prefix + layer.weight_name, prefix + "mask"
+    if layer.storage == "values":
+        if name in state_dict and prefix + "kept_ptr" not in state_dict:
+            raise ValueError(f"{prefix or 'the layer '}: a checkpoint of dense storage (weight "
+                             f"{tuple(state_dict[name].shape)}) does not load into a layer on "
+                             "values storage; load it before building the pruner with "
+                             "storage='values'")
+        return
     pruned = state_dict.pop(name + PRUNED_SUFFIX, None)
     if pruned is not None and name in state_dict and mask in state_dict:
         # the sparse form: the dense weight is the kept values plus the pruned ones

@@ -19,7 +19,8 @@ Each op validates its input, picks a backend for the tensors' device (see
   estimator, or the masked gradient when ``feedback=False``.
 - :func:`sparse_linear`: a Linear product from the kept weights only (forward, input
   gradient, dense or sampled weight gradient), through a :class:`SparseIndex` built from the
-  mask (see :mod:`dpf_ext.ops.sparse`).
+  mask (see :mod:`dpf_ext.ops.sparse`); :func:`values_linear`, the same for a weight held as
+  its kept values only.
 - :func:`sparse_conv2d`: a stride-1 Conv2d from the kept weights only, the same three
   products, through a :class:`ConvIndex` (see :mod:`dpf_ext.ops.sparse_conv`).
 - :func:`feedback_sgd_step`: the SGD update of the dense weights in one multi-tensor pass.
@@ -37,7 +38,7 @@ from .bits import (FINITE_LIMIT, HIGH_BINS, LOW_BINS, MAX_GROUP, NONFINITE_BIN, 
                    bits_to_float)
 from . import reference
 from .dispatch import available_backends, backend_for
-from .sparse import SparseIndex, cache_bytes, panel_lanes, simd, sparse_linear
+from .sparse import SparseIndex, cache_bytes, panel_lanes, simd, sparse_linear, values_linear
 from .sparse_conv import ConvIndex, sparse_conv2d
 from .window import Window
 from . import triton, compiled  # noqa: F401, I001  (register the backends built; last preferred)
@@ -59,6 +60,7 @@ __all__ = [
     "simd",
     "sparse_conv2d",
     "sparse_linear",
+    "values_linear",
     "update_masks",
 ]
 

@@ -31,6 +31,9 @@ class OpBackend:
     def sampled_mm(self, dyt, xt, ptr, idx):
         return self.ops.sampled_mm(dyt, xt, ptr, idx)
 
+    def sampled_values(self, dyt, xt, ptr, idx):
+        return self.ops.sampled_values(dyt, xt, ptr, idx)
+
     def batch_major(self, x, sums):
         return self.ops.batch_major(x, sums)
 
@@ -104,6 +107,8 @@ def register_abstract(namespace: str) -> None:
             lambda xt, values, ptr, idx, bias: xt.new_empty(xt.shape[1], ptr.shape[0] - 1))
         torch.library.register_fake(f"{namespace}::sampled_mm")(
             lambda dyt, xt, ptr, idx: xt.new_empty(ptr.shape[0] - 1, xt.shape[0]))
+        torch.library.register_fake(f"{namespace}::sampled_values")(
+            lambda dyt, xt, ptr, idx: xt.new_empty(idx.shape[0]))
         torch.library.register_fake(f"{namespace}::kept_values")(
             lambda weight, ptr, idx: weight.new_empty(idx.shape[0]))
         torch.library.register_fake(f"{namespace}::batch_major")(

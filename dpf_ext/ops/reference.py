@@ -291,6 +291,13 @@ def sampled_mm(dyt: torch.Tensor, xt: torch.Tensor, ptr: torch.Tensor,
     return g
 
 
+def sampled_values(dyt: torch.Tensor, xt: torch.Tensor, ptr: torch.Tensor,
+                   idx: torch.Tensor) -> torch.Tensor:
+    """``v[k] = Σ_b dyt[r, b] · xt[idx[k], b]`` for the entries ``k`` of each row ``r`` of the CSR
+    index: :func:`sampled_mm` at the kept positions only, ``(nnz,)`` in the index's order."""
+    return (dyt[_csr_rows(ptr)] * xt[idx.long()]).sum(1)
+
+
 def kept_values(weight: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``values[k] = weight[r, idx[k]]`` for the entries ``k`` of each row ``r`` of the CSR index
     ``(ptr, idx)`` of the 2-D ``weight`` (any strides): its kept values in the index's order."""

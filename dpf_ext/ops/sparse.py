@@ -13,7 +13,10 @@ multiply-add over the batch.
   position: DPF's straight-through estimator, or a method that reads this step's dense
   gradient) or sampled at the kept positions only (zeros elsewhere: the masked gradient).
 
-The backend ops are ``sparse_mm`` and ``sampled_mm`` (:mod:`dpf_ext.ops.reference` defines
+- :func:`values_linear`: the same product for a layer that stores only its kept values
+  (the weight's gradient is those values' own: ``sampled_values``).
+
+The backend ops are ``sparse_mm``, ``sampled_mm`` and ``sampled_values`` (:mod:`dpf_ext.ops.reference` defines
 them). Only float32 has compiled sparse kernels.
 """
 
@@ -27,7 +30,7 @@ import torch
 from . import reference
 from .dispatch import backend_for
 
-OPS = ("sparse_mm", "sampled_mm")
+OPS = ("sparse_mm", "sampled_mm", "sampled_values")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,29 @@ class SparseIndex:
         return SparseIndex(rows, cols, *backend.sparse_index(mask.detach(), s0, s1))
 
 
+    @staticmethod
+    def from_positions(rows: int, cols: int, positions: torch.Tensor) -> "SparseIndex":
+        """The index of the kept entries at the sorted, distinct flat ``positions`` (int64,
+        ``r * cols + c``) of a contiguous ``(rows, cols)`` weight, built without a tensor of
+        the weight's size (its ``pos`` are the positions themselves)."""
+        if positions.dtype != torch.int64 or positions.dim() != 1:
+            raise ValueError("positions must be a 1-D int64 tensor")
+        if cols >= 2**31 or rows >= 2**31:
+            raise ValueError(f"a {rows}x{cols} weight is too large for int32 indices")
+        if positions.numel() and (bool((positions.diff() <= 0).any()) or positions[0] < 0
+                                  or positions[-1] >= rows * cols):
+            raise ValueError(f"positions must be sorted, distinct and inside a {rows}x{cols} weight")
+        r, c = positions.div(cols, rounding_mode="floor"), positions.remainder(cols)
+
+        def offsets(of: torch.Tensor, n: int) -> torch.Tensor:
+            ptr = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
+            torch.cumsum(torch.bincount(of, minlength=n), 0, out=ptr[1:])
+            return ptr
+
+        t_perm = torch.sort(c, stable=True).indices  # by column, rows ascending within each
+        return SparseIndex(rows, cols, offsets(r, rows), c.to(torch.int32), positions,
+                           offsets(c, cols), r[t_perm].to(torch.int32), t_perm)
+
 def sparse_backend(x: torch.Tensor, op: str = "sparse_mm"):
     """The backend of the sparse op ``op`` for ``x``: the preferred one with a kernel for it
     on its device in float32, the reference in other dtypes (float64, for gradcheck)."""
@@ -108,6 +134,38 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = sums
         return dx, dw, db, None, None
+
+
+class _ValuesLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, bias, index, tap):
+        xt = _batch_major(x, False)[0]
+        y = sparse_backend(x).sparse_mm(xt, values.detach(), index.ptr, index.idx,
+                                        None if bias is None else bias.detach())
+        ctx.save_for_backward(xt, values)
+        ctx.index, ctx.tap, ctx.has_bias = index, tap, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xt, values = ctx.saved_tensors
+        index, backend = ctx.index, sparse_backend(dy)
+        dyt, sums = _batch_major(dy, True)
+        dx = dv = db = None
+        if ctx.needs_input_grad[0]:
+            dx = backend.sparse_mm(dyt, values.detach().index_select(0, index.t_perm), index.t_ptr,
+                                   index.t_idx, None)
+        if ctx.needs_input_grad[1]:
+            if ctx.tap is not None and ctx.tap.armed:  # a method reads this step's dense gradient
+                dense = torch.mm(dyt, xt.t())
+                ctx.tap.add(dense)
+                dv = sparse_backend(dense, "kept_values").kept_values(dense, index.ptr, index.idx)
+            else:
+                dv = sparse_backend(dy, "sampled_values").sampled_values(dyt, xt, index.ptr,
+                                                                         index.idx)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = sums
+        return dx, dv, db, None, None
 
 
 def _batch_major(x: torch.Tensor, sums: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +284,25 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: SparseIndex,
     lead = x.shape[:-1]
     y = _SparseLinear.apply(x.reshape(-1, index.cols), weight, bias, index, dense_grad)
     return y.reshape(*lead, index.rows)
+
+
+@follows_autocast
+def values_linear(x: torch.Tensor, values: torch.Tensor, index: SparseIndex,
+                  bias: torch.Tensor | None = None, tap=None) -> torch.Tensor:
+    """``x Wᵀ + b`` for the weight whose kept entries are the parameter ``values`` (one per
+    entry of ``index``, in its CSR order; the pruned ones do not exist), with autograd: the
+    product of a layer on values storage (:mod:`dpf_ext.nn.values_storage`). ``values`` gets
+    the gradient of its entries only (one sampled product, no dense gradient), except while
+    ``tap`` (a :class:`~dpf_ext.nn.estimators.GradientTap`) is armed: then the dense gradient
+    is computed and recorded in it, for a method that grows weights by it. Pruned weights do
+    not multiply ``x``, so a non-finite input reaches only the rows that keep its column."""
+    if values.dim() != 1 or values.numel() != index.nnz:
+        raise ValueError(f"{tuple(values.shape)} values for an index of {index.nnz} entries")
+    if x.shape[-1] != index.cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight takes {index.cols}")
+    check_dtypes(x, values, bias)
+    y = _ValuesLinear.apply(x.reshape(-1, index.cols), values, bias, index, tap)
+    return y.reshape(*x.shape[:-1], index.rows)
 
 
 @follows_autocast
