@@ -67,8 +67,11 @@ def table(benchmarks: list[dict]) -> str:
             floor = f"  {med / per_step(reads[0]):6.2f} reads" if reads else ""
             mem = ""
             if "peak_extra_bytes" in extra:
-                mem = (f"  peak extra {extra['peak_extra_bytes'] / 2**20:7.1f} MiB "
-                       f"({extra['peak_extra_bytes'] / extra['weights_bytes']:6.1%} of weights)")
+                mem = f"  peak extra {extra['peak_extra_bytes'] / 2**20:7.1f} MiB"
+                if "weights_bytes" in extra:
+                    mem += f" ({extra['peak_extra_bytes'] / extra['weights_bytes']:6.1%} of weights)"
+            if "state_bytes" in extra:
+                mem += f"  training state {extra['state_bytes'] / 2**20:7.1f} MiB"
             if "bandwidth_GBps" in extra:
                 mem += f"  ({extra['bandwidth_GBps']:.0f} GB/s)"
             if "interleaved_ratio" in extra:
