@@ -259,3 +259,18 @@ def test_cli_sparse_init_trains_a_static_sparse_mlp(tmp_path):
                      "--no-progress", "--threads", "1", "--out", str(out), *flag]) == 0
         accuracy[bool(flag)] = json.loads((out / "metrics.json").read_text())["runs"][0]["accuracy"]
     assert accuracy[True] >= 0.85 and accuracy[True] > accuracy[False] + 0.1, accuracy
+
+
+def test_cli_storage_values_trains_as_dense_storage_and_refuses_dpf(tmp_path, capsys):
+    accuracy = {}
+    for storage in ("dense", "values"):
+        out = tmp_path / storage
+        assert main(["--method", "rigl", "--model", "mlp", "--epochs", "2", "--sparsity", "0.9",
+                     "--update-every", "10", "--compute", "sparse", "--no-progress",
+                     "--threads", "1", "--storage", storage, "--out", str(out)]) == 0
+        run = json.loads((out / "metrics.json").read_text())["runs"][0]
+        accuracy[storage] = (run["accuracy"], run["sparsity"])
+    assert accuracy["values"] == pytest.approx(accuracy["dense"], abs=1e-3)
+    with pytest.raises(SystemExit):
+        main(["--method", "dpf", "--storage", "values", "--out", str(tmp_path / "dpf")])
+    assert "values storage does not hold" in capsys.readouterr().err
