@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .nn import values_storage
 from .nn.layers import DPFLayer
 from .nn.state_dict_forms import PRUNED_SUFFIX, UnfinalizedWarning
 from .nn.powerprop import SUFFIX as POWERPROP_SUFFIX
@@ -27,16 +28,20 @@ FORMAT = "dpf_ext.sparse/1"
 
 def finalized_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The state dict ``model`` has once finalized (masks folded in, pruned weights +0.0,
-    no mask entries), without changing ``model``; and each pruned weight's mask by name."""
+    no mask entries), without changing ``model``; and each pruned weight's mask by name. A
+    layer on values storage gives its dense weight (built for the call) and no index."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, DPFLayer)}
     state, masks = {}, {}
     for key, value in model.state_dict(keep_vars=False).items():
         owner, _, leaf = key.rpartition(".")
         layer = layers.get(owner)
-        if layer is not None and leaf in ("mask", layer.weight_name + PRUNED_SUFFIX,
-                                          layer.weight_name + POWERPROP_SUFFIX):
+        if layer is not None and (leaf in ("mask", layer.weight_name + PRUNED_SUFFIX,
+                                           layer.weight_name + POWERPROP_SUFFIX)
+                                  or values_storage.is_values(layer) and leaf.startswith("kept_")):
             continue
-        if layer is not None and leaf == layer.weight_name:
+        if layer is not None and leaf == layer.weight_name and values_storage.is_values(layer):
+            value, masks[key] = (t.cpu() for t in values_storage.dense(layer))
+        elif layer is not None and leaf == layer.weight_name:
             masks[key] = layer.mask.detach().cpu()
             value = value.masked_fill(~layer.mask, 0)
         state[key] = value.detach().cpu()

@@ -64,6 +64,12 @@ class DPFCallback(TrainerCallback, ExportableState):
     stopped. Resuming from a checkpoint without that state (saved without this callback) is
     a ``ValueError``. The Trainer's ``restore_callback_states_from_checkpoint=True`` would
     replace this object by a copy: it is refused.
+
+    ``storage="values"`` (with ``method=`` one that runs on it) trains on values storage (the
+    Trainer's optimizer gets the values); its checkpoints hold the values and their index,
+    which the Trainer loads into the model before this callback builds the pruner, so
+    ``resume_from_checkpoint`` does not work on values storage: resume such runs from the
+    model's, the optimizer's and the pruner's own state dicts.
     """
 
     def __init__(self, sparsity: float, finalize: str | None = "unwrap", **dpf_kwargs):

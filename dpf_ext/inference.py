@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .nn.compute import AUTO_MAX_DENSITY_CONV, conv2d_unsupported
+from .nn import values_storage
 from .nn.layers import DPFLayer
 from .ops.sparse import SparseIndex, kept_product
 from .ops.sparse_conv import ConvIndex, kept_conv
@@ -37,6 +38,19 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", weight.reshape(-1)[self.index.pos].clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def from_kept(cls, values: torch.Tensor, index: SparseIndex,
+                  bias: torch.Tensor | None) -> "SparseLinear":
+        """The layer of the kept ``values`` (in ``index``'s order: a layer on values storage),
+        built without a dense weight."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.index = index
+        layer.register_buffer("values", values.detach().clone())
+        layer.register_buffer("bias", None if bias is None else bias.detach().clone())
+        layer.out_features, layer.in_features = index.rows, index.cols
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kept_product(x, self.values, self.index, self.bias)
@@ -189,7 +203,9 @@ def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: flo
     times returned: one :class:`InferenceChoice` per Linear or Conv2d layer, converted or
     left dense with the ``reason`` (under ``min_sparsity``, a dtype without sparse kernels,
     a convolution without a sparse path, the rule, or the measurement). The result is for
-    inference only (no gradient reaches the weights).
+    inference only (no gradient reaches the weights). Layers on values storage always
+    become :class:`SparseLinear` modules of their kept values (nothing timed: they hold no
+    dense weight to compare with).
     """
     if decide not in DECISIONS:
         raise ValueError(f"decide must be one of {DECISIONS}, got {decide!r}")
@@ -201,6 +217,14 @@ def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: flo
     conv_inputs = _conv_inputs(model, example)
     choices = []
     for name, module in list(modules.items()):
+        if isinstance(module, DPFLayer) and values_storage.is_values(module):
+            rows, cols = module.dense_shape
+            choices.append(InferenceChoice(name, (rows, cols), 1 - module.weight.numel() / (rows * cols),
+                                           float("nan"), float("nan"), True))
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child, SparseLinear.from_kept(
+                module.weight, values_storage.index(module), module.bias))
+            continue
         found = _candidate(name, module, batch_size, conv_inputs) if name else None
         if found is None:
             continue

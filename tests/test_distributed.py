@@ -400,3 +400,56 @@ def test_sync_batch_norm_in_one_process_is_batch_norm():
     assert [type(m) for m in synced.modules()].count(SyncBatchNorm) == 2
     x = _bn_batch(0)
     assert torch.equal(synced(x), reference(x))
+
+
+def _values_masks(model):
+    from dpf_ext.nn import values_storage
+    return [values_storage.dense(m)[1] if values_storage.is_values(m) else m.mask.clone()
+            for _, m in dpf_ext.nn.dpf_layers(model)]
+
+
+def _values_run(model, steps, rank=0, world=1, storage="values"):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    pruner = dpf_ext.Pruner(model, "rigl", 0.7, update_every=3, total_steps=steps, optimizer=opt,
+                            storage=storage)
+    wrapped = DDP(model) if world > 1 else model  # after the pruner: DDP sees the values
+    history = []
+    for step in range(steps):
+        x, y = _batch(step, 16 * world)
+        part = slice(rank * 16, (rank + 1) * 16)
+        nn.functional.cross_entropy(wrapped(x[part]), y[part]).backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+        history.append(_values_masks(model))
+    from dpf_ext.nn import values_storage
+    masked = [values_storage.dense(m)[0] if values_storage.is_values(m) else m.weight * m.mask
+              for _, m in dpf_ext.nn.dpf_layers(model)]
+    return {"history": history, "report": pruner.report().to_dict(),
+            "values": [p.detach().clone() for p in model.parameters()],
+            "masked": [w.detach().clone() for w in masked]}
+
+
+def _ddp_both_storages(rank, world, steps):
+    return {storage: _values_run(dpf_ext.sparsify(_model(), compute="sparse"), steps, rank, world,
+                                 storage)
+            for storage in ("dense", "values")}
+
+
+def test_values_storage_under_ddp_trains_as_dense_storage_with_the_same_masks_on_every_rank(tmp_path):
+    """RigL under DDP (2 ranks): values storage takes the masks dense storage takes at every
+    step (the dense gradient of an update step averaged over the ranks), the same on every
+    rank, and ends at the same weights."""
+    results = run_ranks(_ddp_both_storages, 2, tmp_path, 12)
+    for r in results:
+        dense, values = r["dense"], r["values"]
+        assert values["report"]["reactivated_total"] > 0  # RigL's updates moved the masks
+        for step, (got, want) in enumerate(zip(values["history"], dense["history"])):
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), step
+        assert values["report"] == dense["report"]
+        for got, want in zip(values["masked"], dense["masked"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[0]["values"]["values"], results[1]["values"]["values"]):
+        assert torch.equal(a, b)

@@ -206,3 +206,29 @@ def test_accelerate_save_and_load_state_resume_exactly(tmp_path):
     assert pruner.step_count == 24 and pruner.report().reactivated_total == ref.report().reactivated_total
     for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_trainer_run_on_values_storage_trains_as_dense_storage(tmp_path):
+    """RigL through the callback with ``storage="values"`` (BERT's Linear layers keep their
+    kept values only) takes the masks of the same run on dense storage with the sparse
+    products, and ends at the same pruned weights."""
+    runs = {}
+    for storage in ("dense", "values"):
+        model = bert()
+        dpf_ext.nn.set_compute(model, "sparse")
+        callback = DPFCallback(0.8, finalize="fold", update_every=UPDATE_EVERY, method="rigl",
+                               storage=storage)
+        transformers.Trainer(
+            model=model,
+            args=transformers.TrainingArguments(
+                output_dir=str(tmp_path / storage), max_steps=STEPS, per_device_train_batch_size=16,
+                learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                disable_tqdm=True),
+            train_dataset=CountingTask(512, 0), callbacks=[callback]).train()
+        runs[storage] = (callback.report, {n: l.dense_weight.detach().clone()
+                                           for n, l in callback.pruner.layers})
+    (dense_report, dense), (values_report, values) = runs["dense"], runs["values"]
+    assert values_report.reactivated_total == dense_report.reactivated_total > 0
+    assert [r.kept for r in values_report.layers] == [r.kept for r in dense_report.layers]
+    for name, weight in dense.items():
+        torch.testing.assert_close(values[name], weight, rtol=1e-4, atol=1e-6)

@@ -271,3 +271,48 @@ def test_a_dense_checkpoint_does_not_load_into_values_storage():
     dpf_ext.Pruner(model, "static", 0.8, storage="values")
     with pytest.raises(ValueError, match="dense storage"):
         model.load_state_dict(dense_state)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_runs_values_storage(compiler):
+    model = dpf_ext.sparsify(make_model())
+    dpf_ext.Pruner(model, "static", 0.8, storage="values")
+    x = torch.randn(16, 20)
+    model(x).square().sum().backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=compiler)
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x))
+    out.square().sum().backward()
+    for p, g in zip(model.parameters(), eager):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_opcheck_sampled_values():
+    if not hasattr(torch.ops.dpf, "sampled_values"):
+        pytest.skip("the compiled kernels are not built")
+    g = torch.Generator().manual_seed(0)
+    index = ops.SparseIndex.from_mask(torch.rand(9, 11, generator=g) < 0.4)
+    torch.library.opcheck(torch.ops.dpf.sampled_values.default,
+                          (torch.randn(9, 5, generator=g), torch.randn(11, 5, generator=g),
+                           index.ptr, index.idx))
+
+
+def test_save_sparse_and_sparse_inference_read_values_storage(tmp_path):
+    model, opt, pruner = build("values", "set")
+    train(model, opt, pruner, batches(8))
+    x = torch.randn(5, 20)
+    with torch.no_grad():
+        want = model(x)
+    dpf_ext.save_sparse(model, tmp_path / "model.pt")
+    plain = dpf_ext.load_sparse(tmp_path / "model.pt", make_model(seed=1))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), want)
+    choices = dpf_ext.to_sparse_inference(model)
+    assert [c.sparse for c in choices] == [True] * 3
+    assert all(type(m).__name__ == "SparseLinear" for m in model if not isinstance(m, nn.ReLU))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)

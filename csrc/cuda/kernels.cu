@@ -385,9 +385,9 @@ __global__ void sampled_values_kernel(const int64_t* ptr, const int32_t* idx, co
     }
     const float* dy = dyt + lo * B;
     const float* x = xt + int64_t(idx[k]) * B;
-    float acc = 0.0f;
-    for (int64_t j = 0; j < B; ++j) acc += dy[j] * x[j];
-    values[k] = acc;
+    float sum = 0.0f;
+    for (int64_t b = 0; b < B; ++b) sum += dy[b] * x[b];
+    values[k] = sum;
   }
 }
 
