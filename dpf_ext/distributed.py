@@ -104,9 +104,13 @@ class Shards:
 
 def average_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """``tensors``, each averaged in place over the ranks of the default group (as DDP
-    averages gradients); unchanged outside a process group."""
+    averages gradients); unchanged outside a process group. Entries that are not tensors (a
+    :class:`~dpf_ext.nn.estimators.ProductGradient`, averaged block by block) pass as
+    they are."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
             dist.all_reduce(t)
             t.div_(dist.get_world_size())
     return tensors

@@ -445,37 +445,40 @@ class Pruner:
         sparsity = self.schedule.sparsity_at(self.step_count)
         check_sparsity(sparsity, f"scheduled sparsity at step {self.step_count}")
         values = self.storage == "values" and not initial  # the first masks precede the values
-        if values:  # the method reads and writes dense copies, stored back after
-            dense = [values_storage.dense(layer) for _, layer in self.layers]
-            full_weights, masks = [w for w, _ in dense], [m for _, m in dense]
-        else:
-            full_weights, masks = self.full_weights(), [layer.mask for _, layer in self.layers]
-        shards = Shards(self.names, full_weights, masks)
         gradients = None
         if self.method.needs_gradient and not initial:
             gradients = self.channel_major(average_over_ranks(
                 take_gradients(self.layers, f"{self.method.name} at step {self.step_count}")))
         request, self._request = self._request, None
         ready = request is not None and request.step == self.step_count and request.complete
-        u = Update(self.step_count, sparsity, self.names, [layer for _, layer in self.layers],
-                   self.channel_major(shards.weights), self.channel_major(shards.masks),
-                   full_weights, self.budget, shards.reduce if shards.group is not None else None,
-                   self.seed, initial, gradients, request if ready else None, self.shapes,
-                   optimizer=self.optimizer)
-        if not self._feedback and not values:
-            zero_pruned_weights(self.layers)  # momentum may have moved them since the last update
-        kept_before = self._kept_before(shards.masks)
+        layers = [layer for _, layer in self.layers]
+        if values:  # no dense tensor: the method works through Update.kept and set_kept
+            shards = None
+            u = Update(self.step_count, sparsity, self.names, layers, None, None,
+                       self.full_weights(), self.budget, None, self.seed, initial, gradients,
+                       None, self.shapes, optimizer=self.optimizer)
+            kept_before = torch.stack([values_storage.kept(layer) for layer in layers])
+        else:
+            full_weights = self.full_weights()
+            shards = Shards(self.names, full_weights, [layer.mask for layer in layers])
+            u = Update(self.step_count, sparsity, self.names, layers,
+                       self.channel_major(shards.weights), self.channel_major(shards.masks),
+                       full_weights, self.budget, shards.reduce if shards.group is not None else None,
+                       self.seed, initial, gradients, request if ready else None, self.shapes,
+                       optimizer=self.optimizer)
+            if not self._feedback:
+                zero_pruned_weights(self.layers)  # momentum may have moved them since the last update
+            kept_before = self._kept_before(shards.masks)
         stats = self.method.update(u)
         dropped = kept_before + stats[:, 1] - stats[:, 0]
         kept = stats[:, 0]
-        stats = shards.reduce(torch.cat([stats, dropped.reshape(-1, 1)], dim=1))
-        shards.assemble_masks()
-        if values:
-            for (_, layer), weight, mask in zip(self.layers, full_weights, masks):
-                values_storage.store(layer, weight, mask, self.optimizer)
-        elif not self._feedback:
-            zero_pruned_weights(self.layers)
-        self._kept = (kept, [m._version for m in shards.masks])
+        stats = torch.cat([stats, dropped.reshape(-1, 1)], dim=1)
+        if not values:
+            stats = shards.reduce(stats)
+            shards.assemble_masks()
+            if not self._feedback:
+                zero_pruned_weights(self.layers)
+        self._kept = None if values else (kept, [m._version for m in shards.masks])
         self.reactivated_last = stats[:, 1]
         self.reactivated_total += stats[:, 1]
         self.forced_last = stats[:, 2]

@@ -316,3 +316,46 @@ def test_save_sparse_and_sparse_inference_read_values_storage(tmp_path):
     assert all(type(m).__name__ == "SparseLinear" for m in model if not isinstance(m, nn.ReLU))
     with torch.no_grad():
         torch.testing.assert_close(model(x), want)
+
+
+def test_top_positions_is_hand_checked_and_the_same_for_any_blocks():
+    from dpf_ext.methods.base import top_positions
+    scores = torch.tensor([0.5, 0.0, 3.0, 0.2, 3.0, 0.0, 0.0, 1.0])
+    excluded = torch.tensor([2, 7])
+    # the largest outside 2 and 7: 4 (3.0), 0 (0.5), 3 (0.2)
+    for size in (1, 3, 8):
+        blocks = [(s, scores[s:s + size]) for s in range(0, 8, size)]
+        assert top_positions(blocks, 3, excluded, seed=0).tolist() == [0, 3, 4]
+    # five among the zeros 1, 5, 6 and the rest: ties at 0 go by the seed's hash, any blocks
+    picks = {}
+    for seed in range(12):
+        chosen = [top_positions([(s, scores[s:s + size]) for s in range(0, 8, size)], 5,
+                                excluded, seed).tolist() for size in (1, 2, 8)]
+        assert chosen[0] == chosen[1] == chosen[2]
+        assert set(chosen[0]) >= {0, 3, 4} and not set(chosen[0]) & {2, 7}
+        picks[seed] = tuple(chosen[0])
+    assert len(set(picks.values())) == 3  # each pair of the three zeros, by seed
+    with pytest.raises(ValueError, match="non-finite"):
+        top_positions([(0, torch.tensor([1.0, float("nan")]))], 1, torch.tensor([], dtype=torch.long), 0)
+
+
+def test_rigl_on_values_storage_forms_its_gradient_a_block_at_a_time(monkeypatch):
+    """The update step's dense gradient is recorded as products and formed in blocks of a
+    few rows (here 64 entries: a row or two); the masks are those of dense storage."""
+    import dpf_ext.nn.estimators as estimators
+    formed = []
+    blocks = estimators.ProductGradient.blocks
+
+    def recording(self, entries=None):
+        for r0, block in blocks(self, 64):
+            formed.append(block.numel())
+            yield r0, block
+    monkeypatch.setattr(estimators.ProductGradient, "blocks", recording)
+    data = batches(12)
+    dense = build("dense", "rigl")
+    values = build("values", "rigl")
+    torch.testing.assert_close(train(*values, data), train(*dense, data))
+    assert formed and max(formed) <= 64
+    for a, b in zip(linears(dense[0]), linears(values[0])):
+        from dpf_ext.nn.values_storage import dense as dense_of
+        assert torch.equal(dense_of(b)[1], a.mask)

@@ -18,6 +18,7 @@ from ..distributed import is_sharded
 from .cli_pruner import make_pruner
 from ..methods import METHODS, method_options, recipe_of
 from .models import build_model
+from ..nn import values_storage
 from ..nn.convert import sparsify
 from ..nn.state_dict_forms import UnfinalizedWarning
 from .sync_batch_norm import synchronize_batch_norm
@@ -186,9 +187,9 @@ def mask_checksums(pruner) -> list[int]:
     """One number per layer that differs between two different masks (almost surely)."""
     out = []
     for _, layer in pruner.layers:
-        flat = layer.mask.reshape(-1).to(torch.int64)
-        positions = torch.arange(1, flat.numel() + 1, device=flat.device)
-        out.append(int((flat * (positions * 2654435761 % 4294967291)).sum()))
+        kept = (values_storage.positions(layer) if values_storage.is_values(layer)
+                else layer.mask.reshape(-1).nonzero().view(-1))
+        out.append(int(((kept + 1) * 2654435761 % 4294967291).sum()))
     return out
 
 

@@ -20,9 +20,9 @@ from .. import ops
 from ..budgets import Budget, Groups
 from ..distributed import local_weight_and_mask
 from ..nn import values_storage
-from ..nn.estimators import Estimator, MaskedGradient
+from ..nn.estimators import GRADIENT_BLOCK, Estimator, MaskedGradient, ProductGradient
 from .first_pass import HistogramRequest
-from .optimizer_state import check_resettable, start_from_zero
+from .optimizer_state import check_resettable, reset_state, start_from_zero
 from ..schedules import Schedule
 from .recipe import Recipe
 
@@ -36,14 +36,18 @@ weights the channel floor forced, and weights dropped and grown again in the sam
 class Update:
     """What a method gets at a mask update. ``weights``/``masks``/``gradients``: this
     process's part of each prunable layer (rows of a sharded weight), output channels first;
-    the method writes ``masks`` in place."""
+    the method writes ``masks`` in place. On values storage ``weights`` and ``masks`` are
+    ``None`` and ``gradients`` hold :class:`~dpf_ext.nn.estimators.ProductGradient` objects: a
+    method that runs there (:attr:`Method.values_storage`) reads and writes through
+    :meth:`kept`, :meth:`set_kept` and :meth:`gradient_blocks`, which work on either
+    storage."""
 
     step: int
     sparsity: float
     names: list[str]
     layers: list
-    weights: list[torch.Tensor]
-    masks: list[torch.Tensor]
+    weights: list[torch.Tensor] | None
+    masks: list[torch.Tensor] | None
     full_weights: list[torch.Tensor]
     budget: Budget
     reduce: Callable[[torch.Tensor], torch.Tensor] | None
@@ -73,7 +77,7 @@ class Update:
         """Weights this update grew (pruned in ``before``, copies of ``masks`` taken before
         writing them; kept now) start at 0 with their optimizer state reset (SGD's momentum,
         Adam's moments); weights dropped and grown again at once keep both. For methods
-        that grow from zero (RigL, SET), after writing the masks."""
+        that grow from zero, after writing the masks."""
         def stored(tensors):  # back from output channels first to the weights' layout
             return [t.movedim(0, layer.channel_dim) if layer.channel_dim else t
                     for t, layer in zip(tensors, self.layers)]
@@ -81,11 +85,55 @@ class Update:
         start_from_zero(self.optimizer, self.full_weights, stored(self.weights),
                         stored(self.masks), stored(before))
 
+    def kept(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s kept weights: their flat positions (output channels first, sorted)
+        and their values in that order. The same on either storage."""
+        layer = self.layers[i]
+        if values_storage.is_values(layer):
+            return values_storage.positions(layer), layer.dense_weight.detach()
+        flat = self.masks[i].reshape(-1).nonzero().view(-1)
+        return flat, self.weights[i].reshape(-1)[flat]
+
+    def set_kept(self, i: int, keep: torch.Tensor, grow: torch.Tensor) -> None:
+        """Layer ``i`` keeps the positions ``keep`` (kept before) and ``grow`` (flat, output
+        channels first, disjoint); grown weights not kept before start at 0 with their
+        optimizer state reset, weights dropped and grown again at once keep both (as
+        :meth:`start_from_zero`). On either storage."""
+        layer = self.layers[i]
+        new = torch.cat([keep, grow]).sort().values
+        if values_storage.is_values(layer):
+            values_storage.move(layer, new, self.optimizer)
+            return
+        before = self.masks[i].clone()
+        self.masks[i].copy_(mask_of(self.masks[i], new))
+        grown = self.masks[i] & ~before
+        self.weights[i].masked_fill_(grown, 0)
+        if self.optimizer is not None:
+            reset_state(self.optimizer, self.full_weights[i],
+                        grown.movedim(0, layer.channel_dim) if layer.channel_dim else grown)
+
+    def gradient_blocks(self, i: int):
+        """This step's dense gradient of layer ``i`` (output channels first, flattened to
+        ``(rows, rest)``) as ``(first flat position, block)`` pairs of whole rows, in order:
+        slices of it, or blocks formed one at a time for a layer on values storage (a
+        :class:`~dpf_ext.nn.estimators.ProductGradient`); about
+        :data:`~dpf_ext.nn.estimators.GRADIENT_BLOCK` entries each."""
+        gradient = self.gradients[i]
+        if isinstance(gradient, ProductGradient):
+            cols = gradient.shape[1]
+            for r0, block in gradient.blocks():
+                yield r0 * cols, block
+            return
+        rows = gradient.reshape(gradient.shape[0], -1)
+        step = max(1, GRADIENT_BLOCK // max(rows.shape[1], 1))
+        for r0 in range(0, rows.shape[0], step):
+            yield r0 * rows.shape[1], rows[r0:r0 + step]
+
     def generator(self, layer: int) -> torch.Generator:
         """A generator seeded by the pruner's seed, this step and ``layer``: the same draws
         on every rank and in a resumed run."""
         key = hashlib.blake2b(f"{self.seed}/{self.step}/{layer}".encode(), digest_size=8).digest()
-        device = self.weights[layer].device
+        device = self.layers[layer].dense_weight.device
         return torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(
             int.from_bytes(key, "little") & (2**63 - 1))
 
@@ -262,6 +310,48 @@ def top_k(values: torch.Tensor, k: int, generator: torch.Generator) -> torch.Ten
         return torch.cat([above, ties])
     order = torch.randperm(ties.numel(), generator=generator, device=generator.device)
     return torch.cat([above, ties[order[:k - above.numel()].to(ties.device)]])
+
+
+MIX = (0x45D9F3B, 0x119DE1F3)
+"""The multipliers of :func:`position_keys`' hash (31-bit products stay inside int64)."""
+
+
+def position_keys(positions: torch.Tensor, seed: int) -> torch.Tensor:
+    """A pseudo-random 31-bit key per flat position, from ``seed`` (an integer hash of the
+    position: the same key wherever and however the positions are visited)."""
+    mask = 0x7FFFFFFF
+    x = (positions.bitwise_and(mask) ^ (positions >> 31) ^ (seed & mask)).bitwise_and(mask)
+    for multiplier in MIX:
+        x = x ^ (x >> 16)
+        x = (x * multiplier).bitwise_and(mask)
+    return x ^ (x >> 16)
+
+
+def top_positions(blocks, k: int, excluded: torch.Tensor, seed: int) -> torch.Tensor:
+    """The flat positions of the ``k`` largest non-negative scores, ``blocks`` being
+    ``(first position, scores)`` pairs that cover the positions in order, never one of the
+    sorted ``excluded``; ties (zeros included) go by :func:`position_keys` of ``seed``, so
+    the choice is the same whatever the blocks. One block is held at a time, beside the
+    ``k`` best so far. Sorted. ``ValueError`` on a NaN or Inf score."""
+    best_keys = excluded.new_empty(0)
+    best = excluded.new_empty(0)
+    for start, scores in blocks:
+        scores = scores.reshape(-1)
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("non-finite (NaN or Inf) scores")
+        positions = torch.arange(start, start + scores.numel(), device=scores.device)
+        keys = (scores.float().abs().view(torch.int32).long() << 31) | position_keys(positions, seed)
+        lo, hi = torch.searchsorted(excluded, torch.tensor([start, start + scores.numel()],
+                                                           device=excluded.device)).tolist()
+        keys[excluded[lo:hi] - start] = -1
+        top = torch.topk(keys, min(k, keys.numel()))  # the block's best, then merged
+        keys = torch.cat([best_keys, top.values])
+        positions = torch.cat([best, top.indices + start])
+        top = torch.topk(keys, min(k, keys.numel())).indices
+        best_keys, best = keys[top], positions[top]
+    if k and bool((best_keys < 0).any()):
+        raise ValueError(f"fewer than {k} positions outside the excluded ones")
+    return best.sort().values
 
 
 def select_top(scores: list[torch.Tensor], k: int, generator: torch.Generator,

@@ -52,7 +52,8 @@ def threshold(weights, k, exact, reduce, row_max, histogram=None, window=None) -
 
 def raise_nonfinite(u: Update) -> None:
     """The error of an update that met NaN or Inf weights (the masks are unchanged)."""
-    bad = [name for name, w in zip(u.names, u.weights) if not torch.isfinite(w).all()]
+    weights = u.weights if u.weights is not None else [u.kept(i)[1] for i in range(len(u.names))]
+    bad = [name for name, w in zip(u.names, weights) if not torch.isfinite(w).all()]
     raise ValueError(f"non-finite (NaN or Inf) weights in {bad or 'another rank'} at step "
                      f"{u.step}; masks left unchanged")
 

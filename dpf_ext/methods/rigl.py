@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import (Method, Update, mask_of, random_masks, random_positions, require_optimizer,
-                   select_top, top_k, write_masks)
+from .base import (Method, Update, random_masks, random_positions, require_optimizer, top_k,
+                   top_positions, write_masks)
 from .recipe import Recipe
 from .magnitude import raise_nonfinite
 
@@ -27,13 +27,16 @@ class RigL(Method):
 
     - drop: the ``k`` active weights of smallest ``|w|``;
     - grow: the ``k`` positions of largest ``|g|`` (this step's dense gradient, all-reduced
-      across ranks) among all positions not kept by the drop, the just-dropped included.
+      across ranks, read a block of rows at a time) among all positions not kept by the
+      drop, the just-dropped included.
 
     A position dropped and grown in the same update keeps its value and optimizer state
     (counted as ``regrown``); a truly new one starts at 0 with its optimizer state (SGD
-    momentum, Adam's moments) reset. Ties at either threshold are drawn at random, seeded by
-    the pruner's seed, the step and the layer (RigL adds noise of standard deviation 1e-5 to
-    the scores instead, which also reorders near-ties). The optimizer step of an update step
+    momentum, Adam's moments) reset. Ties at either threshold are broken at random, seeded by
+    the pruner's seed, the step and the layer (growth: by a hash of the position, so that a
+    layer on values storage, which forms its gradient by blocks, chooses as a dense one;
+    RigL adds noise of standard deviation 1e-5 to the scores instead, which also reorders
+    near-ties). The optimizer step of an update step
     is applied, unlike RigL's own code, which skips it (the pruner runs after it).
     """
 
@@ -62,37 +65,34 @@ class RigL(Method):
         """The fraction of each layer's active weights replaced at ``step`` (cosine decay)."""
         return 0.5 * self.drop_fraction * (1 + math.cos(math.pi * min(step, self._end) / self._end))
 
-    def grow_scores(self, u: Update, i: int, generator: torch.Generator) -> torch.Tensor:
-        """Non-negative growth scores of layer ``i``, a tensor the update may overwrite (RigL:
-        the dense gradient's magnitude, in place of the gradient, which is the update's)."""
-        return u.gradients[i].abs_()
-
-    def initial_positions(self, u: Update) -> list[torch.Tensor]:
-        return random_positions(u)
+    def grow(self, u: Update, i: int, k: int, keep: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+        """The ``k`` flat positions layer ``i`` grows, none of the sorted ``keep`` (RigL: the
+        largest ``|g|`` of this step's dense gradient, read a block of rows at a time; ties
+        by a hash of the position seeded by ``generator``)."""
+        seed = int(torch.randint(2**31 - 1, (), generator=generator))
+        return top_positions(((start, block.abs()) for start, block in u.gradient_blocks(i)),
+                             k, keep, seed)
 
     def update(self, u: Update) -> torch.Tensor:
         if u.initial:
             return write_masks(u, random_masks(u))
         fraction = self.drop_fraction_at(u.step)
-        before = [m.clone() for m in u.masks]
         stats = []
-        for i, (w, m) in enumerate(zip(u.weights, u.masks)):
+        for i in range(len(u.layers)):
             generator = u.generator(i)
-            active = m.reshape(-1).nonzero().view(-1)
+            active, values = u.kept(i)
             k = int(active.numel() * fraction)
             try:
-                magnitudes = w.reshape(-1)[active].abs()
+                magnitudes = values.abs()
                 if not bool(torch.isfinite(magnitudes).all()):
                     raise ValueError("non-finite weights")
-                keep = active[top_k(magnitudes, active.numel() - k, generator)]
-                scores = self.grow_scores(u, i, generator).reshape(-1)
-                scores[keep] = 0
-                (grow,) = select_top([scores], k, generator, excluded=[keep])
+                keep = active[top_k(magnitudes, active.numel() - k, generator)].sort().values
+                grow = self.grow(u, i, k, keep, generator)
             except ValueError:
                 raise_nonfinite(u)
-            regrown = m.reshape(-1)[grow].sum()
+            regrown = torch.isin(grow, active).sum()
             stats.append(torch.stack([regrown.new_tensor(active.numel()),
                                       grow.numel() - regrown, torch.zeros_like(regrown), regrown]))
-            m.copy_(mask_of(m, keep, grow))
-        u.start_from_zero(before)
+            u.set_kept(i, keep, grow)
         return torch.stack(stats).to(torch.int64)

@@ -3,8 +3,11 @@ RigL and jaxpruner compare with: RigL's schedule of updates with random growth."
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..nn import values_storage
 from .base import Update
 from .rigl import RigL
 
@@ -19,5 +22,9 @@ class SET(RigL):
     name = "set"
     needs_gradient = False
 
-    def grow_scores(self, u: Update, i: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.rand(u.weights[i].shape, generator=generator, device=u.weights[i].device)
+    def grow(self, u: Update, i: int, k: int, keep: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+        """``k`` positions drawn uniformly among those not in ``keep`` (no tensor of the
+        layer's size)."""
+        return values_storage.random_positions(math.prod(u.shapes[i]), k, generator,
+                                               keep.device, excluded=keep)

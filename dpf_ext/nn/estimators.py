@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from .. import ops
+from ..distributed import average_over_ranks
 
 
 class _ClipPrunedGradient(torch.autograd.Function):
@@ -169,9 +170,46 @@ class _Tap(torch.autograd.Function):
         return grad, None
 
 
+GRADIENT_BLOCK = 1 << 20
+"""Entries of a dense gradient a growth by gradient reads at a time (4 MiB of float32;
+:meth:`ProductGradient.blocks` forms no more)."""
+
+
+class ProductGradient:
+    """A layer's dense gradient kept as the products it is made of, ``Σ dytᵀ xt`` over the
+    recorded backward passes (``dyt``: ``(rows, B)``, ``xt``: ``(cols, B)``), and formed a
+    block of rows at a time (:meth:`blocks`): a layer on values storage never holds it
+    whole."""
+
+    def __init__(self):
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add(self, dyt: torch.Tensor, xt: torch.Tensor) -> None:
+        """Record one backward pass's ``dyt`` and ``xt``."""
+        self.pairs.append((dyt.detach(), xt.detach()))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.pairs[0][0].shape[0], self.pairs[0][1].shape[0])
+
+    def blocks(self, entries: int | None = None):
+        """``(first row, block)`` pairs covering the gradient's rows in order, each block a
+        ``(rows, cols)`` tensor of at most about ``entries`` entries (default
+        :data:`GRADIENT_BLOCK`; one row at least), averaged over the ranks of the default
+        process group (as DDP averages gradients)."""
+        rows, cols = self.shape
+        entries = GRADIENT_BLOCK if entries is None else entries
+        step = max(1, entries // max(cols, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            block = sum(torch.mm(dyt[r0:r1], xt.t()) for dyt, xt in self.pairs)
+            yield r0, average_over_ranks([block])[0]
+
+
 class GradientTap:
     """Records a layer's dense gradient (with respect to ``mask ⊙ w``, every position) while
-    :attr:`armed`, summed over the backward passes until :meth:`take`."""
+    :attr:`armed`, summed over the backward passes until :meth:`take`; a layer on values
+    storage records it as a :class:`ProductGradient` (:meth:`add_product`)."""
 
     def __init__(self):
         self.armed = False
@@ -188,7 +226,13 @@ class GradientTap:
         grad = grad.detach()
         self.gradient = grad.clone() if self.gradient is None else self.gradient.add_(grad)
 
-    def take(self) -> torch.Tensor | None:
+    def add_product(self, dyt: torch.Tensor, xt: torch.Tensor) -> None:
+        """Accumulate one backward pass's gradient ``dytᵀ xt`` without forming it."""
+        if self.gradient is None:
+            self.gradient = ProductGradient()
+        self.gradient.add(dyt, xt)
+
+    def take(self) -> torch.Tensor | ProductGradient | None:
         """The recorded gradient (``None`` if none was), disarming the tap."""
         gradient, self.gradient, self.armed = self.gradient, None, False
         return gradient

@@ -9,10 +9,11 @@ weight, the mask, the gradient (:func:`dpf_ext.ops.values_linear` computes the k
 gradient only) nor the optimizer's state (built for the values). The forward always runs the
 sparse product.
 
-A mask update materializes a layer's dense weight and mask for the method (:func:`dense`),
-and :func:`store` writes the result back: kept entries keep their values and optimizer state,
-grown ones enter at zero with zero state, dropped ones leave. The number of kept weights per
-layer is constant (the methods that run on values storage keep it so).
+A mask update gives a layer its new kept positions (:func:`move`): kept entries keep their
+values and optimizer state, grown ones enter at zero with zero state, dropped ones leave; no
+dense tensor is formed (a method reads the dense gradient a block of rows at a time:
+:class:`~dpf_ext.nn.estimators.ProductGradient`). The number of kept weights per layer is
+constant (the methods that run on values storage keep it so).
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def positions(layer) -> torch.Tensor:
 
 
 def dense(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``layer``'s dense weight (zeros where pruned) and bool mask, new tensors (for a mask
-    update; :func:`store` writes them back)."""
+    """``layer``'s dense weight (zeros where pruned) and bool mask, new tensors (for
+    :func:`to_dense` and exports)."""
     values = layer.weight.detach()
     at = positions(layer)
     weight = values.new_zeros(layer.dense_shape)
@@ -104,27 +105,24 @@ def _set_index(layer, new: SparseIndex) -> None:
         getattr(layer, "kept_" + f).copy_(getattr(new, f))
 
 
-def store(layer, weight: torch.Tensor, mask: torch.Tensor,
-          optimizer: torch.optim.Optimizer | None) -> None:
-    """Write a mask update back into ``layer`` on values storage: its index from ``mask``
-    (as many kept weights as before), its values from ``weight``, and ``optimizer``'s state of
-    its values carried to the new positions (zero at grown ones), all in place."""
+def move(layer, new: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    """Give ``layer`` on values storage the kept positions ``new`` (flat, sorted; as many as
+    before), in place: kept entries carry their values and ``optimizer``'s state of them,
+    entries new to the layer start at 0 with zero state, dropped ones leave."""
     old = positions(layer)
-    new_index = SparseIndex.from_mask(mask)
-    if new_index.nnz != old.numel():
+    if new.numel() != old.numel():
         raise RuntimeError(f"values storage keeps a constant number of weights per layer: "
-                           f"{old.numel()} before the update, {new_index.nnz} after")
-    new = positions_of(new_index)
+                           f"{old.numel()} before the update, {new.numel()} after")
     slot = torch.searchsorted(old, new).clamp(max=max(old.numel() - 1, 0))
     found = old[slot] == new if old.numel() else torch.zeros_like(new, dtype=torch.bool)
     param = layer.weight
     state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    rows, cols = layer.dense_shape
     with torch.no_grad():
-        for value in state.values():
+        for value in [*state.values(), param]:
             if isinstance(value, torch.Tensor) and value.shape == param.shape:
                 value.copy_(torch.where(found, value[slot], 0))
-        param.copy_(weight.reshape(-1)[new])
-        _set_index(layer, new_index)
+        _set_index(layer, SparseIndex.from_positions(rows, cols, new))
 
 
 def positions_of(index: SparseIndex) -> torch.Tensor:
@@ -194,19 +192,22 @@ def to_dense(layer) -> None:
     layer._sparse_cache.clear()
 
 
-def random_positions(n: int, k: int, generator: torch.Generator,
-                     device: torch.device) -> torch.Tensor:
-    """``k`` distinct positions in ``[0, n)`` drawn uniformly (every ``k``-subset equally
-    likely), sorted, without a tensor of size ``n``: integers drawn at random until ``k``
-    are distinct, the last draw's new ones thinned at random to the count."""
-    if not 0 <= k <= n:
-        raise ValueError(f"cannot draw {k} distinct positions out of {n}")
+def random_positions(n: int, k: int, generator: torch.Generator, device: torch.device,
+                     excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """``k`` distinct positions in ``[0, n)`` outside ``excluded``, drawn uniformly (every
+    ``k``-subset of the others equally likely), sorted, without a tensor of size ``n``:
+    integers drawn at random until ``k`` are distinct and allowed, the last draw's new ones
+    thinned at random to the count."""
+    free = n - (0 if excluded is None else excluded.numel())
+    if not 0 <= k <= free:
+        raise ValueError(f"cannot draw {k} distinct positions out of {free}")
     chosen = torch.empty(0, dtype=torch.int64, device=device)
+    taken = chosen if excluded is None else excluded.to(device)
     while chosen.numel() < k:
         need = k - chosen.numel()
         draw = torch.randint(n, (need + need // 8 + 16,), generator=generator,
                              device=generator.device).to(device).unique()
-        fresh = draw[~torch.isin(draw, chosen)]
+        fresh = draw[~torch.isin(draw, chosen) & ~torch.isin(draw, taken)]
         if fresh.numel() > need:
             fresh = fresh[torch.randperm(fresh.numel(), generator=generator,
                                          device=generator.device)[:need].to(device)]

@@ -157,12 +157,8 @@ class _ValuesLinear(torch.autograd.Function):
                                    index.t_idx, None)
         if ctx.needs_input_grad[1]:
             if ctx.tap is not None and ctx.tap.armed:  # a method reads this step's dense gradient
-                dense = torch.mm(dyt, xt.t())
-                ctx.tap.add(dense)
-                dv = sparse_backend(dense, "kept_values").kept_values(dense, index.ptr, index.idx)
-            else:
-                dv = sparse_backend(dy, "sampled_values").sampled_values(dyt, xt, index.ptr,
-                                                                         index.idx)
+                ctx.tap.add_product(dyt, xt)
+            dv = sparse_backend(dy, "sampled_values").sampled_values(dyt, xt, index.ptr, index.idx)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = sums
         return dx, dv, db, None, None
@@ -292,9 +288,9 @@ def values_linear(x: torch.Tensor, values: torch.Tensor, index: SparseIndex,
     """``x Wᵀ + b`` for the weight whose kept entries are the parameter ``values`` (one per
     entry of ``index``, in its CSR order; the pruned ones do not exist), with autograd: the
     product of a layer on values storage (:mod:`dpf_ext.nn.values_storage`). ``values`` gets
-    the gradient of its entries only (one sampled product, no dense gradient), except while
-    ``tap`` (a :class:`~dpf_ext.nn.estimators.GradientTap`) is armed: then the dense gradient
-    is computed and recorded in it, for a method that grows weights by it. Pruned weights do
+    the gradient of its entries only (one sampled product, no dense gradient). While ``tap``
+    (a :class:`~dpf_ext.nn.estimators.GradientTap`) is armed, the products that make the
+    dense gradient are recorded in it (not formed), for a method that grows weights by it. Pruned weights do
     not multiply ``x``, so a non-finite input reaches only the rows that keep its column."""
     if values.dim() != 1 or values.numel() != index.nnz:
         raise ValueError(f"{tuple(values.shape)} values for an index of {index.nnz} entries")
