@@ -173,6 +173,9 @@ class Pruner:
         meta = [layer.dense_weight.device.type == "meta" for _, layer in self.layers]
         if storage == "values":
             self._check_values_storage(any(meta))
+        self.step_count = 0
+        self.phase = 0
+        """The training phase (of the method's :attr:`~dpf_ext.methods.Method.phases`)."""
         self.method.check(self.view())
         check_same_on_all_ranks(self._config())
         self._take_over(replace)
@@ -180,7 +183,6 @@ class Pruner:
         device = self.layers[0][1].dense_weight.device
         if device.type == "meta":
             device = torch.device("cpu")
-        self.step_count = 0
         self.frozen = False
         self.finalized = False
         self._replaced = False
@@ -290,8 +292,11 @@ class Pruner:
 
     def view(self) -> PrunerView:
         """What the method may read of this pruner."""
+        phases = self.method.phases
         return PrunerView(self.model, self.layers, self.names, self.shapes, self.schedule,
-                          self.budget, self.end_step, self.total_steps, self.optimizer)
+                          self.budget, self.end_step, self.total_steps, self.optimizer,
+                          self.step_count, self.phase,
+                          None if self.total_steps is None else self.total_steps // phases)
 
     def _take_over(self, replace: bool) -> None:
         """Register as the pruner of every layer, refusing (unless ``replace``) layers that
@@ -344,6 +349,41 @@ class Pruner:
         if self.step_count == self.freeze_at:
             self.freeze()
         self._arm_taps()
+
+    def end_phase(self, measure=None) -> dict:
+        """Close a training phase of a prune-retrain method (IMP, sparse model soups): call it
+        after each phase's ``total_steps // phases`` steps (the last phase's: up to
+        ``total_steps``), the last one included, once the
+        loop has evaluated the trained model. The method prunes, rewinds or averages as it
+        does there (:meth:`~dpf_ext.methods.Method.phase_end`); before the next phase, restart
+        the learning-rate schedule. Returns what happened: ``phase`` (the one ended),
+        the method's ``cycle`` and ``ingredient``, ``sparsity`` (the masks' now), ``soup``
+        (whether the phase made the model an average of copies) and ``measured``: what
+        ``measure()`` (a function of no arguments, say the test accuracy) returned on that
+        soup before any further pruning (``None`` without a soup or ``measure``)."""
+        phases = self.method.phases
+        if phases == 1:
+            raise RuntimeError(f"{self.method.name} trains in one phase: there is no end_phase()")
+        if self.phase >= phases:
+            raise RuntimeError(f"all {phases} phases of {self.method.name} have ended")
+        length = self.total_steps // phases
+        end = self.total_steps if self.phase == phases - 1 else (self.phase + 1) * length
+        if self.step_count != end:
+            raise RuntimeError(f"phase {self.phase} of {self.method.name} ends at step {end} "
+                               f"({length} steps a phase, the last taking the remainder), and "
+                               f"the pruner is at step {self.step_count}")
+        ended = {"phase": self.phase, **self.method.phase_of(self.phase)}
+        with torch.no_grad():
+            outcome = self.method.phase_end(self.view(), self.phase)
+            measured = measure() if outcome.soup and measure is not None else None
+            if outcome.level is not None:
+                self._update_masks(sparsity=outcome.level)
+            self.phase += 1
+            if self.phase < phases:
+                self.method.phase_start(self.view(), self.phase)
+                if not self._feedback:
+                    zero_pruned_weights(self.layers)
+        return {**ended, "sparsity": self.sparsity(), "soup": outcome.soup, "measured": measured}
 
     def _check_values_updated(self) -> None:
         """On values storage, raise if the layers' values got gradients and no optimizer
@@ -441,8 +481,9 @@ class Pruner:
             self._update_masks()
 
     @torch.no_grad()
-    def _update_masks(self, initial: bool = False) -> None:
-        sparsity = self.schedule.sparsity_at(self.step_count)
+    def _update_masks(self, initial: bool = False, sparsity: float | None = None) -> None:
+        if sparsity is None:
+            sparsity = self.schedule.sparsity_at(self.step_count)
         check_sparsity(sparsity, f"scheduled sparsity at step {self.step_count}")
         values = self.storage == "values" and not initial  # the first masks precede the values
         gradients = None
@@ -610,6 +651,7 @@ class Pruner:
         return {
             "config": self._config(),
             "step_count": self.step_count,
+            "phase": self.phase,
             "frozen": self.frozen,
             "target_sparsity": self.target_sparsity,
             "target_kept": self.target_kept,
@@ -630,6 +672,7 @@ class Pruner:
             details = "; ".join(f"{k}: saved {s!r}, this pruner {m!r}" for k, (s, m) in diff.items())
             raise ValueError(f"pruner settings differ from the checkpoint's: {details}")
         self.step_count = state["step_count"]
+        self.phase = state.get("phase", 0)
         self.target_sparsity = state["target_sparsity"]
         self.target_kept = state["target_kept"]
         for key in ("reactivated_last", "reactivated_total", "forced_last", "dropped_last",

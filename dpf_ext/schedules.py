@@ -118,6 +118,33 @@ class OneShot(Schedule):
         return self.final if step >= self.at_step else 0.0
 
 
+@dataclass(frozen=True)
+class Cycles(Schedule):
+    """The levels of a prune-retrain method: dense for the first ``first_steps`` steps, then
+    cycle ``c`` (``1 .. cycles``) at ``1 - (1 - final) ** (c / cycles)`` (the last exactly
+    ``final``) for ``cycle_steps`` steps each."""
+
+    final: float
+    cycles: int
+    first_steps: int
+    cycle_steps: int
+
+    def __post_init__(self):
+        check_sparsity(self.final)
+        if self.cycles < 1 or self.first_steps < 1 or self.cycle_steps < 1:
+            raise ValueError("cycles, first_steps and cycle_steps must be positive")
+
+    @property
+    def final_step(self) -> int:
+        return self.first_steps + (self.cycles - 1) * self.cycle_steps
+
+    def sparsity_at(self, step: int) -> float:
+        if step < self.first_steps:
+            return 0.0
+        c = min(1 + (step - self.first_steps) // self.cycle_steps, self.cycles)
+        return self.final if c == self.cycles else 1.0 - (1.0 - self.final) ** (c / self.cycles)
+
+
 def resolve_schedule(sparsity, schedule: Schedule | None, total_steps: int | None) -> Schedule:
     """``schedule`` (checked against ``sparsity`` if both are given), else the default:
     ``Cubic(sparsity, 0, RAMP_FRACTION * total_steps)``."""

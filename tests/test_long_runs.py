@@ -452,3 +452,31 @@ def test_a_folder_being_written_is_not_resumed_into(tmp_path, capsys):
     finally:
         live.release()
     assert main(args + ["--resume"]) == 0
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("method, options, kill", [
+    ("imp", ["--option", "cycles=2", "--option", "rewind=0.2"], 30),  # in the first cycle
+    ("sms", ["--option", "cycles=1", "--option", "soup=2"], 52),  # in the soup's second ingredient
+])
+def test_a_killed_prune_retrain_run_resumes_to_the_same_model_and_metrics(tmp_path, method, options, kill):
+    """23 steps per epoch and one epoch per phase: the kill falls inside a later phase, so the
+    resumed run restores the rewind point or the cycle's start and its soup so far."""
+    args = ["--model", "mlp", "--epochs", "1", "--threads", "1", "--no-progress",
+            "--checkpoint-every", "5", "--sparsity", "0.9", "--method", method, *options]
+    straight = _cli(*args, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _cli(*args, "--out", str(tmp_path / "run"), kill=(kill, "step"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _cli(*args, "--out", str(tmp_path / "run"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    outcomes = []
+    for out in (tmp_path / "straight", tmp_path / "run"):
+        runs = json.loads((out / "metrics.json").read_text())["runs"]
+        for r in runs:
+            r.pop("wall_time")
+        outcomes.append((runs, torch.load(out / f"model-{method}.pt")))
+    (runs, model), (ref_runs, ref_model) = outcomes
+    assert runs == ref_runs and len(runs[0]["phases"]) == 3
+    for key in model:
+        assert torch.equal(model[key], ref_model[key]), key

@@ -274,3 +274,25 @@ def test_cli_storage_values_trains_as_dense_storage_and_refuses_dpf(tmp_path, ca
     with pytest.raises(SystemExit):
         main(["--method", "dpf", "--storage", "values", "--out", str(tmp_path / "dpf")])
     assert "values storage does not hold" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*one threshold over several layers")
+def test_cli_imp_and_sms_reach_the_target_through_recorded_levels(tmp_path):
+    from dpf_ext.methods.phases import cycle_levels
+    out = tmp_path / "imp"
+    assert main(["--method", "imp", "--option", "cycles=3", "--model", "mlp", "--sparsity", "0.9",
+                 "--epochs", "2", "--no-progress", "--threads", "1", "--out", str(out)]) == 0
+    run = json.loads((out / "metrics.json").read_text())["runs"][0]
+    assert [p["cycle"] for p in run["phases"]] == [0, 1, 2, 3]
+    assert [p["sparsity"] for p in run["phases"]] == pytest.approx([0.0, *cycle_levels(0.9, 3)],
+                                                                   abs=2e-3)
+    assert run["sparsity"] == pytest.approx(0.9, abs=1e-3) and len(run["history"]) == 8
+    out = tmp_path / "sms"
+    assert main(["--method", "sms", "--option", "cycles=2", "--option", "soup=2", "--model", "mlp",
+                 "--sparsity", "0.9", "--epochs", "1", "--no-progress", "--threads", "1",
+                 "--out", str(out)]) == 0
+    run = json.loads((out / "metrics.json").read_text())["runs"][0]
+    soups = [p for p in run["phases"] if "soup_accuracy" in p]
+    assert [(p["cycle"], p["ingredient"]) for p in soups] == [(1, 1), (2, 1)]
+    assert run["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert run["accuracy"] == pytest.approx(soups[-1]["soup_accuracy"])  # the last soup is the model

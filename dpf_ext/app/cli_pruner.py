@@ -5,10 +5,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..methods import make_method, method_options
+from ..methods import METHODS, make_method, method_options, recipe_of
 from ..methods.patterns import NMPattern
 from ..pruner import Pruner
 from ..schedules import OneShot
+
+
+def method_phases(method: str, options: dict | None = None) -> int:
+    """The training phases of ``method`` with ``options`` (1 but for the prune-retrain methods,
+    whose recipe trains in ``cycles``; ``--epochs`` is per phase)."""
+    if method not in METHODS or recipe_of(method).schedule != "cycles":
+        return 1
+    return make_method(method, **{k: v for k, v in (options or {}).items()
+                                  if k in method_options(method)}).phases
 
 
 def make_pruner(method: str, model: nn.Module, sparsity: float, total_steps: int,

@@ -99,7 +99,12 @@ def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = Non
         style = dict(marker=MARKERS[i % len(MARKERS)], ls=LINE_STYLES[i % len(LINE_STYLES)],
                      ms=4, markevery=max(1, len(epochs) // 12), label=r.config.method)
         ax_loss.plot(epochs, [h["train_loss"] for h in r.history], **style)
-        ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in r.history], **style)
+        (acc_line,) = ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in r.history], **style)
+        soups = [(h["epoch"], h["phase_end"]["soup_accuracy"]) for h in r.history
+                 if "soup_accuracy" in h.get("phase_end", {})]
+        if soups:  # a soup's accuracy where its cycle ends (the line shows its ingredients')
+            ax_acc.scatter(*zip(*[(e, 100 * a) for e, a in soups]), marker="*", s=120,
+                           color=acc_line.get_color(), zorder=4, label=f"{r.config.method} soups")
         (line,) = ax_sp.plot(epochs, [100 * h["sparsity"] for h in r.history], **style)
         target = [h.get("target_sparsity") for h in r.history]
         if r.config.method in METHODS and recipe_of(r.config.method).takes_target and (

@@ -15,7 +15,7 @@ from torch import nn
 
 from .data import Dataset
 from ..distributed import is_sharded
-from .cli_pruner import make_pruner
+from .cli_pruner import make_pruner, method_phases
 from ..methods import METHODS, method_options, recipe_of
 from .models import build_model
 from ..nn import values_storage
@@ -128,6 +128,9 @@ class RunResult:
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     """The trained model: masks folded in, plain torch layers (its ``state_dict`` loads into
     the architecture that :func:`dpf_ext.app.models.build_model` builds)."""
+    phases: list[dict] = field(default_factory=list)
+    """For a method that trains in phases (IMP, sparse model soups), one record per phase
+    (:func:`end_phase`)."""
 
     def to_dict(self) -> dict:
         """Plain data (JSON-serialisable), without the model."""
@@ -206,6 +209,19 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 512) -> float:
     return correct / data.test_size
 
 
+def end_phase(pruner, accuracy: float, sparsity: float, model: nn.Module, data: Dataset) -> dict:
+    """Close the pruner's training phase (:meth:`dpf_ext.Pruner.end_phase`) and return its
+    record: ``phase``, the method's ``cycle`` and ``ingredient``, the ``sparsity`` and test
+    ``accuracy`` it trained at and, where the phase made a soup, the soup's
+    ``soup_accuracy`` and ``soup_sparsity`` (before it is pruned further)."""
+    record = {"accuracy": accuracy, "sparsity": sparsity}
+    ended = pruner.end_phase(measure=lambda: evaluate(model, data))
+    record.update({k: v for k, v in ended.items() if k not in ("sparsity", "soup", "measured")})
+    if ended["soup"]:
+        record["soup_accuracy"] = ended["measured"]
+    return record
+
+
 def train(config: TrainConfig, data: Dataset, progress: bool = True,
           checkpoints: Checkpoints | None = None, checkpoint_every: int | None = None,
           resume: dict | None = None, log: RunLog | None = None) -> RunResult:
@@ -226,7 +242,9 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
     device = torch.device(config.device)
     model = build_model(config.model, data.input_shape, data.num_classes).to(device)
     steps_per_epoch = -(-data.train_size // config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
+    phases = method_phases(config.method, config.options)  # --epochs is per phase
+    phase_steps = config.epochs * steps_per_epoch
+    total_steps = phases * phase_steps
     if config.method != "dense":
         sparsify(model, exclude=config.exclude, powerprop=config.powerprop, compute=config.compute)
     rank, world = ranks()
@@ -268,8 +286,12 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
     wrapped = model  # what the training steps call: DDP's wrapper over several processes
     if world > 1 and not config.fsdp:
         wrapped = nn.parallel.DistributedDataParallel(model)
-    milestones = [total_steps // 2, total_steps * 3 // 4]
-    lr_schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    def new_lr_schedule():  # for each phase: the learning rate from the start of its schedule
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, [phase_steps // 2, phase_steps * 3 // 4], gamma=0.1)
+    lr_schedule = new_lr_schedule()
 
     history, epoch0, batch0, order, loss_sum, elapsed = [], 0, 0, None, None, 0.0
     if resume is not None:  # the checkpoint's state, then on from its position
@@ -293,7 +315,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
     name = run_name(config, with_sparsity=True)
     start = time.perf_counter()
     # the bar shows on a terminal only (tqdm's disable=None), never with progress=False
-    bar = tqdm(range(epoch0, config.epochs), desc=f"{config.method:>7}",
+    bar = tqdm(range(epoch0, phases * config.epochs), desc=f"{config.method:>7}",
                disable=None if progress else True, leave=False)
     for epoch in bar:
         model.train()
@@ -350,11 +372,16 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
             "target_sparsity": pruner.target_sparsity if pruner is not None else 0.0,
             "reactivations": int(pruner.reactivated_total.sum()) if pruner is not None else 0,
         })
+        if phases > 1 and (epoch + 1) % config.epochs == 0:  # a phase ends: its record
+            history[-1]["phase_end"] = end_phase(pruner, accuracy, sparsity, model, data)
+            if epoch + 1 < phases * config.epochs:
+                lr_schedule = new_lr_schedule()
         if log is not None:
             log.write({"run": name, **history[-1]})
         if bar.disable and rank == 0:  # no bar (--no-progress, or not a terminal): a line
-            print(f"{name} epoch {epoch + 1}/{config.epochs}: loss {history[-1]['train_loss']:.4f}, "
-                  f"test accuracy {accuracy:.2%}, sparsity {sparsity:.2%}", flush=True)
+            print(f"{name} epoch {epoch + 1}/{phases * config.epochs}: loss "
+                  f"{history[-1]['train_loss']:.4f}, test accuracy {accuracy:.2%}, sparsity "
+                  f"{sparsity:.2%}", flush=True)
         bar.set_postfix(acc=f"{accuracy:.3f}", sparsity=f"{sparsity:.2f}")
     wall_time = elapsed + time.perf_counter() - start
 
@@ -378,4 +405,5 @@ def train(config: TrainConfig, data: Dataset, progress: bool = True,
         history=history,
         report=report,
         model=model,
+        phases=[h["phase_end"] for h in history if "phase_end" in h],
     )

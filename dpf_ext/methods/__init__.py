@@ -15,6 +15,8 @@ same :class:`dpf_ext.Pruner` controller (``Pruner(model, "rigl", 0.9, ...)``).
 ``deepr``     DeepR: fixed signs, noisy L1 steps, dormant at zero, random wake-ups
 ``topkast``   Top-KAST: forward on the top-D, updates on the larger top-(D+M), a penalty
 ``str``       STR: a learned soft threshold per layer; the sparsity emerges
+``imp``       iterative magnitude pruning: train, prune, rewind, retrain, in cycles
+``sms``       sparse model soups: each cycle trains copies and averages them
 ============  ==============================================================================
 
 A method is one file: a :class:`~dpf_ext.methods.base.Method` subclass with ``update`` and
@@ -29,6 +31,7 @@ from typing import Callable
 from .base import Method, PrunerView, Update
 from .deep_rewiring import DeepR
 from .dynamic_reparameterization import DSR
+from .imp import IMP
 from .presets import dnw, dpf, gradual, oneshot
 from .recipe import Recipe
 from .rigl import RigL
@@ -36,6 +39,7 @@ from .sparse_evolutionary import SET
 from .sparse_momentum import SparseMomentum
 from .snip import SNIP
 from .soft_threshold import STR
+from .soups import SparseModelSoups
 from .static import Static
 from .top_kast import TopKAST
 
@@ -43,7 +47,7 @@ METHODS: dict[str, Callable[..., Method]] = {
     "dpf": dpf, "gradual": gradual, "oneshot": oneshot, "dnw": dnw,
     "rigl": RigL, "set": SET, "snip": SNIP, "static": Static, "snfs": SparseMomentum,
     "dsr": DSR, "deepr": DeepR, "topkast": TopKAST,
-    "str": STR,
+    "str": STR, "imp": IMP, "sms": SparseModelSoups,
 }
 """The registry: name -> factory of the method (its keyword arguments are the options)."""
 
@@ -92,6 +96,7 @@ def make_method(name: str, **options) -> Method:
     return method
 
 
-__all__ = ["DSR", "DeepR", "METHODS", "Method", "PrunerView", "Recipe", "RigL", "SET", "SNIP",
-           "STR", "SparseMomentum", "Static", "TopKAST", "Update", "make_method",
+__all__ = ["DSR", "DeepR", "IMP", "METHODS", "Method", "PrunerView", "Recipe", "RigL", "SET",
+           "SNIP", "STR", "SparseModelSoups", "SparseMomentum", "Static", "TopKAST", "Update",
+           "make_method",
            "method_options", "recipe_of", "register_method"]

@@ -155,6 +155,12 @@ class PrunerView:
     end_step: int | None
     total_steps: int | None
     optimizer: torch.optim.Optimizer | None
+    step: int = 0
+    """The pruner's step count."""
+    phase: int = 0
+    """The training phase (:attr:`Method.phases`) the run is in."""
+    phase_steps: int | None = None
+    """The steps of a phase (``total_steps`` over the phases), if known."""
 
     def full_weights(self) -> list[torch.Tensor]:
         """The prunable weights (whole: DTensors where sharded), in layer order."""
@@ -224,6 +230,26 @@ class Method:
         without reading the weights, for a model built on the meta device; ``None`` (the
         default): the method needs the dense weights at initialisation."""
         return None
+
+    @property
+    def phases(self) -> int:
+        """The training phases of equal length the method trains in (1; a prune-retrain
+        method more: the loop calls :meth:`dpf_ext.Pruner.end_phase` after each)."""
+        return 1
+
+    def phase_end(self, run: PrunerView, phase: int):
+        """At the end of training phase ``phase``: move the weights as the method does there
+        and return a :class:`~dpf_ext.methods.phases.PhaseEnd` (the sparsity to prune to
+        now, if any). Only for methods of several phases."""
+        raise NotImplementedError
+
+    def phase_start(self, run: PrunerView, phase: int) -> None:
+        """Before training phase ``phase`` (after the masks changed): rewind or restore the
+        weights, clear the optimizer's state, as the method does."""
+
+    def phase_of(self, phase: int) -> dict:
+        """What phase ``phase`` is in the method's terms (its cycle, its soup ingredient)."""
+        return {}
 
     def estimator(self) -> Estimator:
         """The gradient estimator the layers use under this method."""

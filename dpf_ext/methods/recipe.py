@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..schedules import Constant, OneShot, Schedule, check_sparsity, resolve_schedule
+from ..schedules import Constant, Cycles, OneShot, Schedule, check_sparsity, resolve_schedule
 
-SCHEDULES = ("ramp", "constant", "oneshot")
+SCHEDULES = ("ramp", "constant", "oneshot", "cycles")
 """``ramp``: cubic from 0 at step 0 to the target at 75% of ``total_steps``; ``constant``:
 the target from step 0 (sparse from scratch); ``oneshot``: 0 until ``at_step``, then the
-target."""
+target; ``cycles``: a prune-retrain method's levels (:class:`~dpf_ext.schedules.Cycles`:
+``phases`` phases of ``total_steps // phases`` steps, the last taking the remainder, the
+level changing every ``phases_per_level`` after the first)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class Recipe:
         at_step: the step of the ``oneshot`` schedule; with ``fixed``, the masks freeze there.
         takes_target: the method reaches a target sparsity (``False``: it emerges).
         sparsity: a sparsity the method fixes by itself (an N:M pattern's), else ``None``.
+        phases: the training phases of a prune-retrain method (``cycles`` schedule); the
+            training loop calls :meth:`dpf_ext.Pruner.end_phase` after each.
+        phases_per_level: the phases at each level after the first (sparse model soups: one
+            per ingredient).
     """
 
     schedule: str = "ramp"
@@ -40,6 +46,8 @@ class Recipe:
     at_step: int = 0
     takes_target: bool = True
     sparsity: float | None = None
+    phases: int = 1
+    phases_per_level: int = 1
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -69,6 +77,14 @@ class Recipe:
             return resolve_schedule(sparsity, None, total_steps)
         if self.schedule == "constant":
             return Constant(check_sparsity(sparsity))
+        if self.schedule == "cycles":
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int) \
+                    or total_steps < self.phases:
+                raise ValueError(f"{name} trains in {self.phases} phases of equal length: pass "
+                                 f"total_steps= (at least {self.phases}), got {total_steps!r}")
+            phase = total_steps // self.phases
+            return Cycles(check_sparsity(sparsity), (self.phases - 1) // self.phases_per_level,
+                          phase, phase * self.phases_per_level)
         return OneShot(check_sparsity(sparsity), self.at_step)
 
     def end_step(self, total_steps: int | None) -> int | None:
