@@ -123,7 +123,7 @@ def test_model_beyond_dense_memory(benchmark):
 def test_rigl_update_step(benchmark, storage):
     """A RigL update step (forward, backward with the dense gradient recorded, SGD, drop and
     grow) of an MLP 4096-4096-10 at 99% (a 4096 x 4096 layer: 64 MiB of float32 dense), batch
-    64: its time and peak extra memory. Values storage forms the gradient 4 MiB at a time."""
+    64: its time and peak extra memory. Values storage forms the gradient 1 MiB at a time."""
     torch.manual_seed(0)
     model = dpf_ext.sparsify(nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10)),
                              compute="sparse")

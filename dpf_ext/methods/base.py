@@ -346,35 +346,50 @@ def position_keys(positions: torch.Tensor, seed: int) -> torch.Tensor:
     """A pseudo-random 31-bit key per flat position, from ``seed`` (an integer hash of the
     position: the same key wherever and however the positions are visited)."""
     mask = 0x7FFFFFFF
-    x = (positions.bitwise_and(mask) ^ (positions >> 31) ^ (seed & mask)).bitwise_and(mask)
+    x = positions >> 31  # in place from here: one temporary of the positions' size at a time
+    x.bitwise_xor_(positions).bitwise_xor_(seed & mask).bitwise_and_(mask)
     for multiplier in MIX:
-        x = x ^ (x >> 16)
-        x = (x * multiplier).bitwise_and(mask)
-    return x ^ (x >> 16)
+        x.bitwise_xor_(x >> 16).mul_(multiplier).bitwise_and_(mask)
+    return x.bitwise_xor_(x >> 16)
 
 
 def top_positions(blocks, k: int, excluded: torch.Tensor, seed: int) -> torch.Tensor:
     """The flat positions of the ``k`` largest non-negative scores, ``blocks`` being
     ``(first position, scores)`` pairs that cover the positions in order, never one of the
     sorted ``excluded``; ties (zeros included) go by :func:`position_keys` of ``seed``, so
-    the choice is the same whatever the blocks. One block is held at a time, beside the
-    ``k`` best so far. Sorted. ``ValueError`` on a NaN or Inf score."""
-    best_keys = excluded.new_empty(0)
-    best = excluded.new_empty(0)
+    the choice is the same whatever the blocks. One block is held at a time, beside at most
+    ``2k`` candidates (the best ``k`` kept each time they reach that). Sorted.
+    ``ValueError`` on a NaN or Inf score."""
+    pool_keys, pool = [excluded.new_empty(0)], [excluded.new_empty(0)]  # candidates so far
+    size, floor = 0, None  # floor: the k-th best key of the last compaction
+
+    def compact():
+        keys, positions = torch.cat(pool_keys), torch.cat(pool)
+        top = torch.topk(keys, min(k, keys.numel())).indices
+        return keys[top], positions[top]
+
     for start, scores in blocks:
         scores = scores.reshape(-1)
         if not bool(torch.isfinite(scores).all()):
             raise ValueError("non-finite (NaN or Inf) scores")
-        positions = torch.arange(start, start + scores.numel(), device=scores.device)
-        keys = (scores.float().abs().view(torch.int32).long() << 31) | position_keys(positions, seed)
-        lo, hi = torch.searchsorted(excluded, torch.tensor([start, start + scores.numel()],
-                                                           device=excluded.device)).tolist()
-        keys[excluded[lo:hi] - start] = -1
-        top = torch.topk(keys, min(k, keys.numel()))  # the block's best, then merged
-        keys = torch.cat([best_keys, top.values])
-        positions = torch.cat([best, top.indices + start])
-        top = torch.topk(keys, min(k, keys.numel())).indices
-        best_keys, best = keys[top], positions[top]
+        bits = scores.float().abs().view(torch.int32)
+        if floor is not None:  # only scores at or over the k-th best so far compete
+            chosen = (bits >= floor >> 31).nonzero().view(-1)
+            positions, bits = chosen + start, bits[chosen]
+        else:
+            positions = torch.arange(start, start + scores.numel(), device=scores.device)
+        keys = bits.long().bitwise_left_shift_(31).bitwise_or_(position_keys(positions, seed))
+        if excluded.numel():
+            at = torch.searchsorted(excluded, positions).clamp_(max=excluded.numel() - 1)
+            keys[excluded[at] == positions] = -1
+        pool_keys.append(keys)
+        pool.append(positions)
+        size += keys.numel()
+        if k and size >= 2 * k:  # keep the best k (one selection per k candidates or so)
+            best_keys, best = compact()
+            pool_keys, pool, size = [best_keys], [best], best_keys.numel()
+            floor = max(int(best_keys.min()), 0)
+    best_keys, best = compact()
     if k and bool((best_keys < 0).any()):
         raise ValueError(f"fewer than {k} positions outside the excluded ones")
     return best.sort().values

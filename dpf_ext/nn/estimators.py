@@ -170,9 +170,10 @@ class _Tap(torch.autograd.Function):
         return grad, None
 
 
-GRADIENT_BLOCK = 1 << 20
-"""Entries of a dense gradient a growth by gradient reads at a time (4 MiB of float32;
-:meth:`ProductGradient.blocks` forms no more)."""
+GRADIENT_BLOCK = 1 << 18
+"""Entries of a dense gradient a growth by gradient reads at a time (1 MiB of float32;
+:meth:`ProductGradient.blocks` forms no more; choosing among them takes about 40 bytes an
+entry more)."""
 
 
 class ProductGradient:
