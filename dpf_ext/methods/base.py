@@ -22,7 +22,7 @@ from ..distributed import local_weight_and_mask
 from ..nn import values_storage
 from ..nn.estimators import GRADIENT_BLOCK, Estimator, MaskedGradient, ProductGradient
 from .first_pass import HistogramRequest
-from .optimizer_state import check_resettable, reset_state, start_from_zero
+from .optimizer_state import check_resettable, reset_state
 from ..schedules import Schedule
 from .recipe import Recipe
 
@@ -73,18 +73,6 @@ class Update:
     def __post_init__(self):
         self._groups: Groups | None = None
 
-    def start_from_zero(self, before: list[torch.Tensor]) -> None:
-        """Weights this update grew (pruned in ``before``, copies of ``masks`` taken before
-        writing them; kept now) start at 0 with their optimizer state reset (SGD's momentum,
-        Adam's moments); weights dropped and grown again at once keep both. For methods
-        that grow from zero, after writing the masks."""
-        def stored(tensors):  # back from output channels first to the weights' layout
-            return [t.movedim(0, layer.channel_dim) if layer.channel_dim else t
-                    for t, layer in zip(tensors, self.layers)]
-
-        start_from_zero(self.optimizer, self.full_weights, stored(self.weights),
-                        stored(self.masks), stored(before))
-
     def kept(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``i``'s kept weights: their flat positions (output channels first, sorted)
         and their values in that order. The same on either storage."""
@@ -97,8 +85,8 @@ class Update:
     def set_kept(self, i: int, keep: torch.Tensor, grow: torch.Tensor) -> None:
         """Layer ``i`` keeps the positions ``keep`` (kept before) and ``grow`` (flat, output
         channels first, disjoint); grown weights not kept before start at 0 with their
-        optimizer state reset, weights dropped and grown again at once keep both (as
-        :meth:`start_from_zero`). On either storage."""
+        optimizer state reset (SGD's momentum, Adam's moments), weights dropped and grown again
+        at once keep both. On either storage."""
         layer = self.layers[i]
         new = torch.cat([keep, grow]).sort().values
         if values_storage.is_values(layer):

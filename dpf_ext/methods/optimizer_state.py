@@ -54,15 +54,3 @@ def momentum(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Ten
     if "exp_avg" in state:
         return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
     return torch.zeros_like(param)
-
-
-def start_from_zero(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                    weights: list[torch.Tensor], masks: list[torch.Tensor],
-                    before: list[torch.Tensor]) -> None:
-    """Weights grown at an update (``before`` False, ``masks`` True) start at 0 with their
-    optimizer state reset; weights dropped and grown again at once keep both. ``weights``
-    are this process's values of ``params``."""
-    for param, weight, mask, old in zip(params, weights, masks, before):
-        grown = mask & ~old
-        weight.masked_fill_(grown, 0)
-        reset_state(optimizer, param, grown)
