@@ -35,6 +35,20 @@ def _optimizer(name, params):
     return torch.optim.AdamW(params, lr=1e-4)
 
 
+def _training_step(model, optimizer, pruner, features: int):
+    """One step on a fixed random batch of 64 (10 classes), the pruner's step after it."""
+    x, y = torch.randn(64, features), torch.randint(0, 10, (64,))
+
+    def step():
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+        if pruner is not None:
+            pruner.step()
+    return step
+
+
 def state_bytes(model, optimizer) -> int:
     """Bytes of the model's parameters, their gradients, the optimizer's state and the
     model's buffers (masks, index)."""
@@ -59,16 +73,7 @@ def test_training_state(benchmark, sparsity, optimizer_name, storage):
         dpf_ext.sparsify(model, compute="sparse")
         pruner = dpf_ext.Pruner(model, "static", sparsity, budget="uniform", optimizer=optimizer,
                                 storage=storage)
-    x, y = torch.randn(64, 1024), torch.randint(0, 10, (64,))
-
-    def step():
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        optimizer.step()
-        if pruner is not None:
-            pruner.step()
-
+    step = _training_step(model, optimizer, pruner, 1024)
     benchmark.group = (f"values storage: MLP step at {sparsity:.0%}, {optimizer_name}, "
                        f"{torch.get_num_threads()} thread(s)")
     benchmark.pedantic(step, rounds=7, warmup_rounds=2)
@@ -130,15 +135,7 @@ def test_rigl_update_step(benchmark, storage):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     pruner = dpf_ext.Pruner(model, "rigl", 0.99, budget="uniform", update_every=1,
                             end_step=10**9, optimizer=optimizer, storage=storage)
-    x, y = torch.randn(64, 4096), torch.randint(0, 10, (64,))
-
-    def step():
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        optimizer.step()
-        pruner.step()
-
+    step = _training_step(model, optimizer, pruner, 4096)
     benchmark.group = f"values storage: a RigL update step, {torch.get_num_threads()} thread(s)"
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     benchmark.extra_info.update(peak_extra_bytes=peak_extra_bytes(step),
