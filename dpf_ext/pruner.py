@@ -17,7 +17,7 @@ from .nn.estimators import MaskedGradient, take_gradients
 from .methods.first_pass import HistogramRequest
 from .methods.base import (Method, PrunerView, Update, channel_major, full_weights,
                            zero_pruned_weights)
-from .methods import make_method
+from .methods import make_method, values_storage_methods
 from .nn.convert import unsparsify
 from .nn.coverage import coverage
 from .nn import values_storage
@@ -33,6 +33,12 @@ STORAGES = ("dense", "values")
 STARVED = 10
 """A layer sharing one threshold with others is *starved* when it keeps less than
 1/``STARVED`` of the fraction its group keeps (warned once per layer)."""
+
+def kept_fan_in_scale(kept: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """``sparse_init``'s factor per unit: ``sqrt(fan_in / kept)`` for the units that keep
+    ``kept`` of their ``fan_in`` weights, 1 for those that keep none."""
+    return torch.where(kept > 0, (fan_in / kept.clamp(min=1)).sqrt(), 1.0)
+
 
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 """The pruner managing each DPF layer (weakly: neither is kept alive by this)."""
@@ -227,8 +233,8 @@ class Pruner:
             else:
                 why = (f"{name} reads or updates the pruned weights' values (or changes how many "
                        "weights a layer keeps), and values storage holds none")
-            raise ValueError(f"storage='values': {why}; values storage runs static, set, rigl "
-                             "and snip: use storage='dense' for this method")
+            raise ValueError(f"storage='values': {why}; values storage runs "
+                             f"{values_storage_methods()}: use storage='dense' for this method")
         refused = {}
         for layer_name, layer in self.layers:
             if (reason := values_storage.unsupported(layer)) is not None:
@@ -277,8 +283,8 @@ class Pruner:
             values = values_storage.init_values(layer, index, cpu)
             if sparse_init:
                 kept = index.ptr.diff()
-                scale = torch.where(kept > 0, (cols / kept.clamp(min=1)).sqrt(), 1.0)
-                values.mul_(torch.repeat_interleave(scale.to(values.dtype), kept))
+                values.mul_(torch.repeat_interleave(kept_fan_in_scale(kept, cols).to(values.dtype),
+                                                    kept))
             values_storage.to_values(layer, index, values, self.optimizer)
         self.target_sparsity = sparsity
         self.target_kept = sum(k for _, k in u.groups())
@@ -408,9 +414,7 @@ class Pruner:
         for (_, layer), weight, mask in zip(self.layers, self.channel_major(self.full_weights()),
                                             self.channel_major([l.mask for _, l in self.layers])):
             rows = mask.reshape(mask.shape[0], -1)
-            kept = rows.sum(1)
-            scale = torch.where(kept > 0, (rows.shape[1] / kept.clamp(min=1)).sqrt(),
-                                torch.ones_like(kept, dtype=weight.dtype)).to(weight.dtype)
+            scale = kept_fan_in_scale(rows.sum(1), rows.shape[1]).to(weight.dtype)
             weight.mul_(scale.reshape(-1, *([1] * (weight.dim() - 1))))
 
     @torch.no_grad()

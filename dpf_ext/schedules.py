@@ -118,11 +118,18 @@ class OneShot(Schedule):
         return self.final if step >= self.at_step else 0.0
 
 
+def cycle_levels(final: float, cycles: int) -> list[float]:
+    """The sparsity after each of ``cycles`` prune-retrain cycles at one constant rate: cycle
+    ``c`` keeps ``(1 - final) ** (c / cycles)`` of the weights, the last exactly ``final``."""
+    return [1.0 - (1.0 - final) ** (c / cycles) if c < cycles else final
+            for c in range(1, cycles + 1)]
+
+
 @dataclass(frozen=True)
 class Cycles(Schedule):
     """The levels of a prune-retrain method: dense for the first ``first_steps`` steps, then
-    cycle ``c`` (``1 .. cycles``) at ``1 - (1 - final) ** (c / cycles)`` (the last exactly
-    ``final``) for ``cycle_steps`` steps each."""
+    cycle ``c`` (``1 .. cycles``) at its :func:`cycle_levels` level for ``cycle_steps`` steps
+    each."""
 
     final: float
     cycles: int
@@ -142,7 +149,7 @@ class Cycles(Schedule):
         if step < self.first_steps:
             return 0.0
         c = min(1 + (step - self.first_steps) // self.cycle_steps, self.cycles)
-        return self.final if c == self.cycles else 1.0 - (1.0 - self.final) ** (c / self.cycles)
+        return cycle_levels(self.final, self.cycles)[c - 1]
 
 
 def resolve_schedule(sparsity, schedule: Schedule | None, total_steps: int | None) -> Schedule:

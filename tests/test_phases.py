@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 import dpf_ext
-from dpf_ext.methods.phases import cycle_levels
-from dpf_ext.schedules import Cycles
+from dpf_ext.schedules import Cycles, cycle_levels
 
 PHASE = 6  # steps per phase
 

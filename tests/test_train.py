@@ -278,7 +278,7 @@ def test_cli_storage_values_trains_as_dense_storage_and_refuses_dpf(tmp_path, ca
 
 @pytest.mark.filterwarnings("ignore:.*one threshold over several layers")
 def test_cli_imp_and_sms_reach_the_target_through_recorded_levels(tmp_path):
-    from dpf_ext.methods.phases import cycle_levels
+    from dpf_ext.schedules import cycle_levels
     out = tmp_path / "imp"
     assert main(["--method", "imp", "--option", "cycles=3", "--model", "mlp", "--sparsity", "0.9",
                  "--epochs", "2", "--no-progress", "--threads", "1", "--out", str(out)]) == 0

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..allocator import retain_freed_memory
 from .data import DATASETS, load_dataset
 from ..budgets import BUDGETS
-from ..methods import METHODS, method_options, recipe_of
+from ..methods import METHODS, method_options, recipe_of, values_storage_methods
 from .models import MODELS, build_model
 from ..nn.convert import sparsify
 from ..nn.layers import dpf_layers
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", choices=["dense", "values"], default=defaults.storage,
                    help="how pruned layers hold their weights: dense (weight and mask) or values "
                         "(the kept values and their index only: memory that grows with the kept "
-                        "weights; Linear layers, methods static, set, rigl, snip)")
+                        f"weights; Linear layers, methods {', '.join(values_storage_methods())})")
     p.add_argument("--pattern", default=None,
                    help="N:M structured sparsity (e.g. 2:4) instead of --sparsity: dpf keeps "
                         "updating the N:M masks with feedback, oneshot prunes once and retrains "
@@ -559,11 +559,11 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         except ValueError as exc:
             parser.error(f"--exclude: {exc}")
     if args.storage == "values":
-        refused = [m for m in args.methods if m != "dense"
-                   and not getattr(METHODS.get(m), "values_storage", False)]
+        runs = values_storage_methods()
+        refused = [m for m in args.methods if m != "dense" and m not in runs]
         if refused:
             parser.error(f"--storage values: {refused} read or train the pruned weights, which "
-                         "values storage does not hold (it runs static, set, rigl, snip)")
+                         f"values storage does not hold (it runs {', '.join(runs)})")
     if args.compute == "sparse":
         try:
             sparsify(build_model(args.model, data.input_shape, data.num_classes),

@@ -213,7 +213,7 @@ def end_phase(pruner, accuracy: float, sparsity: float, model: nn.Module, data: 
     """Close the pruner's training phase (:meth:`dpf_ext.Pruner.end_phase`) and return its
     record: ``phase``, the method's ``cycle`` and ``ingredient``, the ``sparsity`` and test
     ``accuracy`` it trained at and, where the phase made a soup, the soup's
-    ``soup_accuracy`` and ``soup_sparsity`` (before it is pruned further)."""
+    ``soup_accuracy`` (before it is pruned further)."""
     record = {"accuracy": accuracy, "sparsity": sparsity}
     ended = pruner.end_phase(measure=lambda: evaluate(model, data))
     record.update({k: v for k, v in ended.items() if k not in ("sparsity", "soup", "measured")})

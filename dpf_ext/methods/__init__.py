@@ -52,6 +52,11 @@ METHODS: dict[str, Callable[..., Method]] = {
 """The registry: name -> factory of the method (its keyword arguments are the options)."""
 
 
+def values_storage_methods() -> list[str]:
+    """The registered methods that run on values storage (:attr:`Method.values_storage`)."""
+    return [name for name, factory in METHODS.items() if getattr(factory, "values_storage", False)]
+
+
 def register_method(name: str, factory: Callable[..., Method]) -> None:
     """Make ``factory`` (a :class:`Method` subclass, or a function returning one with the
     :class:`Recipe` of what it returns as its ``recipe`` attribute) available as
@@ -98,5 +103,5 @@ def make_method(name: str, **options) -> Method:
 
 __all__ = ["DSR", "DeepR", "IMP", "METHODS", "Method", "PrunerView", "Recipe", "RigL", "SET",
            "SNIP", "STR", "SparseModelSoups", "SparseMomentum", "Static", "TopKAST", "Update",
-           "make_method",
+           "make_method", "values_storage_methods",
            "method_options", "recipe_of", "register_method"]

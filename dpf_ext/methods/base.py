@@ -221,9 +221,10 @@ class Method:
 
     @property
     def phases(self) -> int:
-        """The training phases of equal length the method trains in (1; a prune-retrain
-        method more: the loop calls :meth:`dpf_ext.Pruner.end_phase` after each)."""
-        return 1
+        """The training phases of equal length the method trains in: its recipe's (1; a
+        prune-retrain method more: the loop calls :meth:`dpf_ext.Pruner.end_phase` after
+        each)."""
+        return self.recipe.phases
 
     def phase_end(self, run: PrunerView, phase: int):
         """At the end of training phase ``phase``: move the weights as the method does there

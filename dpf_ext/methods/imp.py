@@ -9,14 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, Update, require_optimizer
-from .magnitude import Magnitude
-from .phases import PhaseEnd, check_count, cycle_levels, fresh_optimizer, restore, snapshot
+from .phases import PhaseEnd, PruneRetrain, fresh_optimizer, restore, snapshot
 from .recipe import Recipe
 
 
 @dataclass(eq=False)
-class IMP(Method):
+class IMP(PruneRetrain):
     """Train, prune, rewind, retrain: ``cycles + 1`` training phases of equal length.
 
     The first phase trains the dense model. At the end of phase ``c`` (``c = 1 ..
@@ -38,11 +36,9 @@ class IMP(Method):
     cycles: int = 3
     rewind: float = 0.0
     lr_rewind: bool = False
-    threshold: str = "exact"
-    channel_floor: bool = False
 
     def __post_init__(self):
-        check_count(self.cycles, "cycles")
+        super().__post_init__()
         r = self.rewind
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise ValueError(f"rewind must be a fraction of the first phase's steps in [0, 1), "
@@ -50,20 +46,10 @@ class IMP(Method):
         self.rewind = float(r)
         self.lr_rewind = bool(self.lr_rewind)
         self.recipe = Recipe("cycles", fixed=True, phases=self.cycles + 1)
-        self._magnitude = Magnitude(False, self.threshold, self.channel_floor)
         self._saved: dict[str, torch.Tensor] | None = None
 
-    @property
-    def phases(self) -> int:
-        return self.cycles + 1
-
-    def estimator(self):
-        return self._magnitude.estimator()
-
     def check(self, run) -> None:
-        require_optimizer(run, self.name)  # each retraining starts with fresh state
-        self._magnitude.check(run)
-        self._levels = cycle_levels(run.schedule.final, self.cycles)
+        super().check(run)
         self._rewind_step = round(self.rewind * run.phase_steps)
         if self._rewind_step == 0 and not self.lr_rewind:
             self._saved = snapshot(run.model)
@@ -72,11 +58,8 @@ class IMP(Method):
         if run.step == self._rewind_step and run.phase == 0 and not self.lr_rewind:
             self._saved = snapshot(run.model)
 
-    def update(self, u: Update) -> torch.Tensor:
-        return self._magnitude.update(u)
-
     def phase_end(self, run, phase: int) -> PhaseEnd:
-        return PhaseEnd(self._levels[phase] if phase < self.cycles else None)
+        return PhaseEnd(self.next_level(run) if phase < self.cycles else None)
 
     def phase_start(self, run, phase: int) -> None:
         if not self.lr_rewind:

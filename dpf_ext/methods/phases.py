@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .base import Method, Update, require_optimizer
+from .magnitude import Magnitude
+
 
 @dataclass(frozen=True)
 class PhaseEnd:
@@ -18,13 +21,6 @@ class PhaseEnd:
 
     level: float | None = None
     soup: bool = False
-
-
-def cycle_levels(final: float, cycles: int) -> list[float]:
-    """The sparsity after each of ``cycles`` prune-retrain cycles at one constant rate: cycle
-    ``c`` keeps ``(1 - final) ** (c / cycles)`` of the weights, the last exactly ``final``."""
-    return [1.0 - (1.0 - final) ** (c / cycles) if c < cycles else final
-            for c in range(1, cycles + 1)]
 
 
 def check_count(value, name: str, least: int = 1) -> int:
@@ -69,3 +65,36 @@ def fresh_optimizer(optimizer: torch.optim.Optimizer | None) -> None:
     for a new training."""
     if optimizer is not None:
         optimizer.state.clear()
+
+
+@dataclass(eq=False)
+class PruneRetrain(Method):
+    """Base of the methods that train in phases and prune between them by magnitude (the
+    gradient masked, one global threshold by default, no channel floor unless asked): each
+    prune goes to the level of the pruner's :class:`~dpf_ext.schedules.Cycles` schedule at
+    the step where the next phase begins. A subclass sets its ``recipe`` (phases, phases per
+    level) in ``__post_init__`` after calling this one's, and overrides
+    :meth:`~Method.phase_end`, :meth:`~Method.phase_start` and :meth:`~Method.phase_of`."""
+
+    cycles: int = 2
+    threshold: str = "exact"
+    channel_floor: bool = False
+
+    def __post_init__(self):
+        check_count(self.cycles, "cycles")
+        self._magnitude = Magnitude(False, self.threshold, self.channel_floor)
+
+    def estimator(self):
+        return self._magnitude.estimator()
+
+    def check(self, run) -> None:
+        require_optimizer(run, self.name)  # each phase starts with fresh optimizer state
+        self._magnitude.check(run)
+
+    def update(self, u: Update) -> torch.Tensor:
+        return self._magnitude.update(u)
+
+    @staticmethod
+    def next_level(run) -> float:
+        """The sparsity the next phase trains at (the schedule's, where it begins)."""
+        return run.schedule.sparsity_at(run.step)

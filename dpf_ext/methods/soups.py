@@ -7,15 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, Update, require_optimizer
-from .magnitude import Magnitude
-from .phases import (PhaseEnd, accumulate, check_count, cycle_levels, fresh_optimizer, restore,
+from .phases import (PhaseEnd, PruneRetrain, accumulate, check_count, fresh_optimizer, restore,
                      snapshot)
 from .recipe import Recipe
 
 
 @dataclass(eq=False)
-class SparseModelSoups(Method):
+class SparseModelSoups(PruneRetrain):
     """Prune, train ``soup`` copies, average them; ``cycles`` times, after a dense phase.
 
     ``1 + cycles * soup`` training phases of equal length. After the first (dense) phase, and
@@ -34,33 +32,15 @@ class SparseModelSoups(Method):
     name = "sms"
     recipe = Recipe("cycles", fixed=True)
 
-    cycles: int = 2
     soup: int = 2
-    threshold: str = "exact"
-    channel_floor: bool = False
 
     def __post_init__(self):
-        check_count(self.cycles, "cycles")
+        super().__post_init__()
         check_count(self.soup, "soup")
-        self.recipe = Recipe("cycles", fixed=True, phases=self.phases, phases_per_level=self.soup)
-        self._magnitude = Magnitude(False, self.threshold, self.channel_floor)
+        self.recipe = Recipe("cycles", fixed=True, phases=1 + self.cycles * self.soup,
+                             phases_per_level=self.soup)
         self._start: dict[str, torch.Tensor] | None = None  # the cycle's pruned model
         self._sum: dict[str, torch.Tensor] | None = None  # its ingredients so far
-
-    @property
-    def phases(self) -> int:
-        return 1 + self.cycles * self.soup
-
-    def estimator(self):
-        return self._magnitude.estimator()
-
-    def check(self, run) -> None:
-        require_optimizer(run, self.name)  # each ingredient starts with fresh state
-        self._magnitude.check(run)
-        self._levels = cycle_levels(run.schedule.final, self.cycles)
-
-    def update(self, u: Update) -> torch.Tensor:
-        return self._magnitude.update(u)
 
     def phase_of(self, phase: int) -> dict:
         if phase == 0:
@@ -70,15 +50,14 @@ class SparseModelSoups(Method):
     @torch.no_grad()
     def phase_end(self, run, phase: int) -> PhaseEnd:
         if phase == 0:
-            return PhaseEnd(self._levels[0])
+            return PhaseEnd(self.next_level(run))
         self._sum = accumulate(self._sum, run.model)
         where = self.phase_of(phase)
         if where["ingredient"] < self.soup - 1:
             return PhaseEnd()
         soup, self._sum = self._sum, None
         restore(run.model, {k: v.div_(self.soup) for k, v in soup.items()})
-        cycle = where["cycle"]
-        return PhaseEnd(self._levels[cycle] if cycle < self.cycles else None, soup=True)
+        return PhaseEnd(self.next_level(run) if where["cycle"] < self.cycles else None, soup=True)
 
     def phase_start(self, run, phase: int) -> None:
         if self.phase_of(phase)["ingredient"] == 0:

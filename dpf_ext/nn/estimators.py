@@ -172,8 +172,7 @@ class _Tap(torch.autograd.Function):
 
 GRADIENT_BLOCK = 1 << 18
 """Entries of a dense gradient a growth by gradient reads at a time (1 MiB of float32;
-:meth:`ProductGradient.blocks` forms no more; choosing among them takes about 40 bytes an
-entry more)."""
+:meth:`ProductGradient.blocks` forms no more)."""
 
 
 class ProductGradient:
