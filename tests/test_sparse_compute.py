@@ -337,10 +337,12 @@ def test_the_compiled_kept_values_equal_the_reference(case):
 
 
 @pytest.mark.skipif(not COMPILED, reason="compares the compiled op with the reference")
-@pytest.mark.parametrize("shape", [(1, 1), (7, 17), (65, 100), (256, 40), (9, 8)])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 17), (65, 100), (256, 40), (9, 8), (16, 16),
+                                   (33, 529)])
 def test_batch_major_equals_the_reference(isa, shape):
-    """The transposed activations and the bias gradient: whole 8x8 blocks, their edges, and
-    a view whose rows are apart by more than their length."""
+    """The transposed activations and the bias gradient: whole 8x8 and 16x16 blocks, their
+    edges, more columns than one block of the walk (256), and a view whose rows are apart by
+    more than their length."""
     from dpf_ext.ops import reference
 
     g = torch.Generator().manual_seed(sum(shape))

@@ -107,7 +107,8 @@ static inline void transpose8x8(const float* s, int64_t lds, float* d, int64_t l
     _mm256_storeu_ps(d + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
   }
 }
-#define TRANSPOSE8 transpose8x8
+#define TRANSPOSE_N 8
+#define TRANSPOSE transpose8x8
 #define VMASK __m256i
 #define VMASK_BITS(b) mask_of_bits(b)
 #define VLOADM(m, p) _mm256_maskload_ps((p), (m))
@@ -119,6 +120,30 @@ static inline void transpose8x8(const float* s, int64_t lds, float* d, int64_t l
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 namespace avx512 {
+// d[c * ldd + r] = s[r * lds + c] for a 16 x 16 block.
+static inline void transpose16x16(const float* s, int64_t lds, float* d, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(s + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    _mm512_storeu_ps(d + j * ldd, _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88));
+    _mm512_storeu_ps(d + (j + 8) * ldd, _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd));
+  }
+}
 #define VEC __m512
 #define LANES 16
 #define VBLOCK 4
@@ -129,7 +154,8 @@ namespace avx512 {
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define VADD(a, b) _mm512_add_ps((a), (b))
 #define VSUM(a) _mm512_reduce_add_ps(a)
-#define TRANSPOSE8 avx2::transpose8x8
+#define TRANSPOSE_N 16
+#define TRANSPOSE transpose16x16
 #define VMASK __mmask16
 #define VMASK_BITS(b) __mmask16(b)
 #define VLOADM(m, p) _mm512_maskz_loadu_ps((m), (p))
@@ -194,6 +220,7 @@ int64_t panel_vectors(const Kernels* k, int64_t cols, int64_t B) {
 void spmm(const Kernels* k, const int64_t* ptr, const int32_t* idx, const float* val,
           const float* xt, int64_t B, int64_t cols, const float* bias, float* y, int64_t rows) {
   const int64_t vb = panel_vectors(k, cols, B), P = vb * k->lanes;
+  if (P == B) return k->spmm_panel(ptr, idx, val, xt, vb, bias, y, rows, 0, B, 0, rows);
   std::vector<float> panel(std::max<int64_t>(cols * P, 1));
   for (int64_t b0 = 0; b0 < B; b0 += P) {
     const int64_t w = std::min(P, B - b0);

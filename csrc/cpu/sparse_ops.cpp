@@ -89,15 +89,17 @@ at::Tensor sparse_mm_cpu(const at::Tensor& xt, const at::Tensor& values, const a
   const int64_t chunk = chunk_rows(rows), chunks = (rows + chunk - 1) / chunk;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels * chunks));
   const sparse::Kernels* k = active;
-  at::Tensor buffers = at::empty({threads, std::max<int64_t>(cols * P, 1)}, xt.options());
+  const bool packed = P != B;  // a batch of exactly one panel is its own panel
+  at::Tensor buffers = at::empty({packed ? threads : 0, std::max<int64_t>(cols * P, 1)}, xt.options());
   std::atomic<int64_t> next{0}, slot{0};
   auto work = [&](int64_t, int64_t) {
-    float* panel = buffers.data_ptr<float>() + slot.fetch_add(1) * buffers.size(1);
-    int64_t held = -1;
+    float* buffer = packed ? buffers.data_ptr<float>() + slot.fetch_add(1) * buffers.size(1) : nullptr;
+    const float* panel = packed ? buffer : x;
+    int64_t held = packed ? -1 : 0;
     for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < panels * chunks;) {
       const int64_t n = item / chunks, b0 = n * P, w = std::min(P, B - b0);
       if (n != held) {
-        k->pack_panel(x, B, b0, w, P, panel, 0, cols);
+        k->pack_panel(x, B, b0, w, P, buffer, 0, cols);
         held = n;
       }
       const int64_t r0 = (item % chunks) * chunk;
@@ -219,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> batch_major_cpu(const at::Tensor& x, bool sum
   float* sum = sums ? s.data_ptr<float>() : nullptr;
   const auto kernel = active->batch_major;
   const int64_t ld = B > 1 ? x.stride(0) : cols;
-  for_row_chunks(cols, 64, [&](int64_t c0, int64_t c1) { kernel(in, ld, B, out, sum, c0, c1); });
+  for_row_chunks(cols, 256, [&](int64_t c0, int64_t c1) { kernel(in, ld, B, out, sum, c0, c1); });
   return {xt, s};
 }
 
