@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dpf_ext.app.run_outputs import cpu_name
+from dpf_ext.nn.crossover import cpu_name
 
 HERE = Path(__file__).parent
 BASELINE = re.compile(r"torch|dense")  # cases the dpf_ext ones are compared with

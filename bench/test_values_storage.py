@@ -82,7 +82,7 @@ def test_training_state(benchmark, sparsity, optimizer_name, storage):
 
 
 @pytest.mark.parametrize("impl", ["torch-dense", "dense-storage", "values-storage", "sparseprop"])
-@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+@pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.99])
 @pytest.mark.parametrize("batch", [64, 256])
 @pytest.mark.parametrize("shape", [(1024, 4096), (4096, 1024)])
 def test_linear_step(benchmark, shape, batch, sparsity, impl):

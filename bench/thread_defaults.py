@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from run import machine_name  # noqa: E402
 
-from dpf_ext.app.run_outputs import cpu_name  # noqa: E402
+from dpf_ext.nn.crossover import cpu_name  # noqa: E402
 
 HERE = Path(__file__).parent
 JOBS = {"default job": [], "--compare dpf,rigl": ["--compare", "dpf,rigl"]}

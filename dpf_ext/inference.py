@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .nn.compute import AUTO_MAX_DENSITY_CONV, conv2d_unsupported
+from .nn.compute import conv2d_unsupported
 from .nn import values_storage
 from .nn.layers import DPFLayer
 from .ops.sparse import SparseIndex, kept_product
@@ -87,8 +87,13 @@ the second density (fraction kept) or lower; smaller ones stay dense. From
 ``bench/results/sparse-inference-cpu-2core-intel-xeon.json`` (2-core Intel Xeon, batch 64),
 with a margin over the default 1.1x: 1024x1024 is 1.44x the dense layer's speed at density
 0.2, 256x512 1.12x at 0.05, 512x64 at most 1.03x at any density. Convolutions convert at
-:data:`~dpf_ext.nn.compute.AUTO_MAX_DENSITY_CONV` or lower (training's rule: a forward alone
-gains more)."""
+:data:`CONV_RULE` or lower."""
+
+CONV_RULE = 0.3
+"""``decide="rule"``: a stride-1 "same" convolution converts at this density or lower. A
+training step of ResNet-20's 3x3 layers (16 channels at 32x32 to 64 at 8x8, batch 64) with
+the sampled weight gradient is 1.0-1.4x faster sparse at density 0.3 (2-core AMD EPYC,
+AVX-512, 1 thread, ``docs/results.md``); a forward alone gains more."""
 
 DECISIONS = ("rule", "measure")
 
@@ -97,7 +102,7 @@ def rule_says_dense(size: int, density: float, conv: bool) -> str:
     """Why :data:`LINEAR_RULE` (or, for a convolution, its density limit) keeps a weight of
     ``size`` entries, ``density`` of them non-zero, dense; ``""`` if it converts."""
     if conv:
-        limit = AUTO_MAX_DENSITY_CONV
+        limit = CONV_RULE
         return "" if density <= limit else f"density {density:.4f} above the rule's {limit} for convolutions"
     for weights, limit in LINEAR_RULE:
         if size >= weights:

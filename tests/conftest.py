@@ -14,6 +14,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dpf_ext import ops  # noqa: E402
+from dpf_ext.nn import crossover  # noqa: E402
+
+# compute="auto" decides by densities fixed here, not by this machine's timings (inherited
+# by the command-line runs the tests start; tests/test_crossover.py measures)
+os.environ[crossover.ENV] = "linear=0.2,conv=0.3"
 
 STRICT = os.environ.get("DPF_EXT_STRICT_BUILD") == "1"
 

@@ -10,18 +10,9 @@ from pathlib import Path
 import torch
 
 from ..methods import METHODS, recipe_of
+from ..nn.crossover import cpu_name
 from .sweep import LINE_STYLES, MARKERS, mean_std, plot_sweep, sweep_table
 from .train import RunResult, ranks, run_name
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``'s "model name"; else what :mod:`platform`
-    knows, else ``"unknown CPU"``)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def summary_table(results: list[RunResult]) -> str:

@@ -16,7 +16,8 @@ DPF's straight-through estimator and on the steps where a method reads the dense
 Sparse kernels exist for float32 on the CPU (:func:`dpf_ext.ops.simd` names the instruction
 set) and on CUDA (simple kernels, tested under emulation, their speed unmeasured); where
 none is built ``"sparse"`` runs the reference implementation (correct, not fast).
-``"auto"`` runs sparse on the CPU only, where the crossover was measured. A forward whose
+``"auto"`` runs sparse on the CPU only, below the densities measured on the machine
+(:mod:`dpf_ext.nn.crossover`). A forward whose
 input holds NaN or Inf takes the dense path, so that they spread as they do there
 (``0 · NaN`` is NaN).
 """
@@ -31,22 +32,10 @@ from torch import nn
 from .. import ops
 from ..ops import reference
 from ..ops.sparse import all_finite
+from .crossover import crossover
 from .powerprop import effective
 
 MODES = ("dense", "sparse", "auto")
-
-AUTO_MAX_DENSITY = 0.2
-"""``"auto"`` runs a layer sparse at this density (fraction of weights kept) or lower. Measured
-on a 2-core AMD EPYC (AVX2), 1 thread, batch 64-256: one Linear step (forward, input
-gradient, sampled weight gradient) of 768x768 and 1024x4096 layers is 0.5-0.7x dense at
-density 0.1 and slower than dense above about 0.3 (see ``docs/results.md``)."""
-
-AUTO_MAX_DENSITY_CONV = 0.3
-"""The same for convolutions (:func:`dpf_ext.ops.sparse_conv2d`). Measured on a 2-core AMD
-EPYC (AVX-512), 1 thread, batch 64, ResNet-20's 3x3 layers (16 channels at 32x32 to 64 at
-8x8): one step with the sampled weight gradient is 1.0-1.4x faster than dense at density
-0.3, 0.7-0.9x as fast at 0.5; with the dense weight gradient 1.1-1.2x at 0.3 (see
-``docs/results.md``)."""
 
 AUTO_MIN_WEIGHTS = 16384
 """``"auto"`` leaves Linear layers with fewer weights dense: their products cost less than the
@@ -122,16 +111,17 @@ def density(layer) -> float:
 
 def prefers_sparse(layer) -> bool:
     """The ``"auto"`` rule: sparse on the CPU where the compiled kernels are built and the
-    layer's density is at most :data:`AUTO_MAX_DENSITY` (a Linear layer of at least
-    :data:`AUTO_MIN_WEIGHTS` weights) or :data:`AUTO_MAX_DENSITY_CONV` (a convolution)."""
+    layer's density is at most this machine's crossover (:func:`~dpf_ext.nn.crossover.crossover`:
+    measured once per CPU and thread count) for its kind, a Linear layer only from
+    :data:`AUTO_MIN_WEIGHTS` weights."""
     weight = layer.dense_weight
     conv = isinstance(layer, nn.Conv2d)
-    return (unsupported(layer) is None
-            and weight.device.type == "cpu"
-            and ops.backend_for(weight.device, "sparse_conv" if conv else "sparse_mm")
-            is not reference
-            and (conv or weight.numel() >= AUTO_MIN_WEIGHTS)
-            and density(layer) <= (AUTO_MAX_DENSITY_CONV if conv else AUTO_MAX_DENSITY))
+    if (unsupported(layer) is not None or weight.device.type != "cpu"
+            or ops.backend_for(weight.device, "sparse_conv" if conv else "sparse_mm") is reference
+            or (not conv and weight.numel() < AUTO_MIN_WEIGHTS)):
+        return False
+    limits = crossover()
+    return density(layer) <= (limits.conv if conv else limits.linear)
 
 
 def runs_sparse(layer) -> bool:

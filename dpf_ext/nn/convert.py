@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import compute as compute_paths
+from .crossover import crossover
 from .coverage import coverage
 from ..distributed import is_sharded, local_weight_and_mask
 from .layer_types import PRUNABLE, WEIGHT_READERS, register_transformers
@@ -182,6 +183,8 @@ def set_compute(model: nn.Module, compute: str) -> nn.Module:
             raise ValueError("compute='sparse': " + "; ".join(
                 f"layers {names}: {reason}" for reason, names in refused.items())
                 + "; use compute='auto' to run those dense")
+    if compute == "auto":
+        crossover()  # measured now (once per machine), not inside a forward
     for _, m in layers:
         m.compute = compute
     for _, m in layers:  # torch's forward reads the output projection of these densely
