@@ -60,10 +60,12 @@ def index_table(path: str) -> str:
 def step_table(path: str) -> str:
     """Whole training steps as ratios to plain torch, and each one's peak extra memory
     (where measured) as a ratio to plain torch's. ``sparse`` is the run's sparse mode
-    (``compute="auto"`` for ResNet-20), with the number of layers it ran sparse."""
+    (``compute="auto"`` for ResNet-20), timed alone and interleaved with plain torch, with
+    the number of layers it ran sparse."""
     cases: dict = defaultdict(dict)
     memory: dict = defaultdict(dict)
     sparse_layers: dict = {}
+    interleaved: dict = {}
     for b in json.load(open(path))["benchmarks"]:
         p = b["params"]
         key = (p["model_name"], p["method"], p["sparsity"])
@@ -74,15 +76,18 @@ def step_table(path: str) -> str:
             memory[key][mode] = info["peak_extra_bytes"]
         if mode == "sparse":
             sparse_layers[key] = f"{info.get('sparse_layers', '-')}" + (" (auto)" if p["compute"] == "auto" else "")
-    lines = ["| model | method | sparsity | torch (ms) | dense | sparse | layers sparse "
-             "| torch peak (MiB) | dense | sparse |", "|---|---|---|---|---|---|---|---|---|---|"]
+            interleaved[key] = next(iter(info.get("interleaved", {}).values()), None)
+    lines = ["| model | method | sparsity | torch (ms) | dense | sparse | sparse, interleaved "
+             "| layers sparse | torch peak (MiB) | dense | sparse |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, t in sorted(cases.items()):
         base, mem = t["torch-dense"], memory.get(key, {})
         peak = (f"{mem['torch-dense'] / 2**20:.0f} | {mem['dense'] / mem['torch-dense']:.2f} | "
                 f"{mem['sparse'] / mem['torch-dense']:.2f}" if len(mem) == 3 else "- | - | -")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]:.0%} | {base * 1e3:.0f} | "
                      f"{t['dense'] / base:.2f} | {t['sparse'] / base:.2f} | "
-                     f"{sparse_layers.get(key, '-')} | {peak} |")
+                     + (f"{interleaved[key]:.2f}" if interleaved.get(key) else "-")
+                     + f" | {sparse_layers.get(key, '-')} | {peak} |")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from dpf_ext.app.models import ResNet
 from dpf_ext.ops import ConvIndex, SparseIndex, sparse_conv2d, sparse_linear
 from memory import peak_extra_bytes
 from dpf_ext.schedules import Constant
+from workloads import interleaved_medians
 
 SHAPES = [(768, 768), (1024, 4096), (4096, 1024)]  # (in, out)
 SPARSITIES = [0.8, 0.9, 0.95, 0.98, 0.99]
@@ -172,18 +173,8 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
-@pytest.mark.parametrize("compute", ["torch-dense", "dense", "sparse", "auto"])
-@pytest.mark.parametrize("method", ["static", "dpf"])
-@pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.98])
-@pytest.mark.parametrize("model_name", ["mlp", "gpt2", "encoder", "resnet20"])
-def test_training_step(benchmark, model_name, sparsity, method, compute):
-    """One optimizer step (forward, backward, SGD, the pruner's step; no mask update in the
-    timed steps) of a whole model; ``torch-dense`` is the plain model without dpf_ext.
-    ResNet-20 runs ``auto`` (its stride-2 convolutions have no sparse path), the others
-    ``sparse``."""
-    runs = "auto" if model_name == "resnet20" else "sparse"
-    if compute in ("sparse", "auto") and compute != runs:
-        pytest.skip(f"{model_name} runs compute={runs!r}")
+def _model_step(model_name, sparsity, method, compute):
+    """One optimizer step of ``model_name`` (see :func:`test_training_step`), and the model."""
     model = {"mlp": _mlp, "gpt2": _gpt2, "encoder": _encoder, "resnet20": _resnet20}[model_name]()
     if model_name == "encoder":  # 8 sequences of 64 tokens, a label per token
         tokens, labels = torch.randn(8, 64, 512), torch.randint(0, 10, (8 * 64,))
@@ -211,12 +202,34 @@ def test_training_step(benchmark, model_name, sparsity, method, compute):
         optimizer.step()
         if pruner is not None:
             pruner.step()
+    return step, model
 
+
+@pytest.mark.parametrize("compute", ["torch-dense", "dense", "sparse", "auto"])
+@pytest.mark.parametrize("method", ["static", "dpf"])
+@pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.98])
+@pytest.mark.parametrize("model_name", ["mlp", "gpt2", "encoder", "resnet20"])
+def test_training_step(benchmark, model_name, sparsity, method, compute):
+    """One optimizer step (forward, backward, SGD, the pruner's step; no mask update in the
+    timed steps) of a whole model; ``torch-dense`` is the plain model without dpf_ext.
+    ResNet-20 runs ``auto`` (its stride-2 convolutions have no sparse path), the others
+    ``sparse``. The sparse cases are also timed in interleaved rounds with the plain model
+    (``interleaved``: their time as a fraction of its, which a shared machine's slow spells
+    hit alike)."""
+    runs = "auto" if model_name == "resnet20" else "sparse"
+    if compute in ("sparse", "auto") and compute != runs:
+        pytest.skip(f"{model_name} runs compute={runs!r}")
+    step, model = _model_step(model_name, sparsity, method, compute)
     benchmark.group = (f"training step {model_name} {method} at {sparsity:.0%}, "
                        f"{torch.get_num_threads()} thread(s)")
-    if pruner is not None:
+    if compute != "torch-dense":
         benchmark.extra_info["sparse_layers"] = sum(
             v == "sparse" for v in dpf_ext.compute_report(model).values())
+    if compute == runs:
+        plain, _ = _model_step(model_name, sparsity, method, "torch-dense")
+        medians = interleaved_medians({"sparse": step, "plain": plain}, rounds=9)
+        benchmark.extra_info["interleaved"] = {"of the plain model's time":
+                                               medians["sparse"] / medians["plain"]}
     benchmark.pedantic(step, rounds=9, warmup_rounds=2)
     # after the warm-up rounds: the step's own peak, not the first call's allocations
     benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(step)

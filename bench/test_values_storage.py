@@ -18,6 +18,7 @@ from torch import nn
 import dpf_ext
 from memory import peak_extra_bytes
 from test_sparse_training import _case, _step_fn
+from workloads import interleaved_medians
 
 HERE = Path(__file__).parent
 SPARSITIES = [0.8, 0.9, 0.95, 0.98, 0.99]
@@ -81,6 +82,23 @@ def test_training_state(benchmark, sparsity, optimizer_name, storage):
                                 peak_extra_bytes=peak_extra_bytes(step), sparsity=sparsity)
 
 
+def _linear_step(impl, shape, batch, sparsity):
+    """One training step of a Linear layer with ``impl`` (see :func:`test_linear_step`)."""
+    if impl in ("torch-dense", "sparseprop"):
+        return _step_fn(impl, *_case(shape, sparsity, batch))
+    torch.manual_seed(0)
+    layer = dpf_ext.sparsify(nn.Sequential(nn.Linear(*shape)), compute="sparse")
+    dpf_ext.Pruner(layer, "static", sparsity, storage=impl.removesuffix("-storage"))
+    x = torch.randn(batch, shape[0], requires_grad=True)
+    dy = torch.randn(batch, shape[1])
+
+    def step():
+        for p in layer.parameters():
+            p.grad = None
+        torch.autograd.backward(layer(x), dy)
+    return step
+
+
 @pytest.mark.parametrize("impl", ["torch-dense", "dense-storage", "values-storage", "sparseprop"])
 @pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.99])
 @pytest.mark.parametrize("batch", [64, 256])
@@ -88,23 +106,17 @@ def test_training_state(benchmark, sparsity, optimizer_name, storage):
 def test_linear_step(benchmark, shape, batch, sparsity, impl):
     """One Linear layer's training step (forward, input, weight and bias gradients) through
     the public API: a sparsified ``nn.Linear`` under a static pruner with dense storage
-    (``compute="sparse"``) or values storage; plain torch and SparseProp beside."""
-    if impl in ("torch-dense", "sparseprop"):
-        weight, bias, mask, x = _case(shape, sparsity, batch)
-        step = _step_fn(impl, weight, bias, mask, x)
-    else:
-        torch.manual_seed(0)
-        layer = dpf_ext.sparsify(nn.Sequential(nn.Linear(*shape)), compute="sparse")
-        dpf_ext.Pruner(layer, "static", sparsity, storage=impl.removesuffix("-storage"))
-        x = torch.randn(batch, shape[0], requires_grad=True)
-        dy = torch.randn(batch, shape[1])
-
-        def step():
-            for p in layer.parameters():
-                p.grad = None
-            torch.autograd.backward(layer(x), dy)
+    (``compute="sparse"``) or values storage; plain torch and SparseProp beside. Each case
+    is also timed in interleaved rounds with plain torch (``interleaved``: its speed-up
+    over plain torch, which a shared machine's slow spells hit alike)."""
+    step = _linear_step(impl, shape, batch, sparsity)
     benchmark.group = (f"values storage: Linear {shape[0]}->{shape[1]} at {sparsity:.0%}, "
                        f"batch {batch}, {torch.get_num_threads()} thread(s)")
+    if impl != "torch-dense":
+        medians = interleaved_medians(
+            {impl: step, "torch": _linear_step("torch-dense", shape, batch, sparsity)}, rounds=15)
+        benchmark.extra_info["interleaved"] = {"speed-up over plain torch":
+                                               medians["torch"] / medians[impl]}
     benchmark.pedantic(step, rounds=15, warmup_rounds=3)
 
 
