@@ -122,26 +122,29 @@ static inline void transpose8x8(const float* s, int64_t lds, float* d, int64_t l
 namespace avx512 {
 // d[c * ldd + r] = s[r * lds + c] for a 16 x 16 block.
 static inline void transpose16x16(const float* s, int64_t lds, float* d, int64_t ldd) {
+  // the zero-masked forms with every lane set: the same instructions, without the undefined
+  // source operand that GCC 12's -Wuninitialized reports in the unmasked intrinsics
+  const __mmask16 all = 0xFFFF;
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(s + i * lds);
   for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    t[i] = _mm512_maskz_unpacklo_ps(all, r[i], r[i + 1]);
+    t[i + 1] = _mm512_maskz_unpackhi_ps(all, r[i], r[i + 1]);
   }
   for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i] = _mm512_maskz_shuffle_ps(all, t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_maskz_shuffle_ps(all, t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_maskz_shuffle_ps(all, t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_maskz_shuffle_ps(all, t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
   for (int i = 0; i < 16; i += 8)
     for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+      t[i + j] = _mm512_maskz_shuffle_f32x4(all, r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_maskz_shuffle_f32x4(all, r[i + j], r[i + j + 4], 0xdd);
     }
   for (int j = 0; j < 8; ++j) {
-    _mm512_storeu_ps(d + j * ldd, _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88));
-    _mm512_storeu_ps(d + (j + 8) * ldd, _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd));
+    _mm512_storeu_ps(d + j * ldd, _mm512_maskz_shuffle_f32x4(all, t[j], t[j + 8], 0x88));
+    _mm512_storeu_ps(d + (j + 8) * ldd, _mm512_maskz_shuffle_f32x4(all, t[j], t[j + 8], 0xdd));
   }
 }
 #define VEC __m512
