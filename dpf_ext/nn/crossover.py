@@ -4,20 +4,21 @@ kept) at or below which ``compute="auto"`` runs a Linear layer or a convolution 
 The crossover is a property of the CPU (its caches and vector units against torch's dense
 kernels) and of the thread count, so it is measured on the machine, not copied from one:
 :func:`measure_crossover` times one training step (forward, input gradient, weight gradient
-at the kept positions) of a 1024 x 1024 Linear layer at batch 64 and of a 3x3 convolution
-of 32 channels on 16 x 16 planes at batch 8, through the sparse path at densities
-:data:`GRID` and through torch's dense product on the masked weight, and interpolates the
-density at which the two take the same time. :func:`crossover` measures once per machine
-and keeps the result in ``$XDG_CACHE_HOME/dpf_ext/crossover.json`` (``~/.cache`` by
-default) under the CPU model, its cache sizes, the instruction set, the thread count and
-the library and torch versions: about a second, the first time ``"auto"`` is set on a new
-machine. ``DPF_EXT_CROSSOVER="linear=0.2,conv=0.3"`` fixes the densities instead (a run that
-must decide the same way everywhere; the test suite).
+at the kept positions) of a 1024 x 1024 Linear layer at batch 64 and of a 3x3 convolution of
+32 channels on 16 x 16 planes at batch 8, through the sparse path at densities :data:`GRID`
+and through torch's dense product on the masked weight, and interpolates the density at
+which the two take the same time. :func:`crossover` measures once per machine and keeps the
+result in ``$XDG_CACHE_HOME/dpf_ext/crossover.json`` (``~/.cache`` by default) under the CPU
+model, its cache sizes, the instruction set, the thread count, the build of the kernels and
+torch's version: about a second, the first time ``"auto"`` is set on a new machine.
+``DPF_EXT_CROSSOVER="linear=0.2,conv=0.3"`` fixes the densities instead (a run that must
+decide the same way everywhere; the test suite).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -59,13 +60,22 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine() or "unknown CPU"
 
 
+@functools.cache
+def _kernels_built() -> str:
+    """When the compiled kernels were built (their file's modification time), or ``"none"``."""
+    spec = importlib.util.find_spec("dpf_ext._C")
+    if spec is None or spec.origin is None:
+        return "none"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(os.stat(spec.origin).st_mtime))
+
+
 def machine_key() -> str:
     """What a measured crossover holds for: CPU model, L1d and L2 sizes, the kernels'
-    instruction set, the thread count, the library's and torch's versions."""
-    from .. import __version__
+    instruction set and build, the thread count and torch's version."""
     l1, l2 = ops.cache_bytes()
     return (f"{cpu_name()} | L1d {l1 >> 10} KiB, L2 {l2 >> 10} KiB | {ops.simd()} | "
-            f"{torch.get_num_threads()} thread(s) | dpf_ext {__version__}, torch {torch.__version__}")
+            f"{torch.get_num_threads()} thread(s) | kernels built {_kernels_built()} | "
+            f"torch {torch.__version__}")
 
 
 def _cache_file() -> Path:
