@@ -13,13 +13,13 @@ What stays dense is reported, with the reason.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .nn.compute import conv2d_unsupported
+from .nn.crossover import median_time
 from .nn import values_storage
 from .nn.layers import DPFLayer
 from .ops.sparse import SparseIndex, kept_product
@@ -124,17 +124,6 @@ class InferenceChoice:
     sparse_ms: float
     sparse: bool
     reason: str = ""
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor | None:
@@ -250,8 +239,8 @@ def to_sparse_inference(model: nn.Module, batch_size: int = 64, min_speedup: flo
         candidate = build().to(weight.device)
         dense_ms = sparse_ms = float("nan")
         if repeats and x is not None:
-            dense_ms = _median_ms(dense, repeats)
-            sparse_ms = _median_ms(lambda: candidate(x), repeats)
+            dense_ms = 1e3 * median_time(dense, repeats)
+            sparse_ms = 1e3 * median_time(lambda: candidate(x), repeats)
         if decide == "rule":
             reason = rule_says_dense(weight.numel(), density, conv)
         else:

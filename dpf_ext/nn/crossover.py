@@ -131,13 +131,14 @@ def crossover() -> Crossover:
     return found
 
 
-def _median_time(step, repeats: int = 5) -> float:
-    for _ in range(2):
-        step()
+def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """The median time in seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        step()
+        fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -190,15 +191,15 @@ def measure_crossover() -> Crossover:
             for density in GRID:
                 mask = score < density
                 index = index_of(mask)
-                t_sparse = _median_time(_step(lambda: sparse(x, weight, index, bias, False),
-                                              x, weight, bias, dy))
-                t_dense = _median_time(_step(
+                t_sparse = median_time(_step(lambda: sparse(x, weight, index, bias, False),
+                                             x, weight, bias, dy), warmup=2)
+                t_dense = median_time(_step(
                     lambda: dense(x, ops.masked_weight(weight, mask, False), bias, **kwargs),
-                    x, weight, bias, dy))
+                    x, weight, bias, dy), warmup=2)
                 ratios.append(t_sparse / t_dense)
             found[name] = equal_cost_density(ratios)
     return Crossover(found["linear"], found["conv"], "measured")
 
 
 __all__ = ["Crossover", "ENV", "GRID", "cpu_name", "crossover", "equal_cost_density",
-           "machine_key", "measure_crossover"]
+           "machine_key", "measure_crossover", "median_time"]
