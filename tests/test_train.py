@@ -152,20 +152,22 @@ def _write_fake_cifar(root, n=20):
             pickle.dump(batch, f)
 
 
-def test_cli_trains_with_sparse_products(capsys):
+def test_cli_trains_with_sparse_products(capsys, tmp_path):
     """--compute sparse on a model whose convolutions all have a sparse path, and auto on
-    ResNet-20 (whose stride-2 ones stay dense): both train, and the report's compute column
-    says which layers ran sparse."""
+    ResNet-20 (whose stride-2 ones stay dense): both train, the report's compute column
+    says which layers ran sparse, and metrics.json the densities auto decided by."""
     assert main(["--model", "cnn", "--epochs", "2", "--no-progress", "--sparsity", "0.8",
                  "--compute", "sparse"]) == 0
     report = capsys.readouterr().out
     rows = [line for line in report.splitlines() if line.split()[:1] and line.split()[-1] in ("sparse", "dense")]
     assert len(rows) == 4 and all(line.endswith("sparse") for line in rows), report
     assert main(["--model", "resnet20", "--epochs", "2", "--no-progress", "--sparsity", "0.95",
-                 "--compute", "auto", "--method", "static"]) == 0
+                 "--compute", "auto", "--method", "static", "--out", str(tmp_path)]) == 0
     report = capsys.readouterr().out
     assert re.search(r"layer2\.0\.conv1 .* dense$", report, re.M), report
     assert re.search(r"layer1\.0\.conv1 .* sparse$", report, re.M), report
+    machine = json.loads((tmp_path / "metrics.json").read_text())["machine"]
+    assert machine["auto_crossover"] == {"linear": 0.2, "conv": 0.3, "source": "DPF_EXT_CROSSOVER"}
 
 
 def test_cifar10_reader(tmp_path):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..methods import METHODS, recipe_of
-from ..nn.crossover import cpu_name
+from ..nn.crossover import cpu_name, crossover
 from .sweep import LINE_STYLES, MARKERS, mean_std, plot_sweep, sweep_table
 from .train import RunResult, ranks, run_name
 
@@ -48,7 +49,8 @@ def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = Non
     and each trained model (``model-<method>.pt``, or
     ``model-<method>-seed<k>.pt`` with several seeds: the finalized ``state_dict``, which
     loads into the original architecture) into ``out``; return the paths written.
-    ``metrics.json`` records the machine, the software versions and the ``recipe`` run."""
+    ``metrics.json`` records the machine (with the crossover densities where a run used
+    ``compute="auto"``), the software versions and the ``recipe`` run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,6 +61,8 @@ def write_outputs(out: Path, results: list[RunResult], recipe: dict | None = Non
     machine = {"platform": platform.platform(), "processor": cpu_name(),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "processes": ranks()[1]}
+    if any(r.config.compute == "auto" for r in results):  # the densities "auto" decided by
+        machine["auto_crossover"] = dataclasses.asdict(crossover())
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "dpf_ext": __import__("dpf_ext").__version__}
     metrics = out / "metrics.json"
