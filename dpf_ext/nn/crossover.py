@@ -122,9 +122,11 @@ def crossover() -> Crossover:
         stored = stored if isinstance(stored, dict) else {}
         stored[key] = {"linear": found.linear, "conv": found.conv,
                        "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-        try:
+        try:  # whole or not at all: processes measuring together each write a complete file
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(stored, indent=1))
+            partial = path.with_name(f"{path.name}.{os.getpid()}")
+            partial.write_text(json.dumps(stored, indent=1))
+            os.replace(partial, path)
         except OSError:
             pass
     _memo[path, key] = found
