@@ -7,8 +7,8 @@
         [bench/results/sparse-training-conv-<machine>.json] [figure.png [conv-figure.png]]
 
 Prints markdown tables of each case's median time as a ratio to the dense torch layer (or
-model) timed in the same run, and draws the per-layer (and per-convolution) ratios against
-sparsity."""
+model) timed in the same run (interleaved with it where the case recorded that), and draws
+the per-layer (and per-convolution) ratios against sparsity."""
 
 from __future__ import annotations
 
@@ -21,12 +21,20 @@ CONV_IMPLS = ["torch-masked", "dpf-sparse", "dpf-sparse-fullgrad", "sparseprop"]
 
 
 def layer_rows(path: str) -> dict:
-    """``{(shape, batch): {sparsity: {impl: median seconds}}}`` of the Linear-step cases."""
+    """``{(shape, batch): {sparsity: {impl: median seconds}}}`` of the Linear-step cases;
+    where a case was also timed interleaved with dense torch, its time is that fraction of
+    the dense case's median (so the table's ratios are the interleaved ones)."""
     rows: dict = defaultdict(lambda: defaultdict(dict))
-    for b in json.load(open(path))["benchmarks"]:
+    cases = [b for b in json.load(open(path))["benchmarks"]
+             if b["name"].startswith("test_linear_training_step[")]
+    dense = {(tuple(b["params"]["shape"]), b["params"]["batch"], b["params"]["sparsity"]):
+             b["stats"]["median"] for b in cases if b["params"]["impl"] == "torch-dense"}
+    for b in cases:
         p = b["params"]
-        if "batch" in p:
-            rows[(tuple(p["shape"]), p["batch"])][p["sparsity"]][p["impl"]] = b["stats"]["median"]
+        key = (tuple(p["shape"]), p["batch"])
+        fraction = next(iter(b.get("extra_info", {}).get("interleaved", {}).values()), None)
+        rows[key][p["sparsity"]][p["impl"]] = (b["stats"]["median"] if fraction is None
+                                               else fraction * dense[(*key, p["sparsity"])])
     return rows
 
 

@@ -85,16 +85,26 @@ def _step_fn(impl, weight, bias, mask, x):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}to{s[1]}")
 def test_linear_training_step(benchmark, shape, batch, sparsity, impl):
+    """One Linear step of ``impl``; every case but dense torch is also timed in interleaved
+    rounds with dense torch (``interleaved``: its time as a fraction of dense torch's)."""
     weight, bias, mask, x = _case(shape, sparsity, batch)
-    step = _step_fn(impl, weight, bias, mask, x)
 
-    def run():
-        x.grad = weight.grad = bias.grad = None
-        step()
+    def timed(impl):
+        step = _step_fn(impl, weight, bias, mask, x)
 
+        def run():
+            x.grad = weight.grad = bias.grad = None
+            step()
+        return run
+
+    run = timed(impl)
     benchmark.group = (f"Linear {shape[0]}->{shape[1]} step, batch {batch}, {sparsity:.0%}, "
                        f"{torch.get_num_threads()} thread(s)")
     benchmark.extra_info.update(sparsity=sparsity, batch=batch, shape=list(shape))
+    if impl != "torch-dense":
+        medians = interleaved_medians({impl: run, "dense": timed("torch-dense")}, rounds=15)
+        benchmark.extra_info["interleaved"] = {"of dense torch's time":
+                                               medians[impl] / medians["dense"]}
     benchmark.pedantic(run, rounds=15, warmup_rounds=2)
 
 
