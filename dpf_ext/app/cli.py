@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute", choices=["dense", "sparse", "auto"], default=defaults.compute,
                    help="the layers' products: dense (mask * weight), sparse (the kept weights "
                         "only; Linear layers, attention projections and stride-1 'same' "
-                        "Conv2d), auto (sparse where faster, see dpf_ext.nn.compute)")
+                        "Conv2d), auto (sparse at densities this machine measured faster, once, "
+                        "then cached; DPF_EXT_CROSSOVER fixes them: dpf_ext.nn.crossover)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 instead of DDP")
     p.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",
