@@ -34,6 +34,7 @@ STARVED = 10
 """A layer sharing one threshold with others is *starved* when it keeps less than
 1/``STARVED`` of the fraction its group keeps (warned once per layer)."""
 
+
 def kept_fan_in_scale(kept: torch.Tensor, fan_in: int) -> torch.Tensor:
     """``sparse_init``'s factor per unit: ``sqrt(fan_in / kept)`` for the units that keep
     ``kept`` of their ``fan_in`` weights, 1 for those that keep none."""

@@ -9,6 +9,8 @@ namespace dpf {
 namespace sparse {
 
 constexpr int64_t kTileRows = 16;
+// batch_major walks this many columns at a time (a thread's chunk is a multiple of it)
+constexpr int64_t kBatchMajorCols = 256;
 
 // The product runs over panels of the batch: a panel holds the batch lanes [b0, b0 + w) of
 // every input row c of xt (cols, B), P = vb * lanes floats per row (w <= P, zeros beyond w):

@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> batch_major_cpu(const at::Tensor& x, bool sum
   float* sum = sums ? s.data_ptr<float>() : nullptr;
   const auto kernel = active->batch_major;
   const int64_t ld = B > 1 ? x.stride(0) : cols;
-  for_row_chunks(cols, 256, [&](int64_t c0, int64_t c1) { kernel(in, ld, B, out, sum, c0, c1); });
+  for_row_chunks(cols, sparse::kBatchMajorCols, [&](int64_t c0, int64_t c1) { kernel(in, ld, B, out, sum, c0, c1); });
   return {xt, s};
 }
 
